@@ -1,0 +1,67 @@
+"""MemGen checkpoints: a framework-free data container (`MemGenCheckpoint`) and
+readers/writers for the reference `save_pretrained` layout and this project's
+safetensors export.
+
+    ckpt = load_checkpoint(dir)              # either layout, auto-detected
+    validate(ckpt, reasoner_cfg, weaver_cfg, trigger_cfg)
+    save_reference(ckpt, out) / save_export(ckpt, out)
+
+How the engine consumes it: each LoRA adds (x @ A.T @ B.T) * lora.scaling to the
+output of the base Linear at `module path` (A [r, in], B [out, r]);
+`ckpt.folded_query_latents("prompt"|"inference")` gives the K weaver query
+vectors LayerNorm(Q) * scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .export import load_export, save_export
+from .files import missing
+from .random_init import DEFAULT_LORA_CONFIG, random_checkpoint
+from .reference import load_reference, save_reference
+from .schema import LoraWeights, MemGenCheckpoint, MemGenSettings
+from .validate import base_linear_shapes, matches_target, validate
+
+
+def drop_lora(ckpt: MemGenCheckpoint) -> MemGenCheckpoint:
+    """The reference loader's accident (spec §0.1): every LoRA B is zero, so the
+    weaver and trigger run as their base models; everything else is kept."""
+    def zero_b(lora: LoraWeights) -> LoraWeights:
+        return dataclasses.replace(lora, layers={m: (a, torch.zeros_like(b)) for m, (a, b) in lora.layers.items()})
+
+    return dataclasses.replace(ckpt, weaver_lora=zero_b(ckpt.weaver_lora), trigger_lora=zero_b(ckpt.trigger_lora))
+
+
+def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenCheckpoint:
+    """Load a MemGen checkpoint directory in either layout. Its internal shapes
+    are validated (validate() with the base configs checks the rest).
+    reference_compat=True reproduces the reference loader, which drops the LoRA
+    weights (all lora_B zero); off by default."""
+    path = Path(path)
+    if not path.exists():
+        raise missing(path, "MemGen checkpoint directory not found")
+    if not path.is_dir():
+        raise ValueError(f"{path}: a MemGen checkpoint is a directory, got a file")
+    if (path / "memgen_config.json").is_file():
+        ckpt = load_export(path)
+    elif (path / "config.json").is_file():
+        ckpt = load_reference(path)
+    else:
+        raise missing(path / "config.json",
+                      f"{path} holds neither memgen_config.json (export layout) nor config.json "
+                      "(reference layout); missing")
+    try:
+        validate(ckpt)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return drop_lora(ckpt) if reference_compat else ckpt
+
+
+__all__ = [
+    "MemGenCheckpoint", "MemGenSettings", "LoraWeights", "DEFAULT_LORA_CONFIG",
+    "load_checkpoint", "save_reference", "save_export", "validate", "drop_lora",
+    "random_checkpoint", "base_linear_shapes", "matches_target",
+]
