@@ -1,0 +1,184 @@
+"""The `memgen` command line: generate, chat, bench, eval, convert.
+
+A thin layer over the Python API; every subcommand has `--help`. Errors the
+user can fix (bad paths, bad values) print one line and exit 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="reasoner: HF directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    g.add_argument("--memgen", default=None, help="MemGen checkpoint directory (default: plain LLM)")
+    g.add_argument("--weaver-model", default=None, help="weaver base model directory (default: --model)")
+    g.add_argument("--trigger-model", default=None, help="trigger base model directory (default: --model)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | float64 | bfloat16 | float16")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--reference-compat", action="store_true",
+                   help="reproduce the reference loader, which drops the trained LoRA weights")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+
+
+def _build_llm(args):
+    from memgen import LLM
+
+    kwargs = dict(model=args.model, memgen=args.memgen, weaver_model=args.weaver_model,
+                  trigger_model=args.trigger_model, dtype=args.dtype, device=args.device, seed=args.seed)
+    if args.reference_compat:
+        kwargs["reference_compat"] = True
+    return LLM(**kwargs)
+
+
+def _sampling_params(args):
+    from memgen import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sample_seed)
+
+
+def _print_output(out, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "augmentation": out.augmentation,
+                          "finish_reason": out.finish_reason, "metrics": out.metrics}))
+    else:
+        print(out.text)
+        m = out.metrics
+        print(f"[{len(out.token_ids)} tokens, {m.get('num_insertions', 0)} insertions, "
+              f"{m.get('total_s', 0.0):.2f} s, finish: {out.finish_reason}]", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    prompts = args.prompt or [sys.stdin.read()]
+    llm = _build_llm(args)
+    params = _sampling_params(args)
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    for out in outs:
+        _print_output(out, args.json)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _build_llm(args)
+    params = _sampling_params(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message:  # one turn, non-interactive
+        out = llm.chat(history + [{"role": "user", "content": args.message}], params)[0]
+        _print_output(out, args.json)
+        return 0
+    print("memgen chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        out = llm.chat(history, params, use_tqdm=False)[0]
+        print(out.text)
+        history.append({"role": "assistant", "content": out.text})
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from memgen.checkpoint import load_checkpoint, save_export, save_reference
+
+    ckpt = load_checkpoint(args.src)
+    if args.weaver_base:
+        ckpt.weaver_base = args.weaver_base
+    if args.trigger_base:
+        ckpt.trigger_base = args.trigger_base
+    out = save_reference(ckpt, args.dst) if args.to == "reference" else save_export(ckpt, args.dst)
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from memgen.benchmark import run_bench_from_args
+
+    return run_bench_from_args(args)
+
+
+def cmd_eval(args) -> int:
+    from memgen.eval.runner import run_eval_from_args
+
+    return run_eval_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memgen", description="Fast, exact inference for MemGen models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete raw-text prompts")
+    p.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per output")
+    _add_model_arguments(p)
+    _add_sampling_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model (interactive, or one --message)")
+    p.add_argument("--message", default=None, help="one user message; omit for an interactive session")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--json", action="store_true")
+    _add_model_arguments(p)
+    _add_sampling_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a MemGen checkpoint between layouts")
+    p.add_argument("src", help="checkpoint directory (reference layout or safetensors export)")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=["reference", "safetensors"], default="safetensors",
+                   help="reference: the reference's save_pretrained layout; safetensors: this project's export")
+    p.add_argument("--weaver-base", default=None, help="record the weaver's base checkpoint")
+    p.add_argument("--trigger-base", default=None, help="record the trigger's base checkpoint")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="latency/throughput benchmarks, memory on vs off")
+    try:
+        from memgen.benchmark import add_bench_arguments
+        add_bench_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="offline batch evaluation of a JSONL dataset")
+    try:
+        from memgen.eval.runner import add_eval_arguments
+        add_eval_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+        print(f"memgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
