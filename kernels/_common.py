@@ -1,0 +1,86 @@
+"""Shared plumbing for the kernel modules: a guarded Triton import (so the torch
+references import on machines without Triton), the interpreter switch, and the
+input checks every host wrapper runs before a launch."""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the torch references still work
+    HAS_TRITON = False
+
+    def _jit_unavailable(fn):
+        def launch_unavailable(*args, **kwargs):
+            raise RuntimeError(f"{fn.__name__} needs Triton, which is not installed")
+
+        return launch_unavailable
+
+    triton = types.SimpleNamespace(jit=_jit_unavailable, cdiv=lambda a, b: -(-a // b),
+                                   next_power_of_2=lambda n: 1 << max(0, (n - 1).bit_length()))
+    tl = types.SimpleNamespace(constexpr=None)
+
+__all__ = ["HAS_TRITON", "triton", "tl", "is_interpreting", "upcast_inside", "next_pow2",
+           "check_tensor", "check_same_device"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def upcast_inside(dtype: torch.dtype) -> bool:
+    """Whether a kernel should turn its operands to fp32 right after loading them.
+
+    Always under the interpreter (its bf16 arithmetic is wrong) and for fp32 inputs
+    (then `tl.dot` runs with input_precision="ieee", no TF32). On a GPU, fp16/bf16
+    operands stay native for the tensor cores and accumulate in fp32.
+    """
+    return is_interpreting() or dtype == torch.float32
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None,
+                 shape: tuple | None = None, last_contiguous: bool = True,
+                 contiguous: bool = False) -> None:
+    """Raise ValueError unless `t` is a tensor of the given rank, dtype and shape.
+
+    `shape` entries that are None are not checked. `last_contiguous` asks for a unit
+    stride in the last dimension (what the kernels' pointer arithmetic assumes).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes == "float":
+        dtypes = _FLOATS
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        for i, (want, got) in enumerate(zip(shape, t.shape)):
+            if want is not None and want != got:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected dim {i} == {want}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous())")
+    if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+
+
+def check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device: {listing}")

@@ -1,0 +1,207 @@
+"""Each Triton kernel against its torch reference on fresh random inputs: odd
+lengths, GQA ratios, block sizes, padded rows, outputs poisoned with NaN first (so
+every valid element must be written and every padded one left alone).
+
+On CPU this runs under TRITON_INTERPRET=1 (conftest sets it); bench/gpu.sh runs
+the same file natively on a CUDA device with TRITON_INTERPRET=0.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memgen.kernels._common import is_interpreting
+from memgen.kernels.kv_store import store_kvcache, store_kvcache_ref
+from memgen.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
+                                            paged_prefill_attention, paged_prefill_attention_ref)
+
+pytestmark = pytest.mark.kernels
+
+DEVICE = "cuda" if (not is_interpreting() and torch.cuda.is_available()) else "cpu"
+if DEVICE == "cpu" and not is_interpreting():
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 without a CUDA device", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp32: 1e-5-ish. bf16 is looser also because the interpreter truncates fp32->bf16.
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(abs(hash(request.node.name)) % (2**31))
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, float("nan"))
+
+
+def assert_close_with_nans(got: torch.Tensor, want: torch.Tensor, dtype) -> None:
+    """Same NaN pattern (padded rows untouched), close elsewhere."""
+    assert torch.equal(got.isnan(), want.isnan()), "written / untouched elements differ"
+    torch.testing.assert_close(got.nan_to_num(0).float(), want.nan_to_num(0).float(), **TOL[dtype])
+
+
+# ------------------------------------------------------------------ kv store
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(16, 2, 16), (8, 1, 24)])
+def test_store_kvcache(dtype, cache_dtype, block_size, num_kv_heads, head_dim):
+    num_tokens, num_blocks = 13, 4
+    key = randn(num_tokens, num_kv_heads, head_dim, dtype=dtype)
+    # value as a strided view of a packed qkv row (stride(0) > row width)
+    packed = randn(num_tokens, 3 * num_kv_heads, head_dim, dtype=dtype)
+    value = packed[:, num_kv_heads:2 * num_kv_heads]
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[[0, 5, 12]] = -1
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"),
+                         dtype=cache_dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    store_kvcache(key, value, k_cache, v_cache, slots)
+    store_kvcache_ref(key, value, k_want, v_want, slots)
+    assert_close_with_nans(k_cache, k_want, cache_dtype)
+    assert_close_with_nans(v_cache, v_want, cache_dtype)
+    if dtype == cache_dtype:  # no rounding involved: bit-exact
+        assert torch.equal(k_cache.nan_to_num(0), k_want.nan_to_num(0))
+
+
+def test_store_kvcache_empty_and_all_padded():
+    k_cache = torch.full((2, 8, 1, 16), float("nan"), device=DEVICE)
+    v_cache = k_cache.clone()
+    store_kvcache(randn(0, 1, 16), randn(0, 1, 16), k_cache, v_cache,
+                  torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    store_kvcache(randn(3, 1, 16), randn(3, 1, 16), k_cache, v_cache,
+                  torch.full((3,), -1, dtype=torch.int64, device=DEVICE))
+    assert k_cache.isnan().all() and v_cache.isnan().all()
+
+
+def test_store_kvcache_validation():
+    key, cache = randn(4, 2, 16), randn(3, 8, 2, 16)
+    slots = torch.arange(4, device=DEVICE)
+    with pytest.raises(ValueError, match="value"):
+        store_kvcache(key, randn(4, 2, 8), cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="k_cache"):
+        store_kvcache(key, key, randn(3, 8, 1, 16), cache, slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_kvcache(key, key, cache, cache.clone(), slots.float())
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_kvcache(key, key, cache, cache.clone(), slots[:3])
+    with pytest.raises(ValueError, match="v_cache"):
+        store_kvcache(key, key, cache, cache.half(), slots)
+    with pytest.raises(ValueError, match="contiguous"):
+        store_kvcache(key, key, cache.transpose(1, 2).contiguous().transpose(1, 2), cache, slots)
+
+
+# ------------------------------------------------------------------ paged attention
+def make_paged_batch(context_lens, query_lens, num_kv_heads, group, head_dim, block_size, dtype,
+                     extra_query_rows=0):
+    """Random paged K/V for a batch: block tables point at shuffled cache blocks, -1 padded."""
+    num_seqs = len(context_lens)
+    max_blocks = max(1, max(-(-c // block_size) for c in context_lens)) + 1   # one spare -1 column
+    num_blocks = num_seqs * max_blocks + 1
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    perm = torch.randperm(num_blocks, device=DEVICE)
+    block_tables = torch.full((num_seqs, max_blocks), -1, dtype=torch.int32, device=DEVICE)
+    for b, ctx in enumerate(context_lens):
+        n = -(-ctx // block_size)
+        block_tables[b, :n] = perm[b * max_blocks:b * max_blocks + n].int()
+    cu = [0]
+    for lq in query_lens:
+        cu.append(cu[-1] + lq)
+    cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    q = randn(cu[-1] + extra_query_rows, num_kv_heads * group, head_dim, dtype=dtype)
+    context = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, block_tables, context, cu_seqlens_q
+
+
+# (context_lens, query_lens): whole prompts, chunks at the end of a cached prefix, an empty
+# padded sequence (context 0), single-token chunks, lengths that straddle blocks and tiles
+PREFILL_CASES = {
+    "mixed": ([5, 0, 37, 70], [3, 0, 37, 1]),
+    "prompts": ([1, 19, 33], [1, 19, 33]),
+}
+
+
+def attention_configs(half_config):
+    """(dtype, group, block_size): fp32 over every GQA ratio and block size; the half
+    types on one of them, to keep the interpreter run short."""
+    full = [(torch.float32, g, bs) for g in (1, 2, 4) for bs in (16, 8)]
+    return full + [(dt, *half_config) for dt in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype,group,block_size", attention_configs((2, 8)))
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_paged_prefill_attention(dtype, group, block_size, case):
+    context_lens, query_lens = PREFILL_CASES[case]
+    q, k_cache, v_cache, block_tables, context, cu = make_paged_batch(
+        context_lens, query_lens, 2, group, 16, block_size, dtype, extra_query_rows=2)
+    out = poisoned(q)
+    want = paged_prefill_attention_ref(q, k_cache, v_cache, cu, context, block_tables, 0.3, out=poisoned(q))
+    got = paged_prefill_attention(q, k_cache, v_cache, cu, context, block_tables, 0.3, out=out,
+                                  max_seqlen_q=max(query_lens))
+    assert got is out
+    assert_close_with_nans(got, want, dtype)
+    assert got[-2:].isnan().all()  # rows past cu_seqlens_q[-1]
+
+
+def test_paged_prefill_matches_dense_causal_attention():
+    """Independent of the reference: one sequence in order equals SDPA with is_causal."""
+    q, k_cache, v_cache, block_tables, context, cu = make_paged_batch([21], [21], 2, 2, 16, 8, torch.float32)
+    got = paged_prefill_attention(q, k_cache, v_cache, cu, context, block_tables, 0.25)
+    pos = torch.arange(21, device=DEVICE)
+    k = k_cache[block_tables[0, pos // 8].long(), pos % 8].repeat_interleave(2, dim=1)
+    v = v_cache[block_tables[0, pos // 8].long(), pos % 8].repeat_interleave(2, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=0.25).transpose(0, 1)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype,group,block_size", attention_configs((4, 16)))
+@pytest.mark.parametrize("partition_size", [None, 32])
+def test_paged_decode_attention(dtype, group, block_size, partition_size):
+    context_lens = [1, 0, 45, 70, 9]
+    q, k_cache, v_cache, block_tables, context, _ = make_paged_batch(
+        context_lens, [1] * len(context_lens), 2, group, 16, block_size, dtype)
+    want = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context, 0.3, out=poisoned(q))
+    out = poisoned(q)
+    got = paged_decode_attention(q, k_cache, v_cache, block_tables, context, 0.3, out=out,
+                                 partition_size=partition_size)
+    assert got is out
+    assert_close_with_nans(got, want, dtype)
+    assert got[1].isnan().all()  # context 0: untouched
+
+
+def test_decode_equals_prefill_of_one_token():
+    q, k_cache, v_cache, block_tables, context, cu = make_paged_batch([13, 40], [1, 1], 1, 3, 16, 8, torch.float32)
+    a = paged_decode_attention(q, k_cache, v_cache, block_tables, context, 0.5, partition_size=16)
+    b = paged_prefill_attention(q, k_cache, v_cache, cu, context, block_tables, 0.5)
+    torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_paged_attention_validation():
+    q, k_cache, v_cache, block_tables, context, cu = make_paged_batch([5, 7], [1, 1], 2, 2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_decode_attention(randn(2, 3, 16), k_cache, v_cache, block_tables, context, 1.0)
+    with pytest.raises(ValueError, match="k_cache"):
+        paged_decode_attention(q, k_cache.half(), v_cache, block_tables, context, 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, k_cache, v_cache, block_tables.long(), context, 1.0)
+    with pytest.raises(ValueError, match="context_lens"):
+        paged_decode_attention(q, k_cache, v_cache, block_tables, context[:1], 1.0)
+    with pytest.raises(ValueError, match="one query per sequence"):
+        paged_decode_attention(q[:1], k_cache, v_cache, block_tables, context, 1.0)
+    with pytest.raises(ValueError, match="partition_size"):
+        paged_decode_attention(q, k_cache, v_cache, block_tables, context, 1.0, partition_size=0)
+    with pytest.raises(ValueError, match="out"):
+        paged_decode_attention(q, k_cache, v_cache, block_tables, context, 1.0, out=q.half())
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        paged_prefill_attention(q, k_cache, v_cache, cu[:2], context, block_tables, 1.0)
+    with pytest.raises(ValueError, match="unit stride"):
+        paged_prefill_attention(q.transpose(0, 2).contiguous().transpose(0, 2), k_cache, v_cache, cu, context,
+                                block_tables, 1.0)
