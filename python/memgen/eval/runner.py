@@ -1,0 +1,367 @@
+"""The `memgen eval` loop: input JSONL -> generations in batches through an `LLM`
+-> scored records appended to a resumable output JSONL -> a metrics summary JSON.
+
+`process_batch` is the one place a batch is generated and scored; the
+single-process loop here and the Ray path (`ray_runner.py`) both call it, which is
+what makes their outputs the same. Each record's sampling seed is derived from
+the run seed and the record id, so a record's output depends on neither its
+batch nor whether the run was resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from memgen.eval.records import (
+    Record, ResultWriter, iter_results, read_records, report_errors, write_json_atomic,
+)
+from memgen.eval.tasks import TASKS, score
+
+
+@dataclass
+class EvalConfig:
+    input: str
+    output: str
+    summary: str | None = None        # None: the output path with ".summary.json"
+    task: str | None = None           # default task for records that name none
+    batch_size: int = 32
+    seed: int = 0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    chat: bool = False                # send "prompt" strings as one user message
+    strict: bool = False              # stop at the first bad input line
+    limit: int | None = None          # only the first N valid records
+    code_timeout: float = 5.0
+    score_workers: int = 2            # parallel code-test subprocesses
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if not self.code_timeout > 0:
+            raise ValueError(f"code_timeout must be > 0, got {self.code_timeout}")
+
+    @property
+    def summary_path(self) -> str:
+        if self.summary:
+            return self.summary
+        out = Path(self.output)
+        return str(out.with_name((out.stem if out.suffix == ".jsonl" else out.name) + ".summary.json"))
+
+
+def derive_seed(run_seed: int, record_key: str) -> int:
+    """A record's sampling seed: a hash of (run seed, record id), below 2**31."""
+    digest = hashlib.sha256(f"{run_seed}\x00{record_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
+
+
+def default_sampling_params() -> Callable[..., Any]:
+    from memgen import SamplingParams
+
+    return SamplingParams
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _jsonable(x: Any) -> Any:
+    """Engine metrics as plain JSON (numpy/torch scalars -> numbers, NaN -> None)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            x = x.item()
+        except (TypeError, ValueError, RuntimeError):
+            return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)
+
+
+def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
+                  make_params: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+    """Generate and score one batch; returns output records in input order."""
+    make_params = make_params or default_sampling_params()
+    seeds = [derive_seed(cfg.seed, r.key) for r in records]
+    params = [make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, seed=s) for s in seeds]
+    chat_idx = [i for i, r in enumerate(records) if r.is_chat or cfg.chat]
+    text_idx = [i for i, r in enumerate(records) if not (r.is_chat or cfg.chat)]
+    outs: list[Any] = [None] * len(records)
+    if text_idx:
+        kwargs = {"use_tqdm": False} if _accepts(llm.generate, "use_tqdm") else {}
+        got = llm.generate([records[i].data["prompt"] for i in text_idx], [params[i] for i in text_idx], **kwargs)
+        for i, o in zip(text_idx, got):
+            outs[i] = o
+    if chat_idx:
+        convs = [records[i].data["messages"] if records[i].is_chat
+                 else [{"role": "user", "content": records[i].data["prompt"]}] for i in chat_idx]
+        kwargs = {"use_tqdm": False} if _accepts(llm.chat, "use_tqdm") else {}
+        got = llm.chat(convs, [params[i] for i in chat_idx], **kwargs)
+        for i, o in zip(chat_idx, got):
+            outs[i] = o
+    if any(o is None for o in outs):
+        raise RuntimeError("the LLM returned fewer outputs than prompts")
+
+    def score_one(i: int):
+        r = records[i]
+        return None if r.task is None else score(r.task, outs[i].text, r.data, cfg.code_timeout)
+
+    workers = max(1, min(cfg.score_workers, sum(r.task == "code" for r in records)))
+    with ThreadPoolExecutor(workers) as pool:
+        scores = list(pool.map(score_one, range(len(records))))
+
+    results = []
+    for r, o, sc, seed in zip(records, outs, scores, seeds):
+        source = {"messages": r.data["messages"]} if "messages" in r.data else {"prompt": r.data["prompt"]}
+        res = {"id": r.id, "line": r.line_no, "task": r.task, **source, "seed": seed,
+               "text": o.text, "token_ids": list(o.token_ids),
+               "num_prompt_tokens": len(o.prompt_token_ids),
+               "augmentation": list(o.augmentation), "finish_reason": o.finish_reason,
+               "metrics": _jsonable(dict(getattr(o, "metrics", None) or {})),
+               "score": None if sc is None else sc.value,
+               "extracted": None if sc is None else sc.extracted}
+        if sc is not None and sc.details:
+            res["score_details"] = _jsonable(sc.details)
+        results.append(_jsonable(res))
+    return results
+
+
+@dataclass
+class RunState:
+    """What `open_run` found: the records still to do and the open writer."""
+    records: list[Record]
+    pending: list[Record]
+    writer: ResultWriter
+    bad_lines: list[int]
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    generated_records: int = 0
+    generated_tokens: int = 0
+
+
+def open_run(cfg: EvalConfig) -> RunState:
+    read = read_records(cfg.input, task=cfg.task, strict=cfg.strict)
+    report_errors(read.errors)
+    records = read.records if cfg.limit is None else read.records[: cfg.limit]
+    writer = ResultWriter(cfg.output)
+    if writer.num_torn_bytes:
+        print(f"memgen eval: dropped a torn last line ({writer.num_torn_bytes} bytes) "
+              f"of {cfg.output}; that record is redone", file=sys.stderr)
+    pending = [r for r in records if r.key not in writer.done]
+    return RunState(records, pending, writer, [e.line_no for e in read.errors])
+
+
+def make_progress(cfg: EvalConfig, state: RunState):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(state.records), initial=len(state.records) - len(state.pending),
+                unit="req", desc="memgen eval", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def record_written(state: RunState, pbar, result: dict[str, Any]) -> None:
+    state.writer.append(result)
+    state.generated_records += 1
+    state.generated_tokens += len(result["token_ids"])
+    elapsed = time.perf_counter() - state.started
+    pbar.update(1)
+    pbar.set_postfix(tok_s=f"{state.generated_tokens / max(elapsed, 1e-9):.1f}", refresh=False)
+
+
+def summarize(cfg: EvalConfig, state: RunState, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics over every record of the output file that belongs to this input."""
+    wanted = {r.key for r in state.records}
+    rows = [row for row in iter_results(cfg.output) if str(row["id"]) in wanted]
+    per_task: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("task") is not None and row.get("score") is not None:
+            per_task[row["task"]].append(row)
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    def metric(name: str) -> float | None:
+        return mean([row["metrics"][name] for row in rows
+                     if isinstance(row.get("metrics", {}).get(name), (int, float))])
+
+    tasks = {}
+    for task, trows in sorted(per_task.items()):
+        scores = [row["score"] for row in trows]
+        tasks[task] = {"count": len(trows), "accuracy": mean([float(s == 1.0) for s in scores]),
+                       "mean_score": mean(scores)}
+    elapsed = time.perf_counter() - state.started
+    return {
+        "input": cfg.input, "output": cfg.output,
+        "num_records": len(rows), "num_input_records": len(state.records),
+        "skipped_input_lines": state.bad_lines,
+        "tasks": tasks,
+        "mean_output_tokens": mean([len(row["token_ids"]) for row in rows]),
+        "mean_prompt_tokens": mean([row["num_prompt_tokens"] for row in rows]),
+        "insertions_per_request": metric("num_insertions"),
+        "trigger_calls_per_request": metric("num_trigger_calls"),
+        "latent_positions_per_request": metric("num_latent_positions"),
+        "mean_time_to_first_token_s": metric("time_to_first_token_s"),
+        "mean_request_total_s": metric("total_s"),
+        "finish_reasons": dict(Counter(row["finish_reason"] for row in rows)),
+        "this_run": {"generated_records": state.generated_records,
+                     "generated_tokens": state.generated_tokens,
+                     "resumed_from_records": len(state.records) - len(state.pending),
+                     "elapsed_s": elapsed,
+                     "tokens_per_s": state.generated_tokens / elapsed if elapsed > 0 else None},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)},
+        **(extra or {}),
+    }
+
+
+def finish_run(cfg: EvalConfig, state: RunState, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    state.writer.close()
+    summary = summarize(cfg, state, extra)
+    write_json_atomic(cfg.summary_path, summary)
+    return summary
+
+
+def evaluate(llm: Any, cfg: EvalConfig, make_params: Callable[..., Any] | None = None,
+             extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) an evaluation in this process; returns the summary it wrote.
+    A kill loses at most the batch being generated."""
+    make_params = make_params or default_sampling_params()
+    state = open_run(cfg)
+    try:
+        with make_progress(cfg, state) as pbar:
+            for start in range(0, len(state.pending), cfg.batch_size):
+                batch = state.pending[start : start + cfg.batch_size]
+                for result in process_batch(llm, batch, cfg, make_params):
+                    record_written(state, pbar, result)
+    except BaseException:
+        state.writer.close()
+        raise
+    return finish_run(cfg, state, extra_summary)
+
+
+# --------------------------------------------------------------------------- CLI
+
+_MODEL_ARGS = (
+    ("--model", dict(default=None, help="reasoner: HF directory or .gguf (default: packaged SmolLM2)")),
+    ("--memgen", dict(default=None, help="MemGen checkpoint directory (default: plain LLM)")),
+    ("--weaver-model", dict(default=None, help="weaver base model directory (default: --model)")),
+    ("--trigger-model", dict(default=None, help="trigger base model directory (default: --model)")),
+    ("--dtype", dict(default="auto", help="auto | float32 | float64 | bfloat16 | float16")),
+    ("--device", dict(default="auto", help="auto | cpu | cuda | cuda:N")),
+)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `memgen eval`. Model options the CLI already added to `parser`
+    (shared with other subcommands) are left as they are."""
+    parser.add_argument("input", help="input JSONL: prompt|messages, answer|aliases|tests, optional id, task")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output JSONL, appended and resumable (default: ./<input stem>.eval.jsonl)")
+    parser.add_argument("--summary", default=None, help="metrics JSON (default: <output stem>.summary.json)")
+    parser.add_argument("--task", choices=TASKS, default=None,
+                        help="task of records that name none (default: inferred from the reference field)")
+    existing = set(parser._option_string_actions)
+    for flag, kwargs in _MODEL_ARGS:
+        if flag not in existing:
+            parser.add_argument(flag, **kwargs)
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each record's seed derives from it and its id")
+    parser.add_argument("--batch-size", type=int, default=32, help="records per generate call (a kill loses at most one)")
+    parser.add_argument("--chat", action="store_true", help="send 'prompt' strings as a single user chat message")
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N valid records")
+    parser.add_argument("--code-timeout", type=float, default=5.0, help="seconds per code-test subprocess")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ray", action="store_true", help="run through Ray Data, one engine actor per worker")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="Ray workers (default: the cluster's GPU count, else 1)")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = {"model": args.model, "memgen": args.memgen, "weaver_model": args.weaver_model,
+              "trigger_model": args.trigger_model, "dtype": args.dtype, "device": args.device}
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    output = args.output or f"{Path(args.input).stem}.eval.jsonl"
+    return EvalConfig(
+        input=args.input, output=output, summary=args.summary, task=args.task,
+        batch_size=args.batch_size, seed=args.seed, max_tokens=args.max_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, chat=args.chat,
+        strict=args.strict, limit=args.limit, code_timeout=args.code_timeout,
+        progress=not args.no_progress)
+
+
+def print_summary(summary: dict[str, Any], stream=None) -> None:
+    stream = stream or sys.stdout
+    run = summary["this_run"]
+    print(f"records: {summary['num_records']}/{summary['num_input_records']} "
+          f"(this run {run['generated_records']}, {run['generated_tokens']} tokens, "
+          f"{run['tokens_per_s'] or 0:.1f} tok/s)", file=stream)
+    for task, m in summary["tasks"].items():
+        print(f"  {task:6s} n={m['count']:<6d} accuracy={m['accuracy']:.4f} mean_score={m['mean_score']:.4f}",
+              file=stream)
+    if summary["skipped_input_lines"]:
+        print(f"  skipped input lines: {summary['skipped_input_lines'][:20]}", file=stream)
+    print(f"output: {summary['output']}", file=stream)
+
+
+def run_eval_from_args(args: argparse.Namespace) -> int:
+    """`memgen eval`: 0 on success, 1 on bad input or a failed run."""
+    from memgen.eval.records import InputError
+
+    try:
+        cfg = config_from_args(args)
+        llm_kwargs = _engine_kwargs(args)
+        if args.ray:
+            from memgen.eval.ray_runner import run_eval_ray
+
+            summary = run_eval_ray(cfg, llm_kwargs=llm_kwargs, num_workers=args.num_workers)
+        else:
+            from memgen import LLM
+
+            summary = evaluate(LLM(**llm_kwargs), cfg, extra_summary={"engine": llm_kwargs})
+    except (InputError, ValueError, OSError, RuntimeError, ImportError) as e:
+        print(f"memgen eval: error: {e}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    print(f"summary: {cfg.summary_path}")
+    return 0

@@ -1,0 +1,481 @@
+"""memgen eval: scorers, the code sandbox, JSONL input errors, resumable output,
+determinism, the CLI arguments, and (slow) the Ray path and the real engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from memgen.eval import records as rec_mod
+from memgen.eval.records import InputError, ResultWriter, iter_results, read_records
+from memgen.eval.runner import EvalConfig, add_eval_arguments, derive_seed, evaluate, run_eval_from_args
+from memgen.eval.sandbox import extract_code, rename_first_function, run_tests, score_code
+from memgen.eval.tasks import first_boxed, infer_task, last_boxed, score_alias, score_boxed, score_exact, strip_string
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------- fakes
+
+@dataclass
+class FakeParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class FakeOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    augmentation: list[int]
+    finish_reason: str
+    metrics: dict = field(default_factory=dict)
+
+
+class FakeLLM:
+    """Deterministic stand-in for memgen.LLM: the answer is a hash of (prompt, seed),
+    and is right (the record's answer appears in the prompt as "[n]") for half of them."""
+
+    def __init__(self, fail_after_calls: int | None = None):
+        self.calls: list[int] = []
+        self.fail_after_calls = fail_after_calls
+
+    def _one(self, prompt: str, p: FakeParams) -> FakeOutput:
+        h = zlib.crc32(f"{prompt}|{p.seed}".encode())
+        hint = prompt.rsplit("[", 1)[-1].rstrip("]\n") if "[" in prompt else "0"
+        text = f"We think. \\boxed{{{hint if h % 2 else h % 97}}}"
+        ids = list(text.encode())[: p.max_tokens]
+        return FakeOutput(list(prompt.encode()), ids, text, [-100] * len(ids),
+                          "stop" if len(ids) < p.max_tokens else "length",
+                          {"time_to_first_token_s": 0.001, "total_s": 0.002, "num_insertions": h % 3,
+                           "num_trigger_calls": 2, "num_latent_positions": 8 * (h % 3)})
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls.append(len(prompts))
+        return [self._one(pr, sp) for pr, sp in zip(prompts, sampling_params)]
+
+    def chat(self, messages, sampling_params=None):
+        flat = ["".join(f"<{m['role']}>{m['content']}" for m in conv) for conv in messages]
+        return self.generate(flat, sampling_params)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def arith_rows(n: int):
+    return [{"id": f"q{i}", "prompt": f"What is {i} plus {i}? [{2 * i}]", "answer": str(2 * i)} for i in range(n)]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k != "metrics"} for r in rows]
+
+
+def run(tmp_path: Path, inp: Path, name="out.jsonl", llm=None, **kw):
+    cfg = EvalConfig(input=str(inp), output=str(tmp_path / name), progress=False, **kw)
+    summary = evaluate(llm or FakeLLM(), cfg, make_params=FakeParams)
+    return summary, list(iter_results(cfg.output))
+
+
+# --------------------------------------------------------------------- scorers
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("So the total is \\boxed{42}.", "42", 1.0),
+    ("\\boxed{ 42 }", "42", 1.0),                           # spaces removed
+    ("\\boxed{42}", 42, 1.0),                               # JSON number label
+    ("\\boxed{42}", 42.0, 1.0),
+    ("\\boxed{43}", "42", 0.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),                  # 0.5 -> \frac{1}{2}
+    ("\\boxed{1/2}", "\\boxed{0.5}", 1.0),                  # a/b -> \frac{a}{b}
+    ("\\boxed{.5}", "\\frac12", 1.0),
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{0.25}", "\\frac{1}{4}", 0.0),                 # only 0.5 is special-cased
+    ("\\boxed{\\frac{3}{\\sqrt{2}}}", "\\frac{3}{\\sqrt2}", 1.0),   # nested braces, sqrt fix
+    ("\\boxed{10\\text{ cm}}", "10", 1.0),                  # units on the right
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    ("\\boxed{50\\%}", "50", 1.0),
+    ("\\boxed{\\$18}", "18", 1.0),
+    ("\\boxed{x = 5}", "5", 1.0),                           # short lhs dropped
+    ("\\boxed{$42$}", "42", 0.0),                           # plain "$" is kept, as the reference
+    ("$\\boxed 42$", "42", 1.0),                            # "\boxed " space form
+    ("\\boxed{1,000}", "1000", 0.0),                        # commas are kept
+    ("\\boxed{1} and later \\boxed{42}", "42", 0.0),        # the FIRST box of the completion
+    ("\\boxed{42}", "first \\boxed{1}, finally \\boxed{42}", 1.0),   # the LAST box of the label
+    ("the answer is 42", "42", 0.0),                        # no box
+    ("\\boxed{42", "42", 0.0),                              # unclosed
+    ("\\fbox{42}", "42", 0.0),                              # found but rejected, as the reference
+])
+def test_score_boxed(completion, answer, expected):
+    assert score_boxed(completion, answer).value == expected
+
+
+def test_boxed_extraction_nested_and_normaliser_fallback():
+    text = "a \\boxed{\\frac{1}{\\sqrt{2}}} b \\boxed{{3}} c"
+    assert first_boxed(text) == "\\boxed{\\frac{1}{\\sqrt{2}}}"
+    assert last_boxed(text) == "\\boxed{{3}}"
+    assert score_boxed("\\boxed{7}", "\\boxed{7}").extracted == "7"
+    # inputs where the MATH normaliser fails compare as raw strings
+    assert score_boxed("\\boxed{1\\text{ a}\\text{ b}}", "1\\text{ a}\\text{ b}").value == 1.0
+    assert score_boxed("\\boxed{\\sqrt}", "\\sqrt").value == 1.0
+    assert strip_string("\\left( 1, 2 \\right)") == "(1,2)"
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("Paris", "paris.", 1.0),
+    ("The Paris", "Paris", 1.0),
+    ("<think>hmm</think><answer> Paris </answer>", "Paris", 1.0),
+    ("\\boxed{Paris}", "paris", 1.0),
+    ("Paris, France", "Paris", 0.0),
+])
+def test_score_exact(completion, answer, expected):
+    assert score_exact(completion, answer).value == expected
+
+
+def test_score_alias():
+    assert score_alias("<answer>It is Paris, France\nmore</answer>", ["PARIS", "x"]).value == 1.0
+    assert score_alias("<answer>London</answer> Paris", ["Paris"]).value == 0.0   # only the answer span
+    assert score_alias("I guess paris.", ["Paris"]).value == 1.0                  # no tags: whole text
+    assert score_alias("nothing", ["Paris", 12]).value == 0.0
+
+
+def test_infer_task():
+    assert infer_task({"tests": "x"}) == "code"
+    assert infer_task({"aliases": ["a"]}) == "alias"
+    assert infer_task({"answer": "1"}) == "boxed"
+    assert infer_task({"prompt": "p"}) is None
+
+
+# --------------------------------------------------------------------- code sandbox
+
+TESTS = textwrap.dedent("""\
+    from solution import add_one
+
+    def test_small():
+        assert add_one(1) == 2
+
+    def test_negative():
+        assert add_one(-1) == 0
+
+    def test_wrong_on_purpose():
+        assert add_one(1) == 3
+""")
+
+
+def test_extract_and_rename():
+    completion = textwrap.dedent("""\
+        Here is my solution:
+        ```python
+        import math
+        from typing import List
+
+        def helper(x):
+            return x + 1
+
+        def solve(x):
+            return helper(x)
+
+        print(solve(3))
+        ```
+        It prints 4.""")
+    code = extract_code(completion)
+    assert "import math" in code and "def solve" in code and "print(" not in code
+    assert "Here is" not in code
+    renamed = rename_first_function(code, "add_one")
+    assert renamed.count("def add_one(") == 1 and "helper = add_one" in renamed
+    # unfenced text that does not parse: line fallback keeps the defs
+    code = extract_code("Sure! def f(x):\nimport os\ndef g(x):\n    return 1\nThat's it.")
+    assert "import os" in code and "def g(x):\n    return 1" in code and "Sure" not in code
+
+
+def test_code_pass_fraction():
+    sc = score_code("```python\ndef plus_one(x):\n    return x + 1\n```", TESTS)   # renamed via `from solution import`
+    assert sc.value == pytest.approx(2 / 3)
+    assert sc.details["tests_passed"] == 2 and sc.details["tests_total"] == 3
+    assert sc.details["all_passed"] == 0.0
+    sc = score_code("def f(x):\n    return x + 1\n", "def test_a():\n    assert f(2) == 3\n", "f")
+    assert sc.value == 1.0 and sc.details["all_passed"] == 1.0
+    assert score_code("not code at all", TESTS).value == 0.0
+    assert score_code("def add_one(x):\n    return (", TESTS).value == 0.0   # syntax error
+
+
+def test_code_timeout_kills_infinite_loop():
+    start = time.perf_counter()
+    res = run_tests("def add_one(x):\n    while True:\n        pass\n", TESTS, timeout=1.0)
+    assert time.perf_counter() - start < 4
+    assert res.passed == [] and res.total == 3 and "timed out" in res.error
+
+
+def test_code_partial_results_before_timeout():
+    tests = "def test_a():\n    assert f() == 1\n\ndef test_b():\n    while True:\n        pass\n"
+    res = run_tests("def f():\n    return 1\n", tests, timeout=1.0)
+    assert res.passed == ["test_a"] and list(res.failed) == ["test_b"]
+
+
+def test_code_cannot_write_outside_its_dir():
+    target = REPO / "tests" / "SANDBOX_ESCAPE.txt"
+    code = textwrap.dedent(f"""\
+        import os
+        def escape():
+            open({str(target)!r}, "w").write("x")
+        def escape_relative():
+            open("../../memgen_sandbox_escape.txt", "w").write("x")
+        def remove_repo_file():
+            os.remove({str(REPO / "pyproject.toml")!r})
+        def write_inside():
+            with open("scratch.txt", "w") as f:
+                f.write("ok")
+            return open("scratch.txt").read()
+    """)
+    tests = textwrap.dedent("""\
+        def test_escape():
+            escape()
+        def test_escape_relative():
+            escape_relative()
+        def test_remove():
+            remove_repo_file()
+        def test_inside():
+            assert write_inside() == "ok"
+        def test_no_network():
+            import socket
+            socket.socket().connect(("127.0.0.1", 9))
+        def test_no_subprocess():
+            import subprocess
+            subprocess.run(["true"])
+    """)
+    res = run_tests(code, tests, timeout=5.0)
+    assert res.passed == ["test_inside"]
+    assert all("sandbox" in err for err in res.failed.values()), res.failed
+    assert not target.exists() and (REPO / "pyproject.toml").exists()
+
+
+def test_code_memory_limit():
+    res = run_tests("def big():\n    return bytearray(8 << 30)\n", "def test_big():\n    big()\n", timeout=5.0)
+    assert res.passed == [] and "MemoryError" in res.failed["test_big"]
+
+
+# --------------------------------------------------------------------- input JSONL
+
+def test_bad_lines_reported_with_line_numbers(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "p [1]", "answer": "1"},           # 1 ok
+        '{"id": "b", "prompt": "unterminated',                   # 2 bad JSON
+        "",                                                      # 3 blank: ignored
+        {"id": "c", "answer": "1"},                              # 4 no prompt
+        {"id": "a", "prompt": "again", "answer": "1"},           # 5 duplicate id
+        {"id": "d", "prompt": "p", "answer": "1", "task": "nope"},   # 6 unknown task
+        {"id": "e", "messages": [{"role": "user"}], "answer": "1"},  # 7 bad messages
+        {"prompt": "no id: uses the line number [3]", "answer": "3"},  # 8 ok, id 8
+        [1, 2],                                                  # 9 not an object
+        {"id": "f", "prompt": "p", "task": "code"},              # 10 code without tests
+    ])
+    read = read_records(inp)
+    assert [r.id for r in read.records] == ["a", 8]
+    assert [e.line_no for e in read.errors] == [2, 4, 5, 6, 7, 9, 10]
+    assert "duplicate id 'a' (first on line 1)" in str(read.errors[2])
+    assert str(read.errors[0]).startswith(f"{inp}:2: not valid JSON")
+    with pytest.raises(InputError, match=r"in\.jsonl:2:"):
+        read_records(inp, strict=True)
+    summary, rows = run(tmp_path, inp)
+    assert [r["id"] for r in rows] == ["a", 8]
+    assert summary["skipped_input_lines"] == [2, 4, 5, 6, 7, 9, 10]
+
+
+def test_strict_failure_keeps_existing_output(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(4))
+    _, first = run(tmp_path, inp)
+    before = (tmp_path / "out.jsonl").read_bytes()
+    with open(inp, "a") as f:
+        f.write("{oops\n")
+    with pytest.raises(InputError, match=":5:"):
+        run(tmp_path, inp, strict=True)
+    assert (tmp_path / "out.jsonl").read_bytes() == before and len(first) == 4
+
+
+# --------------------------------------------------------------------- runner
+
+def test_run_writes_records_and_summary(tmp_path):
+    rows_in = arith_rows(5) + [
+        {"id": "chat", "messages": [{"role": "user", "content": "hi [7]"}], "answer": "7"},
+        {"id": "gen-only", "prompt": "no reference"},
+        {"id": "alias", "prompt": "capital? [Paris]", "aliases": ["paris"], "task": "alias"},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows_in)
+    llm = FakeLLM()
+    summary, rows = run(tmp_path, inp, llm=llm, batch_size=3)
+    assert llm.calls == [3, 2, 1, 2]                    # batch 2: 2 prompts via generate, 1 via chat
+    assert [r["id"] for r in rows] == [r["id"] for r in rows_in]
+    r0 = rows[0]
+    for key in ("id", "prompt", "task", "text", "token_ids", "augmentation", "finish_reason", "metrics",
+                "score", "seed", "num_prompt_tokens", "extracted"):
+        assert key in r0, key
+    assert "messages" in rows[5] and "prompt" not in rows[5]
+    assert rows[6]["task"] is None and rows[6]["score"] is None
+    assert len(r0["augmentation"]) == len(r0["token_ids"])
+    boxed = [r["score"] for r in rows if r["task"] == "boxed"]
+    assert summary["tasks"]["boxed"]["count"] == 6
+    assert summary["tasks"]["boxed"]["accuracy"] == pytest.approx(sum(boxed) / 6)
+    assert summary["num_records"] == 8 and summary["this_run"]["generated_records"] == 8
+    assert summary["mean_output_tokens"] == pytest.approx(sum(len(r["token_ids"]) for r in rows) / 8)
+    assert summary["insertions_per_request"] is not None and summary["this_run"]["tokens_per_s"] > 0
+    on_disk = json.loads((tmp_path / "out.summary.json").read_text())
+    assert on_disk["tasks"] == summary["tasks"]
+
+
+def test_code_task_through_runner(tmp_path):
+    class CodeLLM(FakeLLM):
+        def _one(self, prompt, p):
+            text = "```python\ndef add_one(x):\n    return x + 1\n```"
+            return FakeOutput([1], [1, 2], text, [-100, -100], "stop")
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "write add_one", "tests": TESTS}])
+    summary, rows = run(tmp_path, inp, llm=CodeLLM())
+    assert rows[0]["score"] == pytest.approx(2 / 3) and rows[0]["score_details"]["tests_total"] == 3
+    assert summary["tasks"]["code"] == {"count": 1, "accuracy": 0.0, "mean_score": pytest.approx(2 / 3)}
+
+
+def test_deterministic_and_batch_independent(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(11))
+    _, a = run(tmp_path, inp, "a.jsonl", batch_size=4, seed=7, temperature=0.8)
+    _, b = run(tmp_path, inp, "b.jsonl", batch_size=1, seed=7, temperature=0.8)
+    _, c = run(tmp_path, inp, "c.jsonl", batch_size=4, seed=8, temperature=0.8)
+    assert strip_timing(a) == strip_timing(b)
+    assert [r["seed"] for r in a] != [r["seed"] for r in c]
+    assert derive_seed(7, "q1") == derive_seed(7, "q1") != derive_seed(7, "q2")
+    assert a[1]["seed"] == derive_seed(7, "q1")
+
+
+def test_resume_after_kill_and_torn_line(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(10))
+    _, full = run(tmp_path, inp, "full.jsonl", batch_size=3)
+
+    with pytest.raises(KeyboardInterrupt):                        # killed during the 3rd batch
+        run(tmp_path, inp, "part.jsonl", llm=FakeLLM(fail_after_calls=2), batch_size=3)
+    part = tmp_path / "part.jsonl"
+    assert len(list(iter_results(part))) == 6
+    with open(part, "ab") as f:                                   # a write torn mid-line
+        f.write(json.dumps(full[6]).encode()[:40])
+    summary, rows = run(tmp_path, inp, "part.jsonl", batch_size=3)
+    assert strip_timing(rows) == strip_timing(full)               # no loss, no duplicate, same order
+    assert part.read_bytes().endswith(b"\n")
+    assert summary["this_run"]["resumed_from_records"] == 6 and summary["num_records"] == 10
+    # a finished run resumes to nothing
+    llm = FakeLLM()
+    run(tmp_path, inp, "part.jsonl", llm=llm)
+    assert llm.calls == []
+
+
+def test_writer_refuses_foreign_file_and_second_writer(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"o\.jsonl:2"):
+        ResultWriter(out)
+    out.write_text("")
+    with ResultWriter(out):
+        with pytest.raises(RuntimeError, match="another run"):
+            ResultWriter(out)
+
+
+_KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import test_eval
+from memgen.eval.runner import EvalConfig, evaluate
+
+class Slow(test_eval.FakeLLM):
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        time.sleep(0.02)
+        return super().generate(prompts, sampling_params)
+
+evaluate(Slow(), EvalConfig(input={inp!r}, output={out!r}, batch_size=2, progress=False),
+         make_params=test_eval.FakeParams)
+"""
+
+
+def test_resume_after_sigkill(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(200))
+    _, full = run(tmp_path, inp, "full.jsonl", batch_size=2)
+    out = tmp_path / "killed.jsonl"
+    script = tmp_path / "job.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent), inp=str(inp), out=str(out)))
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 20
+    while time.time() < deadline and (not out.exists() or out.stat().st_size < 3000):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(iter_results(out)))
+    assert 0 < done < 200
+    _, rows = run(tmp_path, inp, "killed.jsonl", batch_size=2)
+    assert strip_timing(rows) == strip_timing(full)
+
+
+# --------------------------------------------------------------------- CLI
+
+def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
+    import memgen
+
+    monkeypatch.setattr(memgen, "LLM", lambda **kw: FakeLLM(), raising=False)
+    monkeypatch.setattr(memgen, "SamplingParams", FakeParams, raising=False)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")                      # a shared option the CLI already added
+    add_eval_arguments(parser)
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(3))
+    out = tmp_path / "o.jsonl"
+    args = parser.parse_args([str(inp), "-o", str(out), "--batch-size", "2", "--no-progress",
+                              "--engine-arg", "max_num_seqs=4", "--task", "exact"])
+    assert args.batch_size == 2 and args.dtype == "auto"
+    assert run_eval_from_args(args) == 0
+    assert "exact" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.summary.json").read_text())["engine"]["max_num_seqs"] == 4
+    bad = parser.parse_args([str(tmp_path / "missing.jsonl"), "-o", str(out)])
+    assert run_eval_from_args(bad) == 1
+
+
+def test_example_dataset_is_reproducible(tmp_path):
+    out = tmp_path / "arith.jsonl"
+    subprocess.run([sys.executable, str(REPO / "bench/data/make_arith.py"), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert out.read_bytes() == (REPO / "bench/data/arith50.jsonl").read_bytes()
+    read = read_records(out)
+    assert len(read.records) == 50 and not read.errors
+    assert all(r.task == "boxed" and r.is_chat for r in read.records)
+
+
+# --------------------------------------------------------------------- Ray and the real engine
+
+@pytest.mark.slow
+def test_ray_matches_single_process(tmp_path):
+    ray = pytest.importorskip("ray")
+    from memgen.eval.ray_runner import run_eval_ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(9) + ["{bad"])
+    _, local = run(tmp_path, inp, "local.jsonl", batch_size=2)
+    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, progress=False)
+    try:
+        summary = run_eval_ray(cfg, num_workers=2, llm_factory=FakeLLM, make_params=FakeParams,
+                               ray_init_kwargs={"num_cpus": 2, "include_dashboard": False,
+                                                "log_to_driver": False})
+    finally:
+        ray.shutdown()
+    assert strip_timing(list(iter_results(cfg.output))) == strip_timing(local)
+    assert summary["ray"]["num_workers"] == 2 and summary["skipped_input_lines"] == [10]
