@@ -12,6 +12,7 @@ import torch
 
 from memgen.kernels._common import is_interpreting
 from memgen.kernels.kv_store import store_kvcache, store_kvcache_ref
+from memgen.kernels.latent_injection import inject_latents, inject_latents_ref
 from memgen.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
                                             paged_prefill_attention, paged_prefill_attention_ref)
 
@@ -205,3 +206,49 @@ def test_paged_attention_validation():
     with pytest.raises(ValueError, match="unit stride"):
         paged_prefill_attention(q.transpose(0, 2).contiguous().transpose(0, 2), k_cache, v_cache, cu, context,
                                 block_tables, 1.0)
+
+
+# ------------------------------------------------------------------ latent injection
+@pytest.mark.parametrize("dtype,latent_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("hidden", [24, 80])
+def test_inject_latents(dtype, latent_dtype, hidden):
+    vocab, num_latents = 50, 6
+    embed = randn(vocab, hidden, dtype=dtype)
+    # latents as a strided view of a wider buffer (the weaver's output, sliced)
+    latents = randn(num_latents, hidden + 8, dtype=latent_dtype)[:, :hidden]
+    token_ids = torch.tensor([17, 5, -1, -1, 9, -1, 0, 49, -1, 3, -1], device=DEVICE)
+    latent_index = torch.tensor([-1, -1, 0, 1, -1, -1, -1, -1, 5, -1, 2], device=DEVICE)  # row 5: padding
+    out = torch.full((11, hidden), float("nan"), dtype=dtype, device=DEVICE)
+    got = inject_latents(token_ids, latent_index.int(), embed, latents, out=out)
+    want = inject_latents_ref(token_ids, latent_index.int(), embed, latents, out=poisoned(out))
+    assert got is out
+    assert_close_with_nans(got, want, dtype)
+    assert got[5].isnan().all()
+    assert torch.equal(got[1], embed[5])
+    if dtype == latent_dtype:
+        assert torch.equal(got[3], latents[1])
+
+
+def test_inject_latents_tokens_only_and_empty():
+    embed = randn(30, 16)
+    ids = torch.tensor([3, 29, 0], device=DEVICE)
+    none = torch.full((3,), -1, device=DEVICE)
+    got = inject_latents(ids, none, embed, randn(0, 16))
+    assert torch.equal(got, embed[ids])
+    assert inject_latents(ids[:0], none[:0], embed, randn(0, 16)).shape == (0, 16)
+
+
+def test_inject_latents_validation():
+    embed, latents = randn(30, 16), randn(4, 16)
+    ids, idx = torch.tensor([1, 2], device=DEVICE), torch.tensor([-1, 0], device=DEVICE)
+    with pytest.raises(ValueError, match="latents"):
+        inject_latents(ids, idx, embed, randn(4, 12))
+    with pytest.raises(ValueError, match="latent_index"):
+        inject_latents(ids, idx[:1], embed, latents)
+    with pytest.raises(ValueError, match="token_ids"):
+        inject_latents(ids.float(), idx, embed, latents)
+    with pytest.raises(ValueError, match="out"):
+        inject_latents(ids, idx, embed, latents, out=randn(2, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="embed_weight"):
+        inject_latents(ids, idx, embed.t(), latents)
