@@ -447,7 +447,7 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     assert "exact" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.summary.json").read_text())["engine"]["max_num_seqs"] == 4
     bad = parser.parse_args([str(tmp_path / "missing.jsonl"), "-o", str(out)])
-    assert run_eval_from_args(bad) == 1
+    assert run_eval_from_args(bad) == 2
 
 
 def test_example_dataset_is_reproducible(tmp_path):
@@ -462,20 +462,78 @@ def test_example_dataset_is_reproducible(tmp_path):
 
 # --------------------------------------------------------------------- Ray and the real engine
 
+def test_ray_missing_names_the_extra(tmp_path, monkeypatch):
+    from memgen.eval.ray_runner import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r'pip install "memgen-engine\[ray\]"'):
+        import_ray()
+
+
+def _real_llm_or_none():
+    try:
+        from memgen import LLM, SamplingParams
+    except ImportError:
+        return None
+    return LLM, SamplingParams
+
+
+def test_end_to_end_with_the_engine(tmp_path, request):
+    real = _real_llm_or_none()
+    if real is None:
+        pytest.skip("memgen.LLM is not there yet")
+    LLM, SamplingParams = real
+    llm = LLM(model=str(request.getfixturevalue("qwen2_dir")), dtype="float32", device="cpu")
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "p", "prompt": "Question: what is 12 plus 30? Answer:", "answer": "42"},
+        {"id": "m", "messages": [{"role": "user", "content": "Hello world"}], "aliases": ["hello"]},
+        {"id": "g", "prompt": "The quick brown fox"},
+    ])
+
+    def go(name, **kw):
+        cfg = EvalConfig(input=str(inp), output=str(tmp_path / name), max_tokens=8, progress=False, **kw)
+        return evaluate(llm, cfg, make_params=SamplingParams), list(iter_results(cfg.output))
+
+    summary, a = go("a.jsonl", batch_size=3)
+    _, b = go("b.jsonl", batch_size=1)
+    assert strip_timing(a) == strip_timing(b)
+    for row in a:
+        assert 1 <= len(row["token_ids"]) <= 8 and len(row["augmentation"]) == len(row["token_ids"])
+        assert row["finish_reason"] in ("stop", "length") and "total_s" in row["metrics"]
+    assert summary["num_records"] == 3 and set(summary["tasks"]) == {"boxed", "alias"}
+    _, s1 = go("s1.jsonl", temperature=1.0, seed=3)
+    _, s2 = go("s2.jsonl", temperature=1.0, seed=3, batch_size=1)
+    assert strip_timing(s1) == strip_timing(s2)
+
+
 @pytest.mark.slow
-def test_ray_matches_single_process(tmp_path):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data
+def test_ray_matches_single_process(tmp_path, request):
+    """Two Ray workers give the file the single-process run gives: on the tiny real
+    model once memgen.LLM exists, else on the fake."""
+    import functools
+
     ray = pytest.importorskip("ray")
     from memgen.eval.ray_runner import run_eval_ray
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(9) + ["{bad"])
-    _, local = run(tmp_path, inp, "local.jsonl", batch_size=2)
-    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, progress=False)
+    real = _real_llm_or_none()
+    if real is not None:
+        LLM, make_params = real
+        factory = functools.partial(LLM, model=str(request.getfixturevalue("qwen2_dir")), dtype="float32",
+                                    device="cpu")
+        llm, kw = factory(), {"max_tokens": 6}
+    else:
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        factory, make_params, llm, kw = FakeLLM, FakeParams, FakeLLM(), {}
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(7) + ["{bad"])
+    local_cfg = EvalConfig(input=str(inp), output=str(tmp_path / "local.jsonl"), batch_size=2, progress=False, **kw)
+    evaluate(llm, local_cfg, make_params=make_params)
+    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, progress=False, **kw)
     try:
-        summary = run_eval_ray(cfg, num_workers=2, llm_factory=FakeLLM, make_params=FakeParams,
+        summary = run_eval_ray(cfg, num_workers=2, llm_factory=factory, make_params=make_params,
                                ray_init_kwargs={"num_cpus": 2, "include_dashboard": False,
                                                 "log_to_driver": False})
     finally:
         ray.shutdown()
-    assert strip_timing(list(iter_results(cfg.output))) == strip_timing(local)
-    assert summary["ray"]["num_workers"] == 2 and summary["skipped_input_lines"] == [10]
+    assert strip_timing(list(iter_results(cfg.output))) == strip_timing(list(iter_results(local_cfg.output)))
+    assert summary["ray"]["num_workers"] == 2 and summary["skipped_input_lines"] == [8]

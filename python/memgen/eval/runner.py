@@ -272,6 +272,8 @@ _MODEL_ARGS = (
     ("--trigger-model", dict(default=None, help="trigger base model directory (default: --model)")),
     ("--dtype", dict(default="auto", help="auto | float32 | float64 | bfloat16 | float16")),
     ("--device", dict(default="auto", help="auto | cpu | cuda | cuda:N")),
+    ("--reference-compat", dict(action="store_true",
+                                help="reproduce the reference loader, which drops the trained LoRA weights")),
 )
 
 
@@ -308,7 +310,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {"model": args.model, "memgen": args.memgen, "weaver_model": args.weaver_model,
-              "trigger_model": args.trigger_model, "dtype": args.dtype, "device": args.device}
+              "trigger_model": args.trigger_model, "dtype": args.dtype, "device": args.device,
+              "seed": args.seed}
+    if getattr(args, "reference_compat", False):
+        kwargs["reference_compat"] = True
     for item in args.engine_arg:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
@@ -345,7 +350,8 @@ def print_summary(summary: dict[str, Any], stream=None) -> None:
 
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
-    """`memgen eval`: 0 on success, 1 on bad input or a failed run."""
+    """`memgen eval`: 0 on success; 2 (one line on stderr, as the CLI's other
+    commands) on bad input, a missing file, or an output another run holds."""
     from memgen.eval.records import InputError
 
     try:
@@ -361,7 +367,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             summary = evaluate(LLM(**llm_kwargs), cfg, extra_summary={"engine": llm_kwargs})
     except (InputError, ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"memgen eval: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print_summary(summary)
     print(f"summary: {cfg.summary_path}")
     return 0
