@@ -352,6 +352,24 @@ def test_code_task_through_runner(tmp_path):
     assert summary["tasks"]["code"] == {"count": 1, "accuracy": 0.0, "mean_score": pytest.approx(2 / 3)}
 
 
+def test_engine_rejection_fails_one_record_not_the_run(tmp_path):
+    class Picky(FakeLLM):
+        def generate(self, prompts, sampling_params=None, use_tqdm=True):
+            if any("too long" in p for p in prompts):
+                raise ValueError("prompt is longer than max_model_len")
+            return super().generate(prompts, sampling_params)
+
+    rows_in = arith_rows(3)
+    rows_in[1]["prompt"] = "too long [2]"
+    inp = write_jsonl(tmp_path / "in.jsonl", rows_in)
+    summary, rows = run(tmp_path, inp, llm=Picky(), batch_size=3)
+    assert [r["finish_reason"] == "error" for r in rows] == [False, True, False]
+    assert "max_model_len" in rows[1]["error"] and rows[1]["score"] == 0.0
+    assert summary["num_errors"] == 1 and summary["tasks"]["boxed"]["count"] == 3
+    _, again = run(tmp_path, inp, "one.jsonl", llm=Picky(), batch_size=1)
+    assert strip_timing(again) == strip_timing(rows)   # a single-record batch fails alone too
+
+
 def test_deterministic_and_batch_independent(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(11))
     _, a = run(tmp_path, inp, "a.jsonl", batch_size=4, seed=7, temperature=0.8)

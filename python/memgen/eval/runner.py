@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from memgen.eval.records import (
     Record, ResultWriter, iter_results, read_records, report_errors, write_json_atomic,
 )
-from memgen.eval.tasks import TASKS, score
+from memgen.eval.tasks import TASKS, Score, score
 
 
 @dataclass
@@ -104,16 +104,12 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
-                  make_params: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
-    """Generate and score one batch; returns output records in input order."""
-    make_params = make_params or default_sampling_params()
-    seeds = [derive_seed(cfg.seed, r.key) for r in records]
-    params = [make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, seed=s) for s in seeds]
-    chat_idx = [i for i, r in enumerate(records) if r.is_chat or cfg.chat]
-    text_idx = [i for i, r in enumerate(records) if not (r.is_chat or cfg.chat)]
+def _call(llm: Any, records: Sequence[Record], params: list[Any], as_chat: list[bool]) -> list[Any]:
+    """One generate call for raw prompts and one chat call for conversations;
+    outputs in `records` order."""
     outs: list[Any] = [None] * len(records)
+    text_idx = [i for i, c in enumerate(as_chat) if not c]
+    chat_idx = [i for i, c in enumerate(as_chat) if c]
     if text_idx:
         kwargs = {"use_tqdm": False} if _accepts(llm.generate, "use_tqdm") else {}
         got = llm.generate([records[i].data["prompt"] for i in text_idx], [params[i] for i in text_idx], **kwargs)
@@ -128,25 +124,64 @@ def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
             outs[i] = o
     if any(o is None for o in outs):
         raise RuntimeError("the LLM returned fewer outputs than prompts")
+    return outs
+
+
+def _generate_all(llm: Any, records: Sequence[Record], params: list[Any],
+                  chat: bool) -> tuple[list[Any], list[str | None]]:
+    """Outputs and per-record errors. The API rejects bad input (a prompt longer
+    than max_model_len, ...) with ValueError/TypeError before it runs anything; then
+    the batch is retried one record at a time so one bad record fails alone."""
+    as_chat = [r.is_chat or chat for r in records]
+    try:
+        return _call(llm, records, params, as_chat), [None] * len(records)
+    except (ValueError, TypeError):
+        pass
+    outs: list[Any] = []
+    errors: list[str | None] = []
+    for r, p, c in zip(records, params, as_chat):
+        try:
+            outs.append(_call(llm, [r], [p], [c])[0])
+            errors.append(None)
+        except (ValueError, TypeError) as e:
+            outs.append(None)
+            errors.append(f"{type(e).__name__}: {e}")
+    return outs, errors
+
+
+def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
+                  make_params: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+    """Generate and score one batch; returns output records in input order."""
+    make_params = make_params or default_sampling_params()
+    seeds = [derive_seed(cfg.seed, r.key) for r in records]
+    params = [make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, seed=s) for s in seeds]
+    outs, errors = _generate_all(llm, records, params, cfg.chat)
 
     def score_one(i: int):
         r = records[i]
-        return None if r.task is None else score(r.task, outs[i].text, r.data, cfg.code_timeout)
+        if r.task is None:
+            return None
+        if errors[i] is not None:
+            return Score(0.0)      # an item the engine refused counts as not answered
+        return score(r.task, outs[i].text, r.data, cfg.code_timeout)
 
     workers = max(1, min(cfg.score_workers, sum(r.task == "code" for r in records)))
     with ThreadPoolExecutor(workers) as pool:
         scores = list(pool.map(score_one, range(len(records))))
 
     results = []
-    for r, o, sc, seed in zip(records, outs, scores, seeds):
+    for r, o, err, sc, seed in zip(records, outs, errors, scores, seeds):
         source = {"messages": r.data["messages"]} if "messages" in r.data else {"prompt": r.data["prompt"]}
-        res = {"id": r.id, "line": r.line_no, "task": r.task, **source, "seed": seed,
-               "text": o.text, "token_ids": list(o.token_ids),
-               "num_prompt_tokens": len(o.prompt_token_ids),
-               "augmentation": list(o.augmentation), "finish_reason": o.finish_reason,
-               "metrics": _jsonable(dict(getattr(o, "metrics", None) or {})),
-               "score": None if sc is None else sc.value,
-               "extracted": None if sc is None else sc.extracted}
+        res = {"id": r.id, "line": r.line_no, "task": r.task, **source, "seed": seed}
+        if err is None:
+            res.update(text=o.text, token_ids=list(o.token_ids), num_prompt_tokens=len(o.prompt_token_ids),
+                       augmentation=list(o.augmentation), finish_reason=o.finish_reason,
+                       metrics=_jsonable(dict(getattr(o, "metrics", None) or {})))
+        else:
+            res.update(text="", token_ids=[], num_prompt_tokens=0, augmentation=[], finish_reason="error",
+                       metrics={}, error=err)
+        res.update(score=None if sc is None else sc.value, extracted=None if sc is None else sc.extracted)
         if sc is not None and sc.details:
             res["score_details"] = _jsonable(sc.details)
         results.append(_jsonable(res))
@@ -205,8 +240,10 @@ def summarize(cfg: EvalConfig, state: RunState, extra: dict[str, Any] | None = N
     def mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
+    ok = [row for row in rows if "error" not in row]
+
     def metric(name: str) -> float | None:
-        return mean([row["metrics"][name] for row in rows
+        return mean([row["metrics"][name] for row in ok
                      if isinstance(row.get("metrics", {}).get(name), (int, float))])
 
     tasks = {}
@@ -220,8 +257,9 @@ def summarize(cfg: EvalConfig, state: RunState, extra: dict[str, Any] | None = N
         "num_records": len(rows), "num_input_records": len(state.records),
         "skipped_input_lines": state.bad_lines,
         "tasks": tasks,
-        "mean_output_tokens": mean([len(row["token_ids"]) for row in rows]),
-        "mean_prompt_tokens": mean([row["num_prompt_tokens"] for row in rows]),
+        "num_errors": len(rows) - len(ok),
+        "mean_output_tokens": mean([len(row["token_ids"]) for row in ok]),
+        "mean_prompt_tokens": mean([row["num_prompt_tokens"] for row in ok]),
         "insertions_per_request": metric("num_insertions"),
         "trigger_calls_per_request": metric("num_trigger_calls"),
         "latent_positions_per_request": metric("num_latent_positions"),
