@@ -50,24 +50,24 @@ def _braced_span(text: str, start: int) -> str | None:
     return None
 
 
+def _find_boxed(text: str, last: bool) -> str | None:
+    if "\\boxed " in text:
+        return "\\boxed " + text.split("\\boxed ")[-1 if last else 1].split("$")[0]
+    find = text.rfind if last else text.find
+    idx = find("\\boxed")
+    if idx < 0:
+        idx = find("\\fbox")
+    return None if idx < 0 else _braced_span(text, idx)
+
+
 def first_boxed(text: str) -> str | None:
     """The first `\\boxed{...}` (with its command) in `text`, or None."""
-    if "\\boxed " in text:
-        return "\\boxed " + text.split("\\boxed ")[1].split("$")[0]
-    idx = text.find("\\boxed")
-    if idx < 0:
-        idx = text.find("\\fbox")
-    return None if idx < 0 else _braced_span(text, idx)
+    return _find_boxed(text, last=False)
 
 
 def last_boxed(text: str) -> str | None:
     """The last `\\boxed{...}` (with its command) in `text`, or None."""
-    if "\\boxed " in text:
-        return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
-    idx = text.rfind("\\boxed")
-    if idx < 0:
-        idx = text.rfind("\\fbox")
-    return None if idx < 0 else _braced_span(text, idx)
+    return _find_boxed(text, last=True)
 
 
 def unbox(boxed: str) -> str | None:
