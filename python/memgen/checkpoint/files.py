@@ -50,10 +50,12 @@ def load_tensor_pickle(path: Path):
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            first = str(e).strip().splitlines()[0]
+            # keep torch's diagnosis (e.g. "Unsupported global: GLOBAL builtins.print"),
+            # not its advice to retry with weights_only=False
+            why = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "GLOBAL" in ln]
             raise ValueError(
-                f"{path}: refused to load: the pickle holds objects other than tensors and "
-                f"plain containers (loaded with weights_only=True; nothing in it was run). {first}"
+                f"{path}: refused to load: the pickle holds objects other than tensors and plain "
+                f"containers (read with weights_only=True; nothing in it was run). {' '.join(why[:1]).split('. Please')[0]}"
             ) from None
         raise ValueError(f"{path}: not a readable torch checkpoint (UnpicklingError: {e})") from None
     except Exception as e:  # zip/stream errors, truncated files, ...

@@ -71,7 +71,8 @@ def _check_internal(ckpt: MemGenCheckpoint, errors: list[str]) -> tuple[int, int
     w = ckpt.weaver
     hw = w["prompt_latent_ln.weight"].shape[-1] if w["prompt_latent_ln.weight"].dim() else 0
     r2w, w2r, head = ckpt.reasoner_to_weaver, ckpt.weaver_to_reasoner, ckpt.trigger_head
-    hr = r2w["weight"].shape[1] if r2w["weight"].dim() == 2 else 0
+    # Hr: the recorded reasoner config, else the width weaver_to_reasoner outputs
+    hr = ckpt.reasoner_config.get("hidden_size") or (w2r["bias"].shape[0] if w2r["bias"].dim() == 1 else 0)
     ht = head["weight"].shape[1] if head["weight"].dim() == 2 else 0
     for kind in ("prompt", "inference"):
         k = getattr(s, f"{kind}_latents_len")
