@@ -395,6 +395,10 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         llm_kwargs = _engine_kwargs(args)
+        if not Path(cfg.input).is_file():
+            raise FileNotFoundError(f"no input file {cfg.input}")
+        if cfg.strict:     # say so before the model loads
+            read_records(cfg.input, task=cfg.task, strict=True)
         if args.ray:
             from memgen.eval.ray_runner import run_eval_ray
 
