@@ -31,3 +31,41 @@ def qwen2_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer):
     return fixtures.build_tiny_model(tmp_path_factory.mktemp("llama"), tokenizer, arch="llama")
+
+
+# ---- MemGen checkpoints (memgen_fixtures.py) ---------------------------------
+import memgen_fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def memgen_reasoner_dir(tmp_path_factory, tokenizer):
+    """Tiny qwen2 reasoner, hidden 64, that emits delimiters and EOS."""
+    return memgen_fixtures.build_memgen_reasoner(tmp_path_factory.mktemp("memgen_reasoner"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def wide_weaver_dir(tmp_path_factory, tokenizer):
+    """A separate tiny qwen2 with hidden 96, sharing the tokenizer: a weaver wider than the reasoner."""
+    return fixtures.build_tiny_model(tmp_path_factory.mktemp("wide_weaver"), tokenizer, hidden_size=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def memgen_ckpt_dir(tmp_path_factory, tokenizer, memgen_reasoner_dir):
+    """Reference-layout checkpoint, every role on memgen_reasoner_dir, trigger inactive."""
+    return memgen_fixtures.build_memgen_checkpoint(tmp_path_factory.mktemp("memgen_ckpt"), tokenizer,
+                                                   memgen_reasoner_dir)
+
+
+@pytest.fixture(scope="session")
+def memgen_active_ckpt_dir(tmp_path_factory, tokenizer, memgen_reasoner_dir):
+    """As memgen_ckpt_dir with an active trigger that both invokes and skips."""
+    return memgen_fixtures.build_memgen_checkpoint(tmp_path_factory.mktemp("memgen_active"), tokenizer,
+                                                   memgen_reasoner_dir, trigger_active=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def memgen_wide_ckpt_dir(tmp_path_factory, tokenizer, memgen_reasoner_dir, wide_weaver_dir):
+    """Weaver on wide_weaver_dir (hidden 96), reasoner and active trigger on memgen_reasoner_dir."""
+    return memgen_fixtures.build_memgen_checkpoint(tmp_path_factory.mktemp("memgen_wide"), tokenizer,
+                                                   memgen_reasoner_dir, weaver_dir=wide_weaver_dir,
+                                                   trigger_active=True, seed=2)
