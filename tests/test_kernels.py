@@ -14,6 +14,8 @@ from memgen.kernels._common import is_interpreting
 from memgen.kernels.kv_store import store_kvcache, store_kvcache_ref
 from memgen.kernels.latent_injection import inject_latents, inject_latents_ref
 from memgen.kernels.trigger_scoring import trigger_decisions, trigger_decisions_ref
+from memgen.kernels.lora import (add_lora, add_lora_ref, lora_expand, lora_expand_ref, lora_metadata,
+                                 lora_shrink, lora_shrink_ref)
 from memgen.kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref,
                                             paged_prefill_attention, paged_prefill_attention_ref)
 
@@ -329,3 +331,76 @@ def test_trigger_validation():
         trigger_decisions(hidden, weight, bias, last_token, is_delim, count, 3, is_prompt, 0.0, u[:3])
     with pytest.raises(ValueError, match="temperature"):
         trigger_decisions(hidden, weight, bias, last_token, is_delim, count, 3, is_prompt, u.double(), u)
+
+
+# ------------------------------------------------------------------ multi-LoRA
+def test_lora_metadata_groups_rows():
+    meta = lora_metadata(torch.tensor([1, -1, 0, 1, 0], device=DEVICE), 2)
+    assert meta.sorted_rows.tolist() == [1, 2, 4, 0, 3]
+    assert meta.group_starts.tolist() == [1, 3, 5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows,in_features,out_features,rank", [(7, 24, 40, 8), (37, 72, 136, 5)])
+def test_add_lora(dtype, num_rows, in_features, out_features, rank):
+    num_adapters = 3
+    x = randn(num_rows, in_features, dtype=dtype)
+    lora_a = randn(num_adapters, rank, in_features, dtype=dtype) / in_features ** 0.5
+    lora_b = randn(num_adapters, out_features, rank, dtype=dtype) / rank ** 0.5
+    scaling = torch.tensor([0.5, 2.0, 1.0], device=DEVICE)
+    adapter_ids = torch.randint(-1, num_adapters, (num_rows,), device=DEVICE)
+    adapter_ids[:2] = torch.tensor([-1, 2], device=DEVICE)                      # both kinds present
+    # y: the middle slice of a packed output (stride(0) > out_features)
+    packed = randn(num_rows, out_features + 16, dtype=dtype)
+    y, y_want = packed[:, 8:8 + out_features], packed.clone()[:, 8:8 + out_features]
+    before = packed.clone()
+    meta = lora_metadata(adapter_ids, num_adapters)
+
+    t = lora_shrink(x, lora_a, scaling, adapter_ids, out=torch.full((num_rows, rank), float("nan"),
+                                                                    device=DEVICE), meta=meta)
+    t_want = lora_shrink_ref(x, lora_a, scaling, adapter_ids, out=torch.full_like(t, float("nan")))
+    assert_close_with_nans(t, t_want, dtype if dtype == torch.float32 else torch.float16)
+    assert t[0].isnan().all()                                      # no adapter: untouched
+
+    got = add_lora(y, x, lora_a, lora_b, scaling, adapter_ids, meta=meta)
+    want = add_lora_ref(y_want, x, lora_a, lora_b, scaling, adapter_ids)
+    assert got is y
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    no_adapter = adapter_ids < 0
+    assert torch.equal(packed[no_adapter], before[no_adapter])     # rows without adapter untouched
+    assert torch.equal(packed[:, :8], before[:, :8]) and torch.equal(packed[:, -8:], before[:, -8:])
+
+
+def test_lora_expand_matches_reference_on_its_own():
+    t = randn(9, 4)
+    lora_b = randn(2, 20, 4)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, -1, 1, 1], device=DEVICE)
+    y = randn(9, 20)
+    want = lora_expand_ref(t, lora_b, ids, y.clone())
+    torch.testing.assert_close(lora_expand(t, lora_b, ids, y), want, **TOL[torch.float32])
+
+
+def test_lora_no_adapter_rows_and_empty():
+    x, a, b = randn(5, 16), randn(2, 4, 16), randn(2, 8, 4)
+    y = randn(5, 8)
+    before = y.clone()
+    add_lora(y, x, a, b, torch.ones(2, device=DEVICE), torch.full((5,), -1, device=DEVICE))
+    assert torch.equal(y, before)
+    add_lora(y[:0], x[:0], a, b, torch.ones(2, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE))
+
+
+def test_lora_validation():
+    x, a, b, s = randn(5, 16), randn(2, 4, 16), randn(2, 8, 4), torch.ones(2, device=DEVICE)
+    ids, y = torch.zeros(5, dtype=torch.int64, device=DEVICE), randn(5, 8)
+    with pytest.raises(ValueError, match="lora_a"):
+        add_lora(y, x, randn(2, 4, 12), b, s, ids)
+    with pytest.raises(ValueError, match="lora_b"):
+        add_lora(y, x, a, randn(2, 8, 3), s, ids)
+    with pytest.raises(ValueError, match="scaling"):
+        add_lora(y, x, a, b, s.double(), ids)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        add_lora(y, x, a, b, s, ids[:4])
+    with pytest.raises(ValueError, match="y"):
+        add_lora(y.half(), x, a, b, s, ids)
+    with pytest.raises(ValueError, match="meta"):
+        add_lora(y, x, a, b, s, ids, meta=lora_metadata(ids, 3))
