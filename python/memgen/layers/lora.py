@@ -1,0 +1,114 @@
+"""Multi-LoRA on the engine's packed linear layers.
+
+Rows of different adapters share one base matmul; each adapter then adds
+`((x @ A.T) @ B.T) * scaling` (PEFT's order of operations) to its own rows,
+restricted to the targeted sub-projection of a packed layer. Which rows belong
+to which adapter comes from `get_context().adapter_ids` (-1: no adapter, e.g.
+the reasoner's rows), so one forward can mix reasoner, weaver and trigger rows.
+
+HF module paths map onto packed engine layers like this:
+  model.layers.3.self_attn.q_proj  -> model.layers[3].self_attn.qkv_proj, slice "q"
+  model.layers.3.mlp.up_proj       -> model.layers[3].mlp.gate_up_proj,   slice "up"
+  model.layers.3.self_attn.o_proj  -> model.layers[3].self_attn.o_proj,   whole output
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from memgen.layers.context import get_context
+
+# HF projection name -> (engine module attribute path under the layer, packed slice name)
+_PACKED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+    "self_attn.o_proj": ("self_attn.o_proj", ""),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up"),
+    "mlp.down_proj": ("mlp.down_proj", ""),
+}
+_PATH = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class _Delta:
+    adapter_id: int
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out_slice, r]
+    scaling: float
+    out: slice
+
+
+@dataclass
+class LoraHook:
+    """Callable installed as `Linear.lora`: adds every adapter's delta to its rows."""
+
+    deltas: list[_Delta] = field(default_factory=list)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ids = get_context().adapter_ids
+        if ids is None:
+            return y
+        for d in self.deltas:
+            rows = _rows_of(d.adapter_id, ids)
+            if rows is None:
+                continue
+            delta = (x[rows] @ d.a.T) @ d.b.T * d.scaling
+            y[rows, d.out] += delta
+        return y
+
+
+def _rows_of(adapter_id: int, ids: torch.Tensor) -> torch.Tensor | None:
+    """Row indices of one adapter, computed once per forward and cached in the context."""
+    ctx = get_context()
+    cache = ctx.extras.setdefault("lora_rows", {})
+    if adapter_id not in cache:
+        rows = torch.nonzero(ids == adapter_id).squeeze(1)
+        cache[adapter_id] = rows if rows.numel() else None
+    return cache[adapter_id]
+
+
+def resolve_target(model: nn.Module, module_path: str) -> tuple[nn.Module, slice]:
+    """The engine Linear and output slice for an HF module path (ValueError if unknown)."""
+    m = _PATH.match(module_path)
+    if m is None or m.group(2) not in _PACKED:
+        raise ValueError(f"LoRA target {module_path!r} is not a supported projection "
+                         f"(supported: model.layers.N.{{{', '.join(_PACKED)}}})")
+    index, name = int(m.group(1)), m.group(2)
+    layers = model.model.layers
+    if index >= len(layers):
+        raise ValueError(f"LoRA target {module_path!r}: the model has only {len(layers)} layers")
+    attr, part = _PACKED[name]
+    linear = layers[index]
+    for piece in attr.split("."):
+        linear = getattr(linear, piece)
+    return linear, linear.output_slices[part]
+
+
+def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, device) -> int:
+    """Attach one adapter (a `memgen.checkpoint.LoraWeights`) to `model`'s layers
+    under `adapter_id`. Returns the number of layers touched."""
+    remove_lora(model, adapter_id)
+    for module_path, (a, b) in lora.layers.items():
+        linear, out = resolve_target(model, module_path)
+        width = out.stop - out.start
+        if a.shape[1] != linear.in_features or b.shape[0] != width or a.shape[0] != b.shape[1]:
+            raise ValueError(f"LoRA weights for {module_path!r} have shapes A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}; the base projection is [{width}, {linear.in_features}]")
+        if not isinstance(linear.lora, LoraHook):
+            linear.lora = LoraHook()
+        linear.lora.deltas.append(_Delta(adapter_id, a.to(device=device, dtype=dtype),
+                                         b.to(device=device, dtype=dtype), float(lora.scaling), out))
+    return len(lora.layers)
+
+
+def remove_lora(model: nn.Module, adapter_id: int) -> None:
+    """Detach one adapter from every layer (e.g. before pushing new weights)."""
+    for module in model.modules():
+        hook = getattr(module, "lora", None)
+        if isinstance(hook, LoraHook):
+            hook.deltas = [d for d in hook.deltas if d.adapter_id != adapter_id]
