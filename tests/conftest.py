@@ -69,3 +69,15 @@ def memgen_wide_ckpt_dir(tmp_path_factory, tokenizer, memgen_reasoner_dir, wide_
     return memgen_fixtures.build_memgen_checkpoint(tmp_path_factory.mktemp("memgen_wide"), tokenizer,
                                                    memgen_reasoner_dir, weaver_dir=wide_weaver_dir,
                                                    trigger_active=True, seed=2)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models run fastest (and immune to a busy machine's thread
+    oversubscription) on one intra-op thread; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

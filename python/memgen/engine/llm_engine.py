@@ -1,0 +1,121 @@
+"""The engine loop: requests in, one batched forward per step, sampled tokens
+out. `step()` = schedule -> prepare inputs -> forward -> logits for the rows
+that are due -> sample -> append / stop / free."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from memgen.config import EngineConfig
+from memgen.engine.block_manager import BlockManager
+from memgen.engine.model_runner import ModelRunner
+from memgen.engine.scheduler import Scheduler
+from memgen.engine.sequence import REASONER, Sequence
+from memgen.layers.sampler import Sampler, SamplingBatch
+from memgen.sampling_params import SamplingParams
+
+DEFAULT_CPU_KV_BUDGET_GB = 1.0
+DEFAULT_GPU_KV_FRACTION = 0.8     # of the free memory after loading the weights
+
+
+class LLMEngine:
+    def __init__(self, model_dir: Path, hf_config, config: EngineConfig, dtype: torch.dtype,
+                 device: torch.device, eos_token_ids: frozenset[int]):
+        self.config, self.dtype, self.device = config, dtype, device
+        self.hf_config = hf_config
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size)
+        num_blocks = self._num_kv_blocks()
+        self.model_runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler({"base": self.block_manager}, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self._num_requests = 0
+
+    def _num_kv_blocks(self) -> int:
+        cfg, runner = self.config, self.model_runner
+        per_block = runner.kv_bytes_per_block
+        one_seq = -(-self.max_model_len // cfg.block_size)
+        if cfg.num_kv_blocks is not None:
+            num_blocks, source = cfg.num_kv_blocks, f"num_kv_blocks={cfg.num_kv_blocks}"
+        elif cfg.kv_cache_memory_gb is not None:
+            num_blocks = int(cfg.kv_cache_memory_gb * 2**30) // per_block
+            source = f"kv_cache_memory_gb={cfg.kv_cache_memory_gb}"
+        else:
+            if self.device.type == "cuda":
+                budget = torch.cuda.mem_get_info(self.device)[0] * DEFAULT_GPU_KV_FRACTION
+            else:
+                budget = DEFAULT_CPU_KV_BUDGET_GB * 2**30
+            num_blocks = min(cfg.max_num_seqs * one_seq, max(one_seq, int(budget) // per_block))
+            source = "the default KV budget"
+        if num_blocks < one_seq:
+            raise ValueError(
+                f"the KV cache from {source} holds {num_blocks} blocks of {cfg.block_size} tokens, fewer than "
+                f"one sequence of max_model_len={self.max_model_len} needs ({one_seq}): raise num_kv_blocks / "
+                "kv_cache_memory_gb or lower max_model_len")
+        return num_blocks
+
+    # ---- requests -------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue a validated request (LLM.generate validates the whole batch first)."""
+        index = self._num_requests
+        self._num_requests += 1
+        generator = torch.Generator(device=self.device)
+        seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + index
+        generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------
+    def step(self) -> tuple[list[Sequence], int]:
+        """Run one batched forward. Returns the sequences that finished and the
+        number of tokens sampled in this step."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            if out.preempted:
+                return [], 0
+            raise RuntimeError("the scheduler found nothing to run although requests are waiting "
+                               f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
+        inp = self.model_runner.prepare(out.chunks)
+        hidden = self.model_runner.forward(inp)
+        due = [i for i, c in enumerate(out.chunks) if c.stream.name == REASONER and c.completes]
+        self.scheduler.postprocess(out)
+        if not due:
+            return [], 0
+        logits = self.model_runner.compute_logits(hidden[[inp.last_rows[i] for i in due]])
+        seqs = [out.chunks[i].seq for i in due]
+        sampled = self.sampler(logits, _sampling_batch(seqs))
+        return self._append(seqs, sampled.token_ids, sampled.logprobs), len(seqs)
+
+    def _append(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[Sequence]:
+        finished = []
+        for seq, token, lp in zip(seqs, token_ids, logprobs):
+            seq.append_token(token, lp)
+            reason = None
+            if token in seq.stop_token_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                seq.finish_time = time.perf_counter()
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+
+def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:
+    return SamplingBatch(
+        temperatures=[float(s.params.temperature) for s in seqs],
+        top_ks=[s.params.top_k for s in seqs],
+        top_ps=[float(s.params.top_p) for s in seqs],
+        generators=[s.generator for s in seqs],
+        num_logprobs=[-1 if s.params.logprobs is None else s.params.logprobs for s in seqs],
+    )

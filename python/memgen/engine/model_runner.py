@@ -1,0 +1,52 @@
+"""One model and its paged KV cache: loads the weights, allocates the cache,
+and runs a forward over a step's chunks. An engine may hold several (MemGen's
+weaver on another checkpoint gets its own runner and pool); none is global."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memgen.engine.input_batch import ModelInput, build_model_input
+from memgen.engine.scheduler import ScheduledChunk
+from memgen.layers.attention import TorchSDPABackend
+from memgen.layers.context import forward_context
+from memgen.models import DecoderForCausalLM, load_model
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, hf_config, dtype: torch.dtype, device: torch.device,
+                 max_position: int, block_size: int, attn_backend=None):
+        self.dtype, self.device, self.block_size = dtype, device, block_size
+        self.hf_config = hf_config
+        self.model: DecoderForCausalLM = load_model(model_dir, dtype, device, max_position, hf_config)
+        self.attn_backend = attn_backend or TorchSDPABackend()
+        self.num_kv_blocks = 0
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_kv_blocks = num_blocks
+        for layer in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.bind(k, v, self.attn_backend)
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> ModelInput:
+        return build_model_input(chunks, self.block_size, self.model.hidden_size, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, inp: ModelInput) -> torch.Tensor:
+        """Post-final-norm hidden states of every row, [N, H]."""
+        inp.context.attn_metadata = self.attn_backend.prepare(inp.context)
+        with forward_context(inp.context):
+            return self.model(inp.input_ids, inp.positions, inp.inputs_embeds, inp.is_token)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)

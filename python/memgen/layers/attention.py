@@ -1,0 +1,111 @@
+"""Paged attention: the `Attention` layer stores this forward's K/V into its
+paged cache and attends over each chunk's cached context, through a backend.
+
+A backend has two methods:
+  prepare(ctx)                       once per forward: index tensors, masks
+  forward(q, k, v, k_cache, v_cache, ctx, scale) -> out   per layer
+q: [N, Hq, D], k/v: [N, Hk, D] (rotated), caches: [num_blocks, block_size, Hk, D].
+`TorchSDPABackend` (here) gathers each chunk's blocks into a padded batch and
+runs torch SDPA; Triton / flash-attn backends plug in beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memgen.layers.context import ForwardContext, get_context
+
+
+@dataclass
+class SDPAMetadata:
+    kv_index: torch.Tensor            # [B * max_k] flat cache slots to gather (pads -> slot 0)
+    attn_mask: torch.Tensor | None    # [B, 1, max_q, max_k] bool, None when not needed
+    is_causal: bool                   # single chunk, pure prefill: SDPA's own causal mask
+    pad_index: torch.Tensor | None    # [N] row -> index in the padded [B * max_q] queries; None: identity
+    store_index: torch.Tensor | None  # rows whose K/V are stored (None: all rows)
+
+
+class TorchSDPABackend:
+    name = "torch-sdpa"
+
+    def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
+        # Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.
+        # Query i of chunk b sits at position context_lens[b] - q_lens[b] + i and sees
+        # keys j <= that position; padded queries (i >= q_len) see every valid key
+        # (never an all-masked row, which would give NaN) and are dropped afterwards.
+        device = ctx.slot_mapping.device
+        num_chunks, max_q, max_k, bs = ctx.num_chunks, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.block_size
+        q_lens = ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]
+        j = torch.arange(max_k, device=device)
+        blocks = ctx.block_tables.clamp(min=0).gather(1, (j // bs).expand(num_chunks, -1))
+        kv_index = (blocks * bs + j % bs).masked_fill(j >= ctx.context_lens[:, None], 0).view(-1)
+        pad_index = None
+        if max_q > 1:
+            rows = torch.arange(ctx.slot_mapping.shape[0], device=device)
+            chunk_of_row = torch.repeat_interleave(torch.arange(num_chunks, device=device), q_lens)
+            pad_index = chunk_of_row * max_q + rows - ctx.cu_seqlens_q[chunk_of_row]
+        attn_mask, is_causal = None, False
+        single_prefill = num_chunks == 1 and int(ctx.context_lens[0]) == max_q
+        if single_prefill and max_q > 1:
+            is_causal = True
+        elif not (num_chunks == 1 and max_q == 1):
+            i = torch.arange(max_q, device=device)
+            qpos = (ctx.context_lens - q_lens)[:, None] + i[None, :]            # [B, max_q]
+            qpos = torch.where(i[None, :] < q_lens[:, None], qpos, ctx.context_lens[:, None] - 1)
+            attn_mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)    # [B, 1, max_q, max_k]
+        store_index = None
+        if bool((ctx.slot_mapping < 0).any()):
+            store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
+        return SDPAMetadata(kv_index, attn_mask, is_causal, pad_index, store_index)
+
+    def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        meta: SDPAMetadata = ctx.attn_metadata
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = k.shape[1]
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        slots = ctx.slot_mapping
+        if meta.store_index is not None:
+            slots, k, v = slots[meta.store_index], k[meta.store_index], v[meta.store_index]
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v)
+
+        num_chunks, max_q, max_k = ctx.num_chunks, ctx.max_seqlen_q, ctx.max_seqlen_k
+        keys = k_flat.index_select(0, meta.kv_index).view(num_chunks, max_k, num_kv_heads, head_dim)
+        values = v_flat.index_select(0, meta.kv_index).view(num_chunks, max_k, num_kv_heads, head_dim)
+        if meta.pad_index is None:
+            queries = q.view(num_chunks, 1, num_heads, head_dim)
+        else:
+            queries = q.new_zeros(num_chunks * max_q, num_heads, head_dim)
+            queries.index_copy_(0, meta.pad_index, q)
+            queries = queries.view(num_chunks, max_q, num_heads, head_dim)
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=meta.attn_mask, is_causal=meta.is_causal, scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )                                                                    # [B, Hq, max_q, D]
+        out = out.transpose(1, 2).reshape(num_chunks * max_q, num_heads, head_dim)
+        return out if meta.pad_index is None else out.index_select(0, meta.pad_index)
+
+
+class Attention(nn.Module):
+    """Causal self-attention over the paged cache. The model runner binds the
+    cache tensors and the backend (`bind`) before the first forward."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.backend = None
+
+    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend) -> None:
+        self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.backend is None:
+            raise RuntimeError("attention has no KV cache bound: run the model through ModelRunner")
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_context(), self.scale)

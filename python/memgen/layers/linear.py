@@ -1,0 +1,58 @@
+"""Linear layers that load HF weights into packed matrices (QKV, gate-up) and
+carry an optional per-row LoRA hook.
+
+LoRA later: set `layer.lora = hook`, a callable `hook(x, y, layer) -> y` that
+adds `scale * (x @ A[a].T) @ B[a].T` to the rows of `y` whose adapter id
+(`get_context().adapter_ids`) is `a`, restricted to the output slice of the
+targeted sub-projection (`layer.output_slices["q"]`, `["v"]` for a packed QKV).
+With no hook, the forward is one `F.linear`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W: [out, in]. `output_sizes` names the packed parts."""
+
+    def __init__(self, in_features: int, output_sizes: dict[str, int] | int, bias: bool = False):
+        super().__init__()
+        if isinstance(output_sizes, int):
+            output_sizes = {"": output_sizes}
+        self.output_slices: dict[str, slice] = {}
+        start = 0
+        for name, size in output_sizes.items():
+            self.output_slices[name] = slice(start, start + size)
+            start += size
+        self.in_features, self.out_features = in_features, start
+        self.weight = nn.Parameter(torch.empty(start, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(start), requires_grad=False) if bias else None
+        self.lora: Callable[[torch.Tensor, torch.Tensor, "Linear"], torch.Tensor] | None = None
+
+    def load_part(self, name: str, tensor: torch.Tensor, is_bias: bool = False) -> None:
+        """Copy one HF sub-projection (e.g. 'k' of a packed QKV) into its slice."""
+        param = self.bias if is_bias else self.weight
+        if param is None:
+            raise ValueError(f"checkpoint has a bias for a projection built without one ({name!r})")
+        dst = param.data[self.output_slices[name]]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            y = self.lora(x, y, self)
+        return y
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up for a packed [.., 2*I] gate-up output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

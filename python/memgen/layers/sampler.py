@@ -1,0 +1,90 @@
+"""Token sampling for one step: greedy or temperature / top-k / top-p per row,
+each sampled row drawing from its own request's torch.Generator (so a seeded
+request samples the same tokens whatever else is in the batch), plus top-k
+log-probabilities of the raw model distribution (before temperature and
+truncation, as vLLM reports them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings for the rows that sample this step."""
+    temperatures: list[float]              # 0.0 -> greedy
+    top_ks: list[int]                      # <= 0 -> off
+    top_ps: list[float]                    # 1.0 -> off
+    generators: list[torch.Generator]
+    num_logprobs: list[int]                # -1 -> none, 0 -> the sampled token's only
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: {token: logprob} of the top-k plus the sampled token, or None
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, t in enumerate(batch.temperatures) if t > 0.0]
+        if random_rows:
+            tokens[random_rows] = self._sample(logits[random_rows], batch, random_rows)
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, token_ids, batch.num_logprobs))
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.Tensor:
+        device = logits.device
+        temps = torch.tensor([batch.temperatures[r] for r in rows], dtype=logits.dtype, device=device)
+        logits = logits / temps[:, None]
+        top_ks = [batch.top_ks[r] for r in rows]
+        top_ps = [batch.top_ps[r] for r in rows]
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            logits = _truncate(logits, top_ks, top_ps)
+        probs = torch.softmax(logits, dim=-1)
+        # exponential race (Gumbel-max in disguise): argmax(p / E), E ~ Exp(1) from the row's generator
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(rows):
+            noise[i].exponential_(generator=batch.generators[r])
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(logits, token_ids, num_logprobs) -> list[dict[int, float] | None]:
+        k = max(num_logprobs, default=-1)
+        if k < 0:
+            return [None] * len(token_ids)
+        logp = torch.log_softmax(logits, dim=-1)
+        top_vals, top_ids = logp.topk(k, dim=-1)
+        chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None]).squeeze(1).tolist()
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out: list[dict[int, float] | None] = []
+        for i, n in enumerate(num_logprobs):
+            if n < 0:
+                out.append(None)
+                continue
+            d = dict(zip(top_ids[i][:n], top_vals[i][:n]))
+            d[token_ids[i]] = chosen[i]
+            out.append(d)
+        return out
+
+
+def _truncate(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Mask tokens outside each row's top-k and top-p nucleus with -inf."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+    ranks = torch.arange(vocab, device=logits.device)
+    remove = ranks[None, :] >= ks[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    ps = torch.tensor([p if p < 1.0 else float("inf") for p in top_ps], dtype=logits.dtype, device=logits.device)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # drop a token when the mass strictly before it already reaches top_p (the first always stays)
+    remove = (probs.cumsum(dim=-1) - probs) >= ps[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

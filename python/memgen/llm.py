@@ -1,0 +1,244 @@
+"""The public offline API (API.md): `LLM(...).generate(prompts, params)` and
+`.chat(messages, params)`. Every request of a call is checked before any
+enters the engine; bad input raises ValueError / TypeError saying what would
+be right."""
+from __future__ import annotations
+
+import numbers
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from memgen.config import EngineConfig, resolve_device, resolve_dtype
+from memgen.engine.llm_engine import LLMEngine
+from memgen.engine.sequence import Sequence
+from memgen.outputs import RequestOutput
+from memgen.sampling_params import SamplingParams
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, memgen: str | os.PathLike | None = None,
+                 weaver_model: str | os.PathLike | None = None, trigger_model: str | os.PathLike | None = None,
+                 dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+                 reference_compat: bool = False, **engine_options):
+        if memgen is not None:
+            raise NotImplementedError(
+                "memgen=... (MemGen checkpoints) is not supported by this engine build yet; "
+                "pass memgen=None to run the plain LLM")
+        if weaver_model is not None or trigger_model is not None:
+            raise ValueError("weaver_model and trigger_model apply only to a MemGen checkpoint (memgen=...); "
+                             "leave them None for a plain LLM")
+        unknown = set(engine_options) - EngineConfig.field_names()
+        if unknown:
+            raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; engine options are "
+                            f"{sorted(EngineConfig.field_names())}")
+        config = EngineConfig(**engine_options)
+        config.validate()
+        self.reference_compat = bool(reference_compat)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+
+        from memgen.models import load_hf_config
+        from memgen.sources import resolve_model_dir
+
+        self.model_dir = Path(resolve_model_dir(model))
+        self.hf_config = load_hf_config(self.model_dir)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.vocab_size = int(self.hf_config.vocab_size)
+        max_positions = int(getattr(self.hf_config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
+        if config.max_model_len is None:
+            config.max_model_len = min(max_positions, DEFAULT_MAX_MODEL_LEN)
+        elif config.max_model_len > max_positions:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={max_positions}; use at most {max_positions}")
+        self.config = config
+        self.engine = LLMEngine(self.model_dir, self.hf_config, config, self.dtype, self.device,
+                                _eos_token_ids(self.tokenizer, self.hf_config))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # ---- public API -----------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: str | list[str] | list[int] | list[list[int]]; strings are raw text."""
+        token_lists = [self._to_token_ids(p, i) for i, p in enumerate(_as_prompt_list(prompts))]
+        params = self._check_params(sampling_params, len(token_lists))
+        for i, (ids, sp) in enumerate(zip(token_lists, params)):
+            self._check_request(ids, sp, i)
+        return self._run(token_lists, params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them,
+        rendered with the tokenizer's chat template."""
+        conversations = _as_conversation_list(messages)
+        token_lists = [self._apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm)
+
+    # ---- validation -----------------------------------------------------------
+    def _to_token_ids(self, prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompt {index} is an empty string: give at least one character")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+            if not ids:
+                raise ValueError(f"prompt {index} ({prompt!r}) tokenizes to no tokens")
+            return ids
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point:
+                raise TypeError(f"prompt {index} is a tensor of shape {tuple(prompt.shape)} and dtype {prompt.dtype}; "
+                                "token ids must be a 1-D integer tensor or a list of ints")
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError(f"prompt {index} is an empty token list: give at least one token id")
+            ids = []
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                    raise TypeError(f"prompt {index} holds {t!r} ({type(t).__name__}); token ids must be ints")
+                ids.append(int(t))
+            return ids
+        raise TypeError(f"prompt {index} is a {type(prompt).__name__}; a prompt must be a str or a list of "
+                        "token ids (ints)")
+
+    def _check_params(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * num_prompts
+        elif isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+            if len(params) != num_prompts:
+                raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts: "
+                                 "pass one SamplingParams, or a list with one per prompt")
+            for i, p in enumerate(params):
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling_params[{i}] is a {type(p).__name__}, expected SamplingParams")
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams, a list of them, or None; "
+                            f"got {type(sampling_params).__name__}")
+        for p in {id(p): p for p in params}.values():
+            p.validate()
+            for t in p.stop_token_ids or ():
+                if t >= self.vocab_size:
+                    raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self.vocab_size})")
+            if p.logprobs is not None and p.logprobs > self.vocab_size:
+                raise ValueError(f"logprobs={p.logprobs} exceeds the vocabulary size {self.vocab_size}")
+        return params
+
+    def _check_request(self, ids: list[int], params: SamplingParams, index: int) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt {index} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens, longer than max_model_len={self.max_model_len}; "
+                             "shorten it or raise max_model_len")
+
+    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.model_dir} has no chat template; use generate() with raw text")
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- the run --------------------------------------------------------------
+    def _run(self, token_lists: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        engine = self.engine
+        seqs = [engine.add_request(ids, p) for ids, p in zip(token_lists, params)]
+        bar = tqdm(total=len(seqs), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start, num_tokens, last_update = time.perf_counter(), 0, 0.0
+        try:
+            while engine.has_unfinished():
+                finished, n = engine.step()
+                num_tokens += n
+                now = time.perf_counter()
+                if finished or now - last_update > 0.5:
+                    bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
+                    bar.update(len(finished))
+                    last_update = now
+        finally:
+            bar.close()
+        return [self._output(s) for s in seqs]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
+            augmentation=[-100] * seq.num_output_tokens,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            metrics={
+                "time_to_first_token_s": seq.first_token_time - seq.arrival_time,
+                "total_s": seq.finish_time - seq.arrival_time,
+                "num_insertions": 0, "num_trigger_calls": 0, "num_latent_positions": 0,
+                "num_cached_prompt_tokens": seq.reasoner.num_cached_tokens if seq.num_preemptions == 0 else None,
+                "num_preemptions": seq.num_preemptions,
+            },
+        )
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        return [prompts] if prompts.dim() == 1 else list(prompts)
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a str, a list of str, a list of token ids or a list of such lists; "
+                        f"got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass a string, a list of token ids, or a non-empty list of them")
+    if all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompts):
+        return [list(prompts)]            # one prompt given as token ids
+    if any(isinstance(p, numbers.Integral) for p in prompts):
+        raise TypeError("prompts mixes token ids with other items: pass a list of ints (one prompt) "
+                        "or a list of prompts")
+    return list(prompts)
+
+
+def _as_conversation_list(messages) -> list[list[dict]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise (TypeError if not isinstance(messages, (list, tuple)) else ValueError)(
+            "messages must be a non-empty conversation (a list of {'role': ..., 'content': ...} dicts) "
+            "or a non-empty list of conversations")
+    conversations = [list(messages)] if isinstance(messages[0], dict) else list(messages)
+    for i, conv in enumerate(conversations):
+        if not isinstance(conv, (list, tuple)):
+            raise TypeError(f"conversation {i} is a {type(conv).__name__}; expected a list of message dicts")
+        if not conv:
+            raise ValueError(f"conversation {i} is empty: give at least one message")
+        for j, m in enumerate(conv):
+            if not isinstance(m, dict):
+                raise TypeError(f"conversation {i}, message {j} is a {type(m).__name__}; expected a dict "
+                                "with 'role' and 'content'")
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"conversation {i}, message {j} needs string 'role' and 'content' fields, "
+                                 f"got keys {sorted(m)}")
+    return conversations
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"no usable tokenizer in {model_dir}: {e}") from e
+
+
+def _eos_token_ids(tokenizer, hf_config) -> frozenset[int]:
+    """The tokenizer's eos id (the config's when the tokenizer has none)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])

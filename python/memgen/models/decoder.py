@@ -1,0 +1,151 @@
+"""One engine-native decoder for the Llama family as MemGen uses it: Qwen2 /
+Qwen2.5 (QKV bias), Qwen3 (per-head q/k RMSNorm), Llama / SmolLM2. Packed QKV
+and gate-up projections, GQA, RoPE, tied or separate LM head.
+
+forward(input_ids, positions, inputs_embeds=None, is_token=None) takes a flat
+batch of N rows (the chunks of the step, see layers.context) and returns the
+post-final-norm hidden states [N, H]; compute_logits(hidden) is separate, so
+callers that read hidden states (MemGen's weaver and trigger) skip the LM head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memgen.layers.attention import Attention
+from memgen.layers.linear import Linear, SiluAndMul
+from memgen.layers.norm import RMSNorm
+from memgen.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between the supported families."""
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    mlp_bias: bool
+
+
+def arch_spec(hf_config) -> ArchSpec:
+    model_type = hf_config.model_type
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    if model_type == "qwen2":
+        return ArchSpec(qkv_bias=True, o_bias=False, qk_norm=False, mlp_bias=False)
+    if model_type == "qwen3":
+        return ArchSpec(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True, mlp_bias=False)
+    if model_type == "llama":
+        return ArchSpec(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=False,
+                        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+    raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, hf_config, spec: ArchSpec):
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // self.num_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = Linear(hf_config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=spec.qkv_bias)
+        self.o_proj = Linear(q_size, hf_config.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = RotaryEmbedding.apply(q, k, cos, sin)
+        out = self.attn(q, k, v)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, hf_config, spec: ArchSpec):
+        super().__init__()
+        inter = hf_config.intermediate_size
+        self.gate_up_proj = Linear(hf_config.hidden_size, {"gate": inter, "up": inter}, bias=spec.mlp_bias)
+        self.down_proj = Linear(inter, hf_config.hidden_size, bias=spec.mlp_bias)
+        self.act = SiluAndMul()
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported (only 'silu')")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_config, spec: ArchSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.self_attn = DecoderAttention(hf_config, spec)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.mlp = DecoderMLP(hf_config, spec)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, hf_config, spec: ArchSpec, max_position: int, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(hf_config, spec) for _ in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        head_dim = self.layers[0].self_attn.head_dim
+        self.rotary = RotaryEmbedding(hf_config, head_dim, max_position, dtype)
+
+
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, hf_config, max_position: int, dtype: torch.dtype):
+        super().__init__()
+        self.config = hf_config
+        self.spec = arch_spec(hf_config)
+        self.model = DecoderModel(hf_config, self.spec, max_position, dtype)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else Linear(hf_config.hidden_size, hf_config.vocab_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def embed_inputs(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                     is_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows with is_token take the token embedding, the others inputs_embeds."""
+        if inputs_embeds is None:
+            return self.model.embed_tokens(input_ids)
+        if is_token is None:
+            return inputs_embeds
+        h = self.model.embed_tokens(input_ids.clamp(min=0))
+        return torch.where(is_token[:, None], h, inputs_embeds.to(h.dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                is_token: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed_inputs(input_ids, inputs_embeds, is_token)
+        cos, sin = self.model.rotary.lookup(positions)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)

@@ -1,0 +1,17 @@
+"""What `LLM.generate` returns: one RequestOutput per prompt, in prompt order."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]                 # generated ids, up to and including EOS when emitted
+    text: str                            # decoded generation, special tokens skipped
+    augmentation: list[int]              # per generated token: -100 / 0 / 1 (all -100 for a plain LLM)
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str                   # "stop" | "length"
+    metrics: dict = field(default_factory=dict)
+    # time_to_first_token_s, total_s, num_insertions, num_trigger_calls, num_latent_positions,
+    # num_cached_prompt_tokens, num_preemptions
