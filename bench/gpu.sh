@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# On a CUDA machine: run the kernel tests natively (TRITON_INTERPRET=0), time each
+# kernel against its torch reference and the bandwidth floor, and (below, to be
+# added) the end-to-end engine benchmarks. Results: bench/results/*.json, named
+# after the device. Usage: bash bench/gpu.sh [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+QUICK=${1:-}
+
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu.sh: no CUDA device visible to torch; on CPU run 'pytest -m kernels' instead" >&2; exit 1; }
+# the package must import; the GPU image has no network, so install offline when needed
+$PY -c "import memgen.kernels" 2>/dev/null \
+  || $PY -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "gpu.sh: cannot import or install memgen" >&2; exit 1; }
+
+export TRITON_INTERPRET=0      # tests/conftest.py defaults it to 1 when unset
+export PYTHONUNBUFFERED=1
+mkdir -p bench/results
+SLUG=$($PY -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name(0)).strip('_').lower())")
+
+# 1. kernel tests, natively on the GPU (summary -> bench/results/kernel_tests_<device>.json)
+JUNIT=$(mktemp --suffix=.xml)
+set +e
+$PY -m pytest -m kernels tests/test_kernels.py -q -p no:cacheprovider --junitxml="$JUNIT"
+TESTS_RC=$?
+set -e
+$PY - "$SLUG" "$TESTS_RC" "$JUNIT" <<'PYEOF'
+import json, sys, torch, triton, xml.etree.ElementTree as ET
+slug, rc, junit = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+suite = ET.parse(junit).getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+summary = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+               exit_code=rc, **summary, failed=failed),
+          open(f"bench/results/kernel_tests_{slug}.json", "w"), indent=2)
+print(f"kernel tests on {torch.cuda.get_device_name(0)}: {summary}, failed: {failed}")
+PYEOF
+
+# 2. kernel microbenchmarks (writes bench/results/kernels_<device>.json)
+$PY bench/bench_kernels.py ${QUICK:+--quick}
+
+# ---------------------------------------------------------------------------
+# 3. END-TO-END ENGINE BENCHMARKS: add them here (engine owners).
+#    Random-weight models with real shapes (Qwen2.5-1.5B's config), decode time
+#    per output token vs the bandwidth floor, MemGen vs plain LLM; write
+#    bench/results/<name>_${SLUG}.json.
+# ---------------------------------------------------------------------------
+
+exit $TESTS_RC
