@@ -180,7 +180,7 @@ class LLM:
                 "time_to_first_token_s": seq.first_token_time - seq.arrival_time,
                 "total_s": seq.finish_time - seq.arrival_time,
                 "num_insertions": 0, "num_trigger_calls": 0, "num_latent_positions": 0,
-                "num_cached_prompt_tokens": seq.reasoner.num_cached_tokens if seq.num_preemptions == 0 else None,
+                "num_cached_prompt_tokens": seq.num_cached_prompt_tokens,
                 "num_preemptions": seq.num_preemptions,
             },
         )

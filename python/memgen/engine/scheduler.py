@@ -131,6 +131,8 @@ class Scheduler:
             manager = self.block_managers[stream.pool]
             manager.allocate(stream, n, hits)
             manager.record_admission(stream)
+            if seq.num_preemptions == 0 and stream is seq.reasoner:
+                seq.num_cached_prompt_tokens = stream.num_cached_tokens
             chunks.append(ScheduledChunk(seq, stream, stream.num_computed_tokens, n))
         return chunks
 

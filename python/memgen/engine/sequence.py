@@ -89,6 +89,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, list(prompt_token_ids))}
         self.num_preemptions = 0
+        self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None

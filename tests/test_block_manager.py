@@ -1,0 +1,104 @@
+"""Block pool bookkeeping: reference counts, prefix hits through chained
+hashes, the collision check, and least-recently-freed eviction."""
+import pytest
+
+from memgen.engine.block_manager import BlockManager
+from memgen.engine.sequence import Stream
+
+
+def _computed(manager: BlockManager, tokens: list[int], salt=None) -> Stream:
+    """A stream whose positions are all allocated, computed and registered."""
+    stream = Stream("R", list(tokens), cache_salt=salt)
+    manager.allocate(stream, len(tokens))
+    stream.num_computed_tokens = len(tokens)
+    manager.cache_full_blocks(stream)
+    return stream
+
+
+def test_allocate_and_free_return_every_block():
+    m = BlockManager(8, 4)
+    s = Stream("R", list(range(10)))
+    assert m.can_allocate(s, 10)
+    m.allocate(s, 10)
+    assert len(s.block_table) == 3 and m.num_free_blocks == 5
+    s.num_computed_tokens = 10
+    s.token_ids.append(99)
+    m.allocate(s, 1)                       # position 10 still fits in block 3
+    assert len(s.block_table) == 3
+    m.free(s)
+    assert m.num_free_blocks == 8 and s.block_table == [] and s.num_computed_tokens == 0
+    assert all(b.ref_count == 0 for b in m.blocks)
+
+
+def test_prefix_hits_share_blocks_and_leave_the_last_position():
+    m = BlockManager(16, 4)
+    a = _computed(m, list(range(12)))
+    b = Stream("R", list(range(12)))        # same 12 tokens: 3 full blocks, but the last must be computed
+    hits = m.find_cached_prefix(b)
+    assert hits == a.block_table[:2]
+    m.allocate(b, 12 - 8, hits)
+    assert b.num_computed_tokens == b.num_cached_tokens == 8
+    assert [m.blocks[i].ref_count for i in hits] == [2, 2]
+    c = Stream("R", list(range(8)) + [50, 51, 52, 53, 54])
+    assert m.find_cached_prefix(c) == a.block_table[:2]
+    d = Stream("R", [0, 1, 2, 3, 9, 9, 9, 9, 9])     # diverges in block 1: only block 0 hits
+    assert m.find_cached_prefix(d) == a.block_table[:1]
+    e = Stream("R", list(range(12)), cache_salt="adapter-1")   # another stream kind: no hits
+    assert m.find_cached_prefix(e) == []
+
+
+def test_collision_check_rejects_a_block_with_other_contents(monkeypatch):
+    m = BlockManager(8, 4)
+    a = _computed(m, [1, 2, 3, 4, 5])
+    block = m.blocks[a.block_table[0]]
+    # forge a collision: the registered key no longer matches what the hash claims
+    block.key = (None, (7, 7, 7, 7), None)
+    assert m.find_cached_prefix(Stream("R", [1, 2, 3, 4, 5])) == []
+
+
+def test_freed_blocks_keep_serving_hits_until_reused():
+    m = BlockManager(4, 4)
+    a = _computed(m, list(range(9)))       # 3 blocks, 2 full and registered
+    kept = a.block_table[:2]
+    m.free(a)
+    assert m.num_free_blocks == 4
+    b = Stream("R", list(range(9)))
+    hits = m.find_cached_prefix(b)
+    assert hits == kept
+    assert m.num_free_blocks_needed(b, 1, hits) == 3   # 2 revived + 1 fresh
+    m.allocate(b, 1, hits)
+    assert m.num_free_blocks == 1
+    m.free(b)
+    # filling the whole pool with other tokens evicts the registrations
+    c = _computed(m, [100 + i for i in range(16)])
+    assert m.find_cached_prefix(Stream("R", list(range(9)))) == []
+    m.free(c)
+    assert m.num_free_blocks == 4
+
+
+def test_embedding_positions_key_the_cache_by_their_values():
+    import torch
+
+    m = BlockManager(8, 4)
+    a = Stream("R", [1, 2])
+    a.append_embeds(torch.ones(2, 3))
+    a.token_ids += [5, 6]
+    m.allocate(a, 6)
+    a.num_computed_tokens = 6
+    m.cache_full_blocks(a)
+    same = Stream("R", [1, 2])
+    same.append_embeds(torch.ones(2, 3))
+    same.token_ids += [5, 6]
+    other = Stream("R", [1, 2])
+    other.append_embeds(torch.zeros(2, 3))
+    other.token_ids += [5, 6]
+    assert m.find_cached_prefix(same) == a.block_table[:1]
+    assert m.find_cached_prefix(other) == []
+
+
+def test_out_of_blocks_is_refused_not_overrun():
+    m = BlockManager(2, 4)
+    s = Stream("R", list(range(9)))
+    assert not m.can_allocate(s, 9)
+    with pytest.raises(RuntimeError):
+        m.allocate(s, 9)
