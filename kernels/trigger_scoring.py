@@ -94,12 +94,11 @@ def _trigger_kernel(
     token = tl.load(last_token_ptr + row).to(tl.int64)
     if token < 0:  # padded row
         return
-    consulted = tl.load(is_prompt_ptr + row) != 0
-    if not consulted:
-        delim = tl.load(is_delim_ptr + token) != 0
-        under_budget = tl.load(count_ptr + row).to(tl.int64) < tl.load(budget_ptr + row).to(tl.int64)
-        consulted = delim & under_budget
-    if not consulted:
+    prompt = tl.load(is_prompt_ptr + row) != 0
+    delim = tl.load(is_delim_ptr + token) != 0
+    under_budget = tl.load(count_ptr + row).to(tl.int64) < tl.load(budget_ptr + row).to(tl.int64)
+    consulted = prompt | (delim & under_budget)
+    if consulted == 0:
         tl.store(out_ptr + row, -100)
         return
     # the 2-way head: two dot products of length `width`, fp32

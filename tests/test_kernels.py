@@ -7,6 +7,11 @@ the same file natively on a CUDA device with TRITON_INTERPRET=0.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -426,3 +431,59 @@ def test_fold_query_latents_equals_the_reference_modules():
                                    norm(latents) * scale, rtol=0, atol=0)
     with pytest.raises(ValueError, match="LayerNorm"):
         fold_query_latents(latents, norm.weight[:4], norm.bias, scale)
+
+
+# ------------------------------------------------------------------ the GPU path compiles
+COMPILE_FOR_SM90 = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from memgen.kernels import kv_store, latent_injection, lora, paged_attention as pa, trigger_scoring
+
+    def compile_kernel(fn, pointers, constexprs):
+        signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+        triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+    def attention(p, upcast, decode, split):
+        compile_kernel(pa._paged_attn_kernel, dict(
+            q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, out_ptr=p, block_tables_ptr="*i32", context_lens_ptr="*i32",
+            cu_seqlens_q_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32", scale_log2="fp32"),
+            dict(HEAD_DIM=128, BLOCK_D=128, GROUP=6, QPP=1 if decode else 10, BLOCK_R=16 if decode else 64,
+                 BLOCK_N=32, IS_DECODE=decode, SPLIT=split, UPCAST=upcast))
+
+    def lora_kernels(p, upcast):
+        compile_kernel(lora._lora_shrink_kernel, dict(x_ptr=p, a_ptr=p, scaling_ptr="*fp32", out_ptr="*fp32",
+                       sorted_rows_ptr="*i64", group_starts_ptr="*i64"),
+                       dict(BLOCK_M=16, BLOCK_K=64, BLOCK_R=16, UPCAST=upcast))
+        compile_kernel(lora._lora_expand_kernel, dict(t_ptr="*fp32", b_ptr=p, y_ptr=p, sorted_rows_ptr="*i64",
+                       group_starts_ptr="*i64"), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, UPCAST=upcast))
+
+    p = "*bf16"
+    compile_kernel(kv_store._store_kvcache_kernel, dict(key_ptr=p, value_ptr=p, k_cache_ptr=p, v_cache_ptr=p,
+                   slot_mapping_ptr="*i64"), dict(ROW=256, BLOCK=256))
+    for decode, split in [(False, False), (True, False), (True, True)]:
+        attention(p, False, decode, split)
+    attention("*fp32", True, True, True)                      # the fp32 path: input_precision="ieee"
+    compile_kernel(pa._reduce_splits_kernel, dict(out_ptr=p, part_acc_ptr="*fp32", part_m_ptr="*fp32",
+                   part_l_ptr="*fp32", context_lens_ptr="*i32"), dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16))
+    compile_kernel(latent_injection._inject_latents_kernel, dict(token_ids_ptr="*i64", latent_index_ptr="*i64",
+                   embed_ptr=p, latents_ptr="*fp32", out_ptr=p), dict(BLOCK=2048))
+    compile_kernel(trigger_scoring._trigger_kernel, dict(hidden_ptr=p, weight_ptr=p, bias_ptr=p,
+                   last_token_ptr="*i64", is_delim_ptr="*u8", count_ptr="*i32", budget_ptr="*i64", is_prompt_ptr="*u8",
+                   temperature_ptr="*fp32", uniforms_ptr="*fp32", out_ptr="*i64", logits_ptr="*fp32"),
+                   dict(BLOCK=1024, WRITE_LOGITS=True))
+    lora_kernels(p, False)
+    lora_kernels("*fp32", True)
+    print("compiled")
+""")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels run natively above")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Triton compiles every kernel to a Hopper cubin here (no device needed): catches
+    what the interpreter lets through (types, dot shapes, control flow)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
