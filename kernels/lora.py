@@ -112,6 +112,14 @@ def add_lora_ref(y, x, lora_a, lora_b, scaling, adapter_ids, meta: LoraMeta | No
 
 # ----------------------------------------------------------------------------- triton
 @triton.jit
+def _adapter_rows(sorted_rows_ptr, group_starts_ptr, adapter, m_block, BLOCK_M: tl.constexpr):
+    """Rows m_block * BLOCK_M ... of `adapter`'s group (see LoraMeta), and which exist."""
+    idx = tl.load(group_starts_ptr + adapter) + m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = idx < tl.load(group_starts_ptr + adapter + 1)
+    return tl.load(sorted_rows_ptr + idx, mask=row_ok, other=0), row_ok
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, scaling_ptr, out_ptr, sorted_rows_ptr, group_starts_ptr,
     stride_x, stride_a0, stride_a1, stride_out,
@@ -120,13 +128,9 @@ def _lora_shrink_kernel(
 ):
     m_block = tl.program_id(0)
     adapter = tl.program_id(1)
-    first = tl.load(group_starts_ptr + adapter) + m_block * BLOCK_M
-    end = tl.load(group_starts_ptr + adapter + 1)
-    if first >= end:
+    rows, row_ok = _adapter_rows(sorted_rows_ptr, group_starts_ptr, adapter, m_block, BLOCK_M)
+    if tl.max(row_ok.to(tl.int32), 0) == 0:  # this adapter has fewer rows
         return
-    idx = first + tl.arange(0, BLOCK_M)
-    row_ok = idx < end
-    rows = tl.load(sorted_rows_ptr + idx, mask=row_ok, other=0)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
     a_base = a_ptr + adapter.to(tl.int64) * stride_a0
@@ -156,13 +160,9 @@ def _lora_expand_kernel(
     m_block = tl.program_id(0)
     n_block = tl.program_id(1)
     adapter = tl.program_id(2)
-    first = tl.load(group_starts_ptr + adapter) + m_block * BLOCK_M
-    end = tl.load(group_starts_ptr + adapter + 1)
-    if first >= end:
+    rows, row_ok = _adapter_rows(sorted_rows_ptr, group_starts_ptr, adapter, m_block, BLOCK_M)
+    if tl.max(row_ok.to(tl.int32), 0) == 0:  # this adapter has fewer rows
         return
-    idx = first + tl.arange(0, BLOCK_M)
-    row_ok = idx < end
-    rows = tl.load(sorted_rows_ptr + idx, mask=row_ok, other=0)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
