@@ -5,10 +5,11 @@ a torch reference with the same signature.
 Words are vLLM's / flash-attn's:
 - q `[num_tokens, num_heads, head_dim]` (flat tokens of all sequences),
 - k_cache / v_cache `[num_blocks, block_size, num_kv_heads, head_dim]`,
-- block_tables `[num_seqs, max_blocks]` int32 (-1 = unused entry),
-- context_lens `[num_seqs]` int32: the sequence's number of cached positions, the
+- block_tables `[num_seqs, max_blocks]` (-1 = unused entry),
+- context_lens `[num_seqs]`: the sequence's number of cached positions, the
   current chunk included (its K/V must be stored first, see kv_store),
-- cu_seqlens_q `[num_seqs + 1]` int32: sequence b's queries are q[cu[b]:cu[b+1]].
+- cu_seqlens_q `[num_seqs + 1]`: sequence b's queries are q[cu[b]:cu[b+1]];
+  the three index tensors int32 (flash-attn) or int64 (the engine's context).
 
 Running example (prefill with a cached prefix): a sequence with context_lens = 10
 and a 3-token chunk has queries at absolute positions 7, 8, 9 (the chunk sits at
@@ -32,6 +33,7 @@ _LOG2E = 1.4426950408889634
 _BLOCK_N = 32           # keys per inner tile (independent of the cache block size)
 _PREFILL_ROWS = 64      # query rows (queries x heads of one KV group) per prefill program
 _MIN_DOT = 16           # tl.dot on a GPU wants every dimension >= 16
+_INDEX = (torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -42,9 +44,9 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens, out):
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=_INDEX)
     num_seqs = block_tables.shape[0]
-    check_tensor("context_lens", context_lens, ndim=1, dtypes=(torch.int32,), shape=(num_seqs,))
+    check_tensor("context_lens", context_lens, ndim=1, dtypes=_INDEX, shape=(num_seqs,))
     if out is not None:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), shape=tuple(q.shape))
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
@@ -53,7 +55,7 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens, out):
 
 def _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out):
     _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,),
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=_INDEX,
                  shape=(block_tables.shape[0] + 1,))
     check_same_device(q=q, cu_seqlens_q=cu_seqlens_q)
 

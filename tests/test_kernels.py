@@ -114,7 +114,7 @@ def test_store_kvcache_validation():
 
 # ------------------------------------------------------------------ paged attention
 def make_paged_batch(context_lens, query_lens, num_kv_heads, group, head_dim, block_size, dtype,
-                     extra_query_rows=0):
+                     extra_query_rows=0, index_dtype=torch.int32):
     """Random paged K/V for a batch: block tables point at shuffled cache blocks, -1 padded."""
     num_seqs = len(context_lens)
     max_blocks = max(1, max(-(-c // block_size) for c in context_lens)) + 1   # one spare -1 column
@@ -132,7 +132,7 @@ def make_paged_batch(context_lens, query_lens, num_kv_heads, group, head_dim, bl
     cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     q = randn(cu[-1] + extra_query_rows, num_kv_heads * group, head_dim, dtype=dtype)
     context = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
-    return q, k_cache, v_cache, block_tables, context, cu_seqlens_q
+    return q, k_cache, v_cache, block_tables.to(index_dtype), context.to(index_dtype), cu_seqlens_q.to(index_dtype)
 
 
 # (context_lens, query_lens): whole prompts, chunks at the end of a cached prefix, an empty
@@ -193,8 +193,10 @@ def test_paged_decode_attention(dtype, group, block_size, partition_size):
     assert got[1].isnan().all()  # context 0: untouched
 
 
-def test_decode_equals_prefill_of_one_token():
-    q, k_cache, v_cache, block_tables, context, cu = make_paged_batch([13, 40], [1, 1], 1, 3, 16, 8, torch.float32)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=dtype_id)
+def test_decode_equals_prefill_of_one_token(index_dtype):
+    q, k_cache, v_cache, block_tables, context, cu = make_paged_batch([13, 40], [1, 1], 1, 3, 16, 8, torch.float32,
+                                                                      index_dtype=index_dtype)
     a = paged_decode_attention(q, k_cache, v_cache, block_tables, context, 0.5, partition_size=16)
     b = paged_prefill_attention(q, k_cache, v_cache, cu, context, block_tables, 0.5)
     torch.testing.assert_close(a, b, **TOL[torch.float32])
@@ -207,7 +209,7 @@ def test_paged_attention_validation():
     with pytest.raises(ValueError, match="k_cache"):
         paged_decode_attention(q, k_cache.half(), v_cache, block_tables, context, 1.0)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_decode_attention(q, k_cache, v_cache, block_tables.long(), context, 1.0)
+        paged_decode_attention(q, k_cache, v_cache, block_tables.float(), context, 1.0)
     with pytest.raises(ValueError, match="context_lens"):
         paged_decode_attention(q, k_cache, v_cache, block_tables, context[:1], 1.0)
     with pytest.raises(ValueError, match="one query per sequence"):
@@ -444,10 +446,10 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
         signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
         triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 
-    def attention(p, upcast, decode, split):
+    def attention(p, upcast, decode, split, index="*i32"):
         compile_kernel(pa._paged_attn_kernel, dict(
-            q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, out_ptr=p, block_tables_ptr="*i32", context_lens_ptr="*i32",
-            cu_seqlens_q_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32", scale_log2="fp32"),
+            q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, out_ptr=p, block_tables_ptr=index, context_lens_ptr=index,
+            cu_seqlens_q_ptr=index, part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32", scale_log2="fp32"),
             dict(HEAD_DIM=128, BLOCK_D=128, GROUP=6, QPP=1 if decode else 10, BLOCK_R=16 if decode else 64,
                  BLOCK_N=32, IS_DECODE=decode, SPLIT=split, UPCAST=upcast))
 
@@ -464,6 +466,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
     for decode, split in [(False, False), (True, False), (True, True)]:
         attention(p, False, decode, split)
     attention("*fp32", True, True, True)                      # the fp32 path: input_precision="ieee"
+    attention(p, False, False, False, index="*i64")           # the engine's int64 metadata
     compile_kernel(pa._reduce_splits_kernel, dict(out_ptr=p, part_acc_ptr="*fp32", part_m_ptr="*fp32",
                    part_l_ptr="*fp32", context_lens_ptr="*i32"), dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16))
     compile_kernel(latent_injection._inject_latents_kernel, dict(token_ids_ptr="*i64", latent_index_ptr="*i64",
