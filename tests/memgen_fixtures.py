@@ -14,9 +14,9 @@ import torch
 LORA_CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
                "bias": "none", "task_type": "CAUSAL_LM"}
 
-PROMPTS = [
+PROMPTS = [  # three lengths; with the fixtures' models they give insertions, skips and early EOS
+    "Solve the math problem, and put the answer in a box.",
     "What is 12 plus 30?",
-    "Write one short sentence about the quick brown fox, then check the result.",
     "Hello",
 ]
 
@@ -31,7 +31,7 @@ def encode_prompts(tokenizer, prompts: list[str] = PROMPTS) -> tuple[torch.Tenso
 
 
 def build_memgen_reasoner(save_dir, tokenizer, hidden_size: int = 64, seed: int = 0,
-                          delimiter_factor: float = 2.0, eos_factor: float = 2.0) -> Path:
+                          delimiter_factor: float = 2.0, eos_factor: float = 1.5) -> Path:
     """A tiny qwen2 (fixtures.build_tiny_model) that emits delimiters often and
     EOS now and then, so generation tests see insertions and early stops."""
     import fixtures
@@ -50,33 +50,46 @@ def _config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
-def _calibrate_trigger_bias(ckpt, tokenizer, reasoner_dir, weaver_dir, trigger_dir) -> None:
-    """Set the trigger head's bias so that, over the delimiter positions of real
-    greedy runs, about half of the decisions invoke and half skip."""
-    import dataclasses
+def _decision_logit_gaps(model, tokenizer, prompts) -> torch.Tensor:
+    """logit1 - logit0 of the trigger head without its bias, at every position of
+    a greedy run where the trigger would be consulted (prompt end, delimiters)."""
+    from memgen.hf import positions_from_mask
 
-    from memgen.hf import HFMemGenModel
-
-    inactive = dataclasses.replace(ckpt, settings=dataclasses.replace(ckpt.settings, trigger_active=False))
-    model = HFMemGenModel.from_checkpoint(inactive, reasoner_dir, weaver_dir, trigger_dir, dtype=torch.float64)
-    ids, mask = encode_prompts(tokenizer)
+    ids, mask = encode_prompts(tokenizer, prompts)
     out, _ = model.generate(ids, mask, max_new_tokens=24)
     pad = tokenizer.pad_token_id
     t_mask = (out != pad).long()
-    from memgen.hf import positions_from_mask
-
     with torch.no_grad():
         hidden = model.trigger(input_ids=out, attention_mask=t_mask, position_ids=positions_from_mask(t_mask),
                                output_hidden_states=True).hidden_states[-1]
-        w = model.trigger_head.weight.double()
-        diff = hidden @ (w[1] - w[0])  # [B, L] logit1 - logit0 without bias
+        w = model.trigger_head.weight
+        gap = hidden @ (w[1] - w[0])  # [B, L]
     picks = []
     for b in range(out.shape[0]):
         for j in range(ids.shape[1] - 1, out.shape[1]):
             if out[b, j] != pad and model.ends_with_delimiter(out[b : b + 1, : j + 1])[0]:
-                picks.append(diff[b, j])
-    median = torch.stack(picks).median().float()
-    ckpt.trigger_head["bias"] = torch.stack([median / 2, -median / 2]).to(ckpt.trigger_head["bias"].dtype)
+                picks.append(gap[b, j])
+    return torch.stack(picks)
+
+
+def _calibrate_trigger_bias(ckpt, tokenizer, reasoner_dir, weaver_dir, trigger_dir, prompts=PROMPTS) -> None:
+    """Set the trigger head's bias so that about half of the decisions of real
+    greedy runs invoke and half skip: centre the bias-free logit gap on its
+    median over the decision points of an inactive-trigger run, then once more
+    over those of a run with the calibrated active trigger."""
+    import dataclasses
+
+    from memgen.hf import HFMemGenModel
+
+    model = HFMemGenModel.from_checkpoint(ckpt, reasoner_dir, weaver_dir, trigger_dir, dtype=torch.float64)
+    gaps = []
+    for active in (False, True):
+        model.settings = dataclasses.replace(model.settings, trigger_active=active)
+        gaps.append(_decision_logit_gaps(model, tokenizer, prompts))
+        median = torch.cat(gaps).median()
+        with torch.no_grad():
+            model.trigger_head.bias.copy_(torch.stack([median / 2, -median / 2]))
+    ckpt.trigger_head["bias"] = model.trigger_head.bias.detach().to(ckpt.trigger_head["bias"].dtype).clone()
 
 
 def build_memgen_checkpoint(save_dir, tokenizer, reasoner_dir, weaver_dir=None, trigger_dir=None,

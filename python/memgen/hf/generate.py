@@ -56,10 +56,9 @@ def _tail(model, embeds: Tensor, mask: Tensor, max_new_tokens: int, temperature:
 
     tok = model.tokenizer
     sample = bool(do_sample and temperature != 0)
-    extra = {"temperature": float(temperature)} if sample else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, top_k=0, top_p=1.0,
-                              repetition_penalty=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              use_cache=True, **extra)
+    extra = {"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if sample else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, repetition_penalty=1.0,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **extra)
     return model.reasoner.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 
 
