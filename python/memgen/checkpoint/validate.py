@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from .schema import LINEAR_KEYS, MemGenCheckpoint
+from .schema import MemGenCheckpoint
 
 _COUNTS = ("prompt_latents_len", "inference_latents_len", "max_prompt_aug_num", "max_inference_aug_num")
 
@@ -164,4 +164,4 @@ def validate(ckpt: MemGenCheckpoint, reasoner_config=None, weaver_config=None, t
         raise ValueError("invalid MemGen checkpoint:\n  - " + "\n  - ".join(errors))
 
 
-__all__ = ["validate", "base_linear_shapes", "matches_target", "LINEAR_KEYS"]
+__all__ = ["validate", "base_linear_shapes", "matches_target"]
