@@ -23,13 +23,13 @@ def _hf_model(model_dir):
                                                 attn_implementation="sdpa").eval()
 
 
-def test_greedy_parity_with_hf(tiny_model_dir, tokenizer):
+def test_greedy_parity_with_hf(tiny_model_dir):
     llm = LLM(tiny_model_dir, dtype="float64")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     hf = _hf_model(tiny_model_dir)
     for prompt, out in zip(PROMPTS, outs):
-        ids = tokenizer(prompt)["input_ids"]
+        ids = llm.tokenizer(prompt)["input_ids"]
         assert out.prompt_token_ids == ids
         with torch.no_grad():
             gen = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
@@ -46,10 +46,10 @@ def test_greedy_parity_with_hf(tiny_model_dir, tokenizer):
         assert out.finish_reason == "length"
 
 
-def test_stops_at_eos_like_hf(qwen2_dir, tokenizer):
+def test_stops_at_eos_like_hf(qwen2_dir):
     """Without ignore_eos a row stops at the tokenizer's eos, which it includes."""
     llm = LLM(qwen2_dir, dtype="float64")
-    eos = tokenizer.eos_token_id
+    eos = llm.tokenizer.eos_token_id
     # make eos the argmax after the prompt by asking the model what it would say, then stopping on it
     probe = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
                          use_tqdm=False)[0]

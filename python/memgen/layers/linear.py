@@ -29,7 +29,9 @@ class Linear(nn.Module):
             self.output_slices[name] = slice(start, start + size)
             start += size
         self.in_features, self.out_features = in_features, start
-        self.weight = nn.Parameter(torch.empty(start, in_features), requires_grad=False)
+        # [out, in] like HF, stored transposed ([in, out] contiguous): F.linear then multiplies by a
+        # plain row-major matrix, which MKL runs up to 2x faster for the few-row GEMMs of decode steps
+        self.weight = nn.Parameter(torch.empty(in_features, start).t(), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(start), requires_grad=False) if bias else None
         self.lora: Callable[[torch.Tensor, torch.Tensor, "Linear"], torch.Tensor] | None = None
 
