@@ -13,6 +13,7 @@ import torch
 
 from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.llm_engine import LLMEngine
+from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.engine.sequence import Sequence
 from memgen.outputs import RequestOutput
 from memgen.sampling_params import SamplingParams
@@ -25,11 +26,7 @@ class LLM:
                  weaver_model: str | os.PathLike | None = None, trigger_model: str | os.PathLike | None = None,
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                  reference_compat: bool = False, **engine_options):
-        if memgen is not None:
-            raise NotImplementedError(
-                "memgen=... (MemGen checkpoints) is not supported by this engine build yet; "
-                "pass memgen=None to run the plain LLM")
-        if weaver_model is not None or trigger_model is not None:
+        if memgen is None and (weaver_model is not None or trigger_model is not None):
             raise ValueError("weaver_model and trigger_model apply only to a MemGen checkpoint (memgen=...); "
                              "leave them None for a plain LLM")
         unknown = set(engine_options) - EngineConfig.field_names()
@@ -56,8 +53,39 @@ class LLM:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}; use at most {max_positions}")
         self.config = config
+        self.memgen = None if memgen is None else self._load_memgen(memgen, weaver_model, trigger_model)
         self.engine = LLMEngine(self.model_dir, self.hf_config, config, self.dtype, self.device,
-                                _eos_token_ids(self.tokenizer, self.hf_config))
+                                _eos_token_ids(self.tokenizer, self.hf_config), memgen=self.memgen)
+
+    def _load_memgen(self, memgen, weaver_model, trigger_model) -> MemGenSetup:
+        """A checkpoint directory (either layout) or a MemGenCheckpoint; bases
+        default to the ones the checkpoint records, else the reasoner."""
+        from memgen.checkpoint import MemGenCheckpoint, drop_lora, load_checkpoint
+        from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
+        from memgen.models import load_hf_config
+        from memgen.sources import resolve_model_dir
+
+        if isinstance(memgen, MemGenCheckpoint):
+            ckpt = drop_lora(memgen) if self.reference_compat else memgen
+        elif isinstance(memgen, (str, os.PathLike)):
+            ckpt = load_checkpoint(memgen, reference_compat=self.reference_compat)
+        else:
+            raise TypeError(f"memgen must be a checkpoint directory or a MemGenCheckpoint, got {type(memgen).__name__}")
+        dirs = {}
+        for role, given, recorded in (("weaver", weaver_model, ckpt.weaver_base),
+                                      ("trigger", trigger_model, ckpt.trigger_base)):
+            path = given if given is not None else recorded
+            if path is not None and Path(resolve_model_dir(path)).resolve() != self.model_dir.resolve():
+                dirs[role] = Path(resolve_model_dir(path))
+            else:
+                dirs[role] = None   # shares the reasoner's weights
+        configs = {role: load_hf_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
+        check_memgen_fits(ckpt, self.hf_config, configs["weaver"], configs["trigger"])
+        if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.chat_template = MEMGEN_CHAT_TEMPLATE   # MemGen's ChatML variant
+        return MemGenSetup(ckpt, self.tokenizer, dirs["weaver"], dirs["trigger"], configs["weaver"],
+                           configs["trigger"])
 
     @property
     def max_model_len(self) -> int:
@@ -173,17 +201,32 @@ class LLM:
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids),
             text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
-            augmentation=[-100] * seq.num_output_tokens,
+            augmentation=self._augmentation(seq),
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             metrics={
                 "time_to_first_token_s": seq.first_token_time - seq.arrival_time,
                 "total_s": seq.finish_time - seq.arrival_time,
-                "num_insertions": 0, "num_trigger_calls": 0, "num_latent_positions": 0,
+                **self._memory_metrics(seq),
                 "num_cached_prompt_tokens": seq.num_cached_prompt_tokens,
                 "num_preemptions": seq.num_preemptions,
             },
         )
+
+    @staticmethod
+    def _augmentation(seq: Sequence) -> list[int]:
+        if seq.memgen is None:
+            return [-100] * seq.num_output_tokens
+        return list(seq.memgen.augmentation[:seq.num_output_tokens])
+
+    @staticmethod
+    def _memory_metrics(seq: Sequence) -> dict:
+        state = seq.memgen
+        if state is None:
+            return {"num_insertions": 0, "num_trigger_calls": 0, "num_latent_positions": 0}
+        return {"num_insertions": state.augmentation[:seq.num_output_tokens].count(1),
+                "num_trigger_calls": state.num_trigger_calls,
+                "num_latent_positions": state.num_latent_positions}
 
 
 def _as_prompt_list(prompts) -> list:

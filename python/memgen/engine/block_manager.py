@@ -54,7 +54,8 @@ class BlockManager:
             return []
         hits: list[int] = []
         parent = None
-        for index in range((stream.num_tokens - 1) // self.block_size):
+        num_tokens = stream.num_tokens - stream.num_scratch
+        for index in range((num_tokens - 1) // self.block_size):
             h, key = self._key(stream, index, parent)
             block_id = self.hash_to_block_id.get(h)
             if block_id is None or self.blocks[block_id].key != key:
@@ -67,7 +68,8 @@ class BlockManager:
         """Register the stream's newly computed full blocks."""
         if not self.enable_prefix_caching:
             return
-        num_full = stream.num_computed_tokens // self.block_size
+        # scratch positions (weaver queries) are overwritten later: never register them
+        num_full = min(stream.num_computed_tokens, stream.num_tokens - stream.num_scratch) // self.block_size
         for index in range(len(stream.block_hashes), num_full):
             parent = stream.block_hashes[-1] if stream.block_hashes else None
             h, key = self._key(stream, index, parent)

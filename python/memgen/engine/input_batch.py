@@ -56,17 +56,32 @@ def build_model_input(chunks: list[ScheduledChunk], block_size: int, hidden_size
 
     input_ids = torch.tensor(ids, dtype=torch.int64)
     inputs_embeds = is_token = None
-    if has_embeds:
+    projected = [c for c in chunks if c.stream.token_input is not None]
+    if has_embeds or projected:
         is_token = input_ids != EMBED
-        inputs_embeds = torch.zeros(num_rows, hidden_size, dtype=dtype)
+        inputs_embeds = torch.zeros(num_rows, hidden_size, dtype=dtype, device=device)
         row = 0
         for c in chunks:
-            for p in range(c.start, c.end):
-                if c.stream.token_ids[p] == EMBED:
-                    inputs_embeds[row] = c.stream.embeds[p]
-                row += 1
-        inputs_embeds = inputs_embeds.to(device, non_blocking=True)
+            stream = c.stream
+            if stream.token_input is not None:
+                # every row of this chunk is an embedding: project its token rows
+                chunk_ids = input_ids[row:row + c.num_tokens]
+                token_rows = (chunk_ids != EMBED).nonzero().squeeze(1)
+                if token_rows.numel():
+                    inputs_embeds[row + token_rows] = stream.token_input(
+                        chunk_ids[token_rows].to(device)).to(dtype)
+                is_token[row:row + c.num_tokens] = False
+            if stream.embeds:
+                for p in range(c.start, c.end):
+                    if stream.token_ids[p] == EMBED:
+                        inputs_embeds[row + p - c.start] = stream.embeds[p]
+            row += c.num_tokens
         is_token = is_token.to(device, non_blocking=True)
+
+    adapter_ids = None
+    if any(c.stream.adapter_id >= 0 for c in chunks):
+        adapter_ids = torch.tensor([c.stream.adapter_id for c in chunks], dtype=torch.int64)
+        adapter_ids = adapter_ids.repeat_interleave(q_lens_t).to(device, non_blocking=True)
 
     def dev(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
@@ -74,7 +89,7 @@ def build_model_input(chunks: list[ScheduledChunk], block_size: int, hidden_size
     ctx = ForwardContext(
         cu_seqlens_q=dev(cu_seqlens_q), context_lens=dev(context_lens), slot_mapping=dev(slot_mapping),
         block_tables=dev(block_tables), max_seqlen_q=max(q_lens), max_seqlen_k=int(context_lens.max()),
-        block_size=block_size,
+        block_size=block_size, adapter_ids=adapter_ids,
     )
     last_rows = (cu_seqlens_q[1:] - 1).tolist()
     return ModelInput(dev(input_ids), dev(positions), inputs_embeds, is_token, ctx, last_rows)

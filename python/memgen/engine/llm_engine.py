@@ -12,7 +12,9 @@ from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.scheduler import Scheduler
-from memgen.engine.sequence import REASONER, Sequence
+from memgen.engine.memgen_setup import BASE_POOL, MemGenSetup
+from memgen.engine.sequence import REASONER, Sequence, Stream
+from memgen.memory.controller import ADAPTER_IDS, MemGenController
 from memgen.layers.sampler import Sampler, SamplingBatch
 from memgen.sampling_params import SamplingParams
 
@@ -22,23 +24,35 @@ DEFAULT_GPU_KV_FRACTION = 0.8     # of the free memory after loading the weights
 
 class LLMEngine:
     def __init__(self, model_dir: Path, hf_config, config: EngineConfig, dtype: torch.dtype,
-                 device: torch.device, eos_token_ids: frozenset[int]):
+                 device: torch.device, eos_token_ids: frozenset[int], memgen: MemGenSetup | None = None):
         self.config, self.dtype, self.device = config, dtype, device
         self.hf_config = hf_config
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
         self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size)
-        num_blocks = self._num_kv_blocks()
-        self.model_runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler({"base": self.block_manager}, config.max_num_seqs, config.max_num_batched_tokens)
+        # one runner (model + KV pool) per distinct checkpoint: "base" is the reasoner's
+        self.runners = {BASE_POOL: self.model_runner}
+        self.memory: MemGenController | None = None
+        streams_per_pool = {BASE_POOL: 1}
+        if memgen is not None:
+            self.memory, self.stream_pools = memgen.build(self.runners, streams_per_pool, dtype, device,
+                                                          self.max_model_len, config.block_size)
+        self.block_managers = {}
+        for pool, runner in self.runners.items():
+            num_blocks = self._num_kv_blocks(runner, streams_per_pool[pool])
+            runner.allocate_kv_cache(num_blocks)
+            self.block_managers[pool] = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = self.block_managers[BASE_POOL]
+        self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self._num_requests = 0
 
-    def _num_kv_blocks(self) -> int:
-        cfg, runner = self.config, self.model_runner
+    def _num_kv_blocks(self, runner: ModelRunner, num_streams: int) -> int:
+        """KV blocks for one pool; `num_streams` streams per sequence live in it."""
+        cfg = self.config
         per_block = runner.kv_bytes_per_block
-        one_seq = -(-self.max_model_len // cfg.block_size)
+        # the weaver's scratch queries can run up to one block past max_model_len
+        one_seq = num_streams * (-(-self.max_model_len // cfg.block_size) + (num_streams > 1))
         if cfg.num_kv_blocks is not None:
             num_blocks, source = cfg.num_kv_blocks, f"num_kv_blocks={cfg.num_kv_blocks}"
         elif cfg.kv_cache_memory_gb is not None:
@@ -54,7 +68,8 @@ class LLMEngine:
         if num_blocks < one_seq:
             raise ValueError(
                 f"the KV cache from {source} holds {num_blocks} blocks of {cfg.block_size} tokens, fewer than "
-                f"one sequence of max_model_len={self.max_model_len} needs ({one_seq}): raise num_kv_blocks / "
+                f"one sequence of max_model_len={self.max_model_len} needs ({one_seq}"
+                f"{f' for {num_streams} streams' if num_streams > 1 else ''}): raise num_kv_blocks / "
                 "kv_cache_memory_gb or lower max_model_len")
         return num_blocks
 
@@ -68,6 +83,11 @@ class LLMEngine:
         generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
+        if self.memory is not None:
+            for name, ids in self.memory.stream_contents(prompt_token_ids).items():
+                pool = self.stream_pools[name]
+                seq.streams[name] = Stream(name, ids, pool=pool, cache_salt=name, adapter_id=ADAPTER_IDS[name])
+            self.memory.attach(seq)
         self.scheduler.add(seq)
         return seq
 
@@ -84,16 +104,47 @@ class LLMEngine:
                 return [], 0
             raise RuntimeError("the scheduler found nothing to run although requests are waiting "
                                f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
-        inp = self.model_runner.prepare(out.chunks)
-        hidden = self.model_runner.forward(inp)
-        due = [i for i, c in enumerate(out.chunks) if c.stream.name == REASONER and c.completes]
-        self.scheduler.postprocess(out)
+        hidden_of_chunk = self._forward(out.chunks)
+        if self.memory is None:
+            due = [(c.seq, h[-1]) for c, h in zip(out.chunks, hidden_of_chunk)
+                   if c.stream.name == REASONER and c.completes]
+            self.scheduler.postprocess(out)
+        else:
+            due = self.memory.after_forward(out.chunks, hidden_of_chunk)
+            self.scheduler.postprocess(out)
+            self.memory.commit(out.chunks)
         if not due:
             return [], 0
-        logits = self.model_runner.compute_logits(hidden[[inp.last_rows[i] for i in due]])
-        seqs = [out.chunks[i].seq for i in due]
+        seqs = [seq for seq, _ in due]
+        logits = self.model_runner.compute_logits(torch.stack([h for _, h in due]))
         sampled = self.sampler(logits, _sampling_batch(seqs))
-        return self._append(seqs, sampled.token_ids, sampled.logprobs), len(seqs)
+        finished = self._append(seqs, sampled.token_ids, sampled.logprobs)
+        if self.memory is not None:
+            for seq, token in zip(seqs, sampled.token_ids):
+                if seq.is_finished:
+                    continue
+                self.memory.after_token(seq, token)
+                if seq.memgen.out_of_room:   # no room left for the latents of an insertion
+                    seq.finish_time = time.perf_counter()
+                    self.scheduler.finish(seq, "length")
+                    finished.append(seq)
+        return finished, len(seqs)
+
+    def _forward(self, chunks) -> list[torch.Tensor]:
+        """One forward per pool (one in all when W and T share the reasoner's
+        base); returns each chunk's hidden rows."""
+        by_pool: dict[str, list[int]] = {}
+        for i, c in enumerate(chunks):
+            by_pool.setdefault(c.stream.pool, []).append(i)
+        hidden_of_chunk: list[torch.Tensor] = [None] * len(chunks)
+        for pool, indices in by_pool.items():
+            runner = self.runners[pool]
+            inp = runner.prepare([chunks[i] for i in indices])
+            hidden = runner.forward(inp)
+            bounds = inp.context.cu_seqlens_q.tolist()
+            for j, i in enumerate(indices):
+                hidden_of_chunk[i] = hidden[bounds[j]:bounds[j + 1]]
+        return hidden_of_chunk
 
     def _append(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[Sequence]:
         finished = []

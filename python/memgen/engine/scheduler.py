@@ -98,7 +98,7 @@ class Scheduler:
     def _allocate(self, seq: Sequence, budget: int) -> list[ScheduledChunk] | None:
         """Blocks and chunks for a running sequence's pending positions, or None."""
         chunks = []
-        for stream in seq.streams.values():
+        for stream in seq.streams_to_run():
             n = min(stream.num_pending_tokens, budget)
             if n <= 0:
                 continue
@@ -114,7 +114,7 @@ class Scheduler:
         """Like _allocate for a waiting sequence, starting from its cached prefix."""
         plan = []
         needed: dict[str, int] = {}
-        for stream in seq.streams.values():
+        for stream in seq.streams_to_run():
             manager = self.block_managers[stream.pool]
             hits = manager.find_cached_prefix(stream) if not stream.block_table else []
             computed = len(hits) * manager.block_size if hits else stream.num_computed_tokens

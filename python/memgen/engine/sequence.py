@@ -13,6 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +42,11 @@ class Stream:
     num_cached_tokens: int = 0         # of those, found by prefix caching at admission
     embeds: dict[int, torch.Tensor] = field(default_factory=dict)       # position -> [H] vector
     embed_keys: dict[int, bytes] = field(default_factory=dict)          # position -> digest
+    adapter_id: int = -1               # LoRA adapter of this stream's rows (-1: none)
+    # token positions enter the model as token_input(ids) embeddings instead of the
+    # model's own embedding table (MemGen's weaver: reasoner_to_weaver(reasoner embedding))
+    token_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+    num_scratch: int = 0               # trailing positions computed but never cached (weaver queries)
 
     @property
     def num_tokens(self) -> int:
@@ -50,13 +56,25 @@ class Stream:
     def num_pending_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
-    def append_embeds(self, vectors: torch.Tensor) -> None:
-        """Append K embedding-valued positions ([K, H]); their digests key the prefix cache."""
-        for vector in vectors:
+    def append_embeds(self, vectors: torch.Tensor, hash_keys: bool = True) -> None:
+        """Append K embedding-valued positions ([K, H]); their digests key the prefix cache
+        (scratch positions are never cached and need none)."""
+        data = vectors.detach().cpu().contiguous() if hash_keys else None
+        for i, vector in enumerate(vectors):
             pos = len(self.token_ids)
             self.token_ids.append(EMBED)
             self.embeds[pos] = vector
-            self.embed_keys[pos] = hashlib.sha256(vector.detach().cpu().contiguous().numpy().tobytes()).digest()
+            if hash_keys:
+                self.embed_keys[pos] = hashlib.sha256(data[i].numpy().tobytes()).digest()
+
+    def drop_scratch(self) -> None:
+        """Cut the scratch positions off again; their slots are overwritten later."""
+        for pos in range(self.num_tokens - self.num_scratch, self.num_tokens):
+            self.embeds.pop(pos, None)
+            self.embed_keys.pop(pos, None)
+        del self.token_ids[self.num_tokens - self.num_scratch:]
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+        self.num_scratch = 0
 
     def block_content(self, index: int, block_size: int) -> tuple:
         """What identifies block `index`'s contents: its ids plus its embeddings' digests."""
@@ -88,11 +106,19 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, list(prompt_token_ids))}
+        self.due_streams: set[str] | None = None   # streams to compute now (None: every stream)
+        self.memgen: Any = None                    # MemGen state (memory.controller), None for a plain LLM
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
+
+    def streams_to_run(self):
+        """The streams whose pending positions the scheduler may compute now."""
+        if self.due_streams is None:
+            return self.streams.values()
+        return [s for name, s in self.streams.items() if name in self.due_streams]
 
     @property
     def reasoner(self) -> Stream:

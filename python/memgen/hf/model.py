@@ -21,21 +21,7 @@ from ..checkpoint import drop_lora as _drop_lora
 DELIMITERS = (",", ".", "\n")
 _LORA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "task_type")
 
-# MemGen's ChatML variant (spec §1.4): no default system prompt, `tool` renders
-# as a user turn, other roles are dropped, non-string content renders empty,
-# assistant turns sit inside generation tags (for assistant masks).
-MEMGEN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set text = message['content'] if message['content'] is string else '' -%}"
-    "{%- if message['role'] in ('user', 'system', 'tool') -%}"
-    "{{ '<|im_start|>' + ('user' if message['role'] == 'tool' else message['role']) + '\\n' + text"
-    " + '<|im_end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{ '<|im_start|>assistant\\n' + text + '<|im_end|>\\n' }}{%- endgeneration -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+from ..memory.chat_template import MEMGEN_CHAT_TEMPLATE  # noqa: E402  (re-exported)
 
 
 def positions_from_mask(mask: Tensor) -> Tensor:

@@ -1,0 +1,252 @@
+"""MemGen's control flow inside the engine: when the trigger is consulted, when
+the weaver runs, when latents enter the reasoner, and which rows are sampled.
+
+Each MemGen sequence has three streams (engine/sequence.py): R the reasoner
+(tokens and inserted latents), W the weaver (R's positions, input
+`reasoner_to_weaver(embedding)`, weaver LoRA) and T the trigger (token ids
+without pad tokens, its own positions, trigger LoRA). W and T are lazy: they
+only compute when a decision or latents are needed, and then catch up on every
+position added since their last use in one chunk. Nothing is ever recomputed.
+
+Per generated token i the sequence moves through at most three phases:
+  DECIDE  T catches up to token i-1 and its head decides (skip/insert). R
+          computes token i-1 in the same forward (speculatively): on SKIP its
+          logits give token i at once.
+  WEAVE   W catches up and runs the K query latents `LayerNorm(Q)*scale` at
+          positions L..L+K-1 as *scratch*: their K/V go to the slots the K
+          latents will occupy later, and the stream is cut back to L afterwards
+          (they are never cached). Their post-norm states -> weaver_to_reasoner
+          -> K latents, appended to R (and to W as ordinary pending positions).
+  REASON  R computes its pending positions (token i-1 and/or the latents, one
+          K-position prefill: no re-prefill) and token i is sampled from the
+          last one's logits.
+Running example, K=2, prompt "a b \\n" with an inactive trigger (always insert):
+  attach:   aug=[1]; W = [a b \\n q0 q1] (scratch q), R = [a b \\n]  -> WEAVE
+  step 1:   W rows a b \\n q0 q1, R rows a b \\n (one forward, LoRA per row)
+            -> latents l0 l1; W = [a b \\n | l0 l1 pending], R = [a b \\n l0 l1]
+  step 2:   R rows l0 l1 -> token 0 sampled from l1's logits
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from memgen.memory.delimiters import DelimiterTable
+from memgen.memory.parts import INFERENCE, PROMPT, MemGenParts
+
+# Stream names (the engine's Sequence keys its streams by them). The controller
+# works on the engine's Sequence/Stream objects without importing the engine:
+# the engine creates the streams (it knows the pools) and passes them in.
+REASONER, WEAVER, TRIGGER = "R", "W", "T"
+ADAPTER_IDS = {REASONER: -1, WEAVER: 0, TRIGGER: 1}
+NOT_CONSULTED, SKIP, INSERT = -100, 0, 1
+
+
+class Phase(Enum):
+    DECIDE = auto()
+    WEAVE = auto()
+    REASON = auto()
+
+
+@dataclass
+class MemGenState:
+    phase: Phase = Phase.REASON
+    kind: str = PROMPT                      # which query latents the next weave uses
+    augmentation: list[int] = field(default_factory=list)
+    num_inference_insertions: int = 0       # counted against max_inference_aug_num
+    num_trigger_calls: int = 0
+    num_latent_positions: int = 0
+    r_hidden: torch.Tensor | None = None    # R's hidden at its last computed position
+    t_hidden: torch.Tensor | None = None    # T's hidden at its last computed position
+    query_hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # scratch row -> W hidden
+    new_latents: torch.Tensor | None = None # computed this step, inserted by commit()
+    out_of_room: bool = False               # an insertion would pass max_model_len: finish ("length")
+
+    @property
+    def num_insertions(self) -> int:
+        return sum(1 for d in self.augmentation if d == INSERT)
+
+
+class MemGenController:
+    """Owns the MemGen state of every sequence; the engine calls it around each
+    forward (see LLMEngine.step)."""
+
+    def __init__(self, parts: MemGenParts, delimiters: DelimiterTable, tokenizer, pad_token_id: int | None,
+                 reasoner_embed, max_model_len: int):
+        self.parts = parts
+        self.delimiters = delimiters
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        self.reasoner_embed = reasoner_embed      # token ids -> reasoner input embeddings
+        self.max_model_len = max_model_len
+
+    # ---- streams ----------------------------------------------------------------
+    def stream_contents(self, prompt_token_ids: list[int]) -> dict[str, list[int]]:
+        """Initial token ids of the W and T streams: W mirrors R, T drops pad ids."""
+        return {WEAVER: list(prompt_token_ids),
+                TRIGGER: [t for t in prompt_token_ids if t != self.pad_token_id]}
+
+    def attach(self, seq) -> None:
+        """Start a sequence whose W and T streams exist: take the prompt decision."""
+        seq.streams[WEAVER].token_input = self.weaver_token_input
+        seq.memgen = MemGenState()
+        self._consult(seq, is_prompt=True)
+
+    def weaver_token_input(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """W's input at token positions: reasoner_to_weaver(reasoner embedding)."""
+        return self.parts.to_weaver(self.reasoner_embed(token_ids))
+
+    def _set_phase(self, seq, phase: Phase) -> None:
+        seq.memgen.phase = phase
+        # R may always catch up (its positions are needed in every phase); W and T
+        # only when their phase asks for them
+        due = {REASONER}
+        if phase is Phase.DECIDE:
+            due.add(TRIGGER)
+        elif phase is Phase.WEAVE:
+            due.add(WEAVER)
+        seq.due_streams = due
+
+    # ---- decisions ----------------------------------------------------------------
+    def _consult(self, seq, is_prompt: bool) -> None:
+        """Decide what happens before the next token (spec §2.2 (a))."""
+        state = seq.memgen
+        if not is_prompt:
+            budget_left = state.num_inference_insertions < self.parts.max_inference_aug_num
+            if not budget_left or not self._ends_with_delimiter(seq):
+                state.augmentation.append(NOT_CONSULTED)
+                self._set_phase(seq, Phase.REASON)
+                return
+        state.kind = PROMPT if is_prompt else INFERENCE
+        if self.parts.trigger_active:
+            self._set_phase(seq, Phase.DECIDE)
+            if seq.streams[TRIGGER].num_pending_tokens == 0 and state.t_hidden is not None:
+                self._decide(seq, state.t_hidden)   # nothing new for T (e.g. a pad token)
+        else:
+            # the reference's inactive trigger: constant logits [0, 1]
+            self._apply_decision(seq, self._pick(seq, self.parts.head_bias.new_tensor([0.0, 1.0])))
+
+    def _ends_with_delimiter(self, seq) -> bool:
+        """The reference decodes prompt + output; the table answers from the last id."""
+        last = seq.output_token_ids[-1]
+        if not self.delimiters.needs_context[last]:
+            return bool(self.delimiters.ends_with_delimiter[last])
+        return self.delimiters.is_delimiter_end(seq.prompt_token_ids + seq.output_token_ids, self.tokenizer)
+
+    def _pick(self, seq, logits: torch.Tensor) -> int:
+        """Argmax (ties -> 0, skip) or a sample at the trigger temperature."""
+        params = seq.params
+        temperature = params.trigger_temperature if params.trigger_temperature is not None else params.temperature
+        if params.trigger_sample and temperature > 0:
+            probs = torch.softmax(logits.double() / temperature, dim=-1)
+            return int(torch.multinomial(probs.cpu(), 1, generator=_cpu_generator(seq)).item())
+        return int(torch.argmax(logits).item())
+
+    def _decide(self, seq, t_hidden: torch.Tensor) -> None:
+        seq.memgen.num_trigger_calls += 1
+        self._apply_decision(seq, self._pick(seq, self.parts.trigger_logits(t_hidden)))
+
+    def _apply_decision(self, seq, decision: int) -> None:
+        state = seq.memgen
+        state.augmentation.append(decision)
+        if decision != INSERT:
+            self._set_phase(seq, Phase.REASON)
+            return
+        if state.kind == INFERENCE:
+            state.num_inference_insertions += 1
+        k = self.parts.num_latents(state.kind)
+        if k == 0:  # counted, nothing to insert (see hf/DIFFERENCES.md)
+            self._set_phase(seq, Phase.REASON)
+            return
+        if seq.reasoner.num_tokens + k >= self.max_model_len:
+            state.out_of_room = True
+            self._set_phase(seq, Phase.REASON)
+            return
+        weaver = seq.streams[WEAVER]
+        weaver.num_scratch = k
+        weaver.append_embeds(self.parts.queries[state.kind], hash_keys=False)
+        state.query_hidden.clear()
+        self._set_phase(seq, Phase.WEAVE)
+
+    # ---- around the forward ----------------------------------------------------------
+    def after_forward(self, chunks, hidden_of_chunk) -> list:
+        """Consume a step's hidden states (one [rows, H] tensor per chunk); return
+        (sequence, R hidden) pairs whose next token is due now. Runs before the
+        scheduler marks the chunks computed; commit() runs after it."""
+        touched: dict = {}
+        for chunk, hidden in zip(chunks, hidden_of_chunk):
+            seq, stream = chunk.seq, chunk.stream
+            state = seq.memgen
+            touched[seq.seq_id] = seq
+            if stream.name == REASONER:
+                if chunk.completes:
+                    state.r_hidden = hidden[-1]
+            elif stream.name == TRIGGER:
+                if chunk.completes:
+                    state.t_hidden = hidden[-1]
+                    if state.phase is Phase.DECIDE:
+                        self._decide(seq, state.t_hidden)
+            elif stream.name == WEAVER:
+                self._collect_queries(seq, chunk, hidden)
+        # r_hidden is set only while R is caught up: a new token or latents clear it
+        due = []
+        for seq in touched.values():
+            state = seq.memgen
+            if state.phase is Phase.REASON and state.r_hidden is not None:
+                due.append((seq, state.r_hidden))
+                state.r_hidden = None
+        return due
+
+    def _collect_queries(self, seq, chunk, hidden: torch.Tensor) -> None:
+        weaver = seq.streams[WEAVER]
+        first_scratch = weaver.num_tokens - weaver.num_scratch
+        for row, pos in enumerate(range(chunk.start, chunk.end)):
+            if pos >= first_scratch:
+                seq.memgen.query_hidden[pos - first_scratch] = hidden[row]
+        if not chunk.completes or len(seq.memgen.query_hidden) < weaver.num_scratch:
+            return
+        h = torch.stack([seq.memgen.query_hidden[i] for i in range(weaver.num_scratch)])
+        latents = self.parts.to_reasoner(h)
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                f"the weaver produced non-finite latents for request {seq.request_index} (at generated token "
+                f"{seq.num_output_tokens}): the checkpoint's weights or the dtype's range are broken; "
+                "try dtype='float32'")
+        seq.memgen.new_latents = latents
+
+    def commit(self, chunks) -> None:
+        """After the scheduler marked the step's chunks computed: cut the weaver's
+        scratch queries off and insert the new latents into R and W."""
+        for chunk in chunks:
+            seq = chunk.seq
+            state = seq.memgen
+            if chunk.stream.name != WEAVER or state.new_latents is None:
+                continue
+            latents, state.new_latents = state.new_latents, None
+            weaver = seq.streams[WEAVER]
+            weaver.drop_scratch()
+            weaver.append_embeds(self.parts.to_weaver(latents))
+            seq.reasoner.append_embeds(latents)
+            state.num_latent_positions += latents.shape[0]
+            state.query_hidden.clear()
+            state.r_hidden = None   # R's next logits come from the last latent
+            self._set_phase(seq, Phase.REASON)
+
+    def after_token(self, seq, token_id: int) -> None:
+        """A token was sampled and the sequence goes on: mirror it into W and T,
+        then take the decision for the next token."""
+        seq.streams[WEAVER].token_ids.append(token_id)
+        if token_id != self.pad_token_id:
+            seq.streams[TRIGGER].token_ids.append(token_id)
+        self._consult(seq, is_prompt=False)
+
+
+def _cpu_generator(seq) -> torch.Generator:
+    """The trigger samples on the CPU from the request's own seeded stream."""
+    gen = getattr(seq, "_trigger_generator", None)
+    if gen is None:
+        gen = torch.Generator().manual_seed(int(seq.generator.initial_seed()) ^ 0x5EED)
+        seq._trigger_generator = gen
+    return gen
