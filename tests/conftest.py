@@ -5,9 +5,15 @@ from pathlib import Path
 
 # Triton kernels must see TRITON_INTERPRET before they are decorated.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny models run fastest on one intra-op thread; with two threads on a busy
+# 2-core machine, oversubscription makes them 10-40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import fixtures  # noqa: E402
 

@@ -108,7 +108,8 @@ def build_tiny_model(
     """Build a random tiny causal LM and save it (float32 safetensors + tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, len(tokenizer), hidden_size, num_layers, **config_overrides)
+    vocab_size = config_overrides.pop("vocab_size", len(tokenizer))
+    config = tiny_config(arch, vocab_size, hidden_size, num_layers, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random init std 0.02 gives near-uniform logits; a wider init gives peaked,
