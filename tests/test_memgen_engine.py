@@ -215,3 +215,24 @@ def test_non_finite_latents_are_reported(memgen_ckpt_dir, memgen_reasoner_dir):
 def test_memgen_type_error(memgen_reasoner_dir):
     with pytest.raises(TypeError, match="memgen"):
         LLM(model=memgen_reasoner_dir, memgen=42)
+
+
+def test_live_weight_update(request, prompt_ids, tokenizer, memgen_reasoner_dir):
+    """After update_memgen_weights the engine equals the oracle with the new
+    weights, and nothing cached with the old weights is reused."""
+    ckpt, weaver, trigger = _case(request, "active")
+    _, _, prompts = prompt_ids
+    llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger)
+    before = llm.generate(prompts, GREEDY, use_tqdm=False)
+    g = torch.Generator().manual_seed(7)
+    new = dataclasses.replace(ckpt, weaver_lora=dataclasses.replace(ckpt.weaver_lora, layers={
+        m: (a, b + 0.2 * torch.randn(b.shape, generator=g, dtype=b.dtype))
+        for m, (a, b) in ckpt.weaver_lora.layers.items()}))
+    new.reasoner_to_weaver = {k: v * 1.5 for k, v in ckpt.reasoner_to_weaver.items()}
+    llm.update_memgen_weights(new)
+    after = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+    expected = _oracle(new, memgen_reasoner_dir, weaver, trigger, prompt_ids, tokenizer.eos_token_id)
+    _check(after, expected, range(len(prompts)))
+    with pytest.raises(TypeError):
+        llm.update_memgen_weights({"not": "a checkpoint"})

@@ -87,6 +87,16 @@ class LLM:
         return MemGenSetup(ckpt, self.tokenizer, dirs["weaver"], dirs["trigger"], configs["weaver"],
                            configs["trigger"])
 
+    def update_memgen_weights(self, ckpt) -> None:
+        """Live weight sync: push a `memgen.checkpoint.MemGenCheckpoint` (e.g.
+        `HFMemGenModel.to_checkpoint()` after a training step) into this engine
+        without reloading the base model. Shapes must match the loaded ones."""
+        from memgen.checkpoint import MemGenCheckpoint, drop_lora
+
+        if not isinstance(ckpt, MemGenCheckpoint):
+            raise TypeError(f"expected a MemGenCheckpoint, got {type(ckpt).__name__}")
+        self.engine.update_memgen_weights(drop_lora(ckpt) if self.reference_compat else ckpt)
+
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len

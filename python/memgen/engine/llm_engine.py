@@ -35,6 +35,8 @@ class LLMEngine:
         self.memory: MemGenController | None = None
         streams_per_pool = {BASE_POOL: 1}
         if memgen is not None:
+            self.memgen_setup = memgen
+            self.memgen_version = 0   # bumped by each weight update: W/T prefix-cache keys carry it
             self.memory, self.stream_pools = memgen.build(self.runners, streams_per_pool, dtype, device,
                                                           self.max_model_len, config.block_size)
         self.block_managers = {}
@@ -86,10 +88,23 @@ class LLMEngine:
         if self.memory is not None:
             for name, ids in self.memory.stream_contents(prompt_token_ids).items():
                 pool = self.stream_pools[name]
-                seq.streams[name] = Stream(name, ids, pool=pool, cache_salt=name, adapter_id=ADAPTER_IDS[name])
+                seq.streams[name] = Stream(name, ids, pool=pool, cache_salt=(name, self.memgen_version),
+                                           adapter_id=ADAPTER_IDS[name])
             self.memory.attach(seq)
         self.scheduler.add(seq)
         return seq
+
+    def update_memgen_weights(self, ckpt) -> None:
+        """Push new MemGen weights (e.g. after an optimizer step) into the live
+        engine: adapters, projections, query latents, trigger head. The base
+        weights stay loaded; W/T cache entries made with the old weights are
+        never hit again. Call between generate() calls."""
+        if self.memory is None:
+            raise ValueError("this engine runs a plain LLM: load it with memgen=... to update MemGen weights")
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("update_memgen_weights() must run between generate() calls, not during one")
+        self.memgen_setup.update(ckpt, self.runners, self.stream_pools, self.memory, self.dtype, self.device)
+        self.memgen_version += 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -62,6 +62,23 @@ class MemGenSetup:
         return controller, pools
 
 
+    def update(self, ckpt: MemGenCheckpoint, runners: dict[str, ModelRunner], pools: dict[str, str],
+               controller: MemGenController, dtype: torch.dtype, device: torch.device) -> None:
+        """Swap in new MemGen weights of the same shapes (live weight sync)."""
+        old = self.ckpt
+        reasoner_config = runners[BASE_POOL].hf_config
+        check_memgen_fits(ckpt, reasoner_config, self.weaver_config or reasoner_config,
+                          self.trigger_config or reasoner_config)
+        if ckpt.settings.trigger_active != old.settings.trigger_active:
+            raise ValueError("a weight update cannot switch the trigger between active and inactive; "
+                             "build a new LLM for that")
+        install_lora(runners[pools[WEAVER]].model, ADAPTER_IDS[WEAVER], ckpt.weaver_lora, dtype, device)
+        if ckpt.settings.trigger_active:
+            install_lora(runners[pools[TRIGGER]].model, ADAPTER_IDS[TRIGGER], ckpt.trigger_lora, dtype, device)
+        controller.parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
+        self.ckpt = ckpt
+
+
 def check_memgen_fits(ckpt: MemGenCheckpoint, reasoner_config, weaver_config, trigger_config) -> None:
     """Every shape against the bases, and an active trigger's vocabulary against
     the reasoner's (it reads the reasoner's token ids)."""
