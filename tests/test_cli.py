@@ -1,0 +1,62 @@
+"""The `memgen` command line: generate, chat, convert, and its error handling."""
+import json
+
+import pytest
+import torch
+
+from memgen.checkpoint import load_checkpoint
+from memgen.cli import main
+
+
+def test_generate_json(qwen2_dir, capsys):
+    assert main(["generate", "Hello world,", "--model", str(qwen2_dir), "--max-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 5 and out["augmentation"] == [-100] * 5
+    assert out["finish_reason"] == "length"
+
+
+def test_generate_memgen_reports_insertions(memgen_reasoner_dir, memgen_ckpt_dir, capsys):
+    assert main(["generate", "Hello", "--chat", "--model", str(memgen_reasoner_dir), "--memgen",
+                 str(memgen_ckpt_dir), "--max-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["augmentation"][0] == 1 and out["metrics"]["num_insertions"] >= 1
+
+
+def test_chat_one_message(qwen2_dir, capsys):
+    assert main(["chat", "--message", "Hi", "--model", str(qwen2_dir), "--max-tokens", "3"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
+
+
+def test_user_errors_exit_2_with_one_line(qwen2_dir, tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+    assert main(["generate", "x", "--model", str(qwen2_dir), "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_convert_both_directions(memgen_ckpt_dir, tmp_path, capsys):
+    export = tmp_path / "export"
+    back = tmp_path / "back"
+    assert main(["convert", str(memgen_ckpt_dir), str(export), "--to", "safetensors",
+                 "--weaver-base", "some/weaver"]) == 0
+    assert (export / "memgen_config.json").is_file()
+    ckpt = load_checkpoint(export)
+    assert ckpt.weaver_base == "some/weaver"
+    assert main(["convert", str(export), str(back), "--to", "reference"]) == 0
+    original, restored = load_checkpoint(memgen_ckpt_dir), load_checkpoint(back)
+    for name in ("weaver", "trigger_head", "reasoner_to_weaver", "weaver_to_reasoner"):
+        a, b = getattr(original, name), getattr(restored, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for m, (a, b) in original.weaver_lora.layers.items():
+        ra, rb = restored.weaver_lora.layers[m]
+        assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert main(["convert", str(tmp_path / "none"), str(tmp_path / "x")]) == 2
+
+
+def test_help_for_every_subcommand(capsys):
+    for command in ("generate", "chat", "convert", "bench", "eval"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert "usage: memgen" in capsys.readouterr().out
