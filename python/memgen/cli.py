@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
     llm = _build_llm(args)
     params = _sampling_params(args)
     if args.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=len(prompts) > 1)
     else:
         outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     for out in outs:
@@ -79,7 +79,7 @@ def cmd_chat(args) -> int:
     params = _sampling_params(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.message:  # one turn, non-interactive
-        out = llm.chat(history + [{"role": "user", "content": args.message}], params)[0]
+        out = llm.chat(history + [{"role": "user", "content": args.message}], params, use_tqdm=False)[0]
         _print_output(out, args.json)
         return 0
     print("memgen chat: empty line or Ctrl-D to quit", file=sys.stderr)
