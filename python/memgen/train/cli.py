@@ -1,0 +1,216 @@
+"""`memgen train {sft,weaver-grpo,trigger-grpo}`: weaver SFT, weaver GRPO and
+trigger GRPO on `memgen.hf` with engine rollouts. The main CLI wires these two
+functions under its `train` subcommand:
+
+    add_train_arguments(parser)      # fills an argparse (sub)parser
+    run_train_from_args(args) -> int # runs; 0 on success
+
+Writes to --output-dir: the final checkpoint (reference layout in reference/,
+safetensors export in export/, per --save-format), step-N/ checkpoints with
+--save-every, train_log.jsonl (one line per optimizer step) and
+train_summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+MODES = ("sft", "weaver-grpo", "trigger-grpo")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", choices=MODES, help="sft: weaver SFT on chat examples; weaver-grpo / trigger-grpo: "
+                   "GRPO with engine rollouts on eval-style records")
+    p.add_argument("--data", required=True, help="JSONL: chat examples with an assistant turn (sft), or records "
+                   "with messages/prompt and answer/aliases/tests (grpo)")
+    p.add_argument("--output-dir", required=True, help="where checkpoints and logs go")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="reasoner HF directory or .gguf (default: packaged SmolLM2-135M)")
+    g.add_argument("--memgen", default=None, help="MemGen checkpoint to start from (default: a fresh one)")
+    g.add_argument("--weaver-model", default=None, help="weaver base directory (default: recorded, else --model)")
+    g.add_argument("--trigger-model", default=None, help="trigger base directory (default: recorded, else --model)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="training (and rollout) dtype")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+
+    g = p.add_argument_group("fresh MemGen (without --memgen); the overrides also apply to a loaded one")
+    g.add_argument("--prompt-latents", type=int, default=8, help="K prompt latents")
+    g.add_argument("--inference-latents", type=int, default=8, help="K inference latents")
+    g.add_argument("--max-inference-aug", type=int, default=None, help="insertion budget (fresh default 5)")
+    g.add_argument("--trigger-active", action="store_true", help="use the trained trigger (trigger-grpo sets it)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--init-seed", type=int, default=0)
+
+    g = p.add_argument_group("optimisation (defaults: the reference YAMLs)")
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--epochs", type=int, default=None, help="default 2 (sft), 1 (grpo)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("sft")
+    g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
+
+    g = p.add_argument_group("grpo")
+    g.add_argument("--num-generations", type=int, default=8, help="samples per prompt (the group)")
+    g.add_argument("--prompts-per-step", type=int, default=1, help="groups per optimizer step")
+    g.add_argument("--max-completion-length", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=1.0, help="reasoner sampling temperature")
+    g.add_argument("--trigger-temperature", type=float, default=1.0, help="trigger sampling temperature")
+    g.add_argument("--loss-type", default="bnpo", choices=["grpo", "bnpo", "dr_grpo"])
+    g.add_argument("--epsilon", type=float, default=0.2, help="clip range (low, and high unless --epsilon-high)")
+    g.add_argument("--epsilon-high", type=float, default=None)
+    g.add_argument("--num-iterations", type=int, default=1, help="optimisation passes per rollout batch")
+    g.add_argument("--task", default=None, choices=["boxed", "exact", "alias", "code"],
+                   help="reward scorer (default: each record's task, else inferred from its fields)")
+    g.add_argument("--penalty-lambda", type=float, default=0.1,
+                   help="trigger GRPO: weight of the reward-adaptive insertion penalty (paper Eq. 8-9)")
+    g.add_argument("--penalty-form", default="rate", choices=["rate", "per_decision"])
+    g.add_argument("--no-penalty", action="store_true", help="trigger GRPO without the penalty (the reference code)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--save-format", default="both", choices=["reference", "export", "both"])
+    g.add_argument("--save-every", type=int, default=None, help="also save every N optimizer steps")
+    g.add_argument("--quiet", action="store_true", help="no per-step line on stderr")
+
+
+def _load_model(args):
+    import torch
+
+    from memgen.checkpoint import MemGenSettings, load_checkpoint, random_checkpoint
+    from memgen.hf import HFMemGenModel
+    from memgen.models import load_hf_config
+    from memgen.sources import resolve_model_dir
+
+    reasoner = Path(resolve_model_dir(args.model))
+    weaver = Path(resolve_model_dir(args.weaver_model)) if args.weaver_model else None
+    trigger = Path(resolve_model_dir(args.trigger_model)) if args.trigger_model else None
+    if args.memgen:
+        ckpt = load_checkpoint(args.memgen)
+    else:
+        lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": ["q_proj", "v_proj"],
+                "lora_dropout": args.lora_dropout, "bias": "none", "task_type": "CAUSAL_LM"}
+        settings = MemGenSettings(prompt_latents_len=args.prompt_latents, inference_latents_len=args.inference_latents,
+                                  max_inference_aug_num=5, weaver_lora_config=dict(lora),
+                                  trigger_lora_config=dict(lora))
+        configs = [load_hf_config(d or reasoner) for d in (reasoner, weaver, trigger)]
+        ckpt = random_checkpoint(settings, *configs, seed=args.init_seed, weaver_base=str(weaver or reasoner),
+                                 trigger_base=str(trigger or reasoner))
+    changes = {}
+    if args.max_inference_aug is not None:
+        changes["max_inference_aug_num"] = args.max_inference_aug
+    if args.trigger_active or args.mode == "trigger-grpo":
+        changes["trigger_active"] = True
+    if changes:
+        ckpt = dataclasses.replace(ckpt, settings=dataclasses.replace(ckpt.settings, **changes))
+    dtype = getattr(torch, args.dtype)
+    model = HFMemGenModel.from_checkpoint(ckpt, reasoner, weaver, trigger, dtype=dtype, device=args.device)
+    return model, reasoner, weaver, trigger
+
+
+def _logger(args, out_dir: Path, save):
+    log = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
+
+    def on_step(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if not args.quiet:
+            extra = (f" reward {record['reward_mean']:.3f} ins {record['insertion_rate']:.2f}"
+                     if "reward_mean" in record else "")
+            print(f"step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.2e}{extra}", file=sys.stderr)
+        if args.save_every and record["step"] % args.save_every == 0:
+            save(out_dir / f"step-{record['step']}")
+
+    return on_step, log
+
+
+def run_train_from_args(args: argparse.Namespace) -> int:
+    from .common import save_checkpoint
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, reasoner, weaver, trigger = _load_model(args)
+
+    def save(path):
+        return save_checkpoint(model, path, args.save_format)
+
+    on_step, log = _logger(args, out_dir, save)
+    try:
+        if args.mode == "sft":
+            history = _run_sft(args, model, on_step)
+        else:
+            history = _run_grpo(args, model, reasoner, weaver, trigger, on_step)
+    finally:
+        log.close()
+    written = save(out_dir)
+    summary = {"mode": args.mode, "steps": len(history), "final": history[-1] if history else None,
+               "checkpoints": [str(p) for p in written], "args": {k: v for k, v in vars(args).items()
+                                                                  if isinstance(v, (str, int, float, bool, type(None)))}}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"memgen train: {len(history)} steps; checkpoint in {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _run_sft(args, model, on_step) -> list[dict]:
+    from .data import encode_example, read_chat_jsonl
+    from .sft import SFTConfig, train_sft
+
+    examples = [encode_example(model.tokenizer, e, args.max_length) for e in read_chat_jsonl(args.data)]
+    config = SFTConfig(learning_rate=args.lr, epochs=args.epochs or 2, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler,
+                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
+                       seed=args.seed)
+    return train_sft(model, examples, config, on_step=on_step)
+
+
+def _run_grpo(args, model, reasoner, weaver, trigger, on_step) -> list[dict]:
+    from memgen import LLM
+    from memgen.eval.records import read_records
+
+    from .grpo import GRPOConfig, GRPOTrainer
+
+    records = []
+    for rec in read_records(args.data, task=args.task, strict=True).records:
+        if rec.task is None:
+            raise ValueError(f"{args.data}:{rec.line_no}: no reference to reward (answer, aliases or tests)")
+        records.append({**rec.data, "task": rec.task})
+    config = GRPOConfig(role="weaver" if args.mode == "weaver-grpo" else "trigger",
+                        num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
+                        max_completion_length=args.max_completion_length, temperature=args.temperature,
+                        trigger_temperature=args.trigger_temperature, learning_rate=args.lr,
+                        epochs=args.epochs or 1, max_steps=args.max_steps, lr_scheduler=args.lr_scheduler,
+                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                        max_grad_norm=args.max_grad_norm, loss_type=args.loss_type, epsilon=args.epsilon,
+                        epsilon_high=args.epsilon_high, num_iterations=args.num_iterations,
+                        penalty_lambda=0.0 if args.no_penalty else args.penalty_lambda,
+                        penalty_form=args.penalty_form, seed=args.seed)
+    llm = LLM(model=str(reasoner), memgen=model.to_checkpoint(), weaver_model=weaver, trigger_model=trigger,
+              dtype=args.dtype, device=args.device)
+    return GRPOTrainer(model, llm, records, config).train(on_step=on_step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m memgen.train.cli`) until `memgen train` is wired."""
+    parser = argparse.ArgumentParser(prog="memgen train", description=__doc__.split("\n\n")[0])
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_train_from_args(args)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"memgen train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""What SFT and GRPO share: which parameters a role trains, the optimizer and
+learning-rate schedule, and checkpoint writing.
+
+Roles, as the reference's `fix_component` / `open_component` set them (spec §3.3-§3.4):
+    weaver:  weaver LoRA, query latents, their LayerNorms and scales, both projections
+    trigger: trigger LoRA and the 2-way trigger head
+The reasoner is always frozen.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROLES = ("weaver", "trigger")
+SAVE_FORMATS = ("reference", "export", "both")
+
+
+def trainable_parameters(model, role: str) -> dict[str, nn.Parameter]:
+    """Name -> parameter of what `role` trains (module docstring)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    named = dict(model.named_parameters())
+    if role == "weaver":
+        prefixes = ("prompt_query_latents", "inference_query_latents", "prompt_latent_ln.",
+                    "inference_latent_ln.", "prompt_latent_scale", "inference_latent_scale",
+                    "reasoner_to_weaver.", "weaver_to_reasoner.")
+        keep = {n for n in named if n.startswith(prefixes) or (n.startswith("weaver.") and ".lora_" in n)}
+    else:
+        keep = {n for n in named if n.startswith("trigger_head.") or (n.startswith("trigger.") and ".lora_" in n)}
+    return {n: named[n] for n in sorted(keep)}
+
+
+def freeze_for(model, role: str) -> dict[str, nn.Parameter]:
+    """requires_grad only on `role`'s parameters; returns them."""
+    params = trainable_parameters(model, role)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def make_optimizer(params, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW with the HF Trainer's defaults (betas 0.9/0.999, eps 1e-8)."""
+    return torch.optim.AdamW(list(params), lr=learning_rate, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, kind: str, num_steps: int, warmup_ratio: float):
+    """transformers' schedulers ("cosine", "linear", "constant"), warmup = ceil(ratio * steps)
+    as the HF Trainer computes it."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    warmup = math.ceil(warmup_ratio * num_steps)
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, num_steps)
+    if kind == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, num_steps)
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    raise ValueError(f"lr scheduler must be cosine, linear or constant, got {kind!r}")
+
+
+def clip_and_step(params, optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """Clip the global grad norm (if set), step optimizer and schedule; the pre-clip norm."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def save_checkpoint(model, path: str | Path, save_format: str = "both") -> list[Path]:
+    """Write the model's MemGen weights: "reference" (the reference's
+    save_pretrained layout) to path/reference, "export" (safetensors + recorded
+    bases) to path/export, "both" to both. Both load with LLM(memgen=...)."""
+    from memgen.checkpoint import save_export, save_reference
+
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save format must be one of {SAVE_FORMATS}, got {save_format!r}")
+    path = Path(path)
+    ckpt = model.to_checkpoint()
+    written = []
+    if save_format in ("reference", "both"):
+        written.append(save_reference(ckpt, path / "reference"))
+    if save_format in ("export", "both"):
+        written.append(save_export(ckpt, path / "export"))
+    return written

@@ -1,0 +1,145 @@
+"""Training data for `memgen train`: chat examples -> (input_ids, labels) with
+the reference's masking (spec §3.6), and prompts for GRPO rollouts.
+
+SFT masking, as TRL 0.21 + MemGen's `forward` do it for one assistant turn:
+    text   = template(prompt + [assistant])        ids = tokens(text)
+    labels = -100 on tokens(template(prompt))      (no generation prompt)
+           then -100 on every "<|im_start|>assistant\\n" token run
+so supervision starts at the assistant's content and covers its `<|im_end|>`
+and the trailing newline. Running example (ChatML, one user turn):
+    <|im_start|> user \\n Hi . <|im_end|> \\n | <|im_start|> ass istant \\n | The ... }. <|im_end|> \\n
+    -100 ......................................|  -100 (header) .............| supervised ................
+The first supervised token is MemGen's prompt insertion point.
+
+SFT input lines (JSONL), one assistant turn to learn:
+    {"messages": [{"role": "user", ...}, ..., {"role": "assistant", "content": "..."}]}
+    {"prompt": [...messages...] | "text", "completion": [{"role": "assistant", ...}] | "text"}
+Multi-turn conversational SFT (spec §3.2) is not supported: an assistant turn
+before the completion is rejected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+IGNORE = -100
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+
+
+@dataclass
+class ChatExample:
+    prompt: list[dict]           # messages before the completion
+    completion: str              # the assistant's content to learn
+    id: str | int | None = None
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]            # IGNORE where unsupervised
+    id: str | int | None = None
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def _messages(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise ValueError(f"{where}: expected a string or a list of {{\"role\", \"content\"}} objects")
+    return [dict(role=m["role"], content=m["content"]) for m in value]
+
+
+def parse_chat_example(obj: dict, where: str = "example") -> ChatExample:
+    """One JSON object in either accepted form (module docstring) -> ChatExample."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "completion" in obj:
+        prompt = _messages(obj.get("prompt", obj.get("messages")), f"{where} prompt")
+        comp = obj["completion"]
+        if isinstance(comp, list):
+            turns = _messages(comp, f"{where} completion")
+            if len(turns) != 1 or turns[0]["role"] != "assistant":
+                raise ValueError(f"{where}: completion must be one assistant message")
+            comp = turns[0]["content"]
+        if not isinstance(comp, str):
+            raise ValueError(f"{where}: completion must be a string or one assistant message")
+    elif "messages" in obj:
+        msgs = _messages(obj["messages"], f"{where} messages")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant turn to learn "
+                             "(or give a separate \"completion\")")
+        prompt, comp = msgs[:-1], msgs[-1]["content"]
+    else:
+        raise ValueError(f"{where}: needs \"messages\" ending with an assistant turn, or \"prompt\" + \"completion\"")
+    if not prompt:
+        raise ValueError(f"{where}: the prompt has no messages")
+    if any(m["role"] == "assistant" for m in prompt):
+        raise ValueError(f"{where}: an assistant turn inside the prompt means conversational SFT "
+                         "(spec §3.2), which memgen.train does not support")
+    return ChatExample(prompt=prompt, completion=comp, id=obj.get("id"))
+
+
+def read_chat_jsonl(path: str | os.PathLike) -> list[ChatExample]:
+    """Every example of a JSONL file; a bad line raises ValueError naming it."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            out.append(parse_chat_example(obj, f"{path}:{line_no}"))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def mask_assistant_header(input_ids: list[int], labels: list[int], header_ids: list[int]) -> list[int]:
+    """The reference's `_postprocess_assistant_labels`: -100 on every run of
+    `header_ids` in input_ids (overlapping scan, as it does)."""
+    out = list(labels)
+    n = len(header_ids)
+    for i in range(len(input_ids) - n + 1):
+        if input_ids[i:i + n] == header_ids:
+            out[i:i + n] = [IGNORE] * n
+    return out
+
+
+def encode_example(tokenizer, example: ChatExample, max_length: int | None = None) -> EncodedExample:
+    """(input_ids, labels) with the reference's masking (module docstring).
+    The tokenizer must carry MemGen's chat template (HFMemGenModel.tokenizer
+    does). Truncated on the right to max_length, as TRL does."""
+    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False)
+    full_text = tokenizer.apply_chat_template(
+        example.prompt + [{"role": "assistant", "content": example.completion}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently inside the full conversation")
+    prompt_ids, ids = _tokens(tokenizer, prompt_text), _tokens(tokenizer, full_text)
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError("the prompt's tokens are not a prefix of the conversation's tokens")
+    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+    labels = mask_assistant_header(ids, labels, _tokens(tokenizer, ASSISTANT_HEADER))
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return EncodedExample(ids, labels, example.id)
+
+
+def encode_prompt(tokenizer, record: dict) -> list[int]:
+    """Rollout prompt ids for an eval-style record ("messages" or raw "prompt"),
+    exactly as `LLM.chat` / `LLM.generate` would encode it."""
+    if "messages" in record:
+        text = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)
+        return _tokens(tokenizer, text)
+    return list(tokenizer(record["prompt"])["input_ids"])

@@ -1,0 +1,252 @@
+"""memgen.train: data masking, one SFT step, GRPO steps with engine rollouts,
+the reward-adaptive penalty, advantages and the loss on hand-computed cases,
+engine == memgen.hf after the weight push (float64), checkpoints and the CLI."""
+import argparse
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import memgen_fixtures
+from memgen import LLM, SamplingParams
+from memgen.hf import MEMGEN_CHAT_TEMPLATE, HFMemGenModel
+from memgen.train import (ChatExample, GRPOConfig, GRPOTrainer, SFTConfig, encode_example, group_advantages,
+                          grpo_loss, insertion_rates, mask_assistant_header, parse_chat_example, save_checkpoint,
+                          train_sft, trainable_parameters, trigger_logprobs, trigger_penalty)
+from memgen.train.cli import add_train_arguments, run_train_from_args
+
+COMPLETION = "We add, then check. Answer 42."
+RECORDS = [{"id": i, "messages": [{"role": "user", "content": p}], "answer": "42", "task": "boxed"}
+           for i, p in enumerate(memgen_fixtures.PROMPTS)]
+MAX_TOKENS = 16
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = MEMGEN_CHAT_TEMPLATE
+    return tok
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def _length_reward(rollout, record):
+    """Varies within a group (sampled lengths differ), so advantages are non-zero."""
+    return len(rollout.completion_ids) / MAX_TOKENS
+
+
+# ---------------------------------------------------------------- data
+def test_mask_assistant_header_hand_case():
+    ids = [5, 1, 7, 8, 9, 1, 7, 8, 4]
+    labels = [-100, -100, 7, 8, 9, 1, 7, 8, 4]
+    assert mask_assistant_header(ids, labels, [1, 7, 8]) == [-100, -100, -100, -100, 9, -100, -100, -100, 4]
+
+
+def test_encode_example_masks_prompt_and_assistant_header(chat_tokenizer):
+    tok = chat_tokenizer
+    ex = parse_chat_example({"messages": [{"role": "user", "content": "Hi."},
+                                          {"role": "assistant", "content": COMPLETION}]})
+    enc = encode_example(tok, ex)
+    first = next(i for i, t in enumerate(enc.labels) if t != -100)
+    # everything before the assistant's content is masked, the header included
+    assert tok.decode(enc.input_ids[:first]) == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
+    # supervision: the content, <|im_end|> and the trailing newline, contiguous
+    assert all(t != -100 for t in enc.labels[first:])
+    assert enc.labels[first:] == enc.input_ids[first:]
+    assert tok.decode(enc.input_ids[first:]) == COMPLETION + "<|im_end|>\n"
+    # the prompt/completion form gives the same encoding; truncation keeps the prefix
+    same = parse_chat_example({"prompt": "Hi.", "completion": COMPLETION})
+    assert encode_example(tok, same).input_ids == enc.input_ids
+    assert encode_example(tok, ex, max_length=first + 2).labels == enc.labels[:first + 2]
+
+
+def test_parse_chat_example_rejects_conversations():
+    with pytest.raises(ValueError, match="conversational"):
+        parse_chat_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
+    with pytest.raises(ValueError, match="assistant"):
+        parse_chat_example({"messages": [{"role": "user", "content": "a"}]})
+
+
+# ------------------------------------------------------- hand-computed maths
+def test_group_advantages_hand_case():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)     # unbiased std of (1, 0, 0, 1) is sqrt(1/3)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0], dtype=torch.float64))
+
+
+def test_trigger_penalty_hand_case():
+    augs = [[1, 0, -100, 1, 0],      # 2 of 4 decisions -> rate 0.5
+            [1, 1, 1, 1],            # 1.0
+            [1, 0, 0, 0],            # 0.25
+            [0, -100, 0]]            # 0.0
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert insertion_rates(augs).tolist() == [0.5, 1.0, 0.25, 0.0]
+    # high-reward rollouts: 0 and 2 -> p_bar = (0.5 + 0.25) / 2 = 0.375
+    penalty, p_bar = trigger_penalty(rewards, augs, 4, lam=0.1)
+    assert p_bar == 0.375
+    assert torch.allclose(penalty, torch.tensor([0.0125, 0.0625, 0.0, 0.0], dtype=torch.float64))
+    # the per-decision form: lam * insertions * (1 - p_bar)
+    penalty, _ = trigger_penalty(rewards, augs, 4, lam=0.1, form="per_decision")
+    assert torch.allclose(penalty, torch.tensor([0.125, 0.25, 0.0625, 0.0], dtype=torch.float64))
+    # nothing rewarded: no reference rate, no penalty
+    penalty, p_bar = trigger_penalty(torch.zeros(4), augs, 4, lam=0.1)
+    assert p_bar is None and penalty.tolist() == [0.0] * 4
+    # two groups: group 2's rewards (0.5, 0.2) -> mean 0.35, only the 0.5 rollout is high-reward
+    penalty, p_bar = trigger_penalty(torch.tensor([1.0, 0.0, 0.5, 0.2]), augs, 2, lam=1.0)
+    assert p_bar == pytest.approx(0.75 / 2)
+    assert torch.allclose(penalty, torch.tensor([0.125, 0.625, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_grpo_loss_hand_case():
+    lp = [torch.tensor([-1.0, -2.0]), torch.tensor([-0.5])]
+    adv = torch.tensor([1.0, -2.0])
+    # ratio 1 everywhere: per-position loss -A
+    assert float(grpo_loss(lp, lp, adv, "bnpo")) == pytest.approx((-1 * 2 + 2 * 1) / 3)
+    assert float(grpo_loss(lp, lp, adv, "grpo")) == pytest.approx((-1 + 2) / 2)
+    assert float(grpo_loss(lp, lp, adv, "dr_grpo", max_completion_length=4)) == pytest.approx(0.0)
+    # clipping: ratio 2 with A = 1 is clipped at 1.2; ratio 0.5 with A = 1 is not (min picks 0.5);
+    # ratio 2 with A = -1 keeps the unclipped -2
+    old = [torch.log(torch.tensor([0.5, 2.0]))]
+    new = [torch.zeros(2)]
+    assert float(grpo_loss(new, old, torch.tensor([1.0]), "bnpo")) == pytest.approx((-1.2 - 0.5) / 2)
+    assert float(grpo_loss([torch.log(torch.tensor([2.0]))], [torch.zeros(1)], torch.tensor([1.0]), "bnpo")) \
+        == pytest.approx(-1.2)
+    assert float(grpo_loss([torch.log(torch.tensor([2.0]))], [torch.zeros(1)], torch.tensor([-1.0]), "bnpo")) \
+        == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------- SFT
+def test_sft_step_changes_exactly_the_trainable_parameters(chat_tokenizer, memgen_ckpt_dir, memgen_reasoner_dir):
+    model = HFMemGenModel.from_checkpoint(memgen_ckpt_dir, memgen_reasoner_dir)
+    example = encode_example(model.tokenizer, ChatExample([{"role": "user", "content": "Hi."}], COMPLETION))
+    out = model.sft_forward(torch.tensor(example.input_ids), torch.tensor(example.labels))
+    assert out.inference_points, "the example must insert inference latents too"
+    before = _snapshot(model)
+    history = train_sft(model, [example], SFTConfig(learning_rate=1e-3, batch_size=1, max_steps=1,
+                                                     warmup_ratio=0.0))
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+    trainable = set(trainable_parameters(model, "weaver"))
+    assert any(".lora_A." in n for n in trainable) and "weaver_to_reasoner.weight" in trainable
+    assert "prompt_latent_ln.bias" in trainable and "inference_latent_scale" in trainable
+    assert _changed(before, model) == trainable
+    assert not model.training
+
+
+# ------------------------------------------------ GRPO + sync + checkpoints
+def _greedy_pair(model, llm, tokenizer):
+    """(engine rows, oracle rows): (tokens, augmentation) per prompt up to the first EOS."""
+    ids, mask = memgen_fixtures.encode_prompts(tokenizer)
+    out, aug = model.generate(ids, mask, max_new_tokens=MAX_TOKENS)
+    eos = tokenizer.eos_token_id
+    oracle = []
+    for b in range(ids.shape[0]):
+        tokens, decisions = out[b, ids.shape[1]:].tolist(), aug[b].tolist()
+        if eos in tokens:
+            n = tokens.index(eos) + 1
+            tokens, decisions = tokens[:n], decisions[:n]
+        oracle.append((tokens, decisions))
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+    engine = [(o.token_ids, o.augmentation) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    return engine, oracle
+
+
+@pytest.mark.parametrize("role", ["weaver", "trigger"])
+def test_grpo_step_with_engine_rollouts_then_sync(role, tmp_path, tokenizer, memgen_active_ckpt_dir,
+                                                  memgen_reasoner_dir):
+    """A GRPO step rolls out with the engine, trains exactly the role's
+    parameters, pushes them, and the engine's greedy output then equals
+    memgen.hf's with the trained weights (float64); the saved checkpoints
+    load into a fresh engine with the same output."""
+    model = HFMemGenModel.from_checkpoint(memgen_active_ckpt_dir, memgen_reasoner_dir, dtype=torch.float64)
+    llm = LLM(model=memgen_reasoner_dir, memgen=model.to_checkpoint(), dtype="float64")
+    config = GRPOConfig(role=role, num_generations=4, prompts_per_step=2, max_completion_length=MAX_TOKENS,
+                        learning_rate=0.05, warmup_ratio=0.0, max_steps=1, lr_scheduler="constant")
+    trainer = GRPOTrainer(model, llm, RECORDS[:2], config, reward_fn=_length_reward)
+    version = llm.engine.memgen_version
+    before = _snapshot(model)
+    rollouts = trainer.rollouts(RECORDS[:2])
+    assert len(rollouts) == 8 and [r.group for r in rollouts] == [0] * 4 + [1] * 4
+    assert all(len(r.augmentation) == len(r.completion_ids) for r in rollouts)
+    if role == "trigger":   # trigger decisions are sampled: some insert, some skip
+        decisions = [d for r in rollouts for d in r.augmentation if d != -100]
+        assert 0 in decisions and 1 in decisions
+        # one forward over prompt + completion gives the decisions' log-probs exactly
+        r = next(r for r in rollouts if r.num_decisions > 1)
+        got = trigger_logprobs(model, r.prompt_ids, r.completion_ids, r.augmentation)
+        want = []
+        for j, d in enumerate(r.augmentation):
+            if d != -100:
+                logits = model.trigger_logits(torch.tensor([r.prompt_ids + r.completion_ids[:j]]))
+                want.append(torch.log_softmax(logits[0], -1)[d])
+        assert torch.allclose(got, torch.stack(want).float(), atol=1e-6)
+
+    history = trainer.train()
+    assert len(history) == 1 and history[0]["num_trained_rows"] > 0
+    assert history[0]["num_rollouts"] == 8
+    assert llm.engine.memgen_version == version + 1
+    assert _changed(before, model) == set(trainable_parameters(model, role))
+    if role == "trigger":
+        assert history[0]["penalty_mean"] >= 0.0
+
+    engine, oracle = _greedy_pair(model, llm, tokenizer)
+    assert engine == oracle
+    # saved checkpoints (both layouts) load into a fresh engine and give the same output
+    written = save_checkpoint(model, tmp_path / "ckpt", "both")
+    assert [p.name for p in written] == ["reference", "export"]
+    assert (written[0] / "weaver" / "weaver" / "adapter_model.safetensors").is_file()
+    assert (written[1] / "memgen.safetensors").is_file()
+    for path in written:
+        fresh = LLM(model=memgen_reasoner_dir, memgen=path, dtype="float64")
+        assert _greedy_pair(model, fresh, tokenizer)[0] == engine
+
+
+def test_sft_then_sync_engine_equals_hf(tokenizer, memgen_ckpt_dir, memgen_reasoner_dir):
+    """SFT on memgen.hf, push, and the engine's greedy output equals memgen.hf's (float64)."""
+    model = HFMemGenModel.from_checkpoint(memgen_ckpt_dir, memgen_reasoner_dir, dtype=torch.float64)
+    llm = LLM(model=memgen_reasoner_dir, memgen=model.to_checkpoint(), dtype="float64")
+    old, _ = _greedy_pair(model, llm, tokenizer)
+    examples = [encode_example(model.tokenizer, ChatExample([{"role": "user", "content": p}], COMPLETION))
+                for p in memgen_fixtures.PROMPTS]
+    train_sft(model, examples, SFTConfig(learning_rate=0.05, batch_size=3, max_steps=2, warmup_ratio=0.0),
+              on_step=lambda _: llm.update_memgen_weights(model.to_checkpoint()))
+    engine, oracle = _greedy_pair(model, llm, tokenizer)
+    assert engine == oracle
+    assert engine != old, "the step must change the greedy output for the comparison to mean something"
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_sft_and_trigger_grpo(tmp_path, memgen_ckpt_dir, memgen_reasoner_dir):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                       {"role": "assistant", "content": COMPLETION}]})
+                              for p in memgen_fixtures.PROMPTS))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["sft", "--data", str(data), "--output-dir", str(tmp_path / "sft"),
+                              "--model", str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir),
+                              "--max-steps", "1", "--batch-size", "2", "--quiet"])
+    assert run_train_from_args(args) == 0
+    out = tmp_path / "sft"
+    assert (out / "reference" / "projs.bin").is_file() and (out / "export" / "memgen_config.json").is_file()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
+
+    grpo_data = tmp_path / "grpo.jsonl"
+    grpo_data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    args = parser.parse_args(["trigger-grpo", "--data", str(grpo_data), "--output-dir", str(tmp_path / "grpo"),
+                              "--model", str(memgen_reasoner_dir), "--memgen", str(out / "export"),
+                              "--max-steps", "1", "--num-generations", "2", "--max-completion-length", "8",
+                              "--save-format", "export", "--quiet"])
+    assert run_train_from_args(args) == 0
+    summary = json.loads((tmp_path / "grpo" / "train_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["final"]["num_rollouts"] == 2
+    assert summary["checkpoints"] == [str(tmp_path / "grpo" / "export")]
