@@ -55,7 +55,7 @@ def test_convert_both_directions(memgen_ckpt_dir, tmp_path, capsys):
 
 
 def test_help_for_every_subcommand(capsys):
-    for command in ("generate", "chat", "convert", "bench", "eval"):
+    for command in ("generate", "chat", "convert", "bench", "eval", "train"):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0

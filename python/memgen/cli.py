@@ -122,6 +122,12 @@ def cmd_eval(args) -> int:
     return run_eval_from_args(args)
 
 
+def cmd_train(args) -> int:
+    from memgen.train.cli import run_train_from_args
+
+    return run_train_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memgen", description="Fast, exact inference for MemGen models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train MemGen's weaver (SFT, GRPO) or trigger (GRPO) with engine rollouts")
+    try:
+        from memgen.train.cli import add_train_arguments
+        add_train_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=cmd_train)
     return parser
 
 
