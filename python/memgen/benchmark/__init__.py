@@ -1,0 +1,134 @@
+"""`memgen bench`: latency and throughput with MemGen's memory on vs off, and
+the engine vs the HF reference (`memgen.hf`) and vs HF `generate`.
+
+Every mode prints a table and writes one JSON (machine, versions, load
+average, full configuration, raw per-token timestamps, medians and ratios);
+`latency` also draws a PNG. Memory off is a plain `LLM(model)`, memory on is
+`LLM(model, memgen=...)` over the same prompts with the same generated token
+counts (`ignore_eos`). Without --memgen the MemGen parts are initialised the
+way the reference does (random_checkpoint) and the output says so.
+
+    memgen bench                                   # latency, ~1-2 min on a 2-core CPU
+    memgen bench --mode overhead                   # issue 4 benchmark 1: batch 8, 384 tokens
+    memgen bench --mode vs-reference --max-tokens 128
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf")
+
+# per mode: batch sizes, output lengths, iterations (each overridable)
+MODE_DEFAULTS = {
+    "latency": ([1, 4], [32, 64], 3),
+    "throughput": ([8], [64], 3),
+    "overhead": ([8], [384], 3),
+    "vs-reference": ([8], [384], 3),
+    "vs-hf": ([1, 16], [128], 2),
+}
+DEFAULT_LATENTS, DEFAULT_BUDGET = 8, 5
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--mode", choices=MODES, default="latency",
+                   help="latency (default): memory on vs off across batch sizes and output lengths; "
+                        "throughput: many requests, continuous batching; overhead: memory on vs off at one "
+                        "config (issue 4: batch 8, 384 tokens, target <= 1.10x); vs-reference: engine vs "
+                        "memgen.hf (target >= 20x); vs-hf: plain engine vs HF generate "
+                        "(runs bench/bench_engine_vs_hf.py)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="reasoner: HF directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    g.add_argument("--memgen", default=None,
+                   help="MemGen checkpoint directory (default: MemGen parts initialised as the reference does)")
+    g.add_argument("--weaver-model", default=None, help="weaver base model directory (default: --model)")
+    g.add_argument("--trigger-model", default=None, help="trigger base model directory (default: --model)")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU) | float32 | float64 | bfloat16 | float16")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--reference-compat", action="store_true",
+                   help="reproduce the reference loader, which drops the trained LoRA weights")
+    g.add_argument("--seed", type=int, default=0, help="engine seed and random-init seed")
+    g = p.add_argument_group("random MemGen init (only without --memgen)")
+    g.add_argument("--latents", type=int, default=None, help=f"K, prompt and inference latents (default {DEFAULT_LATENTS})")
+    g.add_argument("--budget", type=int, default=None,
+                   help=f"max inference insertions per request (default {DEFAULT_BUDGET})")
+    g.add_argument("--trigger-inactive", action="store_true", default=None,
+                   help="insert at every delimiter until the budget is spent (default: trigger active)")
+    g.add_argument("--always-insert", action="store_true", default=None,
+                   help="set the random trigger head to always insert: the worst case for memory on")
+    g = p.add_argument_group("workload")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="requests per batch (throughput: max_num_seqs); default per mode: "
+                        + ", ".join(f"{m} {d[0]}" for m, d in MODE_DEFAULTS.items()))
+    g.add_argument("--max-tokens", type=int, nargs="+", default=None,
+                   help="output lengths (EOS ignored); default per mode: "
+                        + ", ".join(f"{m} {d[1]}" for m, d in MODE_DEFAULTS.items()))
+    g.add_argument("--num-prompts", type=int, default=16, help="throughput: requests submitted at once (default 16)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--iterations", type=int, default=None,
+                   help="timed runs per point, medians reported (default 3; vs-hf 2)")
+    g.add_argument("--reference-iterations", type=int, default=1,
+                   help="vs-reference: timed runs of the slow HF reference (default 1)")
+    g.add_argument("--warmup-tokens", type=int, default=8,
+                   help="tokens of the untimed warm-up run per engine and batch size (0: none)")
+    g.add_argument("--prefix-caching", action="store_true",
+                   help="leave prefix caching on (off by default: repeated iterations would time cache hits)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=None, help="JSON path (default bench/results/<mode>_<device>.json)")
+    g.add_argument("--plot", default=None, help="PNG path for latency mode (default: the JSON path with .png)")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def check_args(args) -> None:
+    """Fill the mode's defaults and refuse impossible values (ValueError)."""
+    batches, lengths, iterations = MODE_DEFAULTS[args.mode]
+    args.batch_sizes = args.batch_sizes or batches
+    args.max_tokens = args.max_tokens or lengths
+    args.iterations = args.iterations if args.iterations is not None else iterations
+    for name in ("batch_sizes", "max_tokens"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {bad}")
+    for name, low in (("iterations", 1), ("reference_iterations", 1), ("num_prompts", 1), ("warmup_tokens", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    random_init = {"--latents": args.latents, "--budget": args.budget,
+                   "--trigger-inactive": args.trigger_inactive, "--always-insert": args.always_insert}
+    if args.memgen is not None:
+        given = [k for k, v in random_init.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure the random MemGen init and cannot be combined with "
+                             "--memgen (the checkpoint carries its own settings)")
+    args.latents = DEFAULT_LATENTS if args.latents is None else args.latents
+    args.budget = DEFAULT_BUDGET if args.budget is None else args.budget
+    args.trigger_inactive = bool(args.trigger_inactive)
+    args.always_insert = bool(args.always_insert)
+    if args.latents < 0 or args.budget < 0:
+        raise ValueError(f"--latents and --budget must be >= 0, got {args.latents} and {args.budget}")
+
+
+def run_bench_from_args(args) -> int:
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"memgen bench: error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    from . import modes
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run = {"latency": modes.run_latency, "overhead": modes.run_latency, "throughput": modes.run_throughput,
+           "vs-reference": modes.run_vs_reference, "vs-hf": modes.run_vs_hf}[args.mode]
+    return run(args)
+
+
+__all__ = ["add_bench_arguments", "run_bench_from_args", "MODES"]

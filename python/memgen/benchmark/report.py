@@ -1,0 +1,150 @@
+"""What a benchmark run records besides its numbers (machine, versions, load),
+and how it shows them: a printed table, a JSON file, a PNG plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from (editable install), if any."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "bench").is_dir() else None
+
+
+def default_output(mode: str, device: torch.device) -> Path:
+    """bench/results/<mode>_<device>.json in the checkout, else under the cwd."""
+    base = repo_root() or Path.cwd()
+    return base / "bench" / "results" / f"{mode}_{device.type}.json"
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "device": str(device), "load_average_start": load_average()}
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages * page_size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_sha() -> str | None:
+    root = repo_root()
+    if root is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict:
+    import transformers
+
+    import memgen
+
+    out = {"memgen": memgen.__version__, "memgen_git": git_sha(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        import peft
+        out["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _clean(x):
+    """JSON has no NaN/inf: write null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: Path, result: dict) -> Path:
+    result["machine"]["load_average_end"] = load_average()
+    result["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+    return path
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def plot_latency(points: list[dict], path: Path, title: str) -> Path:
+    """Two panels: end-to-end latency and time per output token against the
+    output length, one line per batch size, memory on (solid) and off (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    batches = sorted({p["batch_size"] for p in points})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, label in ((axes[0], "latency_s", "end-to-end latency (s)"),
+                           (axes[1], "tpot_median_s", "time per output token (ms)")):
+        scale = 1000.0 if key.startswith("tpot") else 1.0
+        for i, b in enumerate(batches):
+            pts = sorted((p for p in points if p["batch_size"] == b), key=lambda p: p["max_tokens"])
+            xs = [p["max_tokens"] for p in pts]
+            for variant, style in (("memory_on", "-"), ("memory_off", "--")):
+                ys = [(p[variant][key] or 0.0) * scale for p in pts]
+                ax.plot(xs, ys, style, marker="o", color=colors[i % len(colors)],
+                        label=f"batch {b}, memory {variant.split('_')[1]}")
+        ax.set_xlabel("output tokens per request")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
