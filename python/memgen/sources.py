@@ -88,12 +88,15 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 
 def _cached_gguf_dir(gguf: Path, expected_sha256: str | None, name: str) -> Path:
     """Dequantize `gguf` once into the cache and return the cached directory."""
-    stat = gguf.stat()
-    stamp = {"source": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-             "format": _CACHE_FORMAT}
-    # The packaged file is keyed by its known hash; other files by their path stamp.
-    key = expected_sha256[:16] if expected_sha256 else hashlib.sha256(
-        json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    # The packaged file is identified by its known hash (whichever venv holds it);
+    # other files by path, size and modification time.
+    if expected_sha256:
+        stamp = {"source": gguf.name, "sha256": expected_sha256, "format": _CACHE_FORMAT}
+    else:
+        stat = gguf.stat()
+        stamp = {"source": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                 "format": _CACHE_FORMAT}
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{name}-{key}"
     stamp_file = target / "memgen_source.json"
     if stamp_file.is_file():
