@@ -33,8 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memgen", default=None, help="MemGen checkpoint to start from (default: a fresh one)")
     g.add_argument("--weaver-model", default=None, help="weaver base directory (default: recorded, else --model)")
     g.add_argument("--trigger-model", default=None, help="trigger base directory (default: recorded, else --model)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
-                   help="training (and rollout) dtype")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="training and rollout dtype (no bf16 yet: it would also cast the trained weights)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
     g = p.add_argument_group("fresh MemGen (without --memgen); the overrides also apply to a loaded one")

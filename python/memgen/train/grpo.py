@@ -12,7 +12,8 @@ One step:
      aggregated by loss_type: "grpo" (mean per sequence, then over sequences),
      "bnpo" (sum / all valid positions), "dr_grpo" (sum / (N * max_completion_length));
      with num_iterations == 1, old_logp is logp detached (TRL), so r_t = 1;
-  5. optimizer step, then `llm.update_memgen_weights(model.to_checkpoint())`.
+  5. optimizer step (num_iterations of them), then
+     `llm.update_memgen_weights(model.to_checkpoint())` before the next rollouts.
 
 Log-probabilities:
   - weaver: `sft_forward` over prompt + completion (labels -100 on the prompt
@@ -287,9 +288,10 @@ class GRPOTrainer:
             shaped = rewards - penalty
         advantages = group_advantages(shaped, c.num_generations, c.advantage_eps)
 
-        weights = row_weights([self._num_valid(r) for r in rollouts], c.loss_type, c.max_completion_length)
-        active = [i for i, a in enumerate(advantages.tolist()) if a != 0.0 and weights[i] > 0
-                  and self._num_valid(rollouts[i]) > 0]
+        valid = [self._num_valid(r) for r in rollouts]
+        weights = row_weights(valid, c.loss_type, c.max_completion_length)
+        # a zero advantage (or nothing to score) contributes exactly zero loss and gradient
+        active = [i for i, a in enumerate(advantages.tolist()) if a != 0.0 and valid[i] > 0]
         eps_high = c.epsilon if c.epsilon_high is None else c.epsilon_high
         old: dict[int, Tensor] = {}
         if c.num_iterations > 1:
