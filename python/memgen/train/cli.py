@@ -21,7 +21,13 @@ from pathlib import Path
 MODES = ("sft", "weaver-grpo", "trigger-grpo")
 
 
+DESCRIPTION = ("Train MemGen on memgen.hf with engine rollouts: weaver SFT, weaver GRPO, or trigger GRPO "
+               "with the reward-adaptive insertion penalty.")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    if not p.description:
+        p.description = DESCRIPTION
     p.add_argument("mode", choices=MODES, help="sft: weaver SFT on chat examples; weaver-grpo / trigger-grpo: "
                    "GRPO with engine rollouts on eval-style records")
     p.add_argument("--data", required=True, help="JSONL: chat examples with an assistant turn (sft), or records "
@@ -37,11 +43,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="training and rollout dtype (no bf16 yet: it would also cast the trained weights)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
-    g = p.add_argument_group("fresh MemGen (without --memgen); the overrides also apply to a loaded one")
+    g = p.add_argument_group("MemGen settings (latents and LoRA: fresh MemGen only, without --memgen)")
     g.add_argument("--prompt-latents", type=int, default=8, help="K prompt latents")
     g.add_argument("--inference-latents", type=int, default=8, help="K inference latents")
-    g.add_argument("--max-inference-aug", type=int, default=None, help="insertion budget (fresh default 5)")
-    g.add_argument("--trigger-active", action="store_true", help="use the trained trigger (trigger-grpo sets it)")
+    g.add_argument("--max-inference-aug", type=int, default=None,
+                   help="insertion budget (default: the checkpoint's; 5 when fresh)")
+    g.add_argument("--trigger-active", action="store_true",
+                   help="use the trained trigger (always on for trigger-grpo)")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32)
     g.add_argument("--lora-dropout", type=float, default=0.1)
@@ -138,6 +146,8 @@ def _logger(args, out_dir: Path, save):
 def run_train_from_args(args: argparse.Namespace) -> int:
     from .common import save_checkpoint
 
+    if not Path(args.data).is_file():   # before the (slow) model load
+        raise FileNotFoundError(2, "training data not found", str(args.data))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, reasoner, weaver, trigger = _load_model(args)
@@ -202,7 +212,7 @@ def _run_grpo(args, model, reasoner, weaver, trigger, on_step) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (`python -m memgen.train.cli`) until `memgen train` is wired."""
-    parser = argparse.ArgumentParser(prog="memgen train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="memgen train")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     try:
