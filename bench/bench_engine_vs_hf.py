@@ -86,11 +86,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the packaged SmolLM2-135M)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (best is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and point, alternating (best kept)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,10 +114,14 @@ def main() -> None:
         prompts = make_prompts(tokenizer, batch)
         bench_engine(llm, prompts, 8)            # warm-up both sides
         bench_hf(hf, tokenizer, prompts, 8)
-        eng_t, eng_tokens = min((bench_engine(llm, prompts, args.max_tokens) for _ in range(args.repeats)),
-                                key=lambda r: r[0])
-        hf_t, hf_tokens = min((bench_hf(hf, tokenizer, prompts, args.max_tokens) for _ in range(args.repeats)),
-                              key=lambda r: r[0])
+        # alternate the two sides and keep each one's best run: load from other processes on a
+        # shared machine then biases neither side
+        eng_runs, hf_runs = [], []
+        for _ in range(args.repeats):
+            eng_runs.append(bench_engine(llm, prompts, args.max_tokens))
+            hf_runs.append(bench_hf(hf, tokenizer, prompts, args.max_tokens))
+        eng_t, eng_tokens = min(eng_runs, key=lambda r: r[0])
+        hf_t, hf_tokens = min(hf_runs, key=lambda r: r[0])
         n = batch * args.max_tokens
         rows.append({"batch": batch, "new_tokens_per_row": args.max_tokens,
                      "prompt_tokens": [len(p) for p in prompts],
