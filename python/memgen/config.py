@@ -23,6 +23,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None   # or a memory budget; None -> max_model_len x max_num_seqs
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
+    attention_backend: str = "auto"          # "auto" (Triton on CUDA, torch SDPA on CPU) | "torch" | "triton"
     seed: int = 0
 
     @classmethod
@@ -39,6 +40,8 @@ class EngineConfig:
             v = self.kv_cache_memory_gb
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"kv_cache_memory_gb must be a positive number of GiB, got {v!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}: use 'auto', 'torch' or 'triton'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
 

@@ -13,6 +13,7 @@ from memgen.engine.block_manager import BlockManager
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.scheduler import Scheduler
 from memgen.engine.memgen_setup import BASE_POOL, MemGenSetup
+from memgen.layers.triton_backend import select_backend
 from memgen.engine.sequence import REASONER, Sequence, Stream
 from memgen.memory.controller import ADAPTER_IDS, MemGenController
 from memgen.layers.sampler import Sampler, SamplingBatch
@@ -29,7 +30,9 @@ class LLMEngine:
         self.hf_config = hf_config
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
-        self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size)
+        backend = select_backend(config.attention_backend, device)
+        self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size,
+                                        attn_backend=backend)
         # one runner (model + KV pool) per distinct checkpoint: "base" is the reasoner's
         self.runners = {BASE_POOL: self.model_runner}
         self.memory: MemGenController | None = None

@@ -50,7 +50,8 @@ class MemGenSetup:
                 pool, runner = BASE_POOL, base
             else:
                 pool = name
-                runner = ModelRunner(model_dir, config, dtype, device, max_model_len + block_size, block_size)
+                runner = ModelRunner(model_dir, config, dtype, device, max_model_len + block_size, block_size,
+                                     attn_backend=base.attn_backend)
                 runners[pool] = runner
             install_lora(runner.model, ADAPTER_IDS[name], lora, dtype, device)
             pools[name] = pool
