@@ -56,6 +56,7 @@ def test_latency_json_schema(latency_run, capsys):
     for raw in data["raw_runs"]:
         assert len(raw["iterations"]) == 2
         for it in raw["iterations"]:
+            assert it["cpu_s"] > 0 and it["wall_s"] > 0
             for r in it["requests"]:
                 assert r["num_output_tokens"] == 9 and len(r["token_times_s"]) == 9
                 assert r["token_times_s"] == sorted(r["token_times_s"])

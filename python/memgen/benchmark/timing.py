@@ -64,9 +64,11 @@ class RequestTiming:
 class TimedRun:
     wall_s: float
     requests: list[RequestTiming] = field(default_factory=list)
+    cpu_s: float = float("nan")     # this process's CPU time: less sensitive to a busy machine than wall time
 
     def to_json(self) -> dict:
-        return {"wall_s": round(self.wall_s, 6), "requests": [r.to_json() for r in self.requests]}
+        return {"wall_s": round(self.wall_s, 6), "cpu_s": round(self.cpu_s, 6),
+                "requests": [r.to_json() for r in self.requests]}
 
 
 def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
@@ -75,7 +77,7 @@ def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
     engine = llm.engine
     if engine.has_unfinished():
         raise RuntimeError("the engine still has unfinished requests; a timed run needs it idle")
-    start = time.perf_counter()
+    cpu_start, start = time.process_time(), time.perf_counter()
     seqs = [engine.add_request(ids, params) for ids in prompts]
     times: list[list[float]] = [[] for _ in seqs]
     while engine.has_unfinished():
@@ -83,9 +85,10 @@ def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
         now = time.perf_counter() - start
         for t, seq in zip(times, seqs):
             t.extend([now] * (seq.num_output_tokens - len(t)))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     outs = [llm._output(seq) for seq in seqs]
-    return TimedRun(wall, [RequestTiming(t, o.token_ids, o.augmentation, o.metrics) for t, o in zip(times, outs)])
+    return TimedRun(wall, [RequestTiming(t, o.token_ids, o.augmentation, o.metrics) for t, o in zip(times, outs)],
+                    cpu)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -136,6 +139,8 @@ def run_metrics(run: TimedRun, length: int, latents: tuple[int, int] = (0, 0)) -
         "output_tokens_per_s": n * length / latency,
         "output_tokens": n * length,
     }
+    if length == len(run.requests[0].token_times_s):   # CPU time is known for the whole run only
+        out["cpu_s"] = run.cpu_s
     for key in ("num_insertions", "num_trigger_calls", "num_latent_positions"):
         out[f"{key}_per_request"] = statistics.fmean(c[key] for c in counts)
     return out
