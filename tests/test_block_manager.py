@@ -1,5 +1,7 @@
-"""Block pool bookkeeping: reference counts, prefix hits through chained
-hashes, the collision check, and least-recently-freed eviction."""
+"""Block pool bookkeeping (the native BlockManager): reference counts, prefix
+hits through chained hashes, the collision check, least-recently-freed
+eviction, and errors as Python exceptions. tests/test_native_allocator.py
+compares it with the plain-Python model on random operation sequences."""
 import pytest
 
 from memgen.engine.block_manager import BlockManager
@@ -27,7 +29,8 @@ def test_allocate_and_free_return_every_block():
     assert len(s.block_table) == 3
     m.free(s)
     assert m.num_free_blocks == 8 and s.block_table == [] and s.num_computed_tokens == 0
-    assert all(b.ref_count == 0 for b in m.blocks)
+    assert all(m.ref_count(i) == 0 for i in range(m.num_blocks))
+    m.check_invariants()
 
 
 def test_prefix_hits_share_blocks_and_leave_the_last_position():
@@ -38,7 +41,7 @@ def test_prefix_hits_share_blocks_and_leave_the_last_position():
     assert hits == a.block_table[:2]
     m.allocate(b, 12 - 8, hits)
     assert b.num_computed_tokens == b.num_cached_tokens == 8
-    assert [m.blocks[i].ref_count for i in hits] == [2, 2]
+    assert [m.ref_count(i) for i in hits] == [2, 2]
     c = Stream("R", list(range(8)) + [50, 51, 52, 53, 54])
     assert m.find_cached_prefix(c) == a.block_table[:2]
     d = Stream("R", [0, 1, 2, 3, 9, 9, 9, 9, 9])     # diverges in block 1: only block 0 hits
@@ -47,13 +50,12 @@ def test_prefix_hits_share_blocks_and_leave_the_last_position():
     assert m.find_cached_prefix(e) == []
 
 
-def test_collision_check_rejects_a_block_with_other_contents(monkeypatch):
-    m = BlockManager(8, 4)
+def test_collision_check_rejects_a_block_with_other_contents():
+    m = BlockManager(8, 4, hash_bits=0)     # every block hashes to 0: every lookup collides
     a = _computed(m, [1, 2, 3, 4, 5])
-    block = m.blocks[a.block_table[0]]
-    # forge a collision: the registered key no longer matches what the hash claims
-    block.key = (None, (7, 7, 7, 7), None)
-    assert m.find_cached_prefix(Stream("R", [1, 2, 3, 4, 5])) == []
+    assert m.find_cached_prefix(Stream("R", [7, 7, 7, 7, 5])) == []
+    assert m.find_cached_prefix(Stream("R", [1, 2, 3, 4, 5])) == a.block_table[:1]
+    assert m.find_cached_prefix(Stream("R", [1, 2, 3, 4, 5], cache_salt="other")) == []
 
 
 def test_freed_blocks_keep_serving_hits_until_reused():
@@ -100,5 +102,32 @@ def test_out_of_blocks_is_refused_not_overrun():
     m = BlockManager(2, 4)
     s = Stream("R", list(range(9)))
     assert not m.can_allocate(s, 9)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="out of blocks"):
         m.allocate(s, 9)
+    assert m.num_free_blocks == 2 and s.block_table == []     # a refused allocation changes nothing
+
+
+def test_native_errors_are_python_exceptions():
+    with pytest.raises(ValueError, match="block_size"):
+        BlockManager(4, 0)
+    m = BlockManager(4, 4)
+    with pytest.raises(IndexError, match="block id"):
+        m.ref_count(4)
+    s = Stream("R", [1, 2, 3, 4, 5])
+    with pytest.raises(IndexError, match="block id"):
+        m.allocate(s, 1, [17])
+    with pytest.raises(TypeError):
+        m.allocate(object(), 1)
+    with pytest.raises(TypeError, match="list"):
+        s.token_ids = (1, 2)
+    bad = Stream("R", [1, 2, "x", 4, 5])
+    m.allocate(bad, 5)
+    bad.num_computed_tokens = 5
+    with pytest.raises(TypeError, match="not an int"):
+        m.cache_full_blocks(bad)
+    embed = Stream("R", [1, -1, 3, 4, 5])          # an embedding position without its digest
+    m2 = BlockManager(4, 4)
+    m2.allocate(embed, 5)
+    embed.num_computed_tokens = 5
+    with pytest.raises(IndexError, match="digest"):
+        m2.cache_full_blocks(embed)

@@ -1,12 +1,18 @@
 """Turn a step's scheduled chunks into the flat tensors of one forward: input
 ids (or embeddings), positions, and the ForwardContext (slot mapping, block
-tables, context lengths).
+tables, context lengths, adapter id per row).
+
+The integer tensors are assembled natively (`StepCore.assemble`, engine/
+runtime.cpp) straight into preallocated host buffers (pinned on CUDA) and
+copied to the device from there; the embedding rows (latents, the weaver's
+projected tokens) are filled here, only for chunks that have them.
 
 Example, block_size 4: chunk A = positions 6..6 of a stream with blocks [5, 2],
 chunk B = positions 0..2 of a stream with blocks [7]:
   input rows   [A6, B0, B1, B2]     positions [6, 0, 1, 2]
-  cu_seqlens_q [0, 1, 4]            context_lens [7, 3]
+  cu_seqlens_q [0, 1, 4]            context_lens [7, 3]      last_rows [0, 3]
   slot_mapping [2*4+2, 7*4+0, 7*4+1, 7*4+2]
+  block_tables [[5, 2], [7, -1]]
 """
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memgen.engine.scheduler import ScheduledChunk
-from memgen.engine.sequence import EMBED
+from memgen import _native
+from memgen._native import EMBED, StepCore
 from memgen.layers.context import ForwardContext
 
 
@@ -26,70 +32,82 @@ class ModelInput:
     inputs_embeds: torch.Tensor | None      # [N, H] when some rows are embeddings
     is_token: torch.Tensor | None           # [N] bool when some rows are embeddings
     context: ForwardContext
-    last_rows: list[int]                    # index of each chunk's last row
+    last_rows: torch.Tensor                 # [B] index of each chunk's last row (host)
 
 
-def build_model_input(chunks: list[ScheduledChunk], block_size: int, hidden_size: int,
+class InputBuffers:
+    """Host buffers the native assembly writes into; they grow on demand. The
+    tensors handed out are views, valid until the next assembly into them (on
+    CUDA the step synchronizes on its sampled tokens before the next one)."""
+
+    def __init__(self, device: torch.device, max_rows: int = 256, max_chunks: int = 64, max_table: int = 4096):
+        self.pin = device.type == "cuda" and torch.cuda.is_available()
+        self._allocate(max_rows, max_chunks, max_table)
+
+    def _allocate(self, max_rows: int, max_chunks: int, max_table: int) -> None:
+        def buf(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.int64, pin_memory=self.pin)
+
+        self.input_ids, self.positions, self.slot_mapping, self.adapter_ids = (buf(max_rows) for _ in range(4))
+        self.cu_seqlens_q, self.context_lens, self.last_rows = buf(max_chunks + 1), buf(max_chunks), buf(max_chunks)
+        self.block_tables = buf(max_table)
+        self.sizes = (max_rows, max_chunks, max_table)
+        self.native = _native.InputBuffers(
+            self.input_ids.data_ptr(), self.positions.data_ptr(), self.slot_mapping.data_ptr(),
+            self.adapter_ids.data_ptr(), max_rows, self.cu_seqlens_q.data_ptr(), self.context_lens.data_ptr(),
+            self.last_rows.data_ptr(), max_chunks, self.block_tables.data_ptr(), max_table)
+
+    def grow(self, res) -> None:
+        rows, chunks, table = self.sizes
+        self._allocate(max(rows, 2 * res.num_rows), max(chunks, 2 * res.num_chunks),
+                       max(table, 2 * res.num_chunks * res.max_blocks))
+
+
+def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, block_size: int, hidden_size: int,
                       device: torch.device, dtype: torch.dtype) -> ModelInput:
-    ids: list[int] = []
-    starts, q_lens, tables = [], [], []
-    has_embeds = False
-    for c in chunks:
-        ids += c.stream.token_ids[c.start:c.end]
-        starts.append(c.start)
-        q_lens.append(c.num_tokens)
-        tables.append(c.stream.block_table)
-        has_embeds = has_embeds or bool(c.stream.embeds)
-    max_blocks = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [-1] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
-    q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
-    starts_t = torch.tensor(starts, dtype=torch.int64)
-    cu_seqlens_q = torch.zeros(len(chunks) + 1, dtype=torch.int64)
-    torch.cumsum(q_lens_t, 0, out=cu_seqlens_q[1:])
-    context_lens = starts_t + q_lens_t
-    num_rows = len(ids)
-    # positions: row r of chunk b sits at starts[b] + (r - cu_seqlens_q[b])
-    chunk_of_row = torch.repeat_interleave(torch.arange(len(chunks)), q_lens_t)
-    positions = torch.arange(num_rows) + (starts_t - cu_seqlens_q[:-1]).repeat_interleave(q_lens_t)
-    blocks = block_tables[chunk_of_row, positions // block_size]
-    slot_mapping = blocks * block_size + positions % block_size
+    """The model input for the step's chunks of one pool (-1: every chunk)."""
+    res = step.assemble(pool_index, block_size, buffers.native)
+    if not res.fits:
+        buffers.grow(res)
+        res = step.assemble(pool_index, block_size, buffers.native)
+    n, b, w = res.num_rows, res.num_chunks, res.max_blocks
+    if n == 0:
+        raise ValueError("build_model_input: no chunks to run")
+    input_ids = buffers.input_ids[:n]
+    cu_seqlens_q = buffers.cu_seqlens_q[:b + 1]
 
-    input_ids = torch.tensor(ids, dtype=torch.int64)
     inputs_embeds = is_token = None
-    projected = [c for c in chunks if c.stream.token_input is not None]
-    if has_embeds or projected:
+    if res.has_embeds:
         is_token = input_ids != EMBED
-        inputs_embeds = torch.zeros(num_rows, hidden_size, dtype=dtype, device=device)
+        inputs_embeds = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         row = 0
-        for c in chunks:
-            stream = c.stream
+        for _, stream, start, num_tokens in step.chunk_tuples():
+            if pool_index >= 0 and stream.pool_index != pool_index:
+                continue
             if stream.token_input is not None:
                 # every row of this chunk is an embedding: project its token rows
-                chunk_ids = input_ids[row:row + c.num_tokens]
+                chunk_ids = input_ids[row:row + num_tokens]
                 token_rows = (chunk_ids != EMBED).nonzero().squeeze(1)
                 if token_rows.numel():
                     inputs_embeds[row + token_rows] = stream.token_input(
                         chunk_ids[token_rows].to(device)).to(dtype)
-                is_token[row:row + c.num_tokens] = False
+                is_token[row:row + num_tokens] = False
             if stream.embeds:
-                for p in range(c.start, c.end):
-                    if stream.token_ids[p] == EMBED:
-                        inputs_embeds[row + p - c.start] = stream.embeds[p]
-            row += c.num_tokens
+                token_ids, embeds = stream.token_ids, stream.embeds
+                for p in range(start, start + num_tokens):
+                    if token_ids[p] == EMBED:
+                        inputs_embeds[row + p - start] = embeds[p]
+            row += num_tokens
         is_token = is_token.to(device, non_blocking=True)
-
-    adapter_ids = None
-    if any(c.stream.adapter_id >= 0 for c in chunks):
-        adapter_ids = torch.tensor([c.stream.adapter_id for c in chunks], dtype=torch.int64)
-        adapter_ids = adapter_ids.repeat_interleave(q_lens_t).to(device, non_blocking=True)
 
     def dev(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
     ctx = ForwardContext(
-        cu_seqlens_q=dev(cu_seqlens_q), context_lens=dev(context_lens), slot_mapping=dev(slot_mapping),
-        block_tables=dev(block_tables), max_seqlen_q=max(q_lens), max_seqlen_k=int(context_lens.max()),
-        block_size=block_size, adapter_ids=adapter_ids,
+        cu_seqlens_q=dev(cu_seqlens_q), context_lens=dev(buffers.context_lens[:b]),
+        slot_mapping=dev(buffers.slot_mapping[:n]), block_tables=dev(buffers.block_tables[:b * w].view(b, w)),
+        max_seqlen_q=res.max_seqlen_q, max_seqlen_k=res.max_seqlen_k, block_size=block_size,
+        adapter_ids=dev(buffers.adapter_ids[:n]) if res.has_adapters else None,
     )
-    last_rows = (cu_seqlens_q[1:] - 1).tolist()
-    return ModelInput(dev(input_ids), dev(positions), inputs_embeds, is_token, ctx, last_rows)
+    return ModelInput(dev(input_ids), dev(buffers.positions[:n]), inputs_embeds, is_token, ctx,
+                      buffers.last_rows[:b])

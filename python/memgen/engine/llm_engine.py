@@ -117,24 +117,32 @@ class LLMEngine:
         """Run one batched forward. Returns the sequences that finished and the
         number of tokens sampled in this step."""
         out = self.scheduler.schedule()
-        if not out.chunks:
+        if not out.num_chunks:
             if out.preempted:
                 return [], 0
             raise RuntimeError("the scheduler found nothing to run although requests are waiting "
                                f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
-        hidden_of_chunk = self._forward(out.chunks)
         if self.memory is None:
-            due = [(c.seq, h[-1]) for c, h in zip(out.chunks, hidden_of_chunk)
-                   if c.stream.name == REASONER and c.completes]
+            # a plain LLM: one pool, and the reasoner chunks that complete are due
+            inp = self.model_runner.prepare(out.core)
+            hidden = self.model_runner.forward(inp)
+            rows, seqs = [], []
+            for (seq, stream, start, n), row in zip(out.core.chunk_tuples(), inp.last_rows.tolist()):
+                if stream.name == REASONER and start + n == stream.num_tokens:
+                    seqs.append(seq)
+                    rows.append(row)
             self.scheduler.postprocess(out)
+            due_hidden = hidden[torch.tensor(rows, device=hidden.device)] if rows else None
         else:
+            hidden_of_chunk = self._forward(out)
             due = self.memory.after_forward(out.chunks, hidden_of_chunk)
             self.scheduler.postprocess(out)
             self.memory.commit(out.chunks)
-        if not due:
+            seqs = [seq for seq, _ in due]
+            due_hidden = torch.stack([h for _, h in due]) if due else None
+        if not seqs:
             return [], 0
-        seqs = [seq for seq, _ in due]
-        logits = self.model_runner.compute_logits(torch.stack([h for _, h in due]))
+        logits = self.model_runner.compute_logits(due_hidden)
         sampled = self.sampler(logits, _sampling_batch(seqs))
         finished = self._append(seqs, sampled.token_ids, sampled.logprobs)
         if self.memory is not None:
@@ -148,16 +156,16 @@ class LLMEngine:
                     finished.append(seq)
         return finished, len(seqs)
 
-    def _forward(self, chunks) -> list[torch.Tensor]:
+    def _forward(self, out) -> list[torch.Tensor]:
         """One forward per pool (one in all when W and T share the reasoner's
         base); returns each chunk's hidden rows."""
-        by_pool: dict[str, list[int]] = {}
-        for i, c in enumerate(chunks):
-            by_pool.setdefault(c.stream.pool, []).append(i)
-        hidden_of_chunk: list[torch.Tensor] = [None] * len(chunks)
-        for pool, indices in by_pool.items():
-            runner = self.runners[pool]
-            inp = runner.prepare([chunks[i] for i in indices])
+        pool_of_chunk = out.core.pool_indices()
+        hidden_of_chunk: list[torch.Tensor] = [None] * len(pool_of_chunk)
+        for pool_index, (pool, runner) in enumerate(self.runners.items()):
+            indices = [i for i, p in enumerate(pool_of_chunk) if p == pool_index]
+            if not indices:
+                continue
+            inp = runner.prepare(out.core, pool_index)
             hidden = runner.forward(inp)
             bounds = inp.context.cu_seqlens_q.tolist()
             for j, i in enumerate(indices):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from memgen.engine.input_batch import ModelInput, build_model_input
+from memgen._native import StepCore
+from memgen.engine.input_batch import InputBuffers, ModelInput, build_model_input
 from memgen.engine.scheduler import ScheduledChunk
 from memgen.layers.attention import TorchSDPABackend
 from memgen.layers.context import forward_context
@@ -22,6 +23,7 @@ class ModelRunner:
         self.model: DecoderForCausalLM = load_model(model_dir, dtype, device, max_position, hf_config)
         self.attn_backend = attn_backend or TorchSDPABackend()
         self.num_kv_blocks = 0
+        self.input_buffers = InputBuffers(device)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -37,8 +39,17 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.bind(k, v, self.attn_backend)
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> ModelInput:
-        return build_model_input(chunks, self.block_size, self.model.hidden_size, self.device, self.dtype)
+    def prepare(self, chunks: StepCore | list[ScheduledChunk], pool_index: int = -1) -> ModelInput:
+        """The model input of a step's chunks (those of `pool_index`; -1: all), or of
+        a list of chunks. The integer tensors are views of this runner's buffers:
+        valid until its next prepare()."""
+        if not isinstance(chunks, StepCore):
+            step = StepCore([])
+            for c in chunks:
+                step.add_chunk(c.seq, c.stream, c.start, c.num_tokens)
+            chunks = step
+        return build_model_input(chunks, pool_index, self.input_buffers, self.block_size, self.model.hidden_size,
+                                 self.device, self.dtype)
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> torch.Tensor:

@@ -9,12 +9,19 @@ budget, `max_num_seqs` and the KV pool allow. When a running sequence cannot
 get blocks, the most recently admitted running sequence is preempted by
 recompute (its blocks are freed; it re-enters the queue's front and later
 re-prefills, through the prefix cache where it can). Requests are never dropped.
+
+The per-step loop over running sequences, and the per-chunk work after the
+forward, run natively (`memgen._native.StepCore`): the step's chunks live there
+and are handed to batch assembly (input_batch) without Python objects;
+`SchedulerOutput.chunks` builds the Python view when something asks for it.
+Admission and preemption (a few sequences per step at most) stay in Python.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from memgen._native import StepCore
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.sequence import Sequence, SequenceStatus, Stream
 
@@ -37,19 +44,43 @@ class ScheduledChunk:
         return self.end == self.stream.num_tokens
 
 
-@dataclass
 class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    """One step's work: the chunks (kept natively in `core` until the next
+    schedule()) and the sequences preempted to make room."""
+
+    def __init__(self, core: StepCore):
+        self.core = core
+        self.step = core.step
+        self.preempted: list[Sequence] = []
+        self._chunks: list[ScheduledChunk] | None = None
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        if self._chunks is None:
+            self._check_current()
+            self._chunks = [ScheduledChunk(*t) for t in self.core.chunk_tuples()]
+        return self._chunks
+
+    @property
+    def num_chunks(self) -> int:
+        self._check_current()
+        return self.core.num_chunks
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        self._check_current()
+        return self.core.num_batched_tokens
+
+    def _check_current(self) -> None:
+        if self.core.step != self.step:
+            raise RuntimeError("this SchedulerOutput is stale: the scheduler has planned another step since")
 
 
 class Scheduler:
     def __init__(self, block_managers: dict[str, BlockManager], max_num_seqs: int, max_num_batched_tokens: int):
         self.block_managers = block_managers
+        self.pool_index = {pool: i for i, pool in enumerate(block_managers)}
+        self.core = StepCore(list(block_managers.values()))
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -57,66 +88,50 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        for stream in seq.streams.values():
+            stream.pool_index = self.pool_index[stream.pool]
+        seq.stream_list = tuple(seq.streams.values())
+        seq.due_streams = seq.due_streams      # streams added after the last setting
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        core = self.core
+        core.begin(self.max_num_batched_tokens)
+        out = SchedulerOutput(core)
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            chunks = self._allocate(seq, budget)
-            while chunks is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-                chunks = self._allocate(seq, budget)
-            if chunks is None:
+        while True:
+            # natively: each running sequence's due streams catch up, until the budget
+            # is spent or a sequence cannot get blocks
+            i, failed = core.schedule_running(self.running, i)
+            if not failed:
                 break
-            out.chunks += chunks
-            budget -= sum(c.num_tokens for c in chunks)
-            i += 1
+            seq = self.running[i]
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                break
         if out.preempted:
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and core.budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            chunks = self._admit(seq, budget)
-            if chunks is None:
+            if not self._admit(seq, core.budget):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.chunks += chunks
-            budget -= sum(c.num_tokens for c in chunks)
         return out
 
-    def _allocate(self, seq: Sequence, budget: int) -> list[ScheduledChunk] | None:
-        """Blocks and chunks for a running sequence's pending positions, or None."""
-        chunks = []
-        for stream in seq.streams_to_run():
-            n = min(stream.num_pending_tokens, budget)
-            if n <= 0:
-                continue
-            manager = self.block_managers[stream.pool]
-            if not manager.can_allocate(stream, n):
-                return None
-            manager.allocate(stream, n)
-            chunks.append(ScheduledChunk(seq, stream, stream.num_computed_tokens, n))
-            budget -= n
-        return chunks
-
-    def _admit(self, seq: Sequence, budget: int) -> list[ScheduledChunk] | None:
-        """Like _allocate for a waiting sequence, starting from its cached prefix."""
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Blocks and chunks for a waiting sequence, starting from its cached prefix."""
         plan = []
         needed: dict[str, int] = {}
         for stream in seq.streams_to_run():
             manager = self.block_managers[stream.pool]
-            hits = manager.find_cached_prefix(stream) if not stream.block_table else []
+            hits = manager.find_cached_prefix(stream) if not stream.num_blocks else []
             computed = len(hits) * manager.block_size if hits else stream.num_computed_tokens
             n = min(stream.num_tokens - computed, budget)
             if n <= 0:
@@ -125,16 +140,15 @@ class Scheduler:
             plan.append((stream, n, hits))
             budget -= n
         if not plan or any(self.block_managers[p].num_free_blocks < k for p, k in needed.items()):
-            return None
-        chunks = []
+            return False
         for stream, n, hits in plan:
             manager = self.block_managers[stream.pool]
             manager.allocate(stream, n, hits)
             manager.record_admission(stream)
             if seq.num_preemptions == 0 and stream is seq.reasoner:
                 seq.num_cached_prompt_tokens = stream.num_cached_tokens
-            chunks.append(ScheduledChunk(seq, stream, stream.num_computed_tokens, n))
-        return chunks
+            self.core.add_chunk(seq, stream, stream.num_computed_tokens, n)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self._free(seq)
@@ -149,9 +163,8 @@ class Scheduler:
 
     def postprocess(self, out: SchedulerOutput) -> None:
         """After the forward: the scheduled positions are computed and cached."""
-        for chunk in out.chunks:
-            chunk.stream.num_computed_tokens = chunk.end
-            self.block_managers[chunk.stream.pool].cache_full_blocks(chunk.stream)
+        out._check_current()
+        self.core.postprocess()
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

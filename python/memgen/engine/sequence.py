@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any, Callable
 
 import torch
 
+from memgen._native import EMBED, StreamCore
 from memgen.sampling_params import SamplingParams
 
-EMBED = -1          # token_ids entry of an embedding-valued position
+# EMBED (-1): the token_ids entry of an embedding-valued position
 REASONER = "R"
 
 
@@ -29,65 +29,81 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
-@dataclass(eq=False)
-class Stream:
-    """One KV stream of a sequence: the positions it holds and their cache."""
-    name: str
-    token_ids: list[int]
-    pool: str = "base"                 # which model / KV pool this stream runs on
-    cache_salt: object = None          # part of prefix-cache keys (adapter, model, ...)
-    block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)   # hashes of its cached full blocks
-    num_computed_tokens: int = 0       # positions whose K/V are in the cache
-    num_cached_tokens: int = 0         # of those, found by prefix caching at admission
-    embeds: dict[int, torch.Tensor] = field(default_factory=dict)       # position -> [H] vector
-    embed_keys: dict[int, bytes] = field(default_factory=dict)          # position -> digest
-    adapter_id: int = -1               # LoRA adapter of this stream's rows (-1: none)
-    # token positions enter the model as token_input(ids) embeddings instead of the
-    # model's own embedding table (MemGen's weaver: reasoner_to_weaver(reasoner embedding))
-    token_input: Callable[[torch.Tensor], torch.Tensor] | None = None
-    num_scratch: int = 0               # trailing positions computed but never cached (weaver queries)
+_SALT_IDS: dict[object, int] = {None: 0}
+
+
+def salt_id(salt: object) -> int:
+    """A small int per distinct cache salt (equal salts, equal ids): the native
+    prefix-cache keys carry it instead of the object."""
+    return _SALT_IDS.setdefault(salt, len(_SALT_IDS))
+
+
+class Stream(StreamCore):
+    """One KV stream of a sequence: the positions it holds and their cache.
+
+    The native base (memgen._native.StreamCore) holds what the block manager and
+    the scheduler change: block_table (read-only copy), block_hashes,
+    num_computed_tokens, num_cached_tokens (found by prefix caching at
+    admission), num_scratch (trailing positions computed but never cached: the
+    weaver's queries), adapter_id, and the token_ids list and embed_keys dict
+    (position -> digest) by reference."""
+
+    def __init__(self, name: str, token_ids: list[int], pool: str = "base", cache_salt: object = None,
+                 adapter_id: int = -1, token_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.name = name
+        self.token_ids = token_ids
+        self.pool = pool                   # which model / KV pool this stream runs on
+        self.cache_salt = cache_salt       # part of prefix-cache keys (adapter, model, ...)
+        self.adapter_id = adapter_id       # LoRA adapter of this stream's rows (-1: none)
+        self.embeds: dict[int, torch.Tensor] = {}    # position -> [H] vector
+        self.token_input = token_input
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def cache_salt(self) -> object:
+        return self._cache_salt
+
+    @cache_salt.setter
+    def cache_salt(self, salt: object) -> None:
+        self._cache_salt = salt
+        self.salt_id = salt_id(salt)
 
     @property
-    def num_pending_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+    def token_input(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Token positions enter the model as token_input(ids) embeddings instead of the
+        model's own embedding table (MemGen's weaver: reasoner_to_weaver(reasoner embedding))."""
+        return self._token_input
+
+    @token_input.setter
+    def token_input(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self._token_input = fn
+        self.projected = fn is not None
 
     def append_embeds(self, vectors: torch.Tensor, hash_keys: bool = True) -> None:
         """Append K embedding-valued positions ([K, H]); their digests key the prefix cache
         (scratch positions are never cached and need none)."""
         data = vectors.detach().cpu().contiguous() if hash_keys else None
+        token_ids, embed_keys = self.token_ids, self.embed_keys
         for i, vector in enumerate(vectors):
-            pos = len(self.token_ids)
-            self.token_ids.append(EMBED)
+            pos = len(token_ids)
+            token_ids.append(EMBED)
             self.embeds[pos] = vector
             if hash_keys:
-                self.embed_keys[pos] = hashlib.sha256(data[i].numpy().tobytes()).digest()
+                embed_keys[pos] = hashlib.sha256(data[i].numpy().tobytes()).digest()
 
     def drop_scratch(self) -> None:
         """Cut the scratch positions off again; their slots are overwritten later."""
+        embed_keys = self.embed_keys
         for pos in range(self.num_tokens - self.num_scratch, self.num_tokens):
             self.embeds.pop(pos, None)
-            self.embed_keys.pop(pos, None)
+            embed_keys.pop(pos, None)
         del self.token_ids[self.num_tokens - self.num_scratch:]
         self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
         self.num_scratch = 0
 
-    def block_content(self, index: int, block_size: int) -> tuple:
-        """What identifies block `index`'s contents: its ids plus its embeddings' digests."""
-        start = index * block_size
-        ids = tuple(self.token_ids[start:start + block_size])
-        if EMBED not in ids:
-            return ids
-        return ids + tuple(self.embed_keys[start + i] for i, t in enumerate(ids) if t == EMBED)
-
-    def reset(self) -> None:
-        """Forget the cache (after the blocks went back to the pool)."""
-        self.block_table, self.block_hashes = [], []
-        self.num_computed_tokens = self.num_cached_tokens = 0
+    def __repr__(self) -> str:
+        return (f"Stream({self.name!r}, pool={self.pool!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
 
 
 class Sequence:
@@ -106,7 +122,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, list(prompt_token_ids))}
-        self.due_streams: set[str] | None = None   # streams to compute now (None: every stream)
+        self._due_streams: set[str] | None = None   # streams to compute now (None: every stream)
+        self.stream_list: tuple[Stream, ...] = ()   # the streams, for the native scheduler (set on add)
         self.memgen: Any = None                    # MemGen state (memory.controller), None for a plain LLM
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache
@@ -114,11 +131,21 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
 
-    def streams_to_run(self):
+    @property
+    def due_streams(self) -> set[str] | None:
+        return self._due_streams
+
+    @due_streams.setter
+    def due_streams(self, names: set[str] | None) -> None:
+        """Which streams the scheduler may compute now (None: every stream); kept
+        on the streams themselves (Stream.due) for the native scheduler."""
+        self._due_streams = names
+        for name, stream in self.streams.items():
+            stream.due = names is None or name in names
+
+    def streams_to_run(self) -> list[Stream]:
         """The streams whose pending positions the scheduler may compute now."""
-        if self.due_streams is None:
-            return self.streams.values()
-        return [s for name, s in self.streams.items() if name in self.due_streams]
+        return [s for s in self.streams.values() if s.due]
 
     @property
     def reasoner(self) -> Stream:

@@ -1,0 +1,285 @@
+"""Property-based tests of the native block allocator against the plain-Python
+oracle (tests/oracle.py): random sequences of admit (with prefix hits) /
+append / compute / fork / preempt / free, with scratch positions and embedding
+positions, on both at once; after every step every observable must agree and
+the invariants must hold (no block both free and used, reference counts equal
+the block tables' references, the free list is the eviction order). Short
+hashes (hash_bits) force collisions so that the collision check is exercised.
+Also: native batch assembly against a plain-torch reference."""
+import hashlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from memgen._native import EMBED, StepCore
+from memgen.engine.block_manager import BlockManager
+from memgen.engine.input_batch import InputBuffers, build_model_input
+from memgen.engine.sequence import Stream, salt_id
+from oracle import OracleBlockManager, OracleStream
+
+SALTS = [None, ("W", 0), ("T", 0)]
+DIGESTS = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+# positions: mostly a tiny alphabet (so prefixes repeat), sometimes an embedding (one of 3 digests)
+position = st.one_of(st.integers(0, 2), st.integers(0, 2).map(lambda d: (EMBED, d)))
+
+
+class Pair:
+    """The same stream twice: native (Stream) and oracle (OracleStream)."""
+
+    def __init__(self, positions, salt):
+        self.native = Stream("R", [], cache_salt=salt)
+        self.oracle = OracleStream([], salt_id=salt_id(salt))
+        self.append(positions)
+
+    def append(self, positions, digests=True):
+        for p in positions:
+            for s in (self.native, self.oracle):
+                if isinstance(p, tuple):
+                    if digests:
+                        s.embed_keys[len(s.token_ids)] = DIGESTS[p[1]]
+                    s.token_ids.append(EMBED)
+                else:
+                    s.token_ids.append(p)
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    @initialize(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 4]),
+                prefix=st.booleans(), hash_bits=st.sampled_from([64, 3, 1]))
+    def setup(self, num_blocks, block_size, prefix, hash_bits):
+        self.native = BlockManager(num_blocks, block_size, prefix, hash_bits=hash_bits)
+        self.oracle = OracleBlockManager(num_blocks, block_size, prefix, hash_bits=hash_bits)
+        self.running: list[Pair] = []
+        self.waiting: list[Pair] = []
+
+    # ---- helpers ----------------------------------------------------------------
+    def _admit(self, pair: Pair, chunk: int) -> bool:
+        hits = self.native.find_cached_prefix(pair.native) if not pair.native.num_blocks else []
+        assert hits == (self.oracle.find_cached_prefix(pair.oracle) if not pair.oracle.block_table else [])
+        computed = len(hits) * self.native.block_size if hits else pair.native.num_computed_tokens
+        n = min(pair.native.num_tokens - computed, chunk)
+        if n <= 0:
+            return False
+        need = self.native.num_free_blocks_needed(pair.native, n, hits)
+        assert need == self.oracle.num_free_blocks_needed(pair.oracle, n, hits)
+        if need > self.native.num_free_blocks:
+            return False
+        for m, s in ((self.native, pair.native), (self.oracle, pair.oracle)):
+            m.allocate(s, n, hits)
+            m.record_admission(s)
+            s.num_computed_tokens += n
+            m.cache_full_blocks(s)
+        return True
+
+    def _free(self, pair: Pair) -> None:
+        self.native.free(pair.native)
+        self.oracle.free(pair.oracle)
+
+    # ---- rules --------------------------------------------------------------------
+    @rule(positions=st.lists(position, min_size=1, max_size=12), salt=st.sampled_from(SALTS),
+          chunk=st.integers(1, 16))
+    def admit(self, positions, salt, chunk):
+        pair = Pair(positions, salt)
+        if self._admit(pair, chunk):
+            self.running.append(pair)
+        else:
+            self.waiting.append(pair)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99), extra=st.lists(position, max_size=5), chunk=st.integers(1, 16))
+    def fork(self, i, extra, chunk):
+        """A new stream sharing a running one's positions (then its own): prefix hits share blocks."""
+        src = self.running[i % len(self.running)]
+        pair = Pair([], None)
+        for s, t in ((pair.native, src.native), (pair.oracle, src.oracle)):
+            s.token_ids.extend(t.token_ids[:t.num_tokens - t.num_scratch])
+            s.embed_keys.update(t.embed_keys)
+            if isinstance(s, Stream):
+                s.cache_salt = t.cache_salt
+            else:
+                s.salt_id = t.salt_id
+        pair.append(extra)
+        if self._admit(pair, chunk):
+            self.running.append(pair)
+        else:
+            self.waiting.append(pair)
+
+    @precondition(lambda self: self.waiting)
+    @rule(i=st.integers(0, 99), chunk=st.integers(1, 16))
+    def readmit(self, i, chunk):
+        pair = self.waiting.pop(i % len(self.waiting))
+        if self._admit(pair, chunk):
+            self.running.append(pair)
+        else:
+            self.waiting.append(pair)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99), positions=st.lists(position, min_size=1, max_size=4))
+    def append(self, i, positions):
+        pair = self.running[i % len(self.running)]
+        if pair.native.num_scratch == 0:
+            pair.append(positions)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99), chunk=st.integers(1, 16))
+    def compute(self, i, chunk):
+        """One scheduler step for a running stream: blocks for its pending positions, or preemption."""
+        pair = self.running[i % len(self.running)]
+        n = min(pair.native.num_pending_tokens, chunk)
+        if n <= 0:
+            return
+        ok = self.native.can_allocate(pair.native, n)
+        assert ok == self.oracle.can_allocate(pair.oracle, n)
+        if not ok:   # preempt by recompute
+            self._free(pair)
+            self.running.remove(pair)
+            self.waiting.append(pair)
+            return
+        for m, s in ((self.native, pair.native), (self.oracle, pair.oracle)):
+            m.allocate(s, n)
+            s.num_computed_tokens += n
+            m.cache_full_blocks(s)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99), k=st.integers(1, 4))
+    def add_scratch(self, i, k):
+        """The weaver's queries: k embedding positions that are computed but never cached."""
+        pair = self.running[i % len(self.running)]
+        if pair.native.num_scratch or pair.native.num_pending_tokens:
+            return
+        pair.append([(EMBED, 0)] * k, digests=False)
+        pair.native.num_scratch = pair.oracle.num_scratch = k
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99))
+    def drop_scratch(self, i):
+        pair = self.running[i % len(self.running)]
+        k = pair.native.num_scratch
+        if not k:
+            return
+        for s in (pair.native, pair.oracle):
+            del s.token_ids[len(s.token_ids) - k:]
+            s.num_computed_tokens = min(s.num_computed_tokens, len(s.token_ids))
+            s.num_scratch = 0
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99))
+    def finish(self, i):
+        self._free(self.running.pop(i % len(self.running)))
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 99))
+    def preempt(self, i):
+        pair = self.running.pop(i % len(self.running))
+        self._free(pair)
+        self.waiting.append(pair)
+
+    # ---- invariants ---------------------------------------------------------------
+    @invariant()
+    def agree(self):
+        n, o = self.native, self.oracle
+        n.check_invariants()
+        refs = [0] * n.num_blocks
+        for pair in self.running:
+            a, b = pair.native, pair.oracle
+            assert a.block_table == b.block_table
+            assert a.block_hashes == b.block_hashes
+            assert (a.num_computed_tokens, a.num_cached_tokens) == (b.num_computed_tokens, b.num_cached_tokens)
+            for block_id in a.block_table:
+                refs[block_id] += 1
+        for pair in self.waiting:
+            assert pair.native.block_table == [] and pair.native.num_computed_tokens == 0
+        free = n.free_block_ids()
+        assert free == list(o.free_block_ids)                               # same eviction order
+        assert all(refs[b] == 0 for b in free)                              # no block both free and used
+        assert [n.ref_count(b) for b in range(n.num_blocks)] == refs        # reference counts exact
+        assert [o.blocks[b].ref_count for b in range(n.num_blocks)] == refs
+        assert len(free) + sum(1 for r in refs if r) == n.num_blocks        # every block free or used
+        assert n.cached_blocks() == o.hash_to_block_id
+        assert [n.block_hash(b) for b in range(n.num_blocks)] == [o.blocks[b].hash for b in range(n.num_blocks)]
+        assert (n.num_prefix_hit_tokens, n.num_prefix_query_tokens) == (o.num_prefix_hit_tokens,
+                                                                        o.num_prefix_query_tokens)
+
+    def teardown(self):
+        if not hasattr(self, "native"):
+            return
+        for pair in self.running:
+            self._free(pair)
+        self.running.clear()
+        self.agree()
+        assert self.native.num_free_blocks == self.native.num_blocks      # every block free at the end
+
+
+TestAllocatorAgainstOracle = AllocatorMachine.TestCase
+TestAllocatorAgainstOracle.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                                               suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---- batch assembly ----------------------------------------------------------------
+def reference_assembly(chunks, block_size):
+    """The plain-torch assembly (the engine's before the native runtime)."""
+    ids, pos, slots, adapters, cu, ctx, tables = [], [], [], [], [0], [], []
+    for stream, start, n in chunks:
+        table = stream.block_table
+        for p in range(start, start + n):
+            ids.append(stream.token_ids[p])
+            pos.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+            adapters.append(stream.adapter_id)
+        cu.append(cu[-1] + n)
+        ctx.append(start + n)
+        tables.append(table)
+    width = max(len(t) for t in tables)
+    padded = [t + [-1] * (width - len(t)) for t in tables]
+    t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return t(ids), t(pos), t(slots), t(adapters), t(cu), t(ctx), t(padded)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("capacity", [1, 4096])     # 1: the buffers must grow
+def test_native_assembly_matches_reference(block_size, capacity):
+    from hypothesis import given
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40), st.integers(-1, 2)), min_size=1, max_size=8))
+    def check(specs):
+        manager = BlockManager(512, block_size)
+        step = StepCore([manager])
+        chunks = []
+        for length, computed, adapter in specs:
+            stream = Stream("R", [(7 * i + length) % 50 for i in range(length)], adapter_id=adapter)
+            start = min(computed, length - 1)
+            stream.num_computed_tokens = start
+            manager.allocate(stream, length - start)
+            step.add_chunk(None, stream, start, length - start)
+            chunks.append((stream, start, length - start))
+        buffers = InputBuffers(torch.device("cpu"), capacity, capacity, capacity)
+        inp = build_model_input(step, -1, buffers, block_size, 8, torch.device("cpu"), torch.float32)
+        ids, pos, slots, adapters, cu, ctx, tables = reference_assembly(chunks, block_size)
+        c = inp.context
+        assert torch.equal(inp.input_ids, ids) and torch.equal(inp.positions, pos)
+        assert torch.equal(c.slot_mapping, slots) and torch.equal(c.cu_seqlens_q, cu)
+        assert torch.equal(c.context_lens, ctx) and torch.equal(c.block_tables, tables)
+        assert torch.equal(inp.last_rows, cu[1:] - 1)
+        assert c.max_seqlen_q == int((cu[1:] - cu[:-1]).max()) and c.max_seqlen_k == int(ctx.max())
+        if (adapters >= 0).any():
+            assert torch.equal(c.adapter_ids, adapters)
+        else:
+            assert c.adapter_ids is None
+        assert inp.inputs_embeds is None
+
+    check()
+
+
+def test_assembly_refuses_a_chunk_without_blocks():
+    manager = BlockManager(4, 4)
+    step = StepCore([manager])
+    stream = Stream("R", list(range(6)))
+    manager.allocate(stream, 4)                   # covers 4 of 6 positions
+    step.add_chunk(None, stream, 0, 6)
+    with pytest.raises(IndexError, match="not covered"):
+        build_model_input(step, -1, InputBuffers(torch.device("cpu")), 4, 8, torch.device("cpu"), torch.float32)
+    with pytest.raises(IndexError, match="not within"):
+        step.add_chunk(None, stream, 4, 3)
