@@ -235,6 +235,13 @@ void BlockManager::allocate(StreamCore& s, int64_t num_new, const std::vector<in
     for (int64_t i = 0; i < needed; ++i) s.block_table.push_back(take_free_block());
 }
 
+bool BlockManager::extend(StreamCore& s, int64_t num_new) {
+    const int64_t needed = blocks_for(s.num_computed_tokens + num_new) - (int64_t)s.block_table.size();
+    if (needed > num_free_) return false;
+    for (int64_t i = 0; i < needed; ++i) s.block_table.push_back(take_free_block());
+    return true;
+}
+
 void BlockManager::free(StreamCore& s) {
     for (int32_t id : s.block_table)
         if (blocks_[check_id(id)].ref_count <= 0)
@@ -332,9 +339,7 @@ std::pair<int64_t, bool> StepCore::schedule_running(PyObject* running, int64_t s
             if (!s->due) continue;
             const int64_t n = std::min(s->num_tokens() - s->num_computed_tokens, left);
             if (n <= 0) continue;
-            BlockManager& m = manager(*s);
-            if (!m.can_allocate(*s, n, {})) return {i, true};
-            m.allocate(*s, n, {});
+            if (!manager(*s).extend(*s, n)) return {i, true};
             pending.push_back({obj, s, s->num_computed_tokens, n});
             left -= n;
         }
@@ -345,8 +350,11 @@ std::pair<int64_t, bool> StepCore::schedule_running(PyObject* running, int64_t s
 
 void StepCore::postprocess() {
     for (Chunk& c : chunks_) {
-        c.stream->num_computed_tokens = c.start + c.num_tokens;
-        manager(*c.stream).cache_full_blocks(*c.stream);
+        StreamCore& s = *c.stream;
+        s.num_computed_tokens = c.start + c.num_tokens;
+        // most decode steps complete no block: skip the call
+        if (s.num_computed_tokens / manager(s).block_size() > (int64_t)s.block_hashes.size())
+            manager(s).cache_full_blocks(s);
     }
 }
 

@@ -83,6 +83,8 @@ public:
         return num_free_blocks_needed(s, num_new, hits) <= num_free_;
     }
     void allocate(StreamCore& s, int64_t num_new, const std::vector<int32_t>& hits);
+    // allocate() without prefix hits, as one step: false (nothing changed) when blocks run out
+    bool extend(StreamCore& s, int64_t num_new);
     void free(StreamCore& s);
     void record_admission(const StreamCore& s) {
         num_prefix_query_tokens += s.num_tokens();

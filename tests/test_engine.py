@@ -72,7 +72,8 @@ def test_preemption_under_a_tiny_kv_budget(llama_dir, alone):
     assert sum(o.metrics["num_preemptions"] for o in outs) == llm.engine.scheduler.num_preemptions
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
-    assert all(b.ref_count == 0 for b in manager.blocks)
+    assert all(manager.ref_count(b) == 0 for b in range(manager.num_blocks))
+    manager.check_invariants()
     assert not llm.engine.has_unfinished()
 
 

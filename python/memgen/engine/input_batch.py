@@ -36,9 +36,10 @@ class ModelInput:
 
 
 class InputBuffers:
-    """Host buffers the native assembly writes into; they grow on demand. The
-    tensors handed out are views, valid until the next assembly into them (on
-    CUDA the step synchronizes on its sampled tokens before the next one)."""
+    """Host buffers the native assembly writes into; they grow on demand. On the
+    CPU the tensors handed out are views, valid until the next assembly into
+    them; on CUDA they are copied from pinned memory without blocking, and the
+    next assembly waits until those copies are done."""
 
     def __init__(self, device: torch.device, max_rows: int = 256, max_chunks: int = 64, max_table: int = 4096):
         self.pin = device.type == "cuda" and torch.cuda.is_available()
@@ -52,6 +53,8 @@ class InputBuffers:
         self.cu_seqlens_q, self.context_lens, self.last_rows = buf(max_chunks + 1), buf(max_chunks), buf(max_chunks)
         self.block_tables = buf(max_table)
         self.sizes = (max_rows, max_chunks, max_table)
+        self._views_key, self._views = None, None
+        self._copied = None     # CUDA event after the last host-to-device copies
         self.native = _native.InputBuffers(
             self.input_ids.data_ptr(), self.positions.data_ptr(), self.slot_mapping.data_ptr(),
             self.adapter_ids.data_ptr(), max_rows, self.cu_seqlens_q.data_ptr(), self.context_lens.data_ptr(),
@@ -62,10 +65,31 @@ class InputBuffers:
         self._allocate(max(rows, 2 * res.num_rows), max(chunks, 2 * res.num_chunks),
                        max(table, 2 * res.num_chunks * res.max_blocks))
 
+    def views(self, n: int, b: int, w: int, device: torch.device) -> tuple:
+        """(input_ids, positions, slot_mapping, adapter_ids, cu_seqlens_q, context_lens,
+        block_tables, last_rows) for n rows, b chunks, w blocks per table, on `device`
+        (last_rows stays on the host). On the CPU the views are reused while the sizes
+        repeat (steady decode): slicing costs more than the native assembly itself."""
+        key = (n, b, w)
+        if self._views_key != key or device.type != "cpu":
+            v = (self.input_ids[:n], self.positions[:n], self.slot_mapping[:n], self.adapter_ids[:n],
+                 self.cu_seqlens_q[:b + 1], self.context_lens[:b], self.block_tables[:b * w].view(b, w),
+                 self.last_rows[:b])
+            if device.type != "cpu":
+                v = tuple(t.to(device, non_blocking=True) for t in v[:-1]) + v[-1:]
+                if self.pin:
+                    self._copied = torch.cuda.Event()
+                    self._copied.record()
+                return v
+            self._views, self._views_key = v, key
+        return self._views
 
 def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, block_size: int, hidden_size: int,
                       device: torch.device, dtype: torch.dtype) -> ModelInput:
     """The model input for the step's chunks of one pool (-1: every chunk)."""
+    if buffers._copied is not None:   # the last step's copies still read the pinned buffers
+        buffers._copied.synchronize()
+        buffers._copied = None
     res = step.assemble(pool_index, block_size, buffers.native)
     if not res.fits:
         buffers.grow(res)
@@ -73,12 +97,13 @@ def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, bl
     n, b, w = res.num_rows, res.num_chunks, res.max_blocks
     if n == 0:
         raise ValueError("build_model_input: no chunks to run")
-    input_ids = buffers.input_ids[:n]
-    cu_seqlens_q = buffers.cu_seqlens_q[:b + 1]
+    input_ids, positions, slot_mapping, adapter_ids, cu_seqlens_q, context_lens, block_tables, last_rows = \
+        buffers.views(n, b, w, device)
 
     inputs_embeds = is_token = None
     if res.has_embeds:
-        is_token = input_ids != EMBED
+        host_ids = buffers.input_ids[:n]
+        is_token = host_ids != EMBED
         inputs_embeds = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         row = 0
         for _, stream, start, num_tokens in step.chunk_tuples():
@@ -86,7 +111,7 @@ def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, bl
                 continue
             if stream.token_input is not None:
                 # every row of this chunk is an embedding: project its token rows
-                chunk_ids = input_ids[row:row + num_tokens]
+                chunk_ids = host_ids[row:row + num_tokens]
                 token_rows = (chunk_ids != EMBED).nonzero().squeeze(1)
                 if token_rows.numel():
                     inputs_embeds[row + token_rows] = stream.token_input(
@@ -100,14 +125,9 @@ def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, bl
             row += num_tokens
         is_token = is_token.to(device, non_blocking=True)
 
-    def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
-
     ctx = ForwardContext(
-        cu_seqlens_q=dev(cu_seqlens_q), context_lens=dev(buffers.context_lens[:b]),
-        slot_mapping=dev(buffers.slot_mapping[:n]), block_tables=dev(buffers.block_tables[:b * w].view(b, w)),
+        cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, slot_mapping=slot_mapping, block_tables=block_tables,
         max_seqlen_q=res.max_seqlen_q, max_seqlen_k=res.max_seqlen_k, block_size=block_size,
-        adapter_ids=dev(buffers.adapter_ids[:n]) if res.has_adapters else None,
+        adapter_ids=adapter_ids if res.has_adapters else None,
     )
-    return ModelInput(dev(input_ids), dev(buffers.positions[:n]), inputs_embeds, is_token, ctx,
-                      buffers.last_rows[:b])
+    return ModelInput(input_ids, positions, inputs_embeds, is_token, ctx, last_rows)
