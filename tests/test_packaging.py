@@ -2,6 +2,7 @@
 the package, the native module is built into it, and the installed package
 (editable or not) holds every subpackage of the source tree."""
 import importlib.util
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -11,7 +12,9 @@ CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def _mapping() -> dict[str, str]:
-    return CONFIG["tool"]["scikit-build"]["wheel"]["packages"]
+    """package (slash form) -> source folder, normalized."""
+    packages = CONFIG["tool"]["scikit-build"]["wheel"]["packages"]
+    return {name: os.path.normpath(folder) for name, folder in packages.items()}
 
 
 def test_build_backend_is_scikit_build_core_with_nanobind():
@@ -30,6 +33,16 @@ def test_every_source_folder_is_mapped():
     mapped = [ROOT / f for f in mapping.values()]
     for init in list((ROOT / "python").rglob("__init__.py")) + list((ROOT / "kernels").rglob("__init__.py")):
         assert any(init.is_relative_to(m) for m in mapped), f"{init.parent} is not in wheel.packages"
+
+
+def test_editable_install_puts_nothing_outside_the_checkout_on_sys_path():
+    """scikit-build-core's editable .pth adds, per mapping, the source folder stripped of
+    as many levels as the package name has parts (package_search_dirs)."""
+    for name, folder in CONFIG["tool"]["scikit-build"]["wheel"]["packages"].items():
+        search = ROOT / folder
+        for _ in Path(name).parts:
+            search = search.parent
+        assert search.resolve().is_relative_to(ROOT), f"{name} = {folder!r} puts {search.resolve()} on sys.path"
 
 
 def test_native_module_is_built_into_the_package():
