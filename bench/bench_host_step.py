@@ -144,7 +144,8 @@ def run_worker(python_path: list[str], args, model_dir: str | None) -> dict:
 def before_rev() -> str:
     first = subprocess.run(["git", "log", "--format=%H", "--diff-filter=A", "--", "engine/runtime.cpp"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return first[-1] + "^"
+    return subprocess.run(["git", "rev-parse", first[-1] + "^"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def main() -> None:
