@@ -29,8 +29,15 @@ def _params(args, max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, ignore_eos=True, seed=args.seed)
 
 
-def _result(args, mode: str, device: torch.device, config: dict) -> dict:
-    return {"benchmark": "memgen bench", "mode": mode, "machine": report.machine_info(device),
+def _machine(args) -> dict:
+    """Taken before anything runs, so that load_average_start is the load the run met."""
+    from memgen.config import resolve_device
+
+    return report.machine_info(resolve_device(args.device))
+
+
+def _result(args, mode: str, machine: dict, config: dict) -> dict:
+    return {"benchmark": "memgen bench", "mode": mode, "machine": machine,
             "versions": report.versions(),
             "config": {"argv": sys.argv[1:], **{k: v for k, v in vars(args).items() if k != "func"}, **config}}
 
@@ -65,6 +72,7 @@ def _warm_up(args, llms, prompts, batch_sizes) -> None:
 def run_latency(args) -> int:
     """Memory on vs off, each batch size, each output length (read off one run
     of the longest length per batch size and iteration)."""
+    machine = _machine(args)
     batches, lengths = sorted(set(args.batch_sizes)), sorted(set(args.max_tokens))
     n_max = lengths[-1]
     model_dir, src, off, on, prompts = _both_sides(args, batches, n_max)
@@ -90,7 +98,7 @@ def run_latency(args) -> int:
                 point[f"{side}_iterations"] = per_iter
             point["on_over_off"] = _ratios(point["memory_on"], point["memory_off"])
             points.append(point)
-    result = _result(args, args.mode, on.device, {
+    result = _result(args, args.mode, machine, {
         "model": model_dir.name, "memgen": src.description, "engine": engine_description(on),
         "prompt_tokens": [len(p) for p in prompts],
         "shorter_lengths": "read from the per-token timestamps of the longest run (greedy, ignore_eos: "
@@ -139,6 +147,7 @@ def run_latency(args) -> int:
 def run_throughput(args) -> int:
     """--num-prompts requests at once, max_num_seqs = each batch size, memory
     on vs off; one run per output length."""
+    machine = _machine(args)
     batches, lengths = sorted(set(args.batch_sizes)), sorted(set(args.max_tokens))
     points = []
     model_dir, src, off, on, prompts = _both_sides(args, [max(batches), args.num_prompts], lengths[-1])
@@ -161,7 +170,7 @@ def run_throughput(args) -> int:
                 point[side], point[f"{side}_iterations"] = median_metrics(ms), ms
             point["on_over_off"] = _ratios(point["memory_on"], point["memory_off"])
             points.append(point)
-    result = _result(args, "throughput", on.device, {"model": model_dir.name, "memgen": src.description,
+    result = _result(args, "throughput", machine, {"model": model_dir.name, "memgen": src.description,
                                                      "engine": engine_description(on),
                                                      "prompt_tokens": [len(p) for p in prompts]})
     result["results"] = points
@@ -195,6 +204,7 @@ def run_vs_reference(args) -> int:
     full re-prefill at each insertion), same checkpoint, same prompts. The HF
     side generates B x C columns (rows go on after EOS, finished rows are still
     computed); the engine generates C tokens per row with ignore_eos."""
+    machine = _machine(args)
     from memgen.sources import resolve_model_dir
 
     model_dir = Path(resolve_model_dir(args.model))
@@ -244,7 +254,7 @@ def run_vs_reference(args) -> int:
                  "augmentation_agreement": _agreement([r.augmentation for r in eng_runs[0].requests],
                                                       aug.tolist(), None)}
         points.append(point)
-    result = _result(args, "vs-reference", on.device, {
+    result = _result(args, "vs-reference", machine, {
         "model": model_dir.name, "memgen": src.description, "engine": engine_description(on),
         "reference": "memgen.hf.HFMemGenModel.generate (the reference's loop, HF + PEFT)",
         "prompt_tokens": [len(p) for p in prompts],
@@ -270,6 +280,7 @@ def run_vs_reference(args) -> int:
 def run_vs_hf(args) -> int:
     """Runs bench/bench_engine_vs_hf.py (one call per output length) and adds
     this run's machine, load and versions to its JSON."""
+    machine = _machine(args)
     from memgen.config import resolve_device, resolve_dtype
 
     root = report.repo_root()
@@ -279,7 +290,7 @@ def run_vs_hf(args) -> int:
                                 "none was found next to this package")
     device = resolve_device(args.device)
     dtype = str(resolve_dtype(args.dtype, device)).replace("torch.", "")
-    result = _result(args, "vs-hf", device, {"script": str(script.relative_to(root))})
+    result = _result(args, "vs-hf", machine, {"script": str(script.relative_to(root))})
     result["results"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(set(args.max_tokens)):
