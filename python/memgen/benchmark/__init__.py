@@ -21,7 +21,7 @@ MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf")
 
 # per mode: batch sizes, output lengths, iterations (each overridable)
 MODE_DEFAULTS = {
-    "latency": ([1, 4], [32, 64], 3),
+    "latency": ([1, 4], [16, 32], 3),
     "throughput": ([8], [64], 3),
     "overhead": ([8], [384], 3),
     "vs-reference": ([8], [384], 3),
