@@ -30,20 +30,20 @@ def _params(args, max_tokens: int):
 
 
 def _machine(args) -> dict:
-    """Taken before anything runs, so that load_average_start is the load the run met."""
+    """Machine and versions, taken before anything runs: load_average_start is
+    the load the run met, memgen_git the code it ran (not a later commit)."""
     from memgen.config import resolve_device
 
-    return report.machine_info(resolve_device(args.device))
+    return {"machine": report.machine_info(resolve_device(args.device)), "versions": report.versions()}
 
 
-def _result(args, mode: str, machine: dict, config: dict) -> dict:
-    return {"benchmark": "memgen bench", "mode": mode, "machine": machine,
-            "versions": report.versions(),
+def _result(args, mode: str, start: dict, config: dict) -> dict:
+    return {"benchmark": "memgen bench", "mode": mode, **start,
             "config": {"argv": sys.argv[1:], **{k: v for k, v in vars(args).items() if k != "func"}, **config}}
 
 
 def _ratios(on: dict, off: dict) -> dict:
-    keys = RATIO_KEYS + (("cpu_s",) if "cpu_s" in on and "cpu_s" in off else ())
+    keys = RATIO_KEYS + tuple(k for k in ("cpu_s", "latency_best_s") if k in on and k in off)
     return {k: (on[k] / off[k] if off[k] else float("nan")) for k in keys}
 
 
@@ -95,6 +95,8 @@ def run_latency(args) -> int:
             for side in sides:
                 per_iter = [run_metrics(r, n, latents[side]) for r in runs[b, side]]
                 point[side] = median_metrics(per_iter)
+                # best of the iterations: on a shared machine, the run the least disturbed by others
+                point[side]["latency_best_s"] = min(m["latency_s"] for m in per_iter)
                 point[f"{side}_iterations"] = per_iter
             point["on_over_off"] = _ratios(point["memory_on"], point["memory_off"])
             points.append(point)
@@ -125,11 +127,13 @@ def run_latency(args) -> int:
     if args.mode == "overhead":
         worst = max(p["on_over_off"]["latency_s"] for p in points)
         cpu = max(p["on_over_off"].get("cpu_s", float("nan")) for p in points)
-        result["target"] = {"metric": "memory on / off end-to-end latency", "value": worst,
+        best = max(p["on_over_off"]["latency_best_s"] for p in points)
+        result["target"] = {"metric": "memory on / off end-to-end latency (medians)", "value": worst,
                             "target_max": OVERHEAD_TARGET, "met": worst <= OVERHEAD_TARGET,
-                            "cpu_time_ratio": cpu}
+                            "best_of_iterations_ratio": best, "cpu_time_ratio": cpu}
         print(f"memory on/off time: {worst:.3f}x (target <= {OVERHEAD_TARGET}x: "
-              f"{'met' if worst <= OVERHEAD_TARGET else 'MISSED'}); process CPU time on/off {cpu:.3f}x")
+              f"{'met' if worst <= OVERHEAD_TARGET else 'MISSED'}); best of iterations {best:.3f}x; "
+              f"process CPU time on/off {cpu:.3f}x")
     out = report.write_json(args.output or report.default_output(args.mode, on.device), result)
     print(f"wrote {out}")
     if args.mode == "latency" and not args.no_plot:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -99,12 +100,21 @@ def _clean(x):
     return x
 
 
+_NUMBER_LIST = re.compile(r"\[\s+([-0-9.eE,\s]+?)\s+\]")
+
+
+def to_json_text(result: dict) -> str:
+    """Indented JSON with lists of numbers (token timestamps, masks) on one line."""
+    text = json.dumps(_clean(result), indent=1)
+    return _NUMBER_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
+
+
 def write_json(path: Path, result: dict) -> Path:
     result["machine"]["load_average_end"] = load_average()
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+    path.write_text(to_json_text(result))
     return path
 
 
