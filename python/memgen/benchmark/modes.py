@@ -303,6 +303,8 @@ def run_vs_hf(args) -> int:
                    "--repeats", str(args.iterations), "--device", device.type, "--dtype", dtype, "--out", str(part)]
             if args.model:
                 cmd += ["--model", str(args.model)]
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
             if subprocess.run(cmd).returncode != 0:
                 print(f"memgen bench: {script.name} failed", file=sys.stderr)
                 return 1
