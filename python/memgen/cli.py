@@ -6,6 +6,7 @@ user can fix (bad paths, bad values) print one line and exit 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -110,24 +111,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from memgen.benchmark import run_bench_from_args
-
-    return run_bench_from_args(args)
-
-
-def cmd_eval(args) -> int:
-    from memgen.eval.runner import run_eval_from_args
-
-    return run_eval_from_args(args)
-
-
-def cmd_train(args) -> int:
-    from memgen.train.cli import run_train_from_args
-
-    return run_train_from_args(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memgen", description="Fast, exact inference for MemGen models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,29 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger-base", default=None, help="record the trigger's base checkpoint")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("bench", help="latency/throughput benchmarks, memory on vs off")
-    try:
-        from memgen.benchmark import add_bench_arguments
-        add_bench_arguments(p)
-    except ImportError:
-        pass
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("eval", help="offline batch evaluation of a JSONL dataset")
-    try:
-        from memgen.eval.runner import add_eval_arguments
-        add_eval_arguments(p)
-    except ImportError:
-        pass
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("train", help="train MemGen's weaver (SFT, GRPO) or trigger (GRPO) with engine rollouts")
-    try:
-        from memgen.train.cli import add_train_arguments
-        add_train_arguments(p)
-    except ImportError:
-        pass
-    p.set_defaults(func=cmd_train)
+    # subcommands whose options and runner live beside their code
+    for name, help_text, module, add, run in (
+        ("bench", "latency/throughput benchmarks, memory on vs off", "memgen.benchmark",
+         "add_bench_arguments", "run_bench_from_args"),
+        ("eval", "offline batch evaluation of a JSONL dataset", "memgen.eval.runner",
+         "add_eval_arguments", "run_eval_from_args"),
+        ("train", "train MemGen's weaver (SFT, GRPO) or trigger (GRPO) with engine rollouts", "memgen.train.cli",
+         "add_train_arguments", "run_train_from_args"),
+    ):
+        commands = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text)
+        getattr(commands, add)(p)
+        p.set_defaults(func=getattr(commands, run))
     return parser
 
 
