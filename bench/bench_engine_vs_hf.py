@@ -66,14 +66,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def machine_info(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from memgen.benchmark.report import cpu_name
+
+    cpu = cpu_name()
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     if device.startswith("cuda"):

@@ -64,10 +64,6 @@ class MemGenState:
     new_latents: torch.Tensor | None = None # computed this step, inserted by commit()
     out_of_room: bool = False               # an insertion would pass max_model_len: finish ("length")
 
-    @property
-    def num_insertions(self) -> int:
-        return sum(1 for d in self.augmentation if d == INSERT)
-
 
 class MemGenController:
     """Owns the MemGen state of every sequence; the engine calls it around each
