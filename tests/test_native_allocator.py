@@ -268,7 +268,7 @@ def test_native_assembly_matches_reference(block_size, capacity):
             assert torch.equal(c.adapter_ids, adapters)
         else:
             assert c.adapter_ids is None
-        assert inp.inputs_embeds is None
+        assert inp.latents is None and inp.latent_index is None
 
     check()
 

@@ -32,3 +32,48 @@ def test_memgen_triton_equals_torch(memgen_reasoner_dir, memgen_active_ckpt_dir)
 def test_unknown_backend_is_a_value_error(qwen2_dir):
     with pytest.raises(ValueError, match="attention_backend"):
         LLM(qwen2_dir, attention_backend="flash")
+
+
+def test_memgen_on_triton_runs_every_kernel(memgen_reasoner_dir, memgen_active_ckpt_dir, monkeypatch):
+    """Latent injection, multi-LoRA and trigger scoring go through their kernels."""
+    from memgen.kernels import latent_injection, lora, trigger_scoring
+
+    calls = {}
+    for module, name in ((latent_injection, "inject_latents"), (lora, "add_lora"),
+                         (trigger_scoring, "trigger_decisions")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    llm = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, dtype="float32", attention_backend="triton")
+    llm.generate(["What is 12 plus 30?"], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    assert set(calls) == {"inject_latents", "add_lora", "trigger_decisions"}, calls
+
+
+def test_trigger_rule_of_the_torch_path_equals_the_kernel_reference():
+    """The torch backend's trigger scoring (exact in the model's dtype) decides as
+    the kernel's reference does: delimiter, budget, prompt rows, argmax, sampling."""
+    import torch
+
+    from memgen.kernels.trigger_scoring import trigger_decisions_ref
+    from memgen.layers.trigger_head import trigger_decisions_exact
+
+    g = torch.Generator().manual_seed(0)
+    n, width, vocab = 64, 24, 50
+    args = dict(
+        hidden=torch.randn(n, width, generator=g), weight=torch.randn(2, width, generator=g) * 0.3,
+        bias=torch.randn(2, generator=g), last_token=torch.randint(-1, vocab, (n,), generator=g),
+        is_delim=torch.rand(vocab, generator=g) < 0.5, count=torch.randint(0, 4, (n,), generator=g), budget=2,
+        is_prompt=torch.rand(n, generator=g) < 0.2,
+        temperature=torch.where(torch.rand(n, generator=g) < 0.5, 0.0, 0.7).float(),
+        uniforms=torch.rand(n, generator=g))
+    want = trigger_decisions_ref(**args, out=torch.full((n,), -7, dtype=torch.int64))
+    got = trigger_decisions_exact(**args)
+    valid = args["last_token"] >= 0
+    assert torch.equal(got[valid], want[valid])
+    assert {-100, 0, 1} <= set(got[valid].tolist())
+
+
+def test_triton_backend_refuses_float64(qwen2_dir):
+    with pytest.raises(ValueError, match="attention_backend='torch'"):
+        LLM(qwen2_dir, dtype="float64", attention_backend="triton")

@@ -5,7 +5,9 @@ tables, context lengths, adapter id per row).
 The integer tensors are assembled natively (`StepCore.assemble`, engine/
 runtime.cpp) straight into preallocated host buffers (pinned on CUDA) and
 copied to the device from there; the embedding rows (latents, the weaver's
-projected tokens) are filled here, only for chunks that have them.
+projected tokens) are stacked here, only for chunks that have them, and the
+model's first layer merges them with the token embeddings in one pass
+(`inject_latents`).
 
 Example, block_size 4: chunk A = positions 6..6 of a stream with blocks [5, 2],
 chunk B = positions 0..2 of a stream with blocks [7]:
@@ -29,8 +31,8 @@ from memgen.layers.context import ForwardContext
 class ModelInput:
     input_ids: torch.Tensor                 # [N] int64 (EMBED rows hold -1)
     positions: torch.Tensor                 # [N] int64
-    inputs_embeds: torch.Tensor | None      # [N, H] when some rows are embeddings
-    is_token: torch.Tensor | None           # [N] bool when some rows are embeddings
+    latents: torch.Tensor | None            # [M, H] the step's embedding rows (latents, projected tokens)
+    latent_index: torch.Tensor | None       # [N] row -> index into latents, -1: a token row
     context: ForwardContext
     last_rows: torch.Tensor                 # [B] index of each chunk's last row (host)
 
@@ -100,34 +102,43 @@ def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, bl
     input_ids, positions, slot_mapping, adapter_ids, cu_seqlens_q, context_lens, block_tables, last_rows = \
         buffers.views(n, b, w, device)
 
-    inputs_embeds = is_token = None
+    latents = latent_index = None
     if res.has_embeds:
-        host_ids = buffers.input_ids[:n]
-        is_token = host_ids != EMBED
-        inputs_embeds = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-        row = 0
-        for _, stream, start, num_tokens in step.chunk_tuples():
-            if pool_index >= 0 and stream.pool_index != pool_index:
-                continue
-            if stream.token_input is not None:
-                # every row of this chunk is an embedding: project its token rows
-                chunk_ids = host_ids[row:row + num_tokens]
-                token_rows = (chunk_ids != EMBED).nonzero().squeeze(1)
-                if token_rows.numel():
-                    inputs_embeds[row + token_rows] = stream.token_input(
-                        chunk_ids[token_rows].to(device)).to(dtype)
-                is_token[row:row + num_tokens] = False
-            if stream.embeds:
-                token_ids, embeds = stream.token_ids, stream.embeds
-                for p in range(start, start + num_tokens):
-                    if token_ids[p] == EMBED:
-                        inputs_embeds[row + p - start] = embeds[p]
-            row += num_tokens
-        is_token = is_token.to(device, non_blocking=True)
+        latents, latent_index = _gather_embedding_rows(step, pool_index, buffers.input_ids[:n], device, dtype)
 
     ctx = ForwardContext(
         cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, slot_mapping=slot_mapping, block_tables=block_tables,
         max_seqlen_q=res.max_seqlen_q, max_seqlen_k=res.max_seqlen_k, block_size=block_size,
         adapter_ids=adapter_ids if res.has_adapters else None,
     )
-    return ModelInput(input_ids, positions, inputs_embeds, is_token, ctx, last_rows)
+    return ModelInput(input_ids, positions, latents, latent_index, ctx, last_rows)
+
+
+def _gather_embedding_rows(step: StepCore, pool_index: int, host_ids: torch.Tensor, device: torch.device,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's embedding rows stacked into one [M, H] buffer, and each input
+    row's index into it (-1: a token row, embedded by the model). Embedding rows
+    are inserted latents, the weaver's scratch queries, and every token row of a
+    stream with `token_input` (the weaver's projected reasoner embeddings)."""
+    latent_index = torch.full((host_ids.shape[0],), -1, dtype=torch.int64)
+    pieces: list[torch.Tensor] = []
+    count = row = 0
+    for _, stream, start, num_tokens in step.chunk_tuples():
+        if pool_index >= 0 and stream.pool_index != pool_index:
+            continue
+        chunk_ids = host_ids[row:row + num_tokens]
+        is_embed = chunk_ids == EMBED
+        rows = is_embed.nonzero().squeeze(1)
+        if rows.numel():
+            pieces.append(torch.stack([stream.embeds[start + r] for r in rows.tolist()]))
+            latent_index[row + rows] = torch.arange(count, count + rows.numel())
+            count += rows.numel()
+        if stream.token_input is not None:
+            rows = (~is_embed).nonzero().squeeze(1)
+            if rows.numel():
+                pieces.append(stream.token_input(chunk_ids[rows].to(device)))
+                latent_index[row + rows] = torch.arange(count, count + rows.numel())
+                count += rows.numel()
+        row += num_tokens
+    latents = torch.cat([x.to(dtype) for x in pieces])
+    return latents, latent_index.to(device, non_blocking=True)

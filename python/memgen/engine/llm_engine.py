@@ -30,7 +30,7 @@ class LLMEngine:
         self.hf_config = hf_config
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
-        backend = select_backend(config.attention_backend, device)
+        backend = select_backend(config.attention_backend, device, dtype)
         self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size,
                                         attn_backend=backend)
         # one runner (model + KV pool) per distinct checkpoint: "base" is the reasoner's

@@ -59,7 +59,7 @@ class MemGenSetup:
         parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
         table = build_delimiter_table(self.tokenizer, base.hf_config.vocab_size)
         controller = MemGenController(parts, table, self.tokenizer, self.tokenizer.pad_token_id,
-                                      base.model.model.embed_tokens, max_model_len)
+                                      base.model.model.embed_tokens, max_model_len, backend=base.attn_backend)
         return controller, pools
 
 

@@ -24,6 +24,7 @@ class ModelRunner:
         self.attn_backend = attn_backend or TorchSDPABackend()
         self.num_kv_blocks = 0
         self.input_buffers = InputBuffers(device)
+        self.decode_graphs = None   # engine.cuda_graph.DecodeGraphs when CUDA graphs are on
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -54,9 +55,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> torch.Tensor:
         """Post-final-norm hidden states of every row, [N, H]."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inp):
+            return self.decode_graphs.run(inp)
+        inp.context.backend = self.attn_backend
         inp.context.attn_metadata = self.attn_backend.prepare(inp.context)
         with forward_context(inp.context):
-            return self.model(inp.input_ids, inp.positions, inp.inputs_embeds, inp.is_token)
+            return self.model(inp.input_ids, inp.positions, inp.latents, inp.latent_index)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

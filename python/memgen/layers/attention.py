@@ -1,9 +1,13 @@
 """Paged attention: the `Attention` layer stores this forward's K/V into its
 paged cache and attends over each chunk's cached context, through a backend.
 
-A backend has two methods:
+A backend has two attention methods:
   prepare(ctx)                       once per forward: index tensors, masks
   forward(q, k, v, k_cache, v_cache, ctx, scale) -> out   per layer
+and the step's other hot paths, with the signatures of `memgen.kernels`:
+  inject_latents(token_ids, latent_index, embed_weight, latents) -> [N, H]
+  fused_lora: bool        whether LoRA hooks call add_lora (stacked adapters)
+  trigger_decisions(...)  MemGen's trigger head + decision over a batch
 q: [N, Hq, D], k/v: [N, Hk, D] (rotated), caches: [num_blocks, block_size, Hk, D].
 `TorchSDPABackend` (here) gathers each chunk's blocks into a padded batch and
 runs torch SDPA; Triton / flash-attn backends plug in beside it.
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memgen.layers.context import ForwardContext, get_context
+from memgen.layers.trigger_head import trigger_decisions_exact
 
 
 @dataclass
@@ -30,6 +35,20 @@ class SDPAMetadata:
 
 class TorchSDPABackend:
     name = "torch-sdpa"
+    fused_lora = False      # layers.lora's per-adapter loop, in PEFT's order of operations
+
+    @staticmethod
+    def inject_latents(token_ids, latent_index, embed_weight, latents) -> torch.Tensor:
+        # kernels.latent_injection's semantics, in any dtype (float64 included)
+        h = F.embedding(token_ids.clamp(min=0), embed_weight)
+        rows = (latent_index >= 0).nonzero().squeeze(1)
+        h[rows] = latents[latent_index[rows]].to(h.dtype)
+        return h
+
+    @staticmethod
+    def trigger_decisions(*args, **kwargs) -> torch.Tensor:
+        # exact in the model's dtype (float64 tests): the kernel's math, not its fp32
+        return trigger_decisions_exact(*args, **kwargs)
 
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
         # Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.

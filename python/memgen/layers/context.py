@@ -29,6 +29,9 @@ class ForwardContext:
     block_size: int
     # per-row LoRA adapter index (-1: none); read by LoRA hooks in layers.linear
     adapter_ids: torch.Tensor | None = None
+    # the kernel backend of this forward (layers.attention / layers.triton_backend):
+    # attention, latent injection and multi-LoRA all go through it
+    backend: Any = None
     # backend-specific tensors prepared once per forward (e.g. gather indices, masks)
     attn_metadata: Any = None
     extras: dict = field(default_factory=dict)

@@ -45,13 +45,24 @@ class _Delta:
 
 @dataclass
 class LoraHook:
-    """Callable installed as `Linear.lora`: adds every adapter's delta to its rows."""
+    """Callable installed as `Linear.lora`: adds every adapter's delta to its rows.
+
+    On a backend with `fused_lora` (Triton) the adapters are stacked per output
+    slice, zero-padded to one rank and to the model's adapter count, and one
+    shrink + expand kernel pair serves all of them; otherwise a loop per adapter."""
 
     deltas: list[_Delta] = field(default_factory=list)
+    num_adapters: int = 0           # model-wide: every hook stacks the same adapter ids
+    _stacks: list | None = None     # [(out slice, A [n, r, in], B [n, out, r], scaling [n] fp32)]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        ids = get_context().adapter_ids
+        ctx = get_context()
+        ids = ctx.adapter_ids
         if ids is None:
+            return y
+        if ctx.backend is not None and ctx.backend.fused_lora:
+            for out, a, b, scaling in self.stacks():
+                ctx.backend.add_lora(y[:, out], x, a, b, scaling, ctx)
             return y
         for d in self.deltas:
             rows = _rows_of(d.adapter_id, ids)
@@ -60,6 +71,23 @@ class LoraHook:
             delta = (x[rows] @ d.a.T) @ d.b.T * d.scaling
             y[rows, d.out] += delta
         return y
+
+
+    def stacks(self) -> list:
+        if self._stacks is None:
+            self._stacks = []
+            for out in {(d.out.start, d.out.stop) for d in self.deltas}:
+                mine = [d for d in self.deltas if (d.out.start, d.out.stop) == out]
+                first, rank = mine[0], max(d.a.shape[0] for d in mine)
+                n = self.num_adapters
+                a = first.a.new_zeros(n, rank, first.a.shape[1])
+                b = first.b.new_zeros(n, out[1] - out[0], rank)
+                scaling = torch.zeros(n, dtype=torch.float32, device=first.a.device)
+                for d in mine:
+                    r = d.a.shape[0]
+                    a[d.adapter_id, :r], b[d.adapter_id, :, :r], scaling[d.adapter_id] = d.a, d.b, d.scaling
+                self._stacks.append((slice(*out), a, b, scaling))
+        return self._stacks
 
 
 def _rows_of(adapter_id: int, ids: torch.Tensor) -> torch.Tensor | None:
@@ -103,6 +131,7 @@ def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, de
             linear.lora = LoraHook()
         linear.lora.deltas.append(_Delta(adapter_id, a.to(device=device, dtype=dtype),
                                          b.to(device=device, dtype=dtype), float(lora.scaling), out))
+    _restack(model)
     return len(lora.layers)
 
 
@@ -112,3 +141,13 @@ def remove_lora(model: nn.Module, adapter_id: int) -> None:
         hook = getattr(module, "lora", None)
         if isinstance(hook, LoraHook):
             hook.deltas = [d for d in hook.deltas if d.adapter_id != adapter_id]
+    _restack(model)
+
+
+def _restack(model: nn.Module) -> None:
+    """After the adapters changed: every hook stacks the model's adapter count
+    (rows of an adapter that a layer lacks must still find an all-zero slot)."""
+    hooks = [m.lora for m in model.modules() if isinstance(getattr(m, "lora", None), LoraHook)]
+    num_adapters = 1 + max((d.adapter_id for h in hooks for d in h.deltas), default=-1)
+    for hook in hooks:
+        hook.num_adapters, hook._stacks = num_adapters, None

@@ -28,11 +28,13 @@ Running example, K=2, prompt "a b \\n" with an inactive trigger (always insert):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
 
+from memgen.layers.attention import TorchSDPABackend
 from memgen.memory.delimiters import DelimiterTable
 from memgen.memory.parts import INFERENCE, PROMPT, MemGenParts
 
@@ -70,8 +72,11 @@ class MemGenController:
     forward (see LLMEngine.step)."""
 
     def __init__(self, parts: MemGenParts, delimiters: DelimiterTable, tokenizer, pad_token_id: int | None,
-                 reasoner_embed, max_model_len: int):
+                 reasoner_embed, max_model_len: int, backend=None):
         self.parts = parts
+        # the kernel backend's fused trigger scoring (torch: exact in the model's dtype)
+        self.backend = backend if backend is not None else TorchSDPABackend()
+        self._is_delim: torch.Tensor | None = None   # the delimiter table on the device
         self.delimiters = delimiters
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
@@ -122,7 +127,7 @@ class MemGenController:
                 self._decide(seq, state.t_hidden)   # nothing new for T (e.g. a pad token)
         else:
             # the reference's inactive trigger: constant logits [0, 1]
-            self._apply_decision(seq, self._pick(seq, self.parts.head_bias.new_tensor([0.0, 1.0])))
+            self._apply_decision(seq, self._decide_inactive(seq))
 
     def _ends_with_delimiter(self, seq) -> bool:
         """The reference decodes prompt + output; the table answers from the last id."""
@@ -131,18 +136,60 @@ class MemGenController:
             return bool(self.delimiters.ends_with_delimiter[last])
         return self.delimiters.is_delimiter_end(seq.prompt_token_ids + seq.output_token_ids, self.tokenizer)
 
-    def _pick(self, seq, logits: torch.Tensor) -> int:
-        """Argmax (ties -> 0, skip) or a sample at the trigger temperature."""
+    def _trigger_temperature(self, seq) -> float:
+        """The trigger's sampling temperature; 0 means argmax (ties -> skip)."""
         params = seq.params
+        if not params.trigger_sample:
+            return 0.0
         temperature = params.trigger_temperature if params.trigger_temperature is not None else params.temperature
-        if params.trigger_sample and temperature > 0:
-            probs = torch.softmax(logits.double() / temperature, dim=-1)
-            return int(torch.multinomial(probs.cpu(), 1, generator=_cpu_generator(seq)).item())
-        return int(torch.argmax(logits).item())
+        return max(float(temperature), 0.0)
+
+    def _uniform(self, seq, temperature: float) -> float:
+        """The request's next trigger uniform, drawn only when it samples."""
+        return float(torch.rand((), generator=_cpu_generator(seq))) if temperature > 0 else 0.0
+
+    def _decide_inactive(self, seq) -> int:
+        """The reference's inactive trigger: constant logits [0, 1], under the
+        kernel's rule (insert iff u >= P(skip))."""
+        temperature = self._trigger_temperature(seq)
+        if temperature <= 0:
+            return INSERT
+        p_skip = 1.0 / (1.0 + math.exp(1.0 / temperature))
+        return int(self._uniform(seq, temperature) >= p_skip)
 
     def _decide(self, seq, t_hidden: torch.Tensor) -> None:
-        seq.memgen.num_trigger_calls += 1
-        self._apply_decision(seq, self._pick(seq, self.parts.trigger_logits(t_hidden)))
+        self._decide_batch([(seq, t_hidden)])
+
+    def _decide_batch(self, items: list) -> None:
+        """The trigger's decisions for every (sequence, T hidden) pair of a step in
+        one call of the backend's fused scoring (Triton: one kernel, one sync)."""
+        seqs = [seq for seq, _ in items]
+        last, is_prompt, count, temperature, uniforms = [], [], [], [], []
+        for seq in seqs:
+            state = seq.memgen
+            token = (seq.output_token_ids or seq.prompt_token_ids)[-1]
+            last.append(token)
+            # the host already settled the delimiter test where it needs the decoded text
+            is_prompt.append(state.kind == PROMPT or bool(self.delimiters.needs_context[token]))
+            count.append(state.num_inference_insertions)
+            temperature.append(self._trigger_temperature(seq))
+            uniforms.append(self._uniform(seq, temperature[-1]))
+        hidden = torch.stack([h for _, h in items])
+        device = hidden.device
+        if self._is_delim is None or self._is_delim.device != device:
+            self._is_delim = self.delimiters.ends_with_delimiter.to(device=device, dtype=torch.bool).contiguous()
+        decisions = self.backend.trigger_decisions(
+            hidden, self.parts.head_weight, self.parts.head_bias,
+            torch.tensor(last, device=device), self._is_delim, torch.tensor(count, device=device),
+            self.parts.max_inference_aug_num, torch.tensor(is_prompt, device=device),
+            torch.tensor(temperature, dtype=torch.float32, device=device),
+            torch.tensor(uniforms, dtype=torch.float32, device=device)).tolist()
+        for seq, decision in zip(seqs, decisions):
+            if decision == NOT_CONSULTED:   # the host decided to consult: the two tests disagree
+                raise RuntimeError(f"trigger scoring skipped request {seq.request_index}, which the host "
+                                   "consulted: the delimiter table on the device is out of sync")
+            seq.memgen.num_trigger_calls += 1
+            self._apply_decision(seq, decision)
 
     def _apply_decision(self, seq, decision: int) -> None:
         state = seq.memgen
@@ -172,6 +219,7 @@ class MemGenController:
         (sequence, R hidden) pairs whose next token is due now. Runs before the
         scheduler marks the chunks computed; commit() runs after it."""
         touched: dict = {}
+        deciding = []
         for chunk, hidden in zip(chunks, hidden_of_chunk):
             seq, stream = chunk.seq, chunk.stream
             state = seq.memgen
@@ -183,9 +231,11 @@ class MemGenController:
                 if chunk.completes:
                     state.t_hidden = hidden[-1]
                     if state.phase is Phase.DECIDE:
-                        self._decide(seq, state.t_hidden)
+                        deciding.append((seq, state.t_hidden))
             elif stream.name == WEAVER:
                 self._collect_queries(seq, chunk, hidden)
+        if deciding:
+            self._decide_batch(deciding)
         # r_hidden is set only while R is caught up: a new token or latents clear it
         due = []
         for seq in touched.values():

@@ -2,7 +2,7 @@
 Qwen2.5 (QKV bias), Qwen3 (per-head q/k RMSNorm), Llama / SmolLM2. Packed QKV
 and gate-up projections, GQA, RoPE, tied or separate LM head.
 
-forward(input_ids, positions, inputs_embeds=None, is_token=None) takes a flat
+forward(input_ids, positions, latents=None, latent_index=None) takes a flat
 batch of N rows (the chunks of the step, see layers.context) and returns the
 post-final-norm hidden states [N, H]; compute_logits(hidden) is separate, so
 callers that read hidden states (MemGen's weaver and trigger) skip the LM head.
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memgen.layers.attention import Attention
+from memgen.layers.attention import Attention, TorchSDPABackend
+from memgen.layers.context import get_context
 from memgen.layers.linear import Linear, SiluAndMul
 from memgen.layers.norm import RMSNorm
 from memgen.layers.rotary import RotaryEmbedding
@@ -127,19 +128,19 @@ class DecoderForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def embed_inputs(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
-                     is_token: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows with is_token take the token embedding, the others inputs_embeds."""
-        if inputs_embeds is None:
+    def embed_inputs(self, input_ids: torch.Tensor, latents: torch.Tensor | None = None,
+                     latent_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token rows take their embedding, rows with latent_index >= 0 that row of
+        `latents` (through the forward's backend: one fused pass on Triton)."""
+        if latents is None:
             return self.model.embed_tokens(input_ids)
-        if is_token is None:
-            return inputs_embeds
-        h = self.model.embed_tokens(input_ids.clamp(min=0))
-        return torch.where(is_token[:, None], h, inputs_embeds.to(h.dtype))
+        backend = get_context().backend
+        inject = (backend or TorchSDPABackend).inject_latents
+        return inject(input_ids, latent_index, self.model.embed_tokens.weight, latents)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
-                is_token: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.embed_inputs(input_ids, inputs_embeds, is_token)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, latents: torch.Tensor | None = None,
+                latent_index: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed_inputs(input_ids, latents, latent_index)
         cos, sin = self.model.rotary.lookup(positions)
         for layer in self.model.layers:
             h = layer(h, cos, sin)
