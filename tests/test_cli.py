@@ -60,3 +60,27 @@ def test_help_for_every_subcommand(capsys):
             main([command, "--help"])
         assert e.value.code == 0
         assert "usage: memgen" in capsys.readouterr().out
+
+
+def test_model_options_are_shared_and_map_to_llm_keywords():
+    """generate, bench and eval take the same model options from one place."""
+    import argparse
+
+    from memgen.benchmark import add_bench_arguments
+    from memgen.eval.runner import add_eval_arguments
+    from memgen.model_options import add_model_arguments, llm_kwargs
+
+    flags = ["--model", "m", "--dtype", "float32", "--attention-backend", "triton", "--cuda-graphs"]
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    kwargs = llm_kwargs(p.parse_args(flags))
+    assert kwargs == dict(model="m", memgen=None, weaver_model=None, trigger_model=None, dtype="float32",
+                          device="auto", attention_backend="triton", enforce_eager=False)
+    assert llm_kwargs(p.parse_args(["--reference-compat"]))["reference_compat"] is True
+    for add, extra in ((add_bench_arguments, []), (add_eval_arguments, ["in.jsonl"])):
+        q = argparse.ArgumentParser()
+        add(q)
+        args = q.parse_args(flags + extra)
+        assert (args.attention_backend, args.cuda_graphs, args.dtype) == ("triton", True, "float32")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--attention-backend", "flash"])

@@ -454,13 +454,12 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(memgen, "LLM", lambda **kw: FakeLLM(), raising=False)
     monkeypatch.setattr(memgen, "SamplingParams", FakeParams, raising=False)
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model")                      # a shared option the CLI already added
     add_eval_arguments(parser)
     inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(3))
     out = tmp_path / "o.jsonl"
     args = parser.parse_args([str(inp), "-o", str(out), "--batch-size", "2", "--no-progress",
                               "--engine-arg", "max_num_seqs=4", "--task", "exact"])
-    assert args.batch_size == 2 and args.dtype == "auto"
+    assert args.batch_size == 2 and args.dtype == "auto" and args.attention_backend == "auto"
     assert run_eval_from_args(args) == 0
     assert "exact" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.summary.json").read_text())["engine"]["max_num_seqs"] == 4

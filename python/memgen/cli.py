@@ -10,19 +10,7 @@ import importlib
 import json
 import sys
 
-
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="reasoner: HF directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
-    g.add_argument("--memgen", default=None, help="MemGen checkpoint directory (default: plain LLM)")
-    g.add_argument("--weaver-model", default=None, help="weaver base model directory (default: --model)")
-    g.add_argument("--trigger-model", default=None, help="trigger base model directory (default: --model)")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | float64 | bfloat16 | float16")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--reference-compat", action="store_true",
-                   help="reproduce the reference loader, which drops the trained LoRA weights")
-    g.add_argument("--seed", type=int, default=0)
+from memgen.model_options import add_model_arguments, llm_kwargs
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,11 +25,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def _build_llm(args):
     from memgen import LLM
 
-    kwargs = dict(model=args.model, memgen=args.memgen, weaver_model=args.weaver_model,
-                  trigger_model=args.trigger_model, dtype=args.dtype, device=args.device, seed=args.seed)
-    if args.reference_compat:
-        kwargs["reference_compat"] = True
-    return LLM(**kwargs)
+    return LLM(**llm_kwargs(args), seed=args.seed)
 
 
 def _sampling_params(args):
@@ -119,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per output")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
 
@@ -127,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default=None, help="one user message; omit for an interactive session")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--json", action="store_true")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
 

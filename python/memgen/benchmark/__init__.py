@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from memgen.model_options import add_model_arguments
+
 MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf")
 
 # per mode: batch sizes, output lengths, iterations (each overridable)
@@ -38,18 +40,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "config (issue 4: batch 8, 384 tokens, target <= 1.10x); vs-reference: engine vs "
                         "memgen.hf (target >= 20x); vs-hf: plain engine vs HF generate "
                         "(runs bench/bench_engine_vs_hf.py)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="reasoner: HF directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
-    g.add_argument("--memgen", default=None,
-                   help="MemGen checkpoint directory (default: MemGen parts initialised as the reference does)")
-    g.add_argument("--weaver-model", default=None, help="weaver base model directory (default: --model)")
-    g.add_argument("--trigger-model", default=None, help="trigger base model directory (default: --model)")
-    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU) | float32 | float64 | bfloat16 | float16")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--reference-compat", action="store_true",
-                   help="reproduce the reference loader, which drops the trained LoRA weights")
-    g.add_argument("--seed", type=int, default=0, help="engine seed and random-init seed")
+    add_model_arguments(p, memgen_help="MemGen checkpoint directory (default: MemGen parts initialised as "
+                                        "the reference does)", seed_help="engine seed and random-init seed")
     g = p.add_argument_group("random MemGen init (only without --memgen)")
     g.add_argument("--latents", type=int, default=None, help=f"K, prompt and inference latents (default {DEFAULT_LATENTS})")
     g.add_argument("--budget", type=int, default=None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from memgen.checkpoint import DEFAULT_LORA_CONFIG, MemGenCheckpoint, MemGenSettings
+from memgen.model_options import engine_kwargs
 
 
 @dataclasses.dataclass
@@ -87,12 +88,10 @@ def build_llm(args, model_dir: Path, memgen: MemGenCheckpoint | None, max_num_se
     --prefix-caching: repeated iterations would otherwise time cache hits."""
     from memgen import LLM
 
-    kwargs = dict(model=model_dir, dtype=args.dtype, device=args.device, seed=args.seed,
-                  max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                  enable_prefix_caching=args.prefix_caching)
+    kwargs = dict(model=model_dir, seed=args.seed, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                  enable_prefix_caching=args.prefix_caching, **engine_kwargs(args))
     if memgen is not None:
-        kwargs.update(memgen=memgen, weaver_model=args.weaver_model, trigger_model=args.trigger_model,
-                      reference_compat=args.reference_compat)
+        kwargs.update(memgen=memgen, weaver_model=args.weaver_model, trigger_model=args.trigger_model)
     return LLM(**kwargs)
 
 

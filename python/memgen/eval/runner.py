@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from memgen.model_options import add_model_arguments, llm_kwargs
 from memgen.eval.records import (
     Record, ResultWriter, iter_results, read_records, report_errors, write_json_atomic,
 )
@@ -303,18 +304,6 @@ def evaluate(llm: Any, cfg: EvalConfig, make_params: Callable[..., Any] | None =
 
 # --------------------------------------------------------------------------- CLI
 
-_MODEL_ARGS = (
-    ("--model", dict(default=None, help="reasoner: HF directory or .gguf (default: packaged SmolLM2)")),
-    ("--memgen", dict(default=None, help="MemGen checkpoint directory (default: plain LLM)")),
-    ("--weaver-model", dict(default=None, help="weaver base model directory (default: --model)")),
-    ("--trigger-model", dict(default=None, help="trigger base model directory (default: --model)")),
-    ("--dtype", dict(default="auto", help="auto | float32 | float64 | bfloat16 | float16")),
-    ("--device", dict(default="auto", help="auto | cpu | cuda | cuda:N")),
-    ("--reference-compat", dict(action="store_true",
-                                help="reproduce the reference loader, which drops the trained LoRA weights")),
-)
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `memgen eval`. Model options the CLI already added to `parser`
     (shared with other subcommands) are left as they are."""
@@ -324,10 +313,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", default=None, help="metrics JSON (default: <output stem>.summary.json)")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="task of records that name none (default: inferred from the reference field)")
-    existing = set(parser._option_string_actions)
-    for flag, kwargs in _MODEL_ARGS:
-        if flag not in existing:
-            parser.add_argument(flag, **kwargs)
+    add_model_arguments(parser, seed_help=None)
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -347,11 +333,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {"model": args.model, "memgen": args.memgen, "weaver_model": args.weaver_model,
-              "trigger_model": args.trigger_model, "dtype": args.dtype, "device": args.device,
-              "seed": args.seed}
-    if getattr(args, "reference_compat", False):
-        kwargs["reference_compat"] = True
+    kwargs = {**llm_kwargs(args), "seed": args.seed}
     for item in args.engine_arg:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
