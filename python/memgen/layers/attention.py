@@ -25,11 +25,21 @@ from memgen.layers.trigger_head import trigger_decisions_exact
 
 
 @dataclass
-class SDPAMetadata:
+class SDPAGroup:
+    """Chunks attended by one padded SDPA call."""
+    rows: torch.Tensor | None         # [n] the group's rows in the flat batch; None: all rows, in order
+    num_chunks: int
+    max_q: int
+    max_k: int
     kv_index: torch.Tensor            # [B * max_k] flat cache slots to gather (pads -> slot 0)
     attn_mask: torch.Tensor | None    # [B, 1, max_q, max_k] bool, None when not needed
     is_causal: bool                   # single chunk, pure prefill: SDPA's own causal mask
-    pad_index: torch.Tensor | None    # [N] row -> index in the padded [B * max_q] queries; None: identity
+    pad_index: torch.Tensor | None    # [n] group row -> index in the padded [B * max_q] queries; None: identity
+
+
+@dataclass
+class SDPAMetadata:
+    groups: list[SDPAGroup]
     store_index: torch.Tensor | None  # rows whose K/V are stored (None: all rows)
 
 
@@ -51,39 +61,24 @@ class TorchSDPABackend:
         return trigger_decisions_exact(*args, **kwargs)
 
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
-        # Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.
-        # Query i of chunk b sits at position context_lens[b] - q_lens[b] + i and sees
-        # keys j <= that position; padded queries (i >= q_len) see every valid key
-        # (never an all-masked row, which would give NaN) and are dropped afterwards.
-        device = ctx.slot_mapping.device
-        num_chunks, max_q, max_k, bs = ctx.num_chunks, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.block_size
+        # Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are
+        # padded separately: padded together, every decode row would be padded to the
+        # longest chunk's queries.
         q_lens = ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]
-        j = torch.arange(max_k, device=device)
-        blocks = ctx.block_tables.clamp(min=0).gather(1, (j // bs).expand(num_chunks, -1))
-        kv_index = (blocks * bs + j % bs).masked_fill(j >= ctx.context_lens[:, None], 0).view(-1)
-        pad_index = None
-        if max_q > 1:
-            rows = torch.arange(ctx.slot_mapping.shape[0], device=device)
-            chunk_of_row = torch.repeat_interleave(torch.arange(num_chunks, device=device), q_lens)
-            pad_index = chunk_of_row * max_q + rows - ctx.cu_seqlens_q[chunk_of_row]
-        attn_mask, is_causal = None, False
-        single_prefill = num_chunks == 1 and int(ctx.context_lens[0]) == max_q
-        if single_prefill and max_q > 1:
-            is_causal = True
-        elif not (num_chunks == 1 and max_q == 1):
-            i = torch.arange(max_q, device=device)
-            qpos = (ctx.context_lens - q_lens)[:, None] + i[None, :]            # [B, max_q]
-            qpos = torch.where(i[None, :] < q_lens[:, None], qpos, ctx.context_lens[:, None] - 1)
-            attn_mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)    # [B, 1, max_q, max_k]
+        is_decode = q_lens == 1
+        num_decode = int(is_decode.sum())
         store_index = None
         if bool((ctx.slot_mapping < 0).any()):
             store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
-        return SDPAMetadata(kv_index, attn_mask, is_causal, pad_index, store_index)
+        if num_decode in (0, ctx.num_chunks):
+            return SDPAMetadata([_group(ctx, None, q_lens)], store_index)
+        groups = [_group(ctx, is_decode.nonzero().squeeze(1), q_lens),
+                  _group(ctx, (~is_decode).nonzero().squeeze(1), q_lens)]
+        return SDPAMetadata(groups, store_index)
 
     def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
         meta: SDPAMetadata = ctx.attn_metadata
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        num_kv_heads = k.shape[1]
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         slots = ctx.slot_mapping
@@ -91,23 +86,70 @@ class TorchSDPABackend:
             slots, k, v = slots[meta.store_index], k[meta.store_index], v[meta.store_index]
         k_flat.index_copy_(0, slots, k)
         v_flat.index_copy_(0, slots, v)
+        if len(meta.groups) == 1 and meta.groups[0].rows is None:
+            return _attend(q, k_flat, v_flat, meta.groups[0], scale)
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), k_flat, v_flat, g, scale))
+        return out
 
-        num_chunks, max_q, max_k = ctx.num_chunks, ctx.max_seqlen_q, ctx.max_seqlen_k
-        keys = k_flat.index_select(0, meta.kv_index).view(num_chunks, max_k, num_kv_heads, head_dim)
-        values = v_flat.index_select(0, meta.kv_index).view(num_chunks, max_k, num_kv_heads, head_dim)
-        if meta.pad_index is None:
-            queries = q.view(num_chunks, 1, num_heads, head_dim)
-        else:
-            queries = q.new_zeros(num_chunks * max_q, num_heads, head_dim)
-            queries.index_copy_(0, meta.pad_index, q)
-            queries = queries.view(num_chunks, max_q, num_heads, head_dim)
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=meta.attn_mask, is_causal=meta.is_causal, scale=scale,
-            enable_gqa=num_heads != num_kv_heads,
-        )                                                                    # [B, Hq, max_q, D]
-        out = out.transpose(1, 2).reshape(num_chunks * max_q, num_heads, head_dim)
-        return out if meta.pad_index is None else out.index_select(0, meta.pad_index)
+
+def _group(ctx: ForwardContext, chunks: torch.Tensor | None, q_lens: torch.Tensor) -> SDPAGroup:
+    """Padded-batch metadata for some chunks (None: all of them).
+
+    Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.
+    Query i of chunk b sits at position context_lens[b] - q_lens[b] + i and sees
+    keys j <= that position; padded queries (i >= q_len) see every valid key
+    (never an all-masked row, which would give NaN) and are dropped afterwards."""
+    device, bs = ctx.slot_mapping.device, ctx.block_size
+    starts, context_lens, tables = ctx.cu_seqlens_q[:-1], ctx.context_lens, ctx.block_tables
+    if chunks is not None:
+        q_lens, starts, context_lens, tables = q_lens[chunks], starts[chunks], context_lens[chunks], tables[chunks]
+        max_q, max_k = int(q_lens.max()), int(context_lens.max())
+    else:
+        max_q, max_k = ctx.max_seqlen_q, ctx.max_seqlen_k
+    num_chunks = q_lens.shape[0]
+    j = torch.arange(max_k, device=device)
+    blocks = tables.clamp(min=0).gather(1, (j // bs).expand(num_chunks, -1))
+    kv_index = (blocks * bs + j % bs).masked_fill(j >= context_lens[:, None], 0).view(-1)
+    rows = pad_index = None
+    if max_q > 1:
+        chunk_of_row = torch.repeat_interleave(torch.arange(num_chunks, device=device), q_lens)
+        local = torch.arange(chunk_of_row.shape[0], device=device) - (q_lens.cumsum(0) - q_lens)[chunk_of_row]
+        pad_index = chunk_of_row * max_q + local
+        if chunks is not None:
+            rows = starts[chunk_of_row] + local
+    elif chunks is not None:
+        rows = starts
+    attn_mask, is_causal = None, False
+    if num_chunks == 1 and int(context_lens[0]) == max_q:
+        is_causal = max_q > 1                       # a single pure prefill: SDPA's causal mask
+    elif not (num_chunks == 1 and max_q == 1):
+        i = torch.arange(max_q, device=device)
+        qpos = (context_lens - q_lens)[:, None] + i[None, :]                # [B, max_q]
+        qpos = torch.where(i[None, :] < q_lens[:, None], qpos, context_lens[:, None] - 1)
+        attn_mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)    # [B, 1, max_q, max_k]
+    return SDPAGroup(rows, num_chunks, max_q, max_k, kv_index, attn_mask, is_causal, pad_index)
+
+
+def _attend(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: SDPAGroup, scale: float) -> torch.Tensor:
+    """SDPA over one group's padded batch; q holds the group's rows, in order."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_flat.shape[1]
+    keys = k_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
+    values = v_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
+    if g.pad_index is None:
+        queries = q.view(g.num_chunks, 1, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(g.num_chunks * g.max_q, num_heads, head_dim)
+        queries.index_copy_(0, g.pad_index, q)
+        queries = queries.view(g.num_chunks, g.max_q, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=g.attn_mask, is_causal=g.is_causal, scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )                                                                    # [B, Hq, max_q, D]
+    out = out.transpose(1, 2).reshape(g.num_chunks * g.max_q, num_heads, head_dim)
+    return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,55 @@
+"""The torch SDPA backend on steps that mix decode rows with multi-row chunks
+(prefill, MemGen catch-up): each group is padded on its own and the result
+equals the paged-attention reference row by row."""
+import pytest
+import torch
+
+from memgen.kernels.paged_attention import paged_prefill_attention_ref
+from memgen.layers.attention import TorchSDPABackend
+from memgen.layers.context import ForwardContext
+
+
+def _step(context_lens, query_lens, block_size=4, num_kv_heads=2, group=2, head_dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-c // block_size) for c in context_lens) + 1
+    num_blocks = len(context_lens) * max_blocks
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(context_lens), max_blocks), -1, dtype=torch.int64)
+    slots = []
+    for b, (c, n) in enumerate(zip(context_lens, query_lens)):
+        used = -(-c // block_size)
+        tables[b, :used] = perm[b * max_blocks:b * max_blocks + used]
+        slots += [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(c - n, c)]
+    slots = torch.tensor(slots)
+    cu = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)))
+    ctx = ForwardContext(cu_seqlens_q=cu, context_lens=torch.tensor(context_lens), slot_mapping=slots,
+                         block_tables=tables, max_seqlen_q=max(query_lens), max_seqlen_k=max(context_lens),
+                         block_size=block_size)
+    q = torch.randn(int(cu[-1]), num_kv_heads * group, head_dim, generator=g)
+    # the rows' own K/V are already in the cache: storing them again changes nothing
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].clone()
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].clone()
+    return q, k, v, k_cache, v_cache, ctx
+
+
+@pytest.mark.parametrize("context_lens,query_lens", [
+    ([5, 9, 37, 1, 12], [1, 4, 1, 1, 12]),    # decode rows around a catch-up chunk and a prompt
+    ([7, 3], [1, 3]),                          # the docstring's example
+    ([6, 10, 2], [1, 1, 1]),                   # decode only: one group
+    ([8, 5], [3, 5]),                          # multi-row only: one group
+])
+def test_mixed_steps_equal_the_reference(context_lens, query_lens):
+    q, k, v, k_cache, v_cache, ctx = _step(context_lens, query_lens)
+    backend = TorchSDPABackend()
+    ctx.attn_metadata = backend.prepare(ctx)
+    decode_and_multi = 0 < sum(n == 1 for n in query_lens) < len(query_lens)
+    assert len(ctx.attn_metadata.groups) == (2 if decode_and_multi else 1)
+    assert max(g.max_q for g in ctx.attn_metadata.groups) == max(query_lens)
+    if decode_and_multi:   # decode rows are not padded to the longest chunk
+        assert ctx.attn_metadata.groups[0].max_q == 1
+    got = backend.forward(q, k, v, k_cache, v_cache, ctx, scale=0.3)
+    want = paged_prefill_attention_ref(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens,
+                                       ctx.block_tables, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
