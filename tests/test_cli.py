@@ -70,17 +70,17 @@ def test_model_options_are_shared_and_map_to_llm_keywords():
     from memgen.eval.runner import add_eval_arguments
     from memgen.model_options import add_model_arguments, llm_kwargs
 
-    flags = ["--model", "m", "--dtype", "float32", "--attention-backend", "triton", "--cuda-graphs"]
+    flags = ["--model", "m", "--dtype", "float32", "--attention-backend", "triton", "--enforce-eager"]
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     kwargs = llm_kwargs(p.parse_args(flags))
     assert kwargs == dict(model="m", memgen=None, weaver_model=None, trigger_model=None, dtype="float32",
-                          device="auto", attention_backend="triton", enforce_eager=False)
+                          device="auto", attention_backend="triton", enforce_eager=True)
     assert llm_kwargs(p.parse_args(["--reference-compat"]))["reference_compat"] is True
     for add, extra in ((add_bench_arguments, []), (add_eval_arguments, ["in.jsonl"])):
         q = argparse.ArgumentParser()
         add(q)
         args = q.parse_args(flags + extra)
-        assert (args.attention_backend, args.cuda_graphs, args.dtype) == ("triton", True, "float32")
+        assert (args.attention_backend, args.enforce_eager, args.dtype) == ("triton", True, "float32")
     with pytest.raises(SystemExit):
         p.parse_args(["--attention-backend", "flash"])

@@ -171,3 +171,24 @@ def test_build_decode_graphs_is_none_where_eager(qwen2_dir):
     assert build_decode_graphs(cuda, EngineConfig(enforce_eager=True)) is None       # asked for eager
     cuda.attn_backend = TorchSDPABackend()
     assert build_decode_graphs(cuda, EngineConfig(enforce_eager=False)) is None      # host-syncing backend
+
+
+def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch):
+    """On a GPU a capture problem costs speed, never the run: a warning, then eager steps."""
+    from types import SimpleNamespace
+
+    from memgen.config import EngineConfig
+    from memgen.engine import cuda_graph
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def capture(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph, "DecodeGraphs", Failing)
+    monkeypatch.setattr(cuda_graph, "max_blocks_per_seq", lambda runner: 4)
+    runner = SimpleNamespace(device=torch.device("cuda"), attn_backend=SimpleNamespace(name="triton"))
+    with pytest.warns(RuntimeWarning, match="capture failed.*eagerly"):
+        assert cuda_graph.build_decode_graphs(runner, EngineConfig(enforce_eager=False)) is None

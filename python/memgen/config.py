@@ -22,7 +22,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None          # explicit KV pool size in blocks
     kv_cache_memory_gb: float | None = None   # or a memory budget; None -> max_model_len x max_num_seqs
     enable_prefix_caching: bool = True
-    enforce_eager: bool = True
+    enforce_eager: bool = False               # True: no CUDA graphs (they apply on CUDA + Triton only)
     attention_backend: str = "auto"          # "auto" (Triton on CUDA, torch SDPA on CPU) | "torch" | "triton"
     seed: int = 0
 

@@ -10,7 +10,7 @@ DEFAULT_MEMGEN_HELP = "MemGen checkpoint directory (default: plain LLM)"
 def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFAULT_MEMGEN_HELP,
                         seed_help: str | None = "engine seed") -> None:
     """--model, --memgen, --weaver-model, --trigger-model, --dtype, --device,
-    --reference-compat, --attention-backend, --cuda-graphs (and --seed unless
+    --reference-compat, --attention-backend, --enforce-eager (and --seed unless
     `seed_help` is None: a command with its own seed semantics adds its own)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
@@ -25,8 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFA
                    help="reproduce the reference loader, which drops the trained LoRA weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="kernels: auto (Triton on CUDA, torch on CPU) | torch | triton")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps as CUDA graphs (CUDA + Triton backend only)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (by default they are captured on CUDA with Triton)")
     if seed_help is not None:
         g.add_argument("--seed", type=int, default=0, help=seed_help)
 
@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFA
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The LLM(...) keywords for the engine options above (not model/memgen)."""
     kwargs = dict(dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-                  enforce_eager=not args.cuda_graphs)
+                  enforce_eager=args.enforce_eager)
     if args.reference_compat:
         kwargs["reference_compat"] = True
     return kwargs

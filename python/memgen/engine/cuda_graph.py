@@ -36,6 +36,8 @@ and the next replay would overwrite a view.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from memgen.layers.context import ForwardContext, forward_context
@@ -178,7 +180,13 @@ class DecodeGraphs:
         if not bs or (bs, ctx.adapter_ids is not None) not in self.graphs:
             return False
         if self._stale():
-            self.capture()
+            try:
+                self.capture()
+            except Exception as e:  # e.g. out of memory after new weights: run eagerly from now on
+                warnings.warn(f"CUDA graph recapture failed ({type(e).__name__}: {e}); decode steps run "
+                              "eagerly from now on", RuntimeWarning, stacklevel=2)
+                self.graphs.clear()
+                return False
         return True
 
     def _reset_padding(self, n: int) -> None:
@@ -230,6 +238,11 @@ def build_decode_graphs(runner, config, rows_per_seq: int = 1) -> DecodeGraphs |
     if config.enforce_eager or runner.device.type != "cuda" or getattr(runner.attn_backend, "name", None) != "triton":
         return None
     max_batch = max(1, min(config.max_num_seqs * max(1, rows_per_seq), config.max_num_batched_tokens))
-    graphs = DecodeGraphs(runner, max_batch, max_blocks_per_seq(runner))
-    graphs.capture()
+    try:
+        graphs = DecodeGraphs(runner, max_batch, max_blocks_per_seq(runner))
+        graphs.capture()
+    except Exception as e:  # a capture problem must cost speed, never the run
+        warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decode steps run eagerly. "
+                      "Pass enforce_eager=True to skip the attempt.", RuntimeWarning, stacklevel=2)
+        return None
     return graphs

@@ -10,6 +10,7 @@ import torch
 
 from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
+from memgen.engine.cuda_graph import build_decode_graphs
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.scheduler import Scheduler
 from memgen.engine.memgen_setup import BASE_POOL, MemGenSetup
@@ -46,6 +47,9 @@ class LLMEngine:
         for pool, runner in self.runners.items():
             num_blocks = self._num_kv_blocks(runner, streams_per_pool[pool])
             runner.allocate_kv_cache(num_blocks)
+            # CUDA graphs for decode steps (None unless CUDA + Triton + enforce_eager=False);
+            # a MemGen pool's decode steps carry up to one row per stream living in it
+            runner.decode_graphs = build_decode_graphs(runner, config, streams_per_pool[pool])
             self.block_managers[pool] = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.block_manager = self.block_managers[BASE_POOL]
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
