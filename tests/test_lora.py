@@ -117,3 +117,28 @@ def test_fused_lora_on_the_triton_backend_equals_the_loop(qwen2_dir):
     assert hook.num_adapters == 2 and [s[1].shape[0] for s in hook.stacks()] == [2]
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_push_keeps_the_stacked_tensors(qwen2_dir):
+    """Re-installing an adapter of the same shapes (training's weight push) copies the
+    new values into the stacks the fused path already built: CUDA graphs captured
+    over them stay valid. New shapes build new stacks; a bad adapter changes nothing."""
+    _, lora_a = _peft_lora(qwen2_dir, seed=1)
+    _, lora_b = _peft_lora(qwen2_dir, seed=2)
+    model = load_model(qwen2_dir, torch.float32, torch.device("cpu"), max_position=64)
+    install_lora(model, 0, lora_a, torch.float32, "cpu")
+    hook = model.model.layers[0].self_attn.qkv_proj.lora
+    before = hook.stacks()
+    tensors = [t for s in before for t in s[1:]]
+    install_lora(model, 0, lora_b, torch.float32, "cpu")     # same shapes, new values
+    assert hook.stacks() is before and [t for s in hook.stacks() for t in s[1:]] == tensors
+    q_path = "model.layers.0.self_attn.q_proj"
+    q_slice = model.model.layers[0].self_attn.qkv_proj.output_slices["q"]
+    stack_a = next(s for s in before if s[0] == q_slice)[1]
+    torch.testing.assert_close(stack_a[0], lora_b.layers[q_path][0].float())
+    bad = LoraWeights(r=4, alpha=8, target_modules=["q_proj"], layers={q_path: (torch.zeros(4, 5), torch.zeros(64, 4))})
+    with pytest.raises(ValueError, match="shapes"):
+        install_lora(model, 0, bad, torch.float32, "cpu")
+    assert len(hook.deltas) == 2                               # q and v of lora_b, untouched
+    install_lora(model, 1, lora_a, torch.float32, "cpu")     # a second adapter: new layout
+    assert hook.stacks() is not before and hook.stacks()[0][1].shape[0] == 2

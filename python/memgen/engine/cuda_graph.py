@@ -24,9 +24,11 @@ variants when the model has LoRA hooks: without adapter ids (the hooks return
 at once, like an eager step with adapter_ids None) and with a static adapter_ids
 buffer (-1 in padded rows); a step picks the variant of its context. A pure
 reasoner decode step thus pays no LoRA kernels. The adapters' stacked weights
-are baked into the graphs by address: after install_lora / remove_lora
-(update_memgen_weights) they are new tensors, which `can_run` notices and
-captures again before the next replay (also after a new KV cache is bound).
+are baked into the graphs by address: a weight push of the same shapes
+(update_memgen_weights during training) copies into the same tensors, so the
+graphs stay valid; a new layout (another adapter, other ranks) makes new
+tensors, which `can_run` notices and captures again before the next replay
+(also after a new KV cache is bound).
 
 Capture: sizes largest first, each warmed up eagerly once (Triton compiles
 there, not inside the capture), all sharing one memory pool. The model output

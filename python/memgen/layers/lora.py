@@ -76,7 +76,7 @@ class LoraHook:
     def stacks(self) -> list:
         if self._stacks is None:
             self._stacks = []
-            for out in {(d.out.start, d.out.stop) for d in self.deltas}:
+            for out in sorted({(d.out.start, d.out.stop) for d in self.deltas}):
                 mine = [d for d in self.deltas if (d.out.start, d.out.stop) == out]
                 first, rank = mine[0], max(d.a.shape[0] for d in mine)
                 n = self.num_adapters
@@ -119,14 +119,18 @@ def resolve_target(model: nn.Module, module_path: str) -> tuple[nn.Module, slice
 
 def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, device) -> int:
     """Attach one adapter (a `memgen.checkpoint.LoraWeights`) to `model`'s layers
-    under `adapter_id`. Returns the number of layers touched."""
-    remove_lora(model, adapter_id)
+    under `adapter_id`, replacing any adapter of that id. Every shape is checked
+    before anything changes. Returns the number of layers touched."""
+    targets = []
     for module_path, (a, b) in lora.layers.items():
         linear, out = resolve_target(model, module_path)
         width = out.stop - out.start
         if a.shape[1] != linear.in_features or b.shape[0] != width or a.shape[0] != b.shape[1]:
             raise ValueError(f"LoRA weights for {module_path!r} have shapes A {tuple(a.shape)}, "
                              f"B {tuple(b.shape)}; the base projection is [{width}, {linear.in_features}]")
+        targets.append((linear, out, a, b))
+    _drop(model, adapter_id)
+    for linear, out, a, b in targets:
         if not isinstance(linear.lora, LoraHook):
             linear.lora = LoraHook()
         linear.lora.deltas.append(_Delta(adapter_id, a.to(device=device, dtype=dtype),
@@ -136,18 +140,37 @@ def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, de
 
 
 def remove_lora(model: nn.Module, adapter_id: int) -> None:
-    """Detach one adapter from every layer (e.g. before pushing new weights)."""
+    """Detach one adapter from every layer."""
+    _drop(model, adapter_id)
+    _restack(model)
+
+
+def _drop(model: nn.Module, adapter_id: int) -> None:
     for module in model.modules():
         hook = getattr(module, "lora", None)
         if isinstance(hook, LoraHook):
             hook.deltas = [d for d in hook.deltas if d.adapter_id != adapter_id]
-    _restack(model)
 
 
 def _restack(model: nn.Module) -> None:
     """After the adapters changed: every hook stacks the model's adapter count
-    (rows of an adapter that a layer lacks must still find an all-zero slot)."""
+    (rows of an adapter that a layer lacks must still find an all-zero slot).
+    Stacks already built keep their tensors when the shapes are unchanged (a
+    weight push during training): new values are copied in, so captured CUDA
+    graphs, which hold the tensors by address, stay valid."""
     hooks = [m.lora for m in model.modules() if isinstance(getattr(m, "lora", None), LoraHook)]
     num_adapters = 1 + max((d.adapter_id for h in hooks for d in h.deltas), default=-1)
     for hook in hooks:
-        hook.num_adapters, hook._stacks = num_adapters, None
+        old, hook.num_adapters, hook._stacks = hook._stacks, num_adapters, None
+        if old is not None and _same_layout(old, hook.stacks()):
+            for kept, new in zip(old, hook._stacks):
+                for dst, src in zip(kept[1:], new[1:]):
+                    dst.copy_(src)
+            hook._stacks = old
+
+
+def _same_layout(old: list, new: list) -> bool:
+    """Same output slices and tensor shapes, in the same (sorted) order."""
+    def key(stacks):
+        return [(s[0].start, s[0].stop, *(tuple(t.shape) for t in s[1:])) for s in stacks]
+    return key(old) == key(new)
