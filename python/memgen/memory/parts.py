@@ -3,7 +3,8 @@ between reasoner and weaver space, the folded query latents, the trigger head.
 
 Built once from a `memgen.checkpoint.MemGenCheckpoint`, on the engine's device
 and dtype. The query latents `LayerNorm(Q) * scale` do not depend on the input,
-so they are folded here once instead of at every weaver call.
+so they are folded here once instead of at every weaver call. The trigger head is
+applied by the backend's fused trigger scoring (memory.controller).
 """
 from __future__ import annotations
 
@@ -51,7 +52,3 @@ class MemGenParts:
     def to_reasoner(self, h: torch.Tensor) -> torch.Tensor:
         """The weaver's post-norm states at the query positions -> latents."""
         return F.linear(h, self.w2r_weight, self.w2r_bias)
-
-    def trigger_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, Ht] post-norm trigger states -> [n, 2] logits."""
-        return F.linear(hidden, self.head_weight, self.head_bias)
