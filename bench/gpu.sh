@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a CUDA machine: run the kernel tests natively (TRITON_INTERPRET=0), time each
-# kernel against its torch reference and the bandwidth floor, and (below, to be
-# added) the end-to-end engine benchmarks. Results: bench/results/*.json, named
-# after the device. Usage: bash bench/gpu.sh [--quick]
+# kernel against its torch reference and the bandwidth floor (bench_kernels.py and,
+# with pytest-benchmark, test_kernel_microbench.py), and the end-to-end engine
+# benchmarks (bench_e2e.py). Results: bench/results/*.json, named after the device.
+# Usage: bash bench/gpu.sh [--quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,11 +43,25 @@ PYEOF
 # 2. kernel microbenchmarks (writes bench/results/kernels_<device>.json)
 $PY bench/bench_kernels.py ${QUICK:+--quick}
 
-# ---------------------------------------------------------------------------
-# 3. END-TO-END ENGINE BENCHMARKS: add them here (engine owners).
-#    Random-weight models with real shapes (Qwen2.5-1.5B's config), decode time
-#    per output token vs the bandwidth floor, MemGen vs plain LLM; write
-#    bench/results/<name>_${SLUG}.json.
-# ---------------------------------------------------------------------------
+# 3. end to end on a random-weight model with Qwen2.5-1.5B's shapes: decode time per
+#    output token at batch 1 vs the bandwidth floor (target <= 1.3x), MemGen vs the plain
+#    LLM (target <= 1.1x) at batch 1/8, batch-16 throughput (-> bench/results/e2e_<device>.json)
+set +e
+$PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda ${QUICK:+--quick}
+E2E_RC=$?
 
-exit $TESTS_RC
+# 4. kernel microbenchmarks with pytest-benchmark, Triton vs torch reference per kernel
+#    (-> bench/results/kernel_microbench_<device>.json; extra_info holds bytes and x floor)
+if $PY -c "import pytest_benchmark" 2>/dev/null; then
+  $PY -m pytest bench/test_kernel_microbench.py -q -p no:cacheprovider \
+    --benchmark-columns=min,median,mean,rounds,iterations \
+    --benchmark-json="bench/results/kernel_microbench_${SLUG}.json"
+  MICRO_RC=$?
+else
+  echo "gpu.sh: pytest-benchmark is not installed (pip install 'memgen-engine[test]'): microbenchmarks skipped" >&2
+  MICRO_RC=1
+fi
+set -e
+echo "gpu.sh: kernel tests rc=$TESTS_RC, end-to-end rc=$E2E_RC, microbenchmarks rc=$MICRO_RC; results in bench/results/*_${SLUG}.json"
+
+[ "$TESTS_RC" -eq 0 ] && [ "$E2E_RC" -eq 0 ] && [ "$MICRO_RC" -eq 0 ]
