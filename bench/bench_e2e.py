@@ -194,6 +194,15 @@ def run_side(llm, prompts, max_tokens: int, temperature: float, latents: tuple[i
 
 
 # ---- main --------------------------------------------------------------------------
+def _graph_use(llm) -> dict:
+    """Per pool: whether decode graphs were captured, their sizes, and how often they replayed."""
+    out = {}
+    for pool, runner in llm.engine.runners.items():
+        graphs = runner.decode_graphs
+        out[pool] = None if graphs is None else {"batch_sizes": graphs.batch_sizes, "replays": graphs.num_replays}
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="qwen2.5-1.5b",
@@ -201,6 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="engine dtype: auto (bf16 on CUDA, float32 on CPU) | ...")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (default: decode steps replay graphs on CUDA with Triton)")
     p.add_argument("--quick", action="store_true", help="shorter outputs, one iteration, smaller copy buffer")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="default 1 8 16 (tiny: 1 4); targets are judged at 1 and 8")
@@ -277,7 +288,7 @@ def main(argv=None) -> dict:
         ckpt = random_checkpoint(settings, config, seed=args.seed)
         engine_kw = dict(dtype=dtype, device=device, seed=args.seed, max_num_seqs=max(batches),
                          max_model_len=max_model_len, enable_prefix_caching=False,
-                         attention_backend=args.attention_backend)
+                         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
         print("loading the engine: plain, then MemGen ...", flush=True)
         plain = LLM(Path(tmp) / "model", **engine_kw)
         memgen = LLM(Path(tmp) / "model", memgen=ckpt, **engine_kw)
@@ -382,6 +393,7 @@ def main(argv=None) -> dict:
                    "memgen": {"source": "random_checkpoint", "seed": args.seed, "settings": settings.to_dict()},
                    "engine": {"max_num_seqs": max(batches), "max_model_len": max_model_len,
                               "enable_prefix_caching": False, "enforce_eager": plain.config.enforce_eager,
+                              "cuda_graphs": {side: _graph_use(llm) for side, (llm, _) in sides.items()},
                               "attention": getattr(getattr(plain.engine.model_runner, "attn_backend", None),
                                                    "name", None)},
                    "tpot": "(time of last token - time of first token) / (tokens - 1) per request: prefill "

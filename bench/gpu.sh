@@ -11,10 +11,17 @@ QUICK=${1:-}
 
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "gpu.sh: no CUDA device visible to torch; on CPU run 'pytest -m kernels' instead" >&2; exit 1; }
-# the package must import; the GPU image has no network, so install offline when needed
-$PY -c "import memgen.kernels" 2>/dev/null \
-  || $PY -m pip install -q --no-deps --no-build-isolation -e . \
-  || { echo "gpu.sh: cannot import or install memgen" >&2; exit 1; }
+# memgen must import with its compiled runtime. The GPU image has no network and maybe no
+# C++ build tools: install the wheels bench/build_gpu_wheels.sh made (carried as .gpu-wheels/),
+# else try a local build.
+if ! $PY -c "import memgen._native, memgen.kernels" 2>/dev/null; then
+  if compgen -G ".gpu-wheels/memgen_engine-*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --find-links .gpu-wheels memgen-engine pytest pytest-benchmark hypothesis
+  else
+    $PY -m pip install -q --no-deps --no-build-isolation -e .
+  fi || { echo "gpu.sh: cannot install memgen here: run bench/build_gpu_wheels.sh on a machine with" \
+                "network and carry .gpu-wheels/ along" >&2; exit 1; }
+fi
 
 export TRITON_INTERPRET=0      # tests/conftest.py defaults it to 1 when unset
 export PYTHONUNBUFFERED=1
@@ -24,7 +31,9 @@ SLUG=$($PY -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.
 # 1. kernel tests, natively on the GPU (summary -> bench/results/kernel_tests_<device>.json)
 JUNIT=$(mktemp --suffix=.xml)
 set +e
-$PY -m pytest -m kernels tests/test_kernels.py -q -p no:cacheprovider --junitxml="$JUNIT"
+# the kernels against their references, the engine on Triton vs torch, and real CUDA graphs vs eager
+$PY -m pytest -m kernels tests/test_kernels.py tests/test_triton_backend.py tests/test_cuda_graph.py \
+  -q -p no:cacheprovider --junitxml="$JUNIT"
 TESTS_RC=$?
 set -e
 $PY - "$SLUG" "$TESTS_RC" "$JUNIT" <<'PYEOF'
@@ -49,6 +58,9 @@ $PY bench/bench_kernels.py ${QUICK:+--quick}
 set +e
 $PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda ${QUICK:+--quick}
 E2E_RC=$?
+# the same at batch 1 without CUDA graphs: what the graphs buy (-> e2e_eager_<device>.json)
+$PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda --quick --batch-sizes 1 --enforce-eager \
+  --out "bench/results/e2e_eager_${SLUG}.json" || E2E_RC=1
 
 # 4. kernel microbenchmarks with pytest-benchmark, Triton vs torch reference per kernel
 #    (-> bench/results/kernel_microbench_<device>.json; extra_info holds bytes and x floor)

@@ -192,3 +192,18 @@ def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch):
     runner = SimpleNamespace(device=torch.device("cuda"), attn_backend=SimpleNamespace(name="triton"))
     with pytest.warns(RuntimeWarning, match="capture failed.*eagerly"):
         assert cuda_graph.build_decode_graphs(runner, EngineConfig(enforce_eager=False)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU (bench/gpu.sh runs this)")
+def test_real_cuda_graphs_give_the_eager_tokens(memgen_reasoner_dir, memgen_active_ckpt_dir):
+    """On a GPU: graphs are captured by default, replayed for decode steps, and the
+    greedy tokens and augmentation masks equal eager mode's (float32, Triton)."""
+    prompts = ["What is 12 plus 30?", "Hello", "The quick brown fox"]
+    kwargs = dict(model=memgen_reasoner_dir, dtype="float32", device="cuda", attention_backend="triton")
+    for memgen in (None, memgen_active_ckpt_dir):
+        eager = _outputs(LLM(**kwargs, memgen=memgen, enforce_eager=True), prompts)
+        llm = LLM(**kwargs, memgen=memgen)
+        graphs = llm.engine.model_runner.decode_graphs
+        assert graphs is not None
+        assert _outputs(llm, prompts) == eager
+        assert graphs.num_replays > 0
