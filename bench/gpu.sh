@@ -16,7 +16,9 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
 # else try a local build.
 if ! $PY -c "import memgen._native, memgen.kernels" 2>/dev/null; then
   if compgen -G ".gpu-wheels/memgen_engine-*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --find-links .gpu-wheels memgen-engine pytest pytest-benchmark hypothesis
+    # memgen without deps (the image's torch pins its own triton), then what the image may lack
+    $PY -m pip install -q --no-index --find-links .gpu-wheels --no-deps memgen-engine \
+      && $PY -m pip install -q --no-index --find-links .gpu-wheels gguf tqdm pytest pytest-benchmark hypothesis
   else
     $PY -m pip install -q --no-deps --no-build-isolation -e .
   fi || { echo "gpu.sh: cannot install memgen here: run bench/build_gpu_wheels.sh on a machine with" \
