@@ -51,19 +51,18 @@ def build_delimiter_table(tokenizer, vocab_size: int | None = None,
     vocab_size = max(vocab_size or num_known, num_known)
     ids = list(range(num_known))
     texts = _decode_batch(tokenizer, [[i] for i in ids])
-    ends = torch.zeros(vocab_size, dtype=torch.bool)
-    needs = torch.ones(vocab_size, dtype=torch.bool)  # unknown ids: decode the sequence
-    for i, text in zip(ids, texts):
-        ends[i] = text.endswith(delimiters)
-        needs[i] = text == ""
+    ends = [text.endswith(delimiters) for text in texts]
+    needs = [text == "" for text in texts]
     for context in _CONTEXT_TEXTS:
         prefix = tokenizer.encode(context, add_special_tokens=False)
         if not prefix:
             continue
         in_context = _decode_batch(tokenizer, [prefix + [i] for i in ids])
-        for i, text in zip(ids, in_context):
-            if text.endswith(delimiters) != bool(ends[i]):
-                needs[i] = True
+        needs = [n or text.endswith(delimiters) != e for n, e, text in zip(needs, ends, in_context)]
+    # ids past the tokenizer's (model vocab padding): never a delimiter by themselves, decode instead
+    pad = vocab_size - num_known
+    ends = torch.tensor(ends + [False] * pad, dtype=torch.bool)
+    needs = torch.tensor(needs + [True] * pad, dtype=torch.bool)
     return DelimiterTable(ends, needs, tuple(delimiters))
 
 
