@@ -212,6 +212,9 @@ def parse_args(argv=None):
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs (default: decode steps replay graphs on CUDA with Triton)")
+    p.add_argument("--lazy-memgen-streams", action="store_true",
+                   help="MemGen's weaver/trigger catch up in one chunk when needed (default on CUDA: they "
+                        "follow the reasoner step by step, keeping steps decode-shaped for CUDA graphs)")
     p.add_argument("--quick", action="store_true", help="shorter outputs, one iteration, smaller copy buffer")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="default 1 8 16 (tiny: 1 4); targets are judged at 1 and 8")
@@ -288,7 +291,8 @@ def main(argv=None) -> dict:
         ckpt = random_checkpoint(settings, config, seed=args.seed)
         engine_kw = dict(dtype=dtype, device=device, seed=args.seed, max_num_seqs=max(batches),
                          max_model_len=max_model_len, enable_prefix_caching=False,
-                         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
+                         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                         lazy_memgen_streams=True if args.lazy_memgen_streams else None)
         print("loading the engine: plain, then MemGen ...", flush=True)
         plain = LLM(Path(tmp) / "model", **engine_kw)
         memgen = LLM(Path(tmp) / "model", memgen=ckpt, **engine_kw)
@@ -394,6 +398,7 @@ def main(argv=None) -> dict:
                    "engine": {"max_num_seqs": max(batches), "max_model_len": max_model_len,
                               "enable_prefix_caching": False, "enforce_eager": plain.config.enforce_eager,
                               "cuda_graphs": {side: _graph_use(llm) for side, (llm, _) in sides.items()},
+                              "memgen_streams_follow": memgen.engine.memory.follow,
                               "attention": getattr(getattr(plain.engine.model_runner, "attn_backend", None),
                                                    "name", None)},
                    "tpot": "(time of last token - time of first token) / (tokens - 1) per request: prefill "

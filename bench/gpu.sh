@@ -63,6 +63,10 @@ E2E_RC=$?
 # the same at batch 1 without CUDA graphs: what the graphs buy (-> e2e_eager_<device>.json)
 $PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda --quick --batch-sizes 1 --enforce-eager \
   --out "bench/results/e2e_eager_${SLUG}.json" || E2E_RC=1
+# MemGen with lazy weaver/trigger streams (the CPU default) instead of following R
+# (the CUDA default): which is faster on this GPU (-> e2e_lazy_<device>.json)
+$PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda --quick --batch-sizes 1 8 --lazy-memgen-streams \
+  --out "bench/results/e2e_lazy_${SLUG}.json" || E2E_RC=1
 
 # 4. kernel microbenchmarks with pytest-benchmark, Triton vs torch reference per kernel
 #    (-> bench/results/kernel_microbench_<device>.json; extra_info holds bytes and x floor)

@@ -236,3 +236,33 @@ def test_live_weight_update(request, prompt_ids, tokenizer, memgen_reasoner_dir)
     _check(after, expected, range(len(prompts)))
     with pytest.raises(TypeError):
         llm.update_memgen_weights({"not": "a checkpoint"})
+
+
+@pytest.mark.parametrize("name,budget", [("active", 5), ("separate_trigger", 2), ("wide_weaver", 5)])
+def test_streams_following_the_reasoner_equal_the_oracle(request, prompt_ids, tokenizer, memgen_reasoner_dir,
+                                                         monkeypatch, name, budget):
+    """lazy_memgen_streams=False (the CUDA default): W and T take one row per step beside R
+    while insertions remain, instead of catching up in one chunk. Same tokens and masks;
+    after the prompt, T never runs a multi-row chunk."""
+    from memgen.memory import controller as ctl
+
+    ckpt, weaver, trigger = _case(request, name)
+    ckpt = dataclasses.replace(ckpt, settings=dataclasses.replace(ckpt.settings, max_inference_aug_num=budget))
+    expected = _oracle(ckpt, memgen_reasoner_dir, weaver, trigger, prompt_ids, tokenizer.eos_token_id)
+    t_chunks = {}
+    original = ctl.MemGenController.after_forward
+
+    def spy(self, chunks, hidden_of_chunk):
+        for chunk in chunks:
+            if chunk.stream.name == ctl.TRIGGER:
+                t_chunks.setdefault(chunk.seq.seq_id, []).append(chunk.end - chunk.start)
+        return original(self, chunks, hidden_of_chunk)
+
+    monkeypatch.setattr(ctl.MemGenController, "after_forward", spy)
+    _, _, prompts = prompt_ids
+    llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger, lazy_memgen_streams=False)
+    assert llm.engine.memory.follow
+    _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
+    if ckpt.settings.trigger_active:
+        later = [n for sizes in t_chunks.values() for n in sizes[1:]]
+        assert later and max(later) == 1

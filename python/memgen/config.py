@@ -23,6 +23,10 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None   # or a memory budget; None -> max_model_len x max_num_seqs
     enable_prefix_caching: bool = True
     enforce_eager: bool = False               # True: no CUDA graphs (they apply on CUDA + Triton only)
+    # MemGen's weaver/trigger streams: True = lazy (catch up in one chunk when needed), False =
+    # follow the reasoner step by step while insertions remain (decode-shaped steps for CUDA
+    # graphs); None -> lazy on CPU, follow on CUDA. Same outputs either way.
+    lazy_memgen_streams: bool | None = None
     attention_backend: str = "auto"          # "auto" (Triton on CUDA, torch SDPA on CPU) | "torch" | "triton"
     seed: int = 0
 
@@ -42,6 +46,8 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory_gb must be a positive number of GiB, got {v!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}: use 'auto', 'torch' or 'triton'")
+        if self.lazy_memgen_streams not in (None, True, False):
+            raise TypeError(f"lazy_memgen_streams must be None, True or False, got {self.lazy_memgen_streams!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
 

@@ -41,8 +41,9 @@ class LLMEngine:
         if memgen is not None:
             self.memgen_setup = memgen
             self.memgen_version = 0   # bumped by each weight update: W/T prefix-cache keys carry it
+            lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else device.type != "cuda"
             self.memory, self.stream_pools = memgen.build(self.runners, streams_per_pool, dtype, device,
-                                                          self.max_model_len, config.block_size)
+                                                          self.max_model_len, config.block_size, follow=not lazy)
         self.block_managers = {}
         for pool, runner in self.runners.items():
             num_blocks = self._num_kv_blocks(runner, streams_per_pool[pool])

@@ -33,7 +33,7 @@ class MemGenSetup:
     trigger_config: object = None
 
     def build(self, runners: dict[str, ModelRunner], streams_per_pool: dict[str, int], dtype: torch.dtype,
-              device: torch.device, max_model_len: int, block_size: int):
+              device: torch.device, max_model_len: int, block_size: int, follow: bool = False):
         """Add runners for separate checkpoints, install the adapters, and return
         (controller, pool of each stream)."""
         base = runners[BASE_POOL]
@@ -59,7 +59,8 @@ class MemGenSetup:
         parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
         table = build_delimiter_table(self.tokenizer, base.hf_config.vocab_size)
         controller = MemGenController(parts, table, self.tokenizer, self.tokenizer.pad_token_id,
-                                      base.model.model.embed_tokens, max_model_len, backend=base.attn_backend)
+                                      base.model.model.embed_tokens, max_model_len, backend=base.attn_backend,
+                                      follow=follow)
         return controller, pools
 
 

@@ -72,8 +72,14 @@ class MemGenController:
     forward (see LLMEngine.step)."""
 
     def __init__(self, parts: MemGenParts, delimiters: DelimiterTable, tokenizer, pad_token_id: int | None,
-                 reasoner_embed, max_model_len: int, backend=None):
+                 reasoner_embed, max_model_len: int, backend=None, follow: bool = False):
         self.parts = parts
+        # follow=False (lazy): W and T compute only when a decision or latents are due, each
+        # catching up in one multi-row chunk. follow=True: while a sequence may still insert,
+        # W and T take their one new row in every step beside R's. The same rows in all
+        # (nothing is recomputed), but steps stay decode-shaped: CUDA graphs replay them, and
+        # on a memory-bound GPU the extra rows ride along with the weight reads.
+        self.follow = follow
         # the kernel backend's fused trigger scoring (torch: exact in the model's dtype)
         self.backend = backend if backend is not None else TorchSDPABackend()
         self._is_delim: torch.Tensor | None = None   # the delimiter table on the device
@@ -102,12 +108,17 @@ class MemGenController:
     def _set_phase(self, seq, phase: Phase) -> None:
         seq.memgen.phase = phase
         # R may always catch up (its positions are needed in every phase); W and T
-        # only when their phase asks for them
+        # when their phase asks for them, or at every step while the sequence may
+        # still insert if they follow R (see `follow`)
         due = {REASONER}
         if phase is Phase.DECIDE:
             due.add(TRIGGER)
         elif phase is Phase.WEAVE:
             due.add(WEAVER)
+        if self.follow and seq.memgen.num_inference_insertions < self.parts.max_inference_aug_num:
+            due.add(WEAVER)
+            if self.parts.trigger_active:
+                due.add(TRIGGER)
         seq.due_streams = due
 
     # ---- decisions ----------------------------------------------------------------
@@ -247,6 +258,8 @@ class MemGenController:
 
     def _collect_queries(self, seq, chunk, hidden: torch.Tensor) -> None:
         weaver = seq.streams[WEAVER]
+        if weaver.num_scratch == 0:   # W following R: no query latents in this chunk
+            return
         first_scratch = weaver.num_tokens - weaver.num_scratch
         for row, pos in enumerate(range(chunk.start, chunk.end)):
             if pos >= first_scratch:
