@@ -152,7 +152,7 @@ def test_can_run_only_pure_decode_steps_that_fit(qwen2_dir):
     assert not graphs.can_run(_decode_input(runner, 3, max_seqlen_q=2))      # a prefill chunk
     inp = _decode_input(runner, 2)
     inp.latents, inp.latent_index = torch.zeros(1, runner.model.hidden_size), torch.tensor([0, -1])
-    assert not graphs.can_run(inp)                                           # embedding rows
+    assert graphs.can_run(inp)                                               # embedding rows ride along
     inp = _decode_input(runner, 2, block_tables=torch.zeros(2, width + 1, dtype=torch.int64))
     assert not graphs.can_run(inp)                                           # a wider block table
     assert not graphs.can_run(_decode_input(runner, 2, adapter_ids=torch.tensor([-1, 0])))  # no adapter variant
@@ -207,3 +207,32 @@ def test_real_cuda_graphs_give_the_eager_tokens(memgen_reasoner_dir, memgen_acti
         assert graphs is not None
         assert _outputs(llm, prompts) == eager
         assert graphs.num_replays > 0
+
+
+def test_memgen_following_streams_replay_weaver_rows(memgen_reasoner_dir, memgen_active_ckpt_dir):
+    """With W and T following R (the CUDA default), MemGen's decode steps carry weaver rows,
+    whose input is an embedding (latents buffer): they replay graphs too, with eager's
+    tokens and masks."""
+    kwargs = dict(memgen=memgen_active_ckpt_dir, dtype="float32", attention_backend="triton",
+                  enable_prefix_caching=False, max_num_seqs=4, lazy_memgen_streams=False)
+    llm = LLM(memgen_reasoner_dir, **kwargs)
+    prompts = ["Hello. Then, go", "A, b. c"]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    want = [(o.token_ids, o.augmentation) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert any(1 in aug for _, aug in want)
+
+    runner = llm.engine.model_runner
+    graphs = DecodeGraphs(runner, 8, max_blocks_per_seq(runner), graph_factory=RecordingGraph, batch_sizes=[8])
+    graphs.capture()
+    with_latents = []
+    run = graphs.run
+
+    def spy(inp):
+        with_latents.append(inp.latents is not None)
+        return run(inp)
+
+    graphs.run = spy
+    runner.decode_graphs = graphs
+    got = [(o.token_ids, o.augmentation) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert with_latents and all(with_latents)      # every decode step carried weaver rows, and replayed

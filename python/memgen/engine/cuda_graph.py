@@ -1,17 +1,21 @@
-"""CUDA graphs for pure decode steps (vLLM / nano-vllm style).
+"""CUDA graphs for decode steps (vLLM / nano-vllm style).
 
-A decode step (every chunk one query row, no embedding rows) of n rows runs the
-graph captured at the smallest batch size >= n: the live tensors are copied into
-the first n rows of static buffers, the other rows are padding, the graph is
-replayed and the first n rows of its output are returned. Anything else
-(prefill, latents / projected-token rows, more rows than the largest graph, a
-wider block table) runs eagerly.
+A decode step (every chunk one query row) of n rows runs the graph captured at
+the smallest batch size >= n: the live tensors are copied into the first n rows
+of static buffers, the other rows are padding, the graph is replayed and the
+first n rows of its output are returned. Embedding rows are allowed (MemGen's
+weaver rows, whose input is a projected reasoner embedding): the graph's input
+layer is the latent-injection kernel over a static latents buffer, which with no
+embedding rows is a plain embedding gather. Anything else (prefill, catch-up
+and latent chunks, more rows than the largest graph, a wider block table) runs
+eagerly.
 
 Padding rows are made harmless for the Triton kernels they meet:
   slot_mapping -1        the KV store skips the row (nothing is written)
   context_lens 1         the decode kernel attends to one key ...
   block_tables [0, -1..] ... slot 0 of block 0, which exists (any finite value)
   adapter_ids -1         no LoRA delta
+  latent_index -1        a token row (embedding gather)
   input_ids / positions  whatever a live row left there (always valid indices)
 Live rows copy only block_tables[:, :w]; the kernel never reads a table entry
 past its context_lens, so stale entries beyond w are never read. The decode
@@ -105,12 +109,14 @@ class DecodeGraphs:
 
             self.input_ids, self.positions = index(max_batch, 0), index(max_batch, 0)
             self.slot_mapping, self.context_lens = index(max_batch, -1), index(max_batch, 1)
-            self.adapter_ids = index(max_batch, -1)
+            self.adapter_ids, self.latent_index = index(max_batch, -1), index(max_batch, -1)
+            self.latents = torch.zeros(max_batch, runner.model.hidden_size, dtype=runner.dtype, device=device)
             self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int64, device=device)
             self.block_tables = torch.full((max_batch, max_blocks_per_seq), -1, dtype=torch.int64, device=device)
             self.block_tables[:, 0] = 0
             self.output = torch.zeros(max_batch, runner.model.hidden_size, dtype=runner.dtype, device=device)
         self._dirty = 0        # rows [0, _dirty) may hold live values; the rest are padding
+        self._had_latents = False   # the last replay's latent_index rows may be >= 0
         self.graphs: dict[tuple[int, bool], object] = {}   # (batch size, with adapter ids) -> graph
         self.num_replays = 0
         self._snapshot = None
@@ -132,7 +138,8 @@ class DecodeGraphs:
                 backend=backend)
             ctx.attn_metadata = backend.prepare(ctx)
             with forward_context(ctx):
-                hidden = runner.model(self.input_ids[:bs], self.positions[:bs], None, None)
+                hidden = runner.model(self.input_ids[:bs], self.positions[:bs], self.latents[:bs],
+                                      self.latent_index[:bs])
             self.output[:bs].copy_(hidden)
 
         return fn
@@ -141,6 +148,7 @@ class DecodeGraphs:
         """(Re)capture every size and variant, largest first, in one memory pool."""
         self.graphs.clear()
         self._reset_padding(0)
+        self._had_latents = False
         variants = (False, True) if self.adapter_variants else (False,)
         pool = None
         with torch.inference_mode():
@@ -169,9 +177,7 @@ class DecodeGraphs:
 
     # ---- replay ------------------------------------------------------------------------
     def can_run(self, inp) -> bool:
-        """A pure decode step that fits a captured graph (host-side checks only)."""
-        if inp.latents is not None:
-            return False
+        """A decode step that fits a captured graph (host-side checks only)."""
         ctx = inp.context
         n = inp.input_ids.shape[0]
         if ctx.max_seqlen_q != 1 or n == 0 or n > self.max_batch or ctx.num_chunks != n:
@@ -199,6 +205,7 @@ class DecodeGraphs:
             self.context_lens[rows] = 1
             self.block_tables[rows, 0] = 0
             self.adapter_ids[rows] = -1
+            self.latent_index[rows] = -1
         self._dirty = n
 
     def run(self, inp) -> torch.Tensor:
@@ -215,6 +222,12 @@ class DecodeGraphs:
         self.block_tables[:n, :w].copy_(ctx.block_tables)
         if with_adapters:
             self.adapter_ids[:n].copy_(ctx.adapter_ids)
+        if inp.latents is not None:
+            self.latents[:inp.latents.shape[0]].copy_(inp.latents)
+            self.latent_index[:n].copy_(inp.latent_index)
+        elif self._had_latents:
+            self.latent_index[:n].fill_(-1)
+        self._had_latents = inp.latents is not None
         graph.replay()
         self.num_replays += 1
         return self.output[:n].clone()
