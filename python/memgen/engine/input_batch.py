@@ -119,9 +119,11 @@ def _gather_embedding_rows(step: StepCore, pool_index: int, host_ids: torch.Tens
     """The step's embedding rows stacked into one [M, H] buffer, and each input
     row's index into it (-1: a token row, embedded by the model). Embedding rows
     are inserted latents, the weaver's scratch queries, and every token row of a
-    stream with `token_input` (the weaver's projected reasoner embeddings)."""
+    stream with `token_input` (the weaver's projected reasoner embeddings: one
+    call per step for all of its rows, whatever the number of sequences)."""
     latent_index = torch.full((host_ids.shape[0],), -1, dtype=torch.int64)
     pieces: list[torch.Tensor] = []
+    projected: dict = {}            # token_input fn -> ([ids tensors], [row tensors])
     count = row = 0
     for _, stream, start, num_tokens in step.chunk_tuples():
         if pool_index >= 0 and stream.pool_index != pool_index:
@@ -136,9 +138,14 @@ def _gather_embedding_rows(step: StepCore, pool_index: int, host_ids: torch.Tens
         if stream.token_input is not None:
             rows = (~is_embed).nonzero().squeeze(1)
             if rows.numel():
-                pieces.append(stream.token_input(chunk_ids[rows].to(device)))
-                latent_index[row + rows] = torch.arange(count, count + rows.numel())
-                count += rows.numel()
+                ids, where = projected.setdefault(stream.token_input, ([], []))
+                ids.append(chunk_ids[rows])
+                where.append(row + rows)
         row += num_tokens
+    for token_input, (ids, where) in projected.items():
+        rows = torch.cat(where)
+        pieces.append(token_input(torch.cat(ids).to(device)))
+        latent_index[rows] = torch.arange(count, count + rows.numel())
+        count += rows.numel()
     latents = torch.cat([x.to(dtype) for x in pieces])
     return latents, latent_index.to(device, non_blocking=True)
