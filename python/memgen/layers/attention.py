@@ -10,7 +10,7 @@ and the step's other hot paths, with the signatures of `memgen.kernels`:
   trigger_decisions(...)  MemGen's trigger head + decision over a batch
 q: [N, Hq, D], k/v: [N, Hk, D] (rotated), caches: [num_blocks, block_size, Hk, D].
 `TorchSDPABackend` (here) gathers each chunk's blocks into a padded batch and
-runs torch SDPA; Triton / flash-attn backends plug in beside it.
+runs torch SDPA; `layers.triton_backend.TritonBackend` is the other one.
 """
 from __future__ import annotations
 
