@@ -10,5 +10,7 @@ TRITON_INTERPRET can still be set before the kernels are decorated):
 - trigger_scoring:  trigger_decisions        delimiter + budget + 2-way head + decision
 - lora:             add_lora (lora_shrink, lora_expand, lora_metadata)  multi-LoRA
 - reference:        every `*_ref` (same signatures) and fold_query_latents
+The engine calls them through `memgen.layers.triton_backend.TritonBackend`;
+its torch backend (layers.attention) has the same interface.
 Sampling stays in torch (see the engine's sampler): a kernel does not pay there.
 """
