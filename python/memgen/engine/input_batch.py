@@ -18,6 +18,7 @@ chunk B = positions 0..2 of a stream with blocks [7]:
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -122,26 +123,31 @@ def _gather_embedding_rows(step: StepCore, pool_index: int, host_ids: torch.Tens
     stream with `token_input` (the weaver's projected reasoner embeddings: one
     call per step for all of its rows, whatever the number of sequences)."""
     latent_index = torch.full((host_ids.shape[0],), -1, dtype=torch.int64)
-    pieces: list[torch.Tensor] = []
-    projected: dict = {}            # token_input fn -> ([ids tensors], [row tensors])
-    count = row = 0
+    chunks, row = [], 0             # (first row, stream, first position) of this pool's chunks
     for _, stream, start, num_tokens in step.chunk_tuples():
-        if pool_index >= 0 and stream.pool_index != pool_index:
-            continue
-        chunk_ids = host_ids[row:row + num_tokens]
-        is_embed = chunk_ids == EMBED
-        rows = is_embed.nonzero().squeeze(1)
-        if rows.numel():
-            pieces.append(torch.stack([stream.embeds[start + r] for r in rows.tolist()]))
-            latent_index[row + rows] = torch.arange(count, count + rows.numel())
-            count += rows.numel()
+        if pool_index < 0 or stream.pool_index == pool_index:
+            chunks.append((row, stream, start, num_tokens))
+            row += num_tokens
+    is_embed = host_ids == EMBED
+    pieces: list[torch.Tensor] = []
+    embed_rows = is_embed.nonzero().squeeze(1)
+    if embed_rows.numel():          # vectors stored on the streams (latents, scratch queries)
+        first_rows = [c[0] for c in chunks]
+        vectors = []
+        for r in embed_rows.tolist():
+            row0, stream, start, _ = chunks[bisect.bisect_right(first_rows, r) - 1]
+            vectors.append(stream.embeds[start + r - row0])
+        pieces.append(torch.stack(vectors))
+        latent_index[embed_rows] = torch.arange(embed_rows.numel())
+    count = embed_rows.numel()
+    projected: dict = {}            # token_input fn -> ([ids tensors], [row tensors])
+    for row0, stream, start, num_tokens in chunks:
         if stream.token_input is not None:
-            rows = (~is_embed).nonzero().squeeze(1)
+            rows = row0 + (~is_embed[row0:row0 + num_tokens]).nonzero().squeeze(1)
             if rows.numel():
                 ids, where = projected.setdefault(stream.token_input, ([], []))
-                ids.append(chunk_ids[rows])
-                where.append(row + rows)
-        row += num_tokens
+                ids.append(host_ids[rows])
+                where.append(rows)
     for token_input, (ids, where) in projected.items():
         rows = torch.cat(where)
         pieces.append(token_input(torch.cat(ids).to(device)))
