@@ -4,13 +4,13 @@
 # with pytest-benchmark, test_kernel_microbench.py), and the end-to-end engine
 # benchmarks (bench_e2e.py). Results: bench/results/*.json, named after the device.
 # Usage: bash bench/gpu.sh [--quick]
-#   STEPS="tests kernels e2e micro" (default: all) picks steps, e.g. one per device call:
+#   STEPS="tests kernels e2e compare micro" (default: all) picks steps, e.g. one per device call:
 #   the device tool stops a command after 10 minutes, and e2e alone can take most of that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 QUICK=${1:-}
-STEPS=" ${STEPS:-tests kernels e2e micro} "
+STEPS=" ${STEPS:-tests kernels e2e compare micro} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 TESTS_RC=0 E2E_RC=0 MICRO_RC=0
 
@@ -68,6 +68,8 @@ set +e
 if want e2e; then
 $PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda ${QUICK:+--quick}
 E2E_RC=$?
+fi
+if want compare; then
 # the same at batch 1 without CUDA graphs: what the graphs buy (-> e2e_eager_<device>.json)
 $PY bench/bench_e2e.py --config qwen2.5-1.5b --device cuda --quick --batch-sizes 1 --enforce-eager \
   --out "bench/results/e2e_eager_${SLUG}.json" || E2E_RC=1
