@@ -78,21 +78,25 @@ def test_freed_blocks_keep_serving_hits_until_reused():
     assert m.num_free_blocks == 4
 
 
-def test_embedding_positions_key_the_cache_by_their_values():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_embedding_positions_key_the_cache_by_their_values(dtype):
+    """Latent positions are keyed by their raw bytes, in every engine dtype (numpy
+    has no bfloat16: the GPU default must not break insertion)."""
     import torch
 
+    dtype = getattr(torch, dtype)
     m = BlockManager(8, 4)
     a = Stream("R", [1, 2])
-    a.append_embeds(torch.ones(2, 3))
+    a.append_embeds(torch.ones(2, 3, dtype=dtype))
     a.token_ids += [5, 6]
     m.allocate(a, 6)
     a.num_computed_tokens = 6
     m.cache_full_blocks(a)
     same = Stream("R", [1, 2])
-    same.append_embeds(torch.ones(2, 3))
+    same.append_embeds(torch.ones(2, 3, dtype=dtype))
     same.token_ids += [5, 6]
     other = Stream("R", [1, 2])
-    other.append_embeds(torch.zeros(2, 3))
+    other.append_embeds(torch.zeros(2, 3, dtype=dtype))
     other.token_ids += [5, 6]
     assert m.find_cached_prefix(same) == a.block_table[:1]
     assert m.find_cached_prefix(other) == []

@@ -77,3 +77,16 @@ def test_trigger_rule_of_the_torch_path_equals_the_kernel_reference():
 def test_triton_backend_refuses_float64(qwen2_dir):
     with pytest.raises(ValueError, match="attention_backend='torch'"):
         LLM(qwen2_dir, dtype="float64", attention_backend="triton")
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_memgen_in_bfloat16_on_both_backends(memgen_reasoner_dir, memgen_active_ckpt_dir, lazy):
+    """bfloat16 is the GPU default: MemGen runs in it on both backends and both stream
+    policies, and inserts latents (tokens may differ by bf16 rounding, so not compared)."""
+    prompts = ["What is 12 plus 30?", "Hello. Then, go"]
+    for backend in ("torch", "triton"):
+        llm = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, dtype="bfloat16", attention_backend=backend,
+                  lazy_memgen_streams=lazy)
+        outs = llm.generate(prompts, PARAMS, use_tqdm=False)
+        assert all(o.token_ids and o.augmentation[0] in (0, 1) for o in outs)
+        assert any(o.metrics["num_insertions"] > 0 for o in outs)

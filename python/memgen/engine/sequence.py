@@ -82,7 +82,8 @@ class Stream(StreamCore):
     def append_embeds(self, vectors: torch.Tensor, hash_keys: bool = True) -> None:
         """Append K embedding-valued positions ([K, H]); their digests key the prefix cache
         (scratch positions are never cached and need none)."""
-        data = vectors.detach().cpu().contiguous() if hash_keys else None
+        # raw bytes (numpy has no bfloat16)
+        data = vectors.detach().cpu().contiguous().view(torch.uint8) if hash_keys else None
         token_ids, embed_keys = self.token_ids, self.embed_keys
         for i, vector in enumerate(vectors):
             pos = len(token_ids)
