@@ -172,9 +172,9 @@ class LLMEngine:
                 continue
             inp = runner.prepare(out.core, pool_index)
             hidden = runner.forward(inp)
-            bounds = inp.context.cu_seqlens_q.tolist()
+            ends = (inp.last_rows + 1).tolist()      # host: no device sync
             for j, i in enumerate(indices):
-                hidden_of_chunk[i] = hidden[bounds[j]:bounds[j + 1]]
+                hidden_of_chunk[i] = hidden[(ends[j - 1] if j else 0):ends[j]]
         return hidden_of_chunk
 
     def _append(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[Sequence]:
