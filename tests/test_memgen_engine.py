@@ -107,13 +107,16 @@ def test_engine_equals_oracle(request, prompt_ids, tokenizer, memgen_reasoner_di
     _check(llm.generate([prompts[i] for i in order], GREEDY, use_tqdm=False), expected, order)
 
 
-def test_engine_equals_oracle_under_pressure(request, prompt_ids, tokenizer, memgen_reasoner_dir):
-    """Chunked prefill, preemption by recompute and a cold prefix cache change nothing."""
+@pytest.mark.parametrize("lazy", [True, False])
+def test_engine_equals_oracle_under_pressure(request, prompt_ids, tokenizer, memgen_reasoner_dir, lazy):
+    """Chunked prefill, preemption by recompute and a cold prefix cache change nothing,
+    with lazy W/T streams and with W/T following R."""
     ckpt, weaver, trigger = _case(request, "active")
     expected = _oracle(ckpt, memgen_reasoner_dir, weaver, trigger, prompt_ids, tokenizer.eos_token_id)
     _, _, prompts = prompt_ids
     llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger, max_model_len=96, block_size=4,
-                  num_kv_blocks=90, max_num_batched_tokens=7, enable_prefix_caching=False)
+                  num_kv_blocks=90 if lazy else 78, max_num_batched_tokens=7, enable_prefix_caching=False,
+                  lazy_memgen_streams=lazy)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     _check(outs, expected, range(len(prompts)))
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the KV budget must force preemption"
