@@ -198,14 +198,16 @@ def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch):
 def test_real_cuda_graphs_give_the_eager_tokens(memgen_reasoner_dir, memgen_active_ckpt_dir):
     """On a GPU: graphs are captured by default, replayed for decode steps, and the
     greedy tokens and augmentation masks equal eager mode's (float32, Triton)."""
+    from test_triton_backend import _outputs as outputs_with_logprobs, assert_same_outputs
+
     prompts = ["What is 12 plus 30?", "Hello", "The quick brown fox"]
     kwargs = dict(model=memgen_reasoner_dir, dtype="float32", device="cuda", attention_backend="triton")
     for memgen in (None, memgen_active_ckpt_dir):
-        eager = _outputs(LLM(**kwargs, memgen=memgen, enforce_eager=True), prompts)
+        eager = outputs_with_logprobs(LLM(**kwargs, memgen=memgen, enforce_eager=True), prompts)
         llm = LLM(**kwargs, memgen=memgen)
         graphs = llm.engine.model_runner.decode_graphs
         assert graphs is not None
-        assert _outputs(llm, prompts) == eager
+        assert_same_outputs(outputs_with_logprobs(llm, prompts), eager)
         assert graphs.num_replays > 0
 
 

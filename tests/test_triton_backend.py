@@ -6,18 +6,35 @@ from memgen import LLM, SamplingParams
 
 pytestmark = pytest.mark.kernels
 
-PARAMS = SamplingParams(max_tokens=8, temperature=0.0)
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5)
 
 
 def _outputs(llm, prompts):
-    return [(o.token_ids, o.augmentation) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+    return [(o.token_ids, o.augmentation, o.logprobs) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+
+
+def assert_same_outputs(got, want):
+    """Equal tokens and masks. On a GPU the two sides round differently (kernels vs
+    cuBLAS/SDPA, graph vs eager split choices), so there the rows need only agree up to
+    their first near-tie: where the tokens first differ, each side's token must be in
+    the other's top-5 (vLLM's rule); nothing after it is compared."""
+    import torch
+
+    strict = not torch.cuda.is_available()
+    for (g_tok, g_aug, g_lp), (w_tok, w_aug, w_lp) in zip(got, want):
+        if strict or g_tok == w_tok:
+            assert (g_tok, g_aug) == (w_tok, w_aug)
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(g_tok, w_tok)) if a != b)
+        assert g_tok[i] in w_lp[i] and w_tok[i] in g_lp[i], f"token {i}: {g_tok[i]} vs {w_tok[i]} is no near-tie"
+        assert g_tok[:i] == w_tok[:i] and g_aug[:i + 1] == w_aug[:i + 1]
 
 
 def test_plain_llm_triton_equals_torch(qwen2_dir):
     prompts = ["Hello world, this", "The quick brown fox jumps over"]
     want = _outputs(LLM(qwen2_dir, dtype="float32", attention_backend="torch"), prompts)
     got = _outputs(LLM(qwen2_dir, dtype="float32", attention_backend="triton"), prompts)
-    assert got == want
+    assert_same_outputs(got, want)
 
 
 def test_memgen_triton_equals_torch(memgen_reasoner_dir, memgen_active_ckpt_dir):
@@ -25,8 +42,8 @@ def test_memgen_triton_equals_torch(memgen_reasoner_dir, memgen_active_ckpt_dir)
     kwargs = dict(model=memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, dtype="float32")
     want = _outputs(LLM(**kwargs, attention_backend="torch"), prompts)
     got = _outputs(LLM(**kwargs, attention_backend="triton"), prompts)
-    assert got == want
-    assert any(1 in aug for _, aug in want)
+    assert_same_outputs(got, want)
+    assert any(1 in aug for _, aug, _ in want)
 
 
 def test_unknown_backend_is_a_value_error(qwen2_dir):
@@ -90,3 +107,18 @@ def test_memgen_in_bfloat16_on_both_backends(memgen_reasoner_dir, memgen_active_
         outs = llm.generate(prompts, PARAMS, use_tqdm=False)
         assert all(o.token_ids and o.augmentation[0] in (0, 1) for o in outs)
         assert any(o.metrics["num_insertions"] > 0 for o in outs)
+
+
+def test_near_tie_rule_used_on_gpus(monkeypatch):
+    """The GPU comparison accepts a first difference only where it is a near-tie."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    want = [([5, 6, 7], [1, 0, -100], [{5: -0.1}, {6: -0.7, 9: -0.8}, {7: -0.1}])]
+    near = [([5, 9, 3], [1, 0, 1], [{5: -0.1}, {9: -0.7, 6: -0.75}, {3: -0.2}])]
+    assert_same_outputs(near, want)
+    far = [([5, 4, 3], [1, 0, 1], [{5: -0.1}, {4: -0.1}, {3: -0.2}])]
+    with pytest.raises(AssertionError, match="no near-tie"):
+        assert_same_outputs(far, want)
+    with pytest.raises(AssertionError):
+        assert_same_outputs([([5, 9, 3], [0, 0, 1], near[0][2])], want)   # masks differ before the tie
