@@ -49,7 +49,7 @@ def host_steps(n: int, steps: int) -> dict:
 
     def assemble(out):
         if native:
-            return input_batch.build_model_input(out.core, -1, buffers, BLOCK_SIZE, 64, cpu, torch.float32)
+            return input_batch.build_model_input(out.core, -1, buffers, BLOCK_SIZE, cpu, torch.float32)
         return input_batch.build_model_input(out.chunks, BLOCK_SIZE, 64, cpu, torch.float32)
 
     prompt_len = 80

@@ -256,7 +256,7 @@ def test_native_assembly_matches_reference(block_size, capacity):
             step.add_chunk(None, stream, start, length - start)
             chunks.append((stream, start, length - start))
         buffers = InputBuffers(torch.device("cpu"), capacity, capacity, capacity)
-        inp = build_model_input(step, -1, buffers, block_size, 8, torch.device("cpu"), torch.float32)
+        inp = build_model_input(step, -1, buffers, block_size, torch.device("cpu"), torch.float32)
         ids, pos, slots, adapters, cu, ctx, tables = reference_assembly(chunks, block_size)
         c = inp.context
         assert torch.equal(inp.input_ids, ids) and torch.equal(inp.positions, pos)
@@ -280,6 +280,6 @@ def test_assembly_refuses_a_chunk_without_blocks():
     manager.allocate(stream, 4)                   # covers 4 of 6 positions
     step.add_chunk(None, stream, 0, 6)
     with pytest.raises(IndexError, match="not covered"):
-        build_model_input(step, -1, InputBuffers(torch.device("cpu")), 4, 8, torch.device("cpu"), torch.float32)
+        build_model_input(step, -1, InputBuffers(torch.device("cpu")), 4, torch.device("cpu"), torch.float32)
     with pytest.raises(IndexError, match="not within"):
         step.add_chunk(None, stream, 4, 3)

@@ -87,7 +87,7 @@ class InputBuffers:
             self._views, self._views_key = v, key
         return self._views
 
-def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, block_size: int, hidden_size: int,
+def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, block_size: int,
                       device: torch.device, dtype: torch.dtype) -> ModelInput:
     """The model input for the step's chunks of one pool (-1: every chunk)."""
     if buffers._copied is not None:   # the last step's copies still read the pinned buffers

@@ -49,8 +49,7 @@ class ModelRunner:
             for c in chunks:
                 step.add_chunk(c.seq, c.stream, c.start, c.num_tokens)
             chunks = step
-        return build_model_input(chunks, pool_index, self.input_buffers, self.block_size, self.model.hidden_size,
-                                 self.device, self.dtype)
+        return build_model_input(chunks, pool_index, self.input_buffers, self.block_size, self.device, self.dtype)
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> torch.Tensor:
