@@ -82,7 +82,8 @@ class MemGenController:
         self.follow = follow
         # the kernel backend's fused trigger scoring (torch: exact in the model's dtype)
         self.backend = backend if backend is not None else TorchSDPABackend()
-        self._is_delim: torch.Tensor | None = None   # the delimiter table on the device
+        # the delimiter table on the engine's device, for the fused trigger scoring
+        self._is_delim = delimiters.ends_with_delimiter.to(device=parts.head_weight.device, dtype=torch.bool)
         self.delimiters = delimiters
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
@@ -187,8 +188,6 @@ class MemGenController:
             uniforms.append(self._uniform(seq, temperature[-1]))
         hidden = torch.stack([h for _, h in items])
         device = hidden.device
-        if self._is_delim is None or self._is_delim.device != device:
-            self._is_delim = self.delimiters.ends_with_delimiter.to(device=device, dtype=torch.bool).contiguous()
         decisions = self.backend.trigger_decisions(
             hidden, self.parts.head_weight, self.parts.head_bias,
             torch.tensor(last, device=device), self._is_delim, torch.tensor(count, device=device),
