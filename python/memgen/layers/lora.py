@@ -72,8 +72,9 @@ class LoraHook:
             y[rows, d.out] += delta
         return y
 
-
     def stacks(self) -> list:
+        """The adapters stacked per output slice for the fused kernels (built once, kept
+        across same-shape weight pushes: see _restack)."""
         if self._stacks is None:
             self._stacks = []
             for out in sorted({(d.out.start, d.out.stop) for d in self.deltas}):
