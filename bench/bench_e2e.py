@@ -249,6 +249,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from memgen import LLM
     from memgen.benchmark import report
+    from memgen.benchmark.timing import median_metrics
     from memgen.checkpoint import DEFAULT_LORA_CONFIG, MemGenSettings, random_checkpoint
     from memgen.config import resolve_device, resolve_dtype
 
@@ -321,7 +322,7 @@ def main(argv=None) -> dict:
                       f"{runs[b, side][-1][0].wall_s:.3f} s", flush=True)
 
     def summary(per_iter: list[dict]) -> dict:
-        out = {k: statistics.median(m[k] for m in per_iter) for k in per_iter[0]}
+        out = median_metrics(per_iter)
         out["tpot_best_s"] = min(m["tpot_median_s"] for m in per_iter)
         return out
 
