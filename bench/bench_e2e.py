@@ -126,8 +126,8 @@ def build_model_dir(save_dir: Path, config: dict, seed: int, device: torch.devic
 # ---- measurements ------------------------------------------------------------------
 def copy_bandwidth(device: torch.device, num_bytes: int, reps: int) -> dict:
     """Device-to-device copy of one buffer into another; bandwidth counts the
-    bytes read plus the bytes written (as bench/bench_kernels.py does). Median
-    of `reps` copies, CUDA events on a GPU, perf_counter on the CPU."""
+    bytes read plus the bytes written (bench_kernels.py's floor uses it too).
+    Median of `reps` copies, CUDA events on a GPU, perf_counter on the CPU."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
