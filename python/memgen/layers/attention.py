@@ -55,10 +55,8 @@ class TorchSDPABackend:
         h[rows] = latents[latent_index[rows]].to(h.dtype)
         return h
 
-    @staticmethod
-    def trigger_decisions(*args, **kwargs) -> torch.Tensor:
-        # exact in the model's dtype (float64 tests): the kernel's math, not its fp32
-        return trigger_decisions_exact(*args, **kwargs)
+    # the kernel's rule, exact in the model's dtype (float64 tests), not in its fp32
+    trigger_decisions = staticmethod(trigger_decisions_exact)
 
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
         # Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are
