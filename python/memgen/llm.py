@@ -177,6 +177,12 @@ class LLM:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, longer than max_model_len={self.max_model_len}; "
                              "shorten it or raise max_model_len")
+        # latents are inserted only if they and the token they precede fit in max_model_len
+        k = self.memgen.ckpt.settings.prompt_latents_len if self.memgen is not None else 0
+        if k and len(ids) + k + 1 > self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens: with MemGen's {k} prompt latents and the first "
+                             f"token it needs {len(ids) + k + 1} positions, more than max_model_len="
+                             f"{self.max_model_len}; shorten it or raise max_model_len")
 
     def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -202,6 +208,10 @@ class LLM:
                     bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
                     bar.update(len(finished))
                     last_update = now
+        except BaseException:
+            # an error or Ctrl-C mid-call: nothing of this call stays in the engine
+            engine.abort(seqs)
+            raise
         finally:
             bar.close()
         return [self._output(s) for s in seqs]
@@ -215,7 +225,9 @@ class LLM:
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             metrics={
-                "time_to_first_token_s": seq.first_token_time - seq.arrival_time,
+                # None when the request ended before its first token (see _check_request)
+                "time_to_first_token_s": (None if seq.first_token_time is None
+                                          else seq.first_token_time - seq.arrival_time),
                 "total_s": seq.finish_time - seq.arrival_time,
                 **self._memory_metrics(seq),
                 "num_cached_prompt_tokens": seq.num_cached_prompt_tokens,

@@ -127,6 +127,7 @@ class LLMEngine:
                 return [], 0
             raise RuntimeError("the scheduler found nothing to run although requests are waiting "
                                f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
+        finished: list[Sequence] = []
         if self.memory is None:
             # a plain LLM: one pool, and the reasoner chunks that complete are due
             inp = self.model_runner.prepare(out.core)
@@ -143,21 +144,27 @@ class LLMEngine:
             due = self.memory.after_forward(out.chunks, hidden_of_chunk)
             self.scheduler.postprocess(out)
             self.memory.commit(out.chunks)
+            # a prompt insertion refused for room (MemGenController._apply_decision): the
+            # sequence ends before its first token rather than run without its latents
+            for seq, _ in due:
+                if seq.memgen.out_of_room:
+                    self._finish(seq, "length")
+                    finished.append(seq)
+            due = [(seq, h) for seq, h in due if not seq.memgen.out_of_room]
             seqs = [seq for seq, _ in due]
             due_hidden = torch.stack([h for _, h in due]) if due else None
         if not seqs:
-            return [], 0
+            return finished, 0
         logits = self.model_runner.compute_logits(due_hidden)
         sampled = self.sampler(logits, _sampling_batch(seqs))
-        finished = self._append(seqs, sampled.token_ids, sampled.logprobs)
+        finished += self._append(seqs, sampled.token_ids, sampled.logprobs)
         if self.memory is not None:
             for seq, token in zip(seqs, sampled.token_ids):
                 if seq.is_finished:
                     continue
                 self.memory.after_token(seq, token)
-                if seq.memgen.out_of_room:   # no room left for the latents of an insertion
-                    seq.finish_time = time.perf_counter()
-                    self.scheduler.finish(seq, "length")
+                if seq.memgen.out_of_room:   # no room for the latents before the next token
+                    self._finish(seq, "length")
                     finished.append(seq)
         return finished, len(seqs)
 
@@ -187,10 +194,18 @@ class LLMEngine:
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
                 reason = "length"
             if reason is not None:
-                seq.finish_time = time.perf_counter()
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq, reason)
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop unfinished requests (a generate() call that raised): their blocks go
+        back to the pools and the engine serves the next call as a fresh one would."""
+        self.scheduler.abort(seqs)
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -126,7 +126,8 @@ class Scheduler:
         return out
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
-        """Blocks and chunks for a waiting sequence, starting from its cached prefix."""
+        """Blocks and chunks for a waiting sequence, starting from its cached prefix.
+        Atomic: every stream gets its blocks or none does (False, nothing changed)."""
         plan = []
         needed: dict[str, int] = {}
         for stream in seq.streams_to_run():
@@ -141,9 +142,19 @@ class Scheduler:
             budget -= n
         if not plan or any(self.block_managers[p].num_free_blocks < k for p, k in needed.items()):
             return False
-        for stream, n, hits in plan:
+        try:
+            # pin every stream's cache hits before any stream takes a free block: new
+            # blocks come off the free list's head and would evict a hit counted on above
+            for stream, _, hits in plan:
+                if hits:
+                    self.block_managers[stream.pool].allocate(stream, 0, hits)
+            for stream, n, _ in plan:
+                self.block_managers[stream.pool].allocate(stream, n, [])
+        except BaseException:
+            self._free(seq)   # the streams not reached hold nothing: free() is a no-op for them
+            raise
+        for stream, n, _ in plan:
             manager = self.block_managers[stream.pool]
-            manager.allocate(stream, n, hits)
             manager.record_admission(stream)
             if seq.num_preemptions == 0 and stream is seq.reasoner:
                 seq.num_cached_prompt_tokens = stream.num_cached_tokens
@@ -165,6 +176,19 @@ class Scheduler:
         """After the forward: the scheduled positions are computed and cached."""
         out._check_current()
         self.core.postprocess()
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Take unfinished sequences out of the queues and free their blocks; the
+        step's chunks (which may name them) are dropped too."""
+        self.core.begin(0)
+        drop = {id(seq) for seq in seqs if seq.status != SequenceStatus.FINISHED}
+        self.waiting = deque(s for s in self.waiting if id(s) not in drop)
+        self.running = [s for s in self.running if id(s) not in drop]
+        for seq in seqs:
+            if id(seq) in drop:
+                self._free(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -134,9 +134,10 @@ class ResultWriter:
     Each record is one `os.write` of a complete line to an O_APPEND file followed by
     fsync, so after a crash the file holds whole records plus at most one torn last
     line; opening the file again truncates that torn line away and loads the ids
-    already written. An exclusive lock keeps two runs off the same file."""
+    already written (or, with `truncate`, empties the file). An exclusive lock keeps
+    two runs off the same file."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, truncate: bool = False):
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,9 @@ class ResultWriter:
             raise RuntimeError(f"{self.path} is being written by another run") from None
         self.done: set[str] = set()
         try:
+            if truncate:     # under the lock, so a run still writing the file is never cut short
+                os.ftruncate(self._fd, 0)
+                os.fsync(self._fd)
             self.num_torn_bytes = self._recover()
         except BaseException:
             self.close()

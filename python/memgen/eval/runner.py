@@ -6,6 +6,10 @@ single-process loop here and the Ray path (`ray_runner.py`) both call it, which 
 what makes their outputs the same. Each record's sampling seed is derived from
 the run seed and the record id, so a record's output depends on neither its
 batch nor whether the run was resumed.
+
+The settings that shape the records (`run_settings`) are written beside the
+output (`<output stem>.settings.json`) when a run starts; a resume with other
+settings stops instead of mixing records made two ways under one summary.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -48,6 +53,7 @@ class EvalConfig:
     code_timeout: float = 5.0
     score_workers: int = 2            # parallel code-test subprocesses
     progress: bool = True
+    overwrite: bool = False           # discard an existing output instead of resuming it
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -59,12 +65,63 @@ class EvalConfig:
         if not self.code_timeout > 0:
             raise ValueError(f"code_timeout must be > 0, got {self.code_timeout}")
 
+    def _beside_output(self, suffix: str) -> str:
+        out = Path(self.output)
+        return str(out.with_name((out.stem if out.suffix == ".jsonl" else out.name) + suffix))
+
     @property
     def summary_path(self) -> str:
-        if self.summary:
-            return self.summary
-        out = Path(self.output)
-        return str(out.with_name((out.stem if out.suffix == ".jsonl" else out.name) + ".summary.json"))
+        return self.summary or self._beside_output(".summary.json")
+
+    @property
+    def settings_path(self) -> str:
+        return self._beside_output(".settings.json")
+
+
+# EvalConfig fields that change the records (sampling, scoring, the default task).
+_OUTPUT_FIELDS = ("task", "seed", "max_tokens", "temperature", "top_p", "top_k", "chat", "code_timeout")
+# LLM(...) keywords that change speed or memory but not outputs: the engine is exact
+# across them (Triton vs torch and graphs vs eager differ only at near-ties, as batch
+# composition does). `seed` seeds only requests without their own, and every eval
+# request has one. Every other keyword, --engine-arg ones included, is recorded.
+_NOT_OUTPUT_SHAPING = frozenset({
+    "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb",
+    "enable_prefix_caching", "enforce_eager", "lazy_memgen_streams", "attention_backend", "seed"})
+_PATH_KEYS = ("model", "memgen", "weaver_model", "trigger_model")
+
+
+def run_settings(cfg: EvalConfig, llm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that shape the output records: `cfg`'s sampling and scoring
+    fields and the LLM(...) keywords (model, checkpoint, dtype, ...), as JSON reads
+    them back. Not batch size, workers or other speed knobs."""
+    settings = {name: getattr(cfg, name) for name in _OUTPUT_FIELDS}
+    for key, value in sorted((llm_kwargs or {}).items()):
+        if key in _NOT_OUTPUT_SHAPING:
+            continue
+        if key in _PATH_KEYS and isinstance(value, (str, os.PathLike)):
+            value = os.path.abspath(os.path.expanduser(value))   # the same model from another cwd
+        settings[key] = value
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_settings(cfg: EvalConfig, settings: dict[str, Any]) -> bool:
+    """Raise ValueError if `cfg.output`'s recorded settings differ from `settings`;
+    False when none are recorded (an output from before they were)."""
+    path = Path(cfg.settings_path)
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the settings of {cfg.output} from {path} ({e}); write this run to a "
+                         "new -o path, or pass --overwrite to discard the old output") from None
+    missing = "(not recorded)"
+    diffs = [f"{k}: {old.get(k, missing)!r} -> {settings.get(k, missing)!r}"
+             for k in sorted(set(old) | set(settings)) if old.get(k, missing) != settings.get(k, missing)]
+    if diffs:
+        raise ValueError(f"{cfg.output} holds records made with other settings ({', '.join(diffs)}); "
+                         "write this run to a new -o path, or pass --overwrite to discard them and start afresh")
+    return True
 
 
 def derive_seed(run_seed: int, record_key: str) -> int:
@@ -196,21 +253,35 @@ class RunState:
     pending: list[Record]
     writer: ResultWriter
     bad_lines: list[int]
+    settings: dict[str, Any]
     started: float = dataclasses.field(default_factory=time.perf_counter)
     generated_records: int = 0
     generated_tokens: int = 0
 
 
-def open_run(cfg: EvalConfig) -> RunState:
+def open_run(cfg: EvalConfig, settings: dict[str, Any]) -> RunState:
+    """Read the input, take the output (resumed, or emptied with `cfg.overwrite`)
+    and record `settings` (from `run_settings`) beside it."""
     read = read_records(cfg.input, task=cfg.task, strict=cfg.strict)
     report_errors(read.errors)
     records = read.records if cfg.limit is None else read.records[: cfg.limit]
-    writer = ResultWriter(cfg.output)
+    writer = ResultWriter(cfg.output, truncate=cfg.overwrite)
+    try:
+        if cfg.overwrite:
+            Path(cfg.summary_path).unlink(missing_ok=True)    # it described the discarded records
+        elif writer.done and not check_settings(cfg, settings):
+            print(f"memgen eval: warning: {cfg.output} has no recorded settings (written by an older "
+                  "memgen); resuming it without checking that they match this run's", file=sys.stderr)
+        # under the output's lock, before any record of this run is written
+        write_json_atomic(cfg.settings_path, {"settings": settings})
+    except BaseException:
+        writer.close()
+        raise
     if writer.num_torn_bytes:
         print(f"memgen eval: dropped a torn last line ({writer.num_torn_bytes} bytes) "
               f"of {cfg.output}; that record is redone", file=sys.stderr)
     pending = [r for r in records if r.key not in writer.done]
-    return RunState(records, pending, writer, [e.line_no for e in read.errors])
+    return RunState(records, pending, writer, [e.line_no for e in read.errors], settings)
 
 
 def make_progress(cfg: EvalConfig, state: RunState):
@@ -272,7 +343,8 @@ def summarize(cfg: EvalConfig, state: RunState, extra: dict[str, Any] | None = N
                      "resumed_from_records": len(state.records) - len(state.pending),
                      "elapsed_s": elapsed,
                      "tokens_per_s": state.generated_tokens / elapsed if elapsed > 0 else None},
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "overwrite")},
+        "settings": state.settings,
         **(extra or {}),
     }
 
@@ -285,11 +357,13 @@ def finish_run(cfg: EvalConfig, state: RunState, extra: dict[str, Any] | None = 
 
 
 def evaluate(llm: Any, cfg: EvalConfig, make_params: Callable[..., Any] | None = None,
-             extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+             extra_summary: dict[str, Any] | None = None,
+             llm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) an evaluation in this process; returns the summary it wrote.
-    A kill loses at most the batch being generated."""
+    `llm_kwargs`: the LLM(...) keywords `llm` was built with, recorded among the
+    run's settings. A kill loses at most the batch being generated."""
     make_params = make_params or default_sampling_params()
-    state = open_run(cfg)
+    state = open_run(cfg, run_settings(cfg, llm_kwargs))
     try:
         with make_progress(cfg, state) as pbar:
             for start in range(0, len(state.pending), cfg.batch_size):
@@ -309,7 +383,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     (shared with other subcommands) are left as they are."""
     parser.add_argument("input", help="input JSONL: prompt|messages, answer|aliases|tests, optional id, task")
     parser.add_argument("-o", "--output", default=None,
-                        help="output JSONL, appended and resumable (default: ./<input stem>.eval.jsonl)")
+                        help="output JSONL, appended and resumable with the same settings "
+                             "(default: ./<input stem>.eval.jsonl)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard an existing output and start afresh instead of resuming it")
     parser.add_argument("--summary", default=None, help="metrics JSON (default: <output stem>.summary.json)")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="task of records that name none (default: inferred from the reference field)")
@@ -321,7 +398,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="run seed; each record's seed derives from it and its id")
-    parser.add_argument("--batch-size", type=int, default=32, help="records per generate call (a kill loses at most one)")
+    parser.add_argument("--batch-size", type=int, default=32, help="records per generate call (a kill loses only the batches being generated: one, "
+                             "or one per --ray worker)")
     parser.add_argument("--chat", action="store_true", help="send 'prompt' strings as a single user chat message")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
     parser.add_argument("--limit", type=int, default=None, help="only the first N valid records")
@@ -352,7 +430,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         batch_size=args.batch_size, seed=args.seed, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, chat=args.chat,
         strict=args.strict, limit=args.limit, code_timeout=args.code_timeout,
-        progress=not args.no_progress)
+        progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:
@@ -379,8 +457,11 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         llm_kwargs = _engine_kwargs(args)
         if not Path(cfg.input).is_file():
             raise FileNotFoundError(f"no input file {cfg.input}")
-        if cfg.strict:     # say so before the model loads
+        # say so before the model loads (open_run checks again under the output's lock)
+        if cfg.strict:
             read_records(cfg.input, task=cfg.task, strict=True)
+        if not cfg.overwrite and Path(cfg.output).is_file() and os.path.getsize(cfg.output):
+            check_settings(cfg, run_settings(cfg, llm_kwargs))
         if args.ray:
             from memgen.eval.ray_runner import run_eval_ray
 
@@ -388,7 +469,8 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         else:
             from memgen import LLM
 
-            summary = evaluate(LLM(**llm_kwargs), cfg, extra_summary={"engine": llm_kwargs})
+            summary = evaluate(LLM(**llm_kwargs), cfg, extra_summary={"engine": llm_kwargs},
+                               llm_kwargs=llm_kwargs)
     except (InputError, ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"memgen eval: error: {e}", file=sys.stderr)
         return 2

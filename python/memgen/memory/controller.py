@@ -64,7 +64,7 @@ class MemGenState:
     t_hidden: torch.Tensor | None = None    # T's hidden at its last computed position
     query_hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # scratch row -> W hidden
     new_latents: torch.Tensor | None = None # computed this step, inserted by commit()
-    out_of_room: bool = False               # an insertion would pass max_model_len: finish ("length")
+    out_of_room: bool = False               # an insertion did not fit max_model_len: finish ("length")
 
 
 class MemGenController:
@@ -203,18 +203,22 @@ class MemGenController:
 
     def _apply_decision(self, seq, decision: int) -> None:
         state = seq.memgen
+        k = self.parts.num_latents(state.kind) if decision == INSERT else 0
+        # The room rule, decided here once: K latents are inserted only if they and the
+        # token they precede fit in max_model_len (which counts every position). When
+        # they do not, the sequence ends ("length") before that token: the decision is
+        # not recorded (the mask has one entry per output token) and nothing is counted.
+        if k and seq.reasoner.num_tokens + k + 1 > self.max_model_len:
+            state.out_of_room = True
+            self._set_phase(seq, Phase.REASON)
+            return
         state.augmentation.append(decision)
         if decision != INSERT:
             self._set_phase(seq, Phase.REASON)
             return
         if state.kind == INFERENCE:
             state.num_inference_insertions += 1
-        k = self.parts.num_latents(state.kind)
         if k == 0:  # counted, nothing to insert (see hf/DIFFERENCES.md)
-            self._set_phase(seq, Phase.REASON)
-            return
-        if seq.reasoner.num_tokens + k >= self.max_model_len:
-            state.out_of_room = True
             self._set_phase(seq, Phase.REASON)
             return
         weaver = seq.streams[WEAVER]
