@@ -198,21 +198,22 @@ class MemGenController:
             if decision == NOT_CONSULTED:   # the host decided to consult: the two tests disagree
                 raise RuntimeError(f"trigger scoring skipped request {seq.request_index}, which the host "
                                    "consulted: the delimiter table on the device is out of sync")
-            seq.memgen.num_trigger_calls += 1
-            self._apply_decision(seq, decision)
+            self._apply_decision(seq, decision, scored=True)
 
-    def _apply_decision(self, seq, decision: int) -> None:
+    def _apply_decision(self, seq, decision: int, scored: bool = False) -> None:
+        """`scored`: the trigger's head made the decision (it counts as a trigger call)."""
         state = seq.memgen
         k = self.parts.num_latents(state.kind) if decision == INSERT else 0
         # The room rule, decided here once: K latents are inserted only if they and the
         # token they precede fit in max_model_len (which counts every position). When
         # they do not, the sequence ends ("length") before that token: the decision is
-        # not recorded (the mask has one entry per output token) and nothing is counted.
+        # not recorded (the mask has one entry per output token), nor counted anywhere.
         if k and seq.reasoner.num_tokens + k + 1 > self.max_model_len:
             state.out_of_room = True
             self._set_phase(seq, Phase.REASON)
             return
         state.augmentation.append(decision)
+        state.num_trigger_calls += scored
         if decision != INSERT:
             self._set_phase(seq, Phase.REASON)
             return
