@@ -1,7 +1,9 @@
-"""The `memgen` command line: generate, chat, bench, eval, convert.
+"""The `memgen` command line: generate, chat, init, convert, bench, eval, train.
 
 A thin layer over the Python API; every subcommand has `--help`. Errors the
 user can fix (bad paths, bad values) print one line and exit 2, not a traceback.
+Heavy modules (torch, transformers, the engine) are imported inside the
+subcommand functions, so `--help` and `--version` answer at once.
 """
 from __future__ import annotations
 
@@ -82,6 +84,28 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from memgen.checkpoint.init import InitOptions, init_checkpoint
+
+    options = InitOptions(prompt_latents=args.prompt_latents, inference_latents=args.inference_latents,
+                          budget=args.budget, trigger_active=args.trigger_active, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                          lora_dropout=args.lora_dropout, seed=args.seed)
+    out, ckpt = init_checkpoint(args.output_dir, args.model, options, weaver_model=args.weaver_model,
+                                trigger_model=args.trigger_model, layout=args.format, overwrite=args.overwrite)
+    s = ckpt.settings
+    print(f"wrote a fresh MemGen checkpoint ({args.format} layout) to {out}: K={s.prompt_latents_len} prompt / "
+          f"{s.inference_latents_len} inference latents, budget {s.max_inference_aug_num}, trigger "
+          f"{'active' if s.trigger_active else 'inactive'}, LoRA r={args.lora_r} alpha={args.lora_alpha:g} on "
+          f"{','.join(args.lora_targets)}, seed {args.seed}")
+    bases = "".join(f" --{role}-model {m}" for role, m in (("weaver", args.weaver_model), ("trigger", args.trigger_model))
+                    if m is not None and args.format == "reference")
+    model = f" --model {args.model}" if args.model else ""
+    print(f"try it:   memgen generate --chat{model} --memgen {out}{bases} \"What is 12 + 30?\"")
+    print(f"train it: memgen train sft{model} --memgen {out}{bases} --data DATA.jsonl --output-dir OUT")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from memgen.checkpoint import load_checkpoint, save_export, save_reference
 
@@ -95,8 +119,46 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _add_init_parser(sub) -> None:
+    p = sub.add_parser("init", help="write a fresh MemGen checkpoint on a base model",
+                       description="Write a fresh MemGen checkpoint (weaver, trigger, projections, LoRAs) on a "
+                                   "base model, initialised as the reference does: query latents N(0,1), LoRA B "
+                                   "zero (the adapters start as no-ops), nn.Linear defaults elsewhere. "
+                                   "Defaults are the reference YAMLs'.")
+    p.add_argument("output_dir", help="directory to write (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--model", default=None,
+                   help="reasoner: HF directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--weaver-model", default=None, help="weaver base model (default: --model)")
+    p.add_argument("--trigger-model", default=None, help="trigger base model (default: --model)")
+    g = p.add_argument_group("MemGen settings (the reference config's fields)")
+    g.add_argument("--prompt-latents", type=int, default=8, help="K latents inserted after the prompt (default 8)")
+    g.add_argument("--inference-latents", type=int, default=8,
+                   help="K latents per insertion during decoding (default 8)")
+    g.add_argument("--budget", type=int, default=5,
+                   help="max inference insertions per request, max_inference_aug_num (default 5)")
+    t = g.add_mutually_exclusive_group()
+    t.add_argument("--trigger-active", dest="trigger_active", action="store_true", default=False,
+                   help="the trigger head decides at each delimiter (untrained: about random)")
+    t.add_argument("--trigger-inactive", dest="trigger_active", action="store_false",
+                   help="insert at every delimiter until the budget is spent (default, as the reference YAMLs)")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the weaver and trigger (default 16)")
+    g.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default 32)")
+    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"],
+                   help="module names the LoRAs adapt (default: q_proj v_proj)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="recorded for training (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--format", choices=["reference", "safetensors"], default="reference",
+                   help="reference (default): the reference's save_pretrained layout; safetensors: this "
+                        "project's export, which also records --weaver-model / --trigger-model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+    p.set_defaults(func=cmd_init)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from memgen import __version__
+
     parser = argparse.ArgumentParser(prog="memgen", description="Fast, exact inference for MemGen models.")
+    parser.add_argument("--version", action="version", version=f"memgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete raw-text prompts")
@@ -114,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    _add_init_parser(sub)
 
     p = sub.add_parser("convert", help="convert a MemGen checkpoint between layouts")
     p.add_argument("src", help="checkpoint directory (reference layout or safetensors export)")

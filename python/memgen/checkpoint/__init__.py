@@ -5,6 +5,7 @@ safetensors export.
     ckpt = load_checkpoint(dir)              # either layout, auto-detected
     validate(ckpt, reasoner_cfg, weaver_cfg, trigger_cfg)
     save_reference(ckpt, out) / save_export(ckpt, out)
+    init_checkpoint(out, model_dir, InitOptions(...))   # a fresh one (`memgen init`)
 
 How the engine consumes it: each LoRA adds (x @ A.T @ B.T) * lora.scaling to the
 output of the base Linear at `module path` (A [r, in], B [out, r]);
@@ -20,6 +21,7 @@ import torch
 
 from .export import load_export, save_export
 from .files import missing
+from .init import InitOptions, init_checkpoint
 from .random_init import DEFAULT_LORA_CONFIG, random_checkpoint
 from .reference import load_reference, save_reference
 from .schema import LoraWeights, MemGenCheckpoint, MemGenSettings
@@ -63,5 +65,5 @@ def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenC
 __all__ = [
     "MemGenCheckpoint", "MemGenSettings", "LoraWeights", "DEFAULT_LORA_CONFIG",
     "load_checkpoint", "save_reference", "save_export", "validate", "drop_lora",
-    "random_checkpoint", "base_linear_shapes", "matches_target",
+    "random_checkpoint", "base_linear_shapes", "matches_target", "InitOptions", "init_checkpoint",
 ]

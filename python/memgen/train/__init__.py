@@ -11,18 +11,24 @@ engine and the new weights pushed into it after every optimizer step.
 
 CLI: `memgen train {sft,weaver-grpo,trigger-grpo}` (cli.py).
 """
-from .common import freeze_for, save_checkpoint, trainable_parameters
-from .data import (ChatExample, EncodedExample, encode_example, encode_prompt, mask_assistant_header,
-                   parse_chat_example, read_chat_jsonl)
-from .grpo import (GRPOConfig, GRPOTrainer, group_advantages, grpo_loss, insertion_rates, reference_rate,
-                   trigger_logprobs, trigger_penalty, weaver_logprobs)
-from .rollout import Rollout, sample_groups, score_rollouts, task_reward
-from .sft import SFTConfig, train_sft
+# Imported lazily (PEP 562): `memgen train --help` and the CLI's parser load
+# only train/cli.py, not torch (which the modules below import at the top).
+_EXPORTS = {
+    "common": ("freeze_for", "save_checkpoint", "trainable_parameters"),
+    "data": ("ChatExample", "EncodedExample", "encode_example", "encode_prompt", "mask_assistant_header",
+             "parse_chat_example", "read_chat_jsonl"),
+    "grpo": ("GRPOConfig", "GRPOTrainer", "group_advantages", "grpo_loss", "insertion_rates", "reference_rate",
+             "trigger_logprobs", "trigger_penalty", "weaver_logprobs"),
+    "rollout": ("Rollout", "sample_groups", "score_rollouts", "task_reward"),
+    "sft": ("SFTConfig", "train_sft"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-__all__ = [
-    "ChatExample", "EncodedExample", "GRPOConfig", "GRPOTrainer", "Rollout", "SFTConfig",
-    "encode_example", "encode_prompt", "freeze_for", "group_advantages", "grpo_loss", "insertion_rates",
-    "mask_assistant_header", "parse_chat_example", "read_chat_jsonl", "reference_rate", "sample_groups",
-    "save_checkpoint", "score_rollouts", "task_reward", "train_sft", "trainable_parameters",
-    "trigger_logprobs", "trigger_penalty", "weaver_logprobs",
-]
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'memgen.train' has no attribute {name!r}")
