@@ -69,6 +69,61 @@ def test_encode_example_masks_prompt_and_assistant_header(chat_tokenizer):
     assert encode_example(tok, ex, max_length=first + 2).labels == enc.labels[:first + 2]
 
 
+def test_eval_records_become_sft_examples():
+    """The shipped eval format (bench/data/arith50.jsonl): the prompt, then the
+    answer in the template as the assistant turn."""
+    user = [{"role": "user", "content": "What is 2 + 3?"}]
+    ex = parse_chat_example({"id": "a", "messages": user, "answer": "5", "task": "boxed"})
+    assert ex.prompt == user and ex.completion == "The answer is \\boxed{5}." and ex.id == "a"
+    assert parse_chat_example({"question": "What is 2 + 3?", "answer": 5}).prompt == user
+    assert parse_chat_example({"prompt": "What is 2 + 3?", "answer": 5}, answer_template="{answer}").completion == "5"
+    # an assistant turn given in the record wins over the answer
+    given = parse_chat_example({"messages": user + [{"role": "assistant", "content": "Five."}], "answer": "5"})
+    assert given.completion == "Five." and given.prompt == user
+    with pytest.raises(ValueError, match="must be a string or a number"):
+        parse_chat_example({"messages": user, "answer": ["5"]})
+    with pytest.raises(ValueError, match="must contain"):
+        parse_chat_example({"messages": user, "answer": "5"}, answer_template="no slot")
+
+
+def test_shipped_arith_data_parses():
+    from pathlib import Path
+
+    from memgen.train import read_chat_jsonl
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "data" / "arith50.jsonl"
+    examples = read_chat_jsonl(path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(examples) == len(records) == 50
+    assert examples[0].completion == f"The answer is \\boxed{{{records[0]['answer']}}}."
+    assert examples[0].prompt == records[0]["messages"]
+
+
+def test_lr_never_zero_on_a_step_and_matches_transformers_after_warmup():
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    from memgen.train.common import lr_factor, make_scheduler
+
+    for kind in ("cosine", "linear", "constant"):
+        for steps in range(1, 25):
+            for ratio in (0.0, 0.1, 0.5, 0.9):
+                warmup = math.ceil(ratio * steps)
+                factors = [lr_factor(kind, i, steps, warmup) for i in range(steps)]
+                assert all(0 < f <= 1 for f in factors), (kind, steps, ratio, factors)
+                assert factors[:warmup] == sorted(factors[:warmup])
+    # after warm-up the curves are transformers' own
+    for make, kind in ((get_cosine_schedule_with_warmup, "cosine"), (get_linear_schedule_with_warmup, "linear")):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = make(opt, 2, 10)
+        want = [hf.lr_lambdas[0](i) for i in range(10)]
+        assert want[0] == 0.0            # transformers' first warm-up step: the bug this avoids
+        assert [lr_factor(kind, i, 10, 2) for i in range(2, 10)] == pytest.approx(want[2:])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert make_scheduler(opt, "cosine", 1, 0.1).get_last_lr() == [0.5]
+    with pytest.raises(ValueError, match="lr scheduler"):
+        make_scheduler(opt, "step", 1, 0.1)
+
+
 def test_parse_chat_example_rejects_conversations():
     with pytest.raises(ValueError, match="conversational"):
         parse_chat_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -225,6 +280,46 @@ def test_sft_then_sync_engine_equals_hf(tokenizer, memgen_ckpt_dir, memgen_reaso
 
 
 # ---------------------------------------------------------------- CLI
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cli_short_sft_run_on_shipped_data_changes_the_weights(steps, tmp_path, memgen_ckpt_dir,
+                                                               memgen_reasoner_dir):
+    """`--max-steps 1|2` with the default warm-up and learning rate trains
+    (the first warm-up step's lr is not 0), on bench/data/arith50.jsonl as shipped."""
+    from pathlib import Path
+
+    from memgen.checkpoint import load_checkpoint
+
+    data = Path(__file__).resolve().parents[1] / "bench" / "data" / "arith50.jsonl"
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    out = tmp_path / "sft"
+    args = parser.parse_args(["sft", "--data", str(data), "--output-dir", str(out), "--model",
+                              str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir), "--max-steps", str(steps),
+                              "--batch-size", "1", "--save-format", "export", "--quiet"])
+    assert run_train_from_args(args) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == steps and all(r["lr"] > 0 for r in log)
+    before, after = load_checkpoint(memgen_ckpt_dir), load_checkpoint(out / "export")
+    assert not torch.equal(before.weaver["prompt_query_latents"], after.weaver["prompt_query_latents"])
+    assert not torch.equal(before.weaver_to_reasoner["weight"], after.weaver_to_reasoner["weight"])
+    assert any(not torch.equal(b, after.weaver_lora.layers[m][1]) for m, (_, b) in before.weaver_lora.layers.items())
+    # the trigger is not SFT's to train
+    assert torch.equal(before.trigger_head["weight"], after.trigger_head["weight"])
+
+
+def test_cli_sft_bad_data_fails_before_loading(tmp_path, capsys):
+    """A bad line is reported with its line number, before any model is read
+    (--model points nowhere: loading would fail differently)."""
+    from memgen.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    rc = main(["train", "sft", "--data", str(data), "--output-dir", str(tmp_path / "o"),
+               "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:1" in err and "answer" in err and "no-model" not in err
+
+
 def test_cli_sft_and_trigger_grpo(tmp_path, memgen_ckpt_dir, memgen_reasoner_dir):
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from .data import ANSWER_TEMPLATE   # data.py imports no torch: --help stays light
+
 MODES = ("sft", "weaver-grpo", "trigger-grpo")
 
 
@@ -30,7 +32,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         p.description = DESCRIPTION
     p.add_argument("mode", choices=MODES, help="sft: weaver SFT on chat examples; weaver-grpo / trigger-grpo: "
                    "GRPO with engine rollouts on eval-style records")
-    p.add_argument("--data", required=True, help="JSONL: chat examples with an assistant turn (sft), or records "
+    p.add_argument("--data", required=True, help="JSONL: chat examples with an assistant turn, or eval records "
+                   "with messages/prompt/question and an answer (sft; see --answer-template), or records "
                    "with messages/prompt and answer/aliases/tests (grpo)")
     p.add_argument("--output-dir", required=True, help="where checkpoints and logs go")
 
@@ -69,6 +72,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
+    g.add_argument("--answer-template", default=ANSWER_TEMPLATE,
+                   help="the assistant turn of a record that has an answer but no assistant text; {answer} is "
+                        "replaced by the answer (default: %(default)r, what `memgen eval`'s boxed scorer reads)")
 
     g = p.add_argument_group("grpo")
     g.add_argument("--num-generations", type=int, default=8, help="samples per prompt (the group)")
@@ -123,7 +129,16 @@ def _load_model(args):
     if changes:
         ckpt = dataclasses.replace(ckpt, settings=dataclasses.replace(ckpt.settings, **changes))
     dtype = getattr(torch, args.dtype)
-    model = HFMemGenModel.from_checkpoint(ckpt, reasoner, weaver, trigger, dtype=dtype, device=args.device)
+    # memgen.hf gives each role its own base instance (PEFT wraps its base in place, as in the
+    # reference), so the base is read three times (~0.3 s each for SmolLM2-135M): one line, not three bars
+    print(f"memgen train: loading {reasoner.name} for the reasoner, weaver and trigger ...", file=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = HFMemGenModel.from_checkpoint(ckpt, reasoner, weaver, trigger, dtype=dtype, device=args.device)
+    finally:
+        hf_logging.enable_progress_bar()
     return model, reasoner, weaver, trigger
 
 
@@ -148,6 +163,11 @@ def run_train_from_args(args: argparse.Namespace) -> int:
 
     if not Path(args.data).is_file():   # before the (slow) model load
         raise FileNotFoundError(2, "training data not found", str(args.data))
+    examples = None
+    if args.mode == "sft":   # a bad line fails here, before the model loads
+        from .data import read_chat_jsonl
+
+        examples = read_chat_jsonl(args.data, args.answer_template)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, reasoner, weaver, trigger = _load_model(args)
@@ -158,7 +178,7 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     on_step, log = _logger(args, out_dir, save)
     try:
         if args.mode == "sft":
-            history = _run_sft(args, model, on_step)
+            history = _run_sft(args, model, examples, on_step)
         else:
             history = _run_grpo(args, model, reasoner, weaver, trigger, on_step)
     finally:
@@ -172,11 +192,11 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_sft(args, model, on_step) -> list[dict]:
-    from .data import encode_example, read_chat_jsonl
+def _run_sft(args, model, examples, on_step) -> list[dict]:
+    from .data import encode_example
     from .sft import SFTConfig, train_sft
 
-    examples = [encode_example(model.tokenizer, e, args.max_length) for e in read_chat_jsonl(args.data)]
+    examples = [encode_example(model.tokenizer, e, args.max_length) for e in examples]
     config = SFTConfig(learning_rate=args.lr, epochs=args.epochs or 2, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,

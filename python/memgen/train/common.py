@@ -47,20 +47,32 @@ def make_optimizer(params, learning_rate: float, weight_decay: float = 0.0) -> t
     return torch.optim.AdamW(list(params), lr=learning_rate, weight_decay=weight_decay)
 
 
-def make_scheduler(optimizer, kind: str, num_steps: int, warmup_ratio: float):
-    """transformers' schedulers ("cosine", "linear", "constant"), warmup = ceil(ratio * steps)
-    as the HF Trainer computes it."""
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
+def lr_factor(kind: str, step: int, num_steps: int, warmup: int) -> float:
+    """The learning-rate multiplier of optimizer step `step` (0-based).
 
-    warmup = math.ceil(warmup_ratio * num_steps)
-    if kind == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, num_steps)
-    if kind == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, num_steps)
+    transformers' curves, with one change: its warm-up gives step 0 a factor
+    of 0, so a run of 1 or 2 steps (or the first step of any run) would change
+    nothing. Here warm-up step s gets (s + 1) / (warmup + 1): never 0, rising
+    to the full rate. After warm-up, cosine and linear decay as transformers'
+    do, and stay > 0 on every step of the run (they reach 0 only after it)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if kind == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
+        return 1.0
+    progress = (step - warmup) / max(1, num_steps - warmup)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
     raise ValueError(f"lr scheduler must be cosine, linear or constant, got {kind!r}")
+
+
+def make_scheduler(optimizer, kind: str, num_steps: int, warmup_ratio: float):
+    """A LambdaLR over `lr_factor`; warmup = ceil(ratio * steps) as the HF Trainer computes it."""
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"lr scheduler must be cosine, linear or constant, got {kind!r}")
+    warmup = math.ceil(warmup_ratio * num_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(kind, step, num_steps, warmup))
 
 
 def clip_and_step(params, optimizer, scheduler, max_grad_norm: float | None) -> float:

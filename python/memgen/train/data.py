@@ -14,6 +14,10 @@ The first supervised token is MemGen's prompt insertion point.
 SFT input lines (JSONL), one assistant turn to learn:
     {"messages": [{"role": "user", ...}, ..., {"role": "assistant", "content": "..."}]}
     {"prompt": [...messages...] | "text", "completion": [{"role": "assistant", ...}] | "text"}
+    {"messages" | "prompt" | "question": ..., "answer": "42"}     # an eval record (bench/data/*.jsonl)
+The last form has no assistant text: the assistant turn is the answer put in
+`answer_template` ("The answer is \\boxed{42}." by default, what the boxed
+scorer of `memgen eval` reads), so the same file trains and evaluates.
 Multi-turn conversational SFT (spec §3.2) is not supported: an assistant turn
 before the completion is rejected.
 """
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 IGNORE = -100
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
+ANSWER_TEMPLATE = "The answer is \\boxed{{answer}}."   # {answer} -> the answer: "\\boxed{42}"
 
 
 @dataclass
@@ -55,10 +60,23 @@ def _messages(value, where: str) -> list[dict]:
     return [dict(role=m["role"], content=m["content"]) for m in value]
 
 
-def parse_chat_example(obj: dict, where: str = "example") -> ChatExample:
-    """One JSON object in either accepted form (module docstring) -> ChatExample."""
+def answer_completion(answer, template: str, where: str) -> str:
+    """The assistant turn of an eval-style record: `template` with {answer} filled in."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: \"answer\" must be a string or a number to build the assistant turn, "
+                         f"got {type(answer).__name__}")
+    if "{answer}" not in template:
+        raise ValueError(f"the answer template must contain {{answer}}, got {template!r}")
+    return template.replace("{answer}", str(answer))
+
+
+def parse_chat_example(obj: dict, where: str = "example", answer_template: str = ANSWER_TEMPLATE) -> ChatExample:
+    """One JSON object in any accepted form (module docstring) -> ChatExample."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    ends_with_assistant = (isinstance(obj.get("messages"), list) and obj["messages"]
+                           and isinstance(obj["messages"][-1], dict)
+                           and obj["messages"][-1].get("role") == "assistant")
     if "completion" in obj:
         prompt = _messages(obj.get("prompt", obj.get("messages")), f"{where} prompt")
         comp = obj["completion"]
@@ -69,14 +87,19 @@ def parse_chat_example(obj: dict, where: str = "example") -> ChatExample:
             comp = turns[0]["content"]
         if not isinstance(comp, str):
             raise ValueError(f"{where}: completion must be a string or one assistant message")
-    elif "messages" in obj:
+    elif "messages" in obj and (ends_with_assistant or "answer" not in obj):
         msgs = _messages(obj["messages"], f"{where} messages")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant turn to learn "
-                             "(or give a separate \"completion\")")
+                             "(or give a separate \"completion\", or an \"answer\")")
         prompt, comp = msgs[:-1], msgs[-1]["content"]
+    elif "answer" in obj and any(k in obj for k in ("messages", "prompt", "question")):
+        key = next(k for k in ("messages", "prompt", "question") if k in obj)
+        prompt = _messages(obj[key], f"{where} {key}")
+        comp = answer_completion(obj["answer"], answer_template, where)
     else:
-        raise ValueError(f"{where}: needs \"messages\" ending with an assistant turn, or \"prompt\" + \"completion\"")
+        raise ValueError(f"{where}: needs \"messages\" ending with an assistant turn, \"prompt\" + "
+                         "\"completion\", or \"messages\"/\"prompt\"/\"question\" + \"answer\"")
     if not prompt:
         raise ValueError(f"{where}: the prompt has no messages")
     if any(m["role"] == "assistant" for m in prompt):
@@ -85,7 +108,7 @@ def parse_chat_example(obj: dict, where: str = "example") -> ChatExample:
     return ChatExample(prompt=prompt, completion=comp, id=obj.get("id"))
 
 
-def read_chat_jsonl(path: str | os.PathLike) -> list[ChatExample]:
+def read_chat_jsonl(path: str | os.PathLike, answer_template: str = ANSWER_TEMPLATE) -> list[ChatExample]:
     """Every example of a JSONL file; a bad line raises ValueError naming it."""
     out = []
     with open(path, encoding="utf-8") as f:
@@ -96,7 +119,7 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[ChatExample]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            out.append(parse_chat_example(obj, f"{path}:{line_no}"))
+            out.append(parse_chat_example(obj, f"{path}:{line_no}", answer_template))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out

@@ -6,7 +6,9 @@ row), so a Trainer would need a custom collator, a compute_loss override and
 a no-op batching layer, and GRPO below needs engine rollouts and a weight push
 after every step, which the Trainer's loop has no place for. The loop keeps
 the Trainer's semantics where they matter: AdamW, cosine schedule with warmup
-ceil(0.1 * steps), grad-norm clipping at 1.0, gradient accumulation.
+ceil(0.1 * steps), grad-norm clipping at 1.0, gradient accumulation. One
+departure: the first warm-up step's learning rate is not 0 (common.lr_factor),
+so a run of 1 or 2 steps changes the weights.
 
 Loss per optimizer step, as the reference computes it for a batch (its
 `forward` concatenates the rows and takes one token-mean cross-entropy):
