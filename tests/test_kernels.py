@@ -272,18 +272,10 @@ def test_inject_latents_validation():
 
 
 # ------------------------------------------------------------------ trigger scoring
-def trigger_batch(num_rows, width, dtype, vocab=40):
+def trigger_batch(num_rows, width, dtype):
     hidden = randn(num_rows, width, dtype=dtype)
     weight, bias = randn(2, width, dtype=dtype) / width ** 0.5, randn(2, dtype=dtype)
-    is_delim = torch.rand(vocab, device=DEVICE) < 0.4
-    last_token = torch.randint(0, vocab, (num_rows,), device=DEVICE)
-    last_token[1] = -1                                             # padded row
-    last_token[2:6] = is_delim.nonzero()[0, 0]                     # rows that end with a delimiter
-    count = torch.randint(0, 3, (num_rows,), device=DEVICE, dtype=torch.int32)
-    count[2] = 5                                                   # over budget
-    is_prompt = torch.zeros(num_rows, dtype=torch.bool, device=DEVICE)
-    is_prompt[[0, 6]] = True
-    return hidden, weight, bias, last_token, is_delim, count, is_prompt
+    return hidden, weight, bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -291,60 +283,67 @@ def trigger_batch(num_rows, width, dtype, vocab=40):
 @pytest.mark.parametrize("sample", [False, True])
 def test_trigger_decisions(dtype, width, sample):
     num_rows = 11
-    hidden, weight, bias, last_token, is_delim, count, is_prompt = trigger_batch(num_rows, width, dtype)
+    hidden, weight, bias = trigger_batch(num_rows, width, dtype)
     temperature = torch.rand(num_rows, device=DEVICE) + 0.3 if sample else 0.0
     if sample:
         temperature[3] = 0.0                                       # argmax rows mix with sampled ones
     uniforms = torch.rand(num_rows, device=DEVICE)
-    budget = torch.full((num_rows,), 3, dtype=torch.int64, device=DEVICE)
-    args = (hidden, weight, bias, last_token, is_delim, count, budget, is_prompt, temperature, uniforms)
     out, logits = torch.full((num_rows,), 77, device=DEVICE), torch.full((num_rows, 2), float("nan"), device=DEVICE)
+    # the reference computes in its inputs' dtype: compare it in fp32, where the kernel computes
     want_logits = logits.clone()
-    want = trigger_decisions_ref(*args, out=out.clone(), logits_out=want_logits)
-    got = trigger_decisions(*args, out=out, logits_out=logits)
+    want = trigger_decisions_ref(hidden.float(), weight.float(), bias.float(), temperature, uniforms,
+                                 out=out.clone(), logits_out=want_logits)
+    got = trigger_decisions(hidden, weight, bias, temperature, uniforms, out=out, logits_out=logits)
     assert got is out
     assert torch.equal(got, want), (got, want)
-    assert got[1] == 77 and got[2] == -100                         # padded: untouched; over budget: -100
-    assert set(got.tolist()) <= {77, -100, 0, 1}
+    assert set(got.tolist()) <= {0, 1}
     assert_close_with_nans(logits, want_logits, torch.float32 if dtype == torch.float32 else torch.float16)
 
 
+def test_trigger_reference_keeps_float64():
+    """The torch version is the engine's torch backend: float64 in, float64 head."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(64, 24, generator=g, dtype=torch.float64), torch.randn(2, 24, generator=g,
+                                                                                     dtype=torch.float64)
+    bias = torch.tensor([0.1, -0.2], dtype=torch.float64)
+    logits = torch.empty(64, 2)
+    got = trigger_decisions_ref(hidden, weight, bias, 0.0, torch.zeros(64), logits_out=logits)
+    exact = hidden @ weight.T + bias
+    assert torch.equal(got, (exact[:, 1] > exact[:, 0]).long())
+    assert {0, 1} == set(got.tolist())
+
+
 def test_trigger_inactive_always_inserts_and_ties_skip():
-    hidden, weight, bias, last_token, is_delim, count, is_prompt = trigger_batch(7, 16, torch.float32)
-    zeros = torch.zeros_like(weight)
-    args = (last_token, is_delim, count, 3, is_prompt, 0.0, torch.rand(7, device=DEVICE))
-    inactive = trigger_decisions(hidden, zeros, torch.tensor([0.0, 1.0], device=DEVICE), *args)
-    tie = trigger_decisions(hidden, zeros, torch.zeros(2, device=DEVICE), *args)
-    consulted = (inactive != -100) & (last_token >= 0)
-    assert consulted[0] and consulted[6]                           # prompt rows
-    assert (inactive[consulted] == 1).all() and (tie[consulted] == 0).all()
+    hidden, weight, _ = trigger_batch(7, 16, torch.float32)
+    zeros, u = torch.zeros_like(weight), torch.rand(7, device=DEVICE)
+    inactive = trigger_decisions(hidden, zeros, torch.tensor([0.0, 1.0], device=DEVICE), 0.0, u)
+    tie = trigger_decisions(hidden, zeros, torch.zeros(2, device=DEVICE), 0.0, u)
+    assert (inactive == 1).all() and (tie == 0).all()
 
 
 def test_trigger_sampling_frequency():
     """P(insert) = softmax(logits / T)[1]: the inactive trigger at T=1 inserts with e/(1+e)."""
     n = 2000 if DEVICE == "cuda" else 128
     hidden = randn(n, 16)
-    ones = torch.ones(n, dtype=torch.bool, device=DEVICE)
     dec = trigger_decisions(hidden, torch.zeros(2, 16, device=DEVICE), torch.tensor([0.0, 1.0], device=DEVICE),
-                            torch.zeros(n, dtype=torch.int64, device=DEVICE), ones, torch.zeros_like(ones, dtype=torch.int64),
-                            0, ones, 1.0, torch.rand(n, device=DEVICE))
+                            1.0, torch.rand(n, device=DEVICE))
     rate = dec.float().mean().item()
     assert abs(rate - 0.7311) < 4 * (0.7311 * 0.2689 / n) ** 0.5
 
 
 def test_trigger_validation():
-    hidden, weight, bias, last_token, is_delim, count, is_prompt = trigger_batch(7, 16, torch.float32)
+    hidden, weight, bias = trigger_batch(7, 16, torch.float32)
     u = torch.rand(7, device=DEVICE)
     with pytest.raises(ValueError, match="weight"):
-        trigger_decisions(hidden, weight[:, :8], bias, last_token, is_delim, count, 3, is_prompt, 0.0, u)
-    with pytest.raises(ValueError, match="is_delim"):
-        trigger_decisions(hidden, weight, bias, last_token, is_delim.int(), count, 3, is_prompt, 0.0, u)
-    with pytest.raises(ValueError, match="budget"):
-        trigger_decisions(hidden, weight, bias, last_token, is_delim, count, None, is_prompt, 0.0, u)
+        trigger_decisions(hidden, weight[:, :8], bias, 0.0, u)
+    with pytest.raises(ValueError, match="bias"):
+        trigger_decisions(hidden, weight, bias[:1], 0.0, u)
     with pytest.raises(ValueError, match="uniforms"):
-        trigger_decisions(hidden, weight, bias, last_token, is_delim, count, 3, is_prompt, 0.0, u[:3])
+        trigger_decisions(hidden, weight, bias, 0.0, u[:3])
     with pytest.raises(ValueError, match="temperature"):
-        trigger_decisions(hidden, weight, bias, last_token, is_delim, count, 3, is_prompt, u.double(), u)
+        trigger_decisions(hidden, weight, bias, u.double(), u)
+    with pytest.raises(ValueError, match="hidden"):
+        trigger_decisions(hidden.double(), weight, bias, 0.0, u)    # the kernel computes in fp32 at most
 
 
 # ------------------------------------------------------------------ multi-LoRA
@@ -472,7 +471,6 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
     compile_kernel(latent_injection._inject_latents_kernel, dict(token_ids_ptr="*i64", latent_index_ptr="*i64",
                    embed_ptr=p, latents_ptr="*fp32", out_ptr=p), dict(BLOCK=2048))
     compile_kernel(trigger_scoring._trigger_kernel, dict(hidden_ptr=p, weight_ptr=p, bias_ptr=p,
-                   last_token_ptr="*i64", is_delim_ptr="*u8", count_ptr="*i32", budget_ptr="*i64", is_prompt_ptr="*u8",
                    temperature_ptr="*fp32", uniforms_ptr="*fp32", out_ptr="*i64", logits_ptr="*fp32"),
                    dict(BLOCK=1024, WRITE_LOGITS=True))
     lora_kernels(p, False)

@@ -15,7 +15,7 @@ from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.llm_engine import LLMEngine
 from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.engine.sequence import Sequence
-from memgen.outputs import RequestOutput
+from memgen.outputs import NOT_CONSULTED, RequestOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -238,7 +238,7 @@ class LLM:
     @staticmethod
     def _augmentation(seq: Sequence) -> list[int]:
         if seq.memgen is None:
-            return [-100] * seq.num_output_tokens
+            return [NOT_CONSULTED] * seq.num_output_tokens
         return list(seq.memgen.augmentation[:seq.num_output_tokens])
 
     @staticmethod

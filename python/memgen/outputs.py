@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# the augmentation mask's values (the reference's): the decision taken before a token
+NOT_CONSULTED, SKIP, INSERT = -100, 0, 1
+
 
 @dataclass
 class RequestOutput:

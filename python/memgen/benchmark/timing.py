@@ -12,6 +12,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from memgen.outputs import NOT_CONSULTED
+
 QUESTIONS = [  # GSM8K-style, different lengths, as MemGen is evaluated on math word problems
     "What is 12 plus 30?",
     "A baker makes 24 muffins and sells 15. How many are left?",
@@ -107,7 +109,7 @@ def memory_counts(aug: list[int], num_prompt_latents: int, num_inference_latents
     this augmentation mask (entry 0 is the prompt decision)."""
     inserted = [i for i, a in enumerate(aug) if a == 1]
     return {"num_insertions": len(inserted),
-            "num_trigger_calls": sum(a != -100 for a in aug),
+            "num_trigger_calls": sum(a != NOT_CONSULTED for a in aug),
             "num_latent_positions": sum(num_prompt_latents if i == 0 else num_inference_latents for i in inserted)}
 
 

@@ -1,6 +1,7 @@
 """The engine loop: requests in, one batched forward per step, sampled tokens
-out. `step()` = schedule -> prepare inputs -> forward -> logits for the rows
-that are due -> sample -> append / stop / free."""
+out. `step()` = schedule -> forward (one per pool) -> mark computed -> the
+policy picks the rows that are due -> sample -> append / stop / free. A plain
+LLM and MemGen differ only in their policy (engine/policy.py)."""
 from __future__ import annotations
 
 import time
@@ -11,13 +12,14 @@ import torch
 from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.cuda_graph import build_decode_graphs
-from memgen.engine.model_runner import ModelRunner
-from memgen.engine.scheduler import Scheduler
 from memgen.engine.memgen_setup import BASE_POOL, MemGenSetup
-from memgen.layers.triton_backend import select_backend
-from memgen.engine.sequence import REASONER, Sequence, Stream
-from memgen.memory.controller import ADAPTER_IDS, MemGenController
+from memgen.engine.model_runner import ModelRunner
+from memgen.engine.policy import PlainPolicy, RequestPolicy, StepHidden
+from memgen.engine.scheduler import Scheduler
+from memgen.engine.sequence import Sequence, Stream
 from memgen.layers.sampler import Sampler, SamplingBatch
+from memgen.layers.triton_backend import select_backend
+from memgen.memory.controller import ADAPTER_IDS, MemGenController
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BUDGET_GB = 1.0
@@ -36,7 +38,7 @@ class LLMEngine:
                                         attn_backend=backend)
         # one runner (model + KV pool) per distinct checkpoint: "base" is the reasoner's
         self.runners = {BASE_POOL: self.model_runner}
-        self.memory: MemGenController | None = None
+        self.memory: MemGenController | None = None    # MemGen's policy, None for a plain LLM
         streams_per_pool = {BASE_POOL: 1}
         if memgen is not None:
             self.memgen_setup = memgen
@@ -44,6 +46,7 @@ class LLMEngine:
             lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else device.type != "cuda"
             self.memory, self.stream_pools = memgen.build(self.runners, streams_per_pool, dtype, device,
                                                           self.max_model_len, config.block_size, follow=not lazy)
+        self.policy: RequestPolicy = self.memory if self.memory is not None else PlainPolicy()
         self.block_managers = {}
         for pool, runner in self.runners.items():
             num_blocks = self._num_kv_blocks(runner, streams_per_pool[pool])
@@ -98,7 +101,7 @@ class LLMEngine:
                 pool = self.stream_pools[name]
                 seq.streams[name] = Stream(name, ids, pool=pool, cache_salt=(name, self.memgen_version),
                                            adapter_id=ADAPTER_IDS[name])
-            self.memory.attach(seq)
+        self.policy.start(seq)
         self.scheduler.add(seq)
         return seq
 
@@ -120,83 +123,51 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], int]:
         """Run one batched forward. Returns the sequences that finished and the
-        number of tokens sampled in this step."""
+        number of tokens sampled in this step. One order for every model:
+        forward -> mark computed -> policy.after_forward -> sample -> stop
+        checks -> policy.after_tokens (engine/policy.py)."""
         out = self.scheduler.schedule()
         if not out.num_chunks:
             if out.preempted:
                 return [], 0
             raise RuntimeError("the scheduler found nothing to run although requests are waiting "
                                f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
-        finished: list[Sequence] = []
-        if self.memory is None:
-            # a plain LLM: one pool, and the reasoner chunks that complete are due
-            inp = self.model_runner.prepare(out.core)
-            hidden = self.model_runner.forward(inp)
-            rows, seqs = [], []
-            for (seq, stream, start, n), row in zip(out.core.chunk_tuples(), inp.last_rows.tolist()):
-                if stream.name == REASONER and start + n == stream.num_tokens:
-                    seqs.append(seq)
-                    rows.append(row)
-            self.scheduler.postprocess(out)
-            due_hidden = hidden[torch.tensor(rows, device=hidden.device)] if rows else None
-        else:
-            hidden_of_chunk = self._forward(out)
-            due = self.memory.after_forward(out.chunks, hidden_of_chunk)
-            self.scheduler.postprocess(out)
-            self.memory.commit(out.chunks)
-            # a prompt insertion refused for room (MemGenController._apply_decision): the
-            # sequence ends before its first token rather than run without its latents
-            for seq, _ in due:
-                if seq.memgen.out_of_room:
-                    self._finish(seq, "length")
-                    finished.append(seq)
-            due = [(seq, h) for seq, h in due if not seq.memgen.out_of_room]
-            seqs = [seq for seq, _ in due]
-            due_hidden = torch.stack([h for _, h in due]) if due else None
+        hidden = self._forward(out)
+        self.scheduler.postprocess(out)
+        seqs, due_hidden, ended = self.policy.after_forward(out.chunks, hidden)
+        finished = self._finish_all(ended, "length")
         if not seqs:
             return finished, 0
         logits = self.model_runner.compute_logits(due_hidden)
         sampled = self.sampler(logits, _sampling_batch(seqs))
-        finished += self._append(seqs, sampled.token_ids, sampled.logprobs)
-        if self.memory is not None:
-            for seq, token in zip(seqs, sampled.token_ids):
-                if seq.is_finished:
-                    continue
-                self.memory.after_token(seq, token)
-                if seq.memgen.out_of_room:   # no room for the latents before the next token
-                    self._finish(seq, "length")
-                    finished.append(seq)
+        going_on, tokens = [], []
+        for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
+            seq.append_token(token, lp)
+            if token in seq.stop_token_ids:
+                finished += self._finish_all([seq], "stop")
+            elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
+                finished += self._finish_all([seq], "length")
+            else:
+                going_on.append(seq)
+                tokens.append(token)
+        finished += self._finish_all(self.policy.after_tokens(going_on, tokens), "length")
         return finished, len(seqs)
 
-    def _forward(self, out) -> list[torch.Tensor]:
-        """One forward per pool (one in all when W and T share the reasoner's
-        base); returns each chunk's hidden rows."""
+    def _forward(self, out) -> StepHidden:
+        """One forward per pool (one in all when W and T share the reasoner's base)."""
         pool_of_chunk = out.core.pool_indices()
-        hidden_of_chunk: list[torch.Tensor] = [None] * len(pool_of_chunk)
-        for pool_index, (pool, runner) in enumerate(self.runners.items()):
+        hidden = StepHidden(len(pool_of_chunk))
+        for pool_index, runner in enumerate(self.runners.values()):
             indices = [i for i, p in enumerate(pool_of_chunk) if p == pool_index]
-            if not indices:
-                continue
-            inp = runner.prepare(out.core, pool_index)
-            hidden = runner.forward(inp)
-            ends = (inp.last_rows + 1).tolist()      # host: no device sync
-            for j, i in enumerate(indices):
-                hidden_of_chunk[i] = hidden[(ends[j - 1] if j else 0):ends[j]]
-        return hidden_of_chunk
+            if indices:
+                inp = runner.prepare(out.core, pool_index)
+                hidden.add_pool(runner.forward(inp), indices, (inp.last_rows + 1).tolist())  # host: no sync
+        return hidden
 
-    def _append(self, seqs: list[Sequence], token_ids: list[int], logprobs) -> list[Sequence]:
-        finished = []
-        for seq, token, lp in zip(seqs, token_ids, logprobs):
-            seq.append_token(token, lp)
-            reason = None
-            if token in seq.stop_token_ids:
-                reason = "stop"
-            elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
-                reason = "length"
-            if reason is not None:
-                self._finish(seq, reason)
-                finished.append(seq)
-        return finished
+    def _finish_all(self, seqs: list[Sequence], reason: str) -> list[Sequence]:
+        for seq in seqs:
+            self._finish(seq, reason)
+        return list(seqs)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_time = time.perf_counter()

@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memgen.outputs import NOT_CONSULTED
+
 from .model import positions_from_mask
-
-IGNORE = -100
-
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float) -> Tensor:
     """Temperature-only sampling, or argmax (ties -> the lower index)."""
@@ -82,17 +81,17 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: i
     positions = positions_from_mask(mask)
     cache = None
     count = torch.zeros(batch, dtype=torch.long, device=device)
-    aug = torch.full((batch, max_new_tokens), IGNORE, dtype=torch.long, device=device)
+    aug = torch.full((batch, max_new_tokens), NOT_CONSULTED, dtype=torch.long, device=device)
 
     for i in range(max_new_tokens):
         # (a) trigger decisions
         if i == 0:
             decision = torch.zeros(batch, dtype=torch.long, device=device)  # prompt: always consulted
         else:
-            decision = torch.full((batch,), IGNORE, dtype=torch.long, device=device)
+            decision = torch.full((batch,), NOT_CONSULTED, dtype=torch.long, device=device)
             decision[torch.tensor(model.ends_with_delimiter(ids), device=device)] = 0
-            decision[count >= budget] = IGNORE
-        consult = (decision != IGNORE).nonzero().view(-1)
+            decision[count >= budget] = NOT_CONSULTED
+        consult = (decision != NOT_CONSULTED).nonzero().view(-1)
         if consult.numel() > 0:
             logits = model.trigger_logits(ids[consult])
             decision[consult] = _pick(logits, trigger_do_sample, temperature).to(decision.dtype)

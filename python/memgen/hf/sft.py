@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .generate import IGNORE
 from .model import positions_from_mask
+
+IGNORE = -100   # cross_entropy's ignore_index: labels not learned (not the augmentation mask)
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memgen.kernels.trigger_scoring import trigger_decisions_ref
 from memgen.layers.context import ForwardContext, get_context
-from memgen.layers.trigger_head import trigger_decisions_exact
 
 
 @dataclass
@@ -55,8 +55,8 @@ class TorchSDPABackend:
         h[rows] = latents[latent_index[rows]].to(h.dtype)
         return h
 
-    # the kernel's rule, exact in the model's dtype (float64 tests), not in its fp32
-    trigger_decisions = staticmethod(trigger_decisions_exact)
+    # the kernel's torch version, in the model's dtype (exact for float64 tests)
+    trigger_decisions = staticmethod(trigger_decisions_ref)
 
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
         # Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are

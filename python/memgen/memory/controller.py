@@ -1,5 +1,7 @@
 """MemGen's control flow inside the engine: when the trigger is consulted, when
 the weaver runs, when latents enter the reasoner, and which rows are sampled.
+It is the engine's policy for MemGen requests (engine/policy.py has the
+protocol; a plain LLM's policy is a few lines).
 
 Each MemGen sequence has three streams (engine/sequence.py): R the reasoner
 (tokens and inserted latents), W the weaver (R's positions, input
@@ -21,14 +23,19 @@ Per generated token i the sequence moves through at most three phases:
           K-position prefill: no re-prefill) and token i is sampled from the
           last one's logits.
 Running example, K=2, prompt "a b \\n" with an inactive trigger (always insert):
-  attach:   aug=[1]; W = [a b \\n q0 q1] (scratch q), R = [a b \\n]  -> WEAVE
+  start:    aug=[1]; W = [a b \\n q0 q1] (scratch q), R = [a b \\n]  -> WEAVE
   step 1:   W rows a b \\n q0 q1, R rows a b \\n (one forward, LoRA per row)
             -> latents l0 l1; W = [a b \\n | l0 l1 pending], R = [a b \\n l0 l1]
   step 2:   R rows l0 l1 -> token 0 sampled from l1's logits
+
+The trigger rule is decided once: the host (`_consult`) decides who is
+consulted (the prompt; a delimiter while the budget lasts, decoding the text
+where a delimiter's meaning depends on context); the backend's fused scoring
+only applies the 2-way head and turns it into a decision. An inactive trigger
+is a constant head (weight 0, bias [0, 1]) scored the same way.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -37,13 +44,13 @@ import torch
 from memgen.layers.attention import TorchSDPABackend
 from memgen.memory.delimiters import DelimiterTable
 from memgen.memory.parts import INFERENCE, PROMPT, MemGenParts
+from memgen.outputs import INSERT, NOT_CONSULTED
 
 # Stream names (the engine's Sequence keys its streams by them). The controller
 # works on the engine's Sequence/Stream objects without importing the engine:
 # the engine creates the streams (it knows the pools) and passes them in.
 REASONER, WEAVER, TRIGGER = "R", "W", "T"
 ADAPTER_IDS = {REASONER: -1, WEAVER: 0, TRIGGER: 1}
-NOT_CONSULTED, SKIP, INSERT = -100, 0, 1
 
 
 class Phase(Enum):
@@ -63,13 +70,14 @@ class MemGenState:
     r_hidden: torch.Tensor | None = None    # R's hidden at its last computed position
     t_hidden: torch.Tensor | None = None    # T's hidden at its last computed position
     query_hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # scratch row -> W hidden
-    new_latents: torch.Tensor | None = None # computed this step, inserted by commit()
+    new_latents: torch.Tensor | None = None # computed this step, inserted after the chunk loop
     out_of_room: bool = False               # an insertion did not fit max_model_len: finish ("length")
 
 
 class MemGenController:
-    """Owns the MemGen state of every sequence; the engine calls it around each
-    forward (see LLMEngine.step)."""
+    """Owns the MemGen state of every sequence; the engine calls it as its
+    policy: start() once per request, after_forward() after each forward,
+    after_tokens() after each sampling (see LLMEngine.step)."""
 
     def __init__(self, parts: MemGenParts, delimiters: DelimiterTable, tokenizer, pad_token_id: int | None,
                  reasoner_embed, max_model_len: int, backend=None, follow: bool = False):
@@ -82,30 +90,78 @@ class MemGenController:
         self.follow = follow
         # the kernel backend's fused trigger scoring (torch: exact in the model's dtype)
         self.backend = backend if backend is not None else TorchSDPABackend()
-        # the delimiter table on the engine's device, for the fused trigger scoring
-        self._is_delim = delimiters.ends_with_delimiter.to(device=parts.head_weight.device, dtype=torch.bool)
         self.delimiters = delimiters
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.reasoner_embed = reasoner_embed      # token ids -> reasoner input embeddings
         self.max_model_len = max_model_len
 
-    # ---- streams ----------------------------------------------------------------
+    # ---- the policy protocol (engine/policy.py) ------------------------------------
     def stream_contents(self, prompt_token_ids: list[int]) -> dict[str, list[int]]:
         """Initial token ids of the W and T streams: W mirrors R, T drops pad ids."""
         return {WEAVER: list(prompt_token_ids),
                 TRIGGER: [t for t in prompt_token_ids if t != self.pad_token_id]}
 
-    def attach(self, seq) -> None:
+    def start(self, seq) -> None:
         """Start a sequence whose W and T streams exist: take the prompt decision."""
         seq.streams[WEAVER].token_input = self.weaver_token_input
         seq.memgen = MemGenState()
-        self._consult(seq, is_prompt=True)
+        self._decide_batch(self._consult(seq, is_prompt=True))
+
+    def after_forward(self, chunks, hidden) -> tuple[list, torch.Tensor | None, list]:
+        """Consume a step's hidden states (`hidden.chunk(i)`: chunk i's rows), after
+        the scheduler marked the chunks computed. Returns (the sequences whose next
+        token is due now, their R hidden rows, the sequences that end for room)."""
+        touched: dict = {}
+        deciding = []
+        for i, chunk in enumerate(chunks):
+            seq, stream = chunk.seq, chunk.stream
+            state = seq.memgen
+            touched[seq.seq_id] = seq
+            if stream.name == REASONER:
+                if chunk.completes:
+                    state.r_hidden = hidden.last(i)
+            elif stream.name == TRIGGER:
+                if chunk.completes:
+                    state.t_hidden = hidden.last(i)
+                    if state.phase is Phase.DECIDE:
+                        deciding.append((seq, state.t_hidden))
+            elif stream.name == WEAVER:
+                self._collect_queries(seq, chunk, hidden.chunk(i))
+        self._decide_batch(deciding)
+        for seq in touched.values():
+            if seq.memgen.new_latents is not None:
+                self._insert(seq)
+        # r_hidden is set only while R is caught up: a new token or latents clear it
+        due, rows, ended = [], [], []
+        for seq in touched.values():
+            state = seq.memgen
+            if state.out_of_room:
+                ended.append(seq)
+            elif state.phase is Phase.REASON and state.r_hidden is not None:
+                due.append(seq)
+                rows.append(state.r_hidden)
+                state.r_hidden = None
+        return due, torch.stack(rows) if rows else None, ended
+
+    def after_tokens(self, seqs, token_ids) -> list:
+        """Tokens were sampled and these sequences go on: mirror each token into W
+        and T, then take the decisions for the next tokens (those that need no
+        forward in one scoring call). Returns the sequences that end for room."""
+        now = []
+        for seq, token_id in zip(seqs, token_ids):
+            seq.streams[WEAVER].token_ids.append(token_id)
+            if token_id != self.pad_token_id:
+                seq.streams[TRIGGER].token_ids.append(token_id)
+            now += self._consult(seq, is_prompt=False)
+        self._decide_batch(now)
+        return [seq for seq in seqs if seq.memgen.out_of_room]
 
     def weaver_token_input(self, token_ids: torch.Tensor) -> torch.Tensor:
         """W's input at token positions: reasoner_to_weaver(reasoner embedding)."""
         return self.parts.to_weaver(self.reasoner_embed(token_ids))
 
+    # ---- decisions ----------------------------------------------------------------
     def _set_phase(self, seq, phase: Phase) -> None:
         seq.memgen.phase = phase
         # R may always catch up (its positions are needed in every phase); W and T
@@ -122,24 +178,24 @@ class MemGenController:
                 due.add(TRIGGER)
         seq.due_streams = due
 
-    # ---- decisions ----------------------------------------------------------------
-    def _consult(self, seq, is_prompt: bool) -> None:
-        """Decide what happens before the next token (spec §2.2 (a))."""
+    def _consult(self, seq, is_prompt: bool) -> list:
+        """Who is consulted before the next token (spec §2.2 (a)), decided here only.
+        Returns the (sequence, trigger hidden) pair to score now, if the decision
+        needs no forward; otherwise T is scheduled (DECIDE) or nobody is consulted."""
         state = seq.memgen
         if not is_prompt:
             budget_left = state.num_inference_insertions < self.parts.max_inference_aug_num
             if not budget_left or not self._ends_with_delimiter(seq):
                 state.augmentation.append(NOT_CONSULTED)
                 self._set_phase(seq, Phase.REASON)
-                return
+                return []
         state.kind = PROMPT if is_prompt else INFERENCE
-        if self.parts.trigger_active:
-            self._set_phase(seq, Phase.DECIDE)
-            if seq.streams[TRIGGER].num_pending_tokens == 0 and state.t_hidden is not None:
-                self._decide(seq, state.t_hidden)   # nothing new for T (e.g. a pad token)
-        else:
-            # the reference's inactive trigger: constant logits [0, 1]
-            self._apply_decision(seq, self._decide_inactive(seq))
+        if not self.parts.trigger_active:
+            return [(seq, self.parts.head_input)]      # the constant head reads nothing
+        self._set_phase(seq, Phase.DECIDE)
+        if seq.streams[TRIGGER].num_pending_tokens == 0 and state.t_hidden is not None:
+            return [(seq, state.t_hidden)]              # nothing new for T (e.g. a pad token)
+        return []
 
     def _ends_with_delimiter(self, seq) -> bool:
         """The reference decodes prompt + output; the table answers from the last id."""
@@ -156,52 +212,27 @@ class MemGenController:
         temperature = params.trigger_temperature if params.trigger_temperature is not None else params.temperature
         return max(float(temperature), 0.0)
 
-    def _uniform(self, seq, temperature: float) -> float:
-        """The request's next trigger uniform, drawn only when it samples."""
-        return float(torch.rand((), generator=_cpu_generator(seq))) if temperature > 0 else 0.0
-
-    def _decide_inactive(self, seq) -> int:
-        """The reference's inactive trigger: constant logits [0, 1], under the
-        kernel's rule (insert iff u >= P(skip))."""
-        temperature = self._trigger_temperature(seq)
-        if temperature <= 0:
-            return INSERT
-        p_skip = 1.0 / (1.0 + math.exp(1.0 / temperature))
-        return int(self._uniform(seq, temperature) >= p_skip)
-
-    def _decide(self, seq, t_hidden: torch.Tensor) -> None:
-        self._decide_batch([(seq, t_hidden)])
-
     def _decide_batch(self, items: list) -> None:
-        """The trigger's decisions for every (sequence, T hidden) pair of a step in
-        one call of the backend's fused scoring (Triton: one kernel, one sync)."""
-        seqs = [seq for seq, _ in items]
-        last, is_prompt, count, temperature, uniforms = [], [], [], [], []
-        for seq in seqs:
-            state = seq.memgen
-            token = (seq.output_token_ids or seq.prompt_token_ids)[-1]
-            last.append(token)
-            # the host already settled the delimiter test where it needs the decoded text
-            is_prompt.append(state.kind == PROMPT or bool(self.delimiters.needs_context[token]))
-            count.append(state.num_inference_insertions)
-            temperature.append(self._trigger_temperature(seq))
-            uniforms.append(self._uniform(seq, temperature[-1]))
+        """The trigger's decisions for (sequence, trigger hidden) pairs, all in one
+        call of the backend's fused scoring (Triton: one kernel, one sync)."""
+        if not items:
+            return
+        temperature, uniforms = [], []
+        for seq, _ in items:
+            t = self._trigger_temperature(seq)
+            temperature.append(t)
+            # the request's next uniform, drawn only when it samples
+            uniforms.append(float(torch.rand((), generator=_cpu_generator(seq))) if t > 0 else 0.0)
         hidden = torch.stack([h for _, h in items])
         device = hidden.device
         decisions = self.backend.trigger_decisions(
             hidden, self.parts.head_weight, self.parts.head_bias,
-            torch.tensor(last, device=device), self._is_delim, torch.tensor(count, device=device),
-            self.parts.max_inference_aug_num, torch.tensor(is_prompt, device=device),
             torch.tensor(temperature, dtype=torch.float32, device=device),
             torch.tensor(uniforms, dtype=torch.float32, device=device)).tolist()
-        for seq, decision in zip(seqs, decisions):
-            if decision == NOT_CONSULTED:   # the host decided to consult: the two tests disagree
-                raise RuntimeError(f"trigger scoring skipped request {seq.request_index}, which the host "
-                                   "consulted: the delimiter table on the device is out of sync")
-            self._apply_decision(seq, decision, scored=True)
+        for (seq, _), decision in zip(items, decisions):
+            self._apply_decision(seq, decision)
 
-    def _apply_decision(self, seq, decision: int, scored: bool = False) -> None:
-        """`scored`: the trigger's head made the decision (it counts as a trigger call)."""
+    def _apply_decision(self, seq, decision: int) -> None:
         state = seq.memgen
         k = self.parts.num_latents(state.kind) if decision == INSERT else 0
         # The room rule, decided here once: K latents are inserted only if they and the
@@ -213,7 +244,7 @@ class MemGenController:
             self._set_phase(seq, Phase.REASON)
             return
         state.augmentation.append(decision)
-        state.num_trigger_calls += scored
+        state.num_trigger_calls += self.parts.trigger_active
         if decision != INSERT:
             self._set_phase(seq, Phase.REASON)
             return
@@ -228,38 +259,7 @@ class MemGenController:
         state.query_hidden.clear()
         self._set_phase(seq, Phase.WEAVE)
 
-    # ---- around the forward ----------------------------------------------------------
-    def after_forward(self, chunks, hidden_of_chunk) -> list:
-        """Consume a step's hidden states (one [rows, H] tensor per chunk); return
-        (sequence, R hidden) pairs whose next token is due now. Runs before the
-        scheduler marks the chunks computed; commit() runs after it."""
-        touched: dict = {}
-        deciding = []
-        for chunk, hidden in zip(chunks, hidden_of_chunk):
-            seq, stream = chunk.seq, chunk.stream
-            state = seq.memgen
-            touched[seq.seq_id] = seq
-            if stream.name == REASONER:
-                if chunk.completes:
-                    state.r_hidden = hidden[-1]
-            elif stream.name == TRIGGER:
-                if chunk.completes:
-                    state.t_hidden = hidden[-1]
-                    if state.phase is Phase.DECIDE:
-                        deciding.append((seq, state.t_hidden))
-            elif stream.name == WEAVER:
-                self._collect_queries(seq, chunk, hidden)
-        if deciding:
-            self._decide_batch(deciding)
-        # r_hidden is set only while R is caught up: a new token or latents clear it
-        due = []
-        for seq in touched.values():
-            state = seq.memgen
-            if state.phase is Phase.REASON and state.r_hidden is not None:
-                due.append((seq, state.r_hidden))
-                state.r_hidden = None
-        return due
-
+    # ---- weaving ----------------------------------------------------------------------
     def _collect_queries(self, seq, chunk, hidden: torch.Tensor) -> None:
         weaver = seq.streams[WEAVER]
         if weaver.num_scratch == 0:   # W following R: no query latents in this chunk
@@ -279,31 +279,19 @@ class MemGenController:
                 "try dtype='float32'")
         seq.memgen.new_latents = latents
 
-    def commit(self, chunks) -> None:
-        """After the scheduler marked the step's chunks computed: cut the weaver's
-        scratch queries off and insert the new latents into R and W."""
-        for chunk in chunks:
-            seq = chunk.seq
-            state = seq.memgen
-            if chunk.stream.name != WEAVER or state.new_latents is None:
-                continue
-            latents, state.new_latents = state.new_latents, None
-            weaver = seq.streams[WEAVER]
-            weaver.drop_scratch()
-            weaver.append_embeds(self.parts.to_weaver(latents))
-            seq.reasoner.append_embeds(latents)
-            state.num_latent_positions += latents.shape[0]
-            state.query_hidden.clear()
-            state.r_hidden = None   # R's next logits come from the last latent
-            self._set_phase(seq, Phase.REASON)
-
-    def after_token(self, seq, token_id: int) -> None:
-        """A token was sampled and the sequence goes on: mirror it into W and T,
-        then take the decision for the next token."""
-        seq.streams[WEAVER].token_ids.append(token_id)
-        if token_id != self.pad_token_id:
-            seq.streams[TRIGGER].token_ids.append(token_id)
-        self._consult(seq, is_prompt=False)
+    def _insert(self, seq) -> None:
+        """Cut the weaver's scratch queries off (the chunks are marked computed by
+        now) and insert the new latents into R and W."""
+        state = seq.memgen
+        latents, state.new_latents = state.new_latents, None
+        weaver = seq.streams[WEAVER]
+        weaver.drop_scratch()
+        weaver.append_embeds(self.parts.to_weaver(latents))
+        seq.reasoner.append_embeds(latents)
+        state.num_latent_positions += latents.shape[0]
+        state.query_hidden.clear()
+        state.r_hidden = None   # R's next logits come from the last latent
+        self._set_phase(seq, Phase.REASON)
 
 
 def _cpu_generator(seq) -> torch.Generator:

@@ -27,19 +27,27 @@ class MemGenParts:
     head_bias: torch.Tensor       # [2]
     trigger_active: bool
     max_inference_aug_num: int
+    # an inactive trigger is the constant head weight 0, bias [0, 1] (the reference's
+    # constant logits), scored like an active one on this one-wide zero input
+    head_input: torch.Tensor | None = None
 
     @classmethod
     def from_checkpoint(cls, ckpt, dtype: torch.dtype, device) -> "MemGenParts":
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
+        active = bool(ckpt.settings.trigger_active)
+        if active:
+            head_weight, head_bias, head_input = ckpt.trigger_head["weight"], ckpt.trigger_head["bias"], None
+        else:
+            head_weight, head_bias = torch.zeros(2, 1), torch.tensor([0.0, 1.0])
+            head_input = put(torch.zeros(1))
         return cls(
             r2w_weight=put(ckpt.reasoner_to_weaver["weight"]), r2w_bias=put(ckpt.reasoner_to_weaver["bias"]),
             w2r_weight=put(ckpt.weaver_to_reasoner["weight"]), w2r_bias=put(ckpt.weaver_to_reasoner["bias"]),
             queries={kind: put(ckpt.folded_query_latents(kind)) for kind in (PROMPT, INFERENCE)},
-            head_weight=put(ckpt.trigger_head["weight"]), head_bias=put(ckpt.trigger_head["bias"]),
-            trigger_active=bool(ckpt.settings.trigger_active),
-            max_inference_aug_num=int(ckpt.settings.max_inference_aug_num),
+            head_weight=put(head_weight), head_bias=put(head_bias), trigger_active=active,
+            max_inference_aug_num=int(ckpt.settings.max_inference_aug_num), head_input=head_input,
         )
 
     def num_latents(self, kind: str) -> int:

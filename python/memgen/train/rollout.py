@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from memgen.outputs import NOT_CONSULTED
 from memgen.sampling_params import SamplingParams
 
 
@@ -28,7 +29,7 @@ class Rollout:
 
     @property
     def num_decisions(self) -> int:
-        return sum(1 for d in self.augmentation if d != -100)
+        return sum(1 for d in self.augmentation if d != NOT_CONSULTED)
 
     @property
     def num_insertions(self) -> int:
