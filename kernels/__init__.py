@@ -7,10 +7,13 @@ TRITON_INTERPRET can still be set before the kernels are decorated):
 - paged_attention:  paged_prefill_attention  varlen causal chunks over block tables
                     paged_decode_attention   one query per sequence, GQA, split-K
 - latent_injection: inject_latents           token embeddings and latent rows in one pass
-- trigger_scoring:  trigger_decisions        delimiter + budget + 2-way head + decision
+- trigger_scoring:  trigger_decisions        2-way head + decision (the host picks who is consulted)
 - lora:             add_lora (lora_shrink, lora_expand, lora_metadata)  multi-LoRA
-- reference:        every `*_ref` (same signatures) and fold_query_latents
-The engine calls them through `memgen.layers.triton_backend.TritonBackend`;
-its torch backend (layers.attention) has the same interface.
+- reference:        the torch version of every op (`*_ref`, same signatures, the inputs'
+                    dtype) with the checks it shares with its kernel, and
+                    fold_query_latents; importing it never imports Triton
+The engine calls them through `memgen.layers.backend.TritonBackend`; its
+`TorchBackend` has the same interface and uses the torch versions where it has
+no faster torch path (attention: SDPA; LoRA: layers.lora's loop).
 Sampling stays in torch (see the engine's sampler): a kernel does not pay there.
 """

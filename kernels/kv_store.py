@@ -9,39 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_same_device, check_tensor, next_pow2, tl, triton
+from ._common import next_pow2, tl, triton
+from .reference import _check_kv_store as _check
+from .reference import store_kvcache_ref
 
 __all__ = ["store_kvcache", "store_kvcache_ref"]
-
-
-def _check(key, value, k_cache, v_cache, slot_mapping) -> None:
-    check_tensor("key", key, ndim=3, dtypes="float")
-    num_tokens, num_kv_heads, head_dim = key.shape
-    check_tensor("value", value, ndim=3, dtypes=(key.dtype,), shape=tuple(key.shape))
-    check_tensor("k_cache", k_cache, ndim=4, dtypes="float", shape=(None, None, num_kv_heads, head_dim))
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), shape=tuple(k_cache.shape))
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64, torch.int32),
-                 shape=(num_tokens,))
-    for name, t in (("key", key), ("value", value)):
-        if t.shape[1] > 1 and t.stride(1) != head_dim:
-            raise ValueError(f"{name} must have its heads contiguous within a row (stride(1) == head_dim)")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(2) != head_dim or t.stride(1) != num_kv_heads * head_dim:
-            raise ValueError(f"{name} must be contiguous within a block row (one slot = one contiguous "
-                             f"[num_kv_heads, head_dim] tile)")
-    check_same_device(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-
-
-def store_kvcache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Torch reference of `store_kvcache` (same arguments, same in-place effect)."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key[valid].to(k_cache.dtype)
-    v_cache[blocks, offsets] = value[valid].to(v_cache.dtype)
 
 
 @triton.jit

@@ -11,38 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_same_device, check_tensor, next_pow2, tl, triton
+from ._common import next_pow2, tl, triton
+from .reference import _check_latent_injection as _check
+from .reference import inject_latents_ref
 
 __all__ = ["inject_latents", "inject_latents_ref"]
-
-_INDEX = (torch.int64, torch.int32)
-
-
-def _check(token_ids, latent_index, embed_weight, latents, out) -> None:
-    check_tensor("token_ids", token_ids, ndim=1, dtypes=_INDEX)
-    num_rows = token_ids.shape[0]
-    check_tensor("latent_index", latent_index, ndim=1, dtypes=_INDEX, shape=(num_rows,))
-    check_tensor("embed_weight", embed_weight, ndim=2, dtypes="float")
-    hidden = embed_weight.shape[1]
-    check_tensor("latents", latents, ndim=2, dtypes="float", shape=(None, hidden))
-    if out is not None:
-        check_tensor("out", out, ndim=2, dtypes=(embed_weight.dtype,), shape=(num_rows, hidden))
-    check_same_device(token_ids=token_ids, latent_index=latent_index, embed_weight=embed_weight,
-                      latents=latents, out=out)
-
-
-def inject_latents_ref(token_ids: torch.Tensor, latent_index: torch.Tensor, embed_weight: torch.Tensor,
-                       latents: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch reference of `inject_latents` (same arguments)."""
-    _check(token_ids, latent_index, embed_weight, latents, out)
-    if out is None:
-        out = torch.empty(token_ids.shape[0], embed_weight.shape[1], dtype=embed_weight.dtype,
-                          device=embed_weight.device)
-    is_latent = latent_index >= 0
-    is_token = ~is_latent & (token_ids >= 0)
-    out[is_token] = embed_weight[token_ids[is_token].long()]
-    out[is_latent] = latents[latent_index[is_latent].long()].to(out.dtype)
-    return out
 
 
 @triton.jit
@@ -71,7 +44,7 @@ def inject_latents(token_ids: torch.Tensor, latent_index: torch.Tensor, embed_we
     latent_index[i] >= 0, else embed_weight[token_ids[i]]; rows with both -1 are
     left as they are. Ids are not range-checked on the device (the engine
     validates them when requests enter)."""
-    _check(token_ids, latent_index, embed_weight, latents, out)
+    _check(token_ids, latent_index, embed_weight, latents, out, floats="float")
     num_rows, hidden = token_ids.shape[0], embed_weight.shape[1]
     if out is None:
         out = torch.empty(num_rows, hidden, dtype=embed_weight.dtype, device=embed_weight.device)

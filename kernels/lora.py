@@ -15,11 +15,18 @@ rank are zero-padded to r.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ._common import check_same_device, check_tensor, next_pow2, tl, triton, upcast_inside
+from ._common import next_pow2, tl, triton, upcast_inside
+from .reference import (
+    LoraMeta,
+    _check_expand,
+    _check_shrink,
+    add_lora_ref,
+    lora_expand_ref,
+    lora_metadata,
+    lora_shrink_ref,
+)
 
 __all__ = ["LoraMeta", "lora_metadata", "lora_shrink", "lora_shrink_ref", "lora_expand", "lora_expand_ref",
            "add_lora", "add_lora_ref"]
@@ -29,85 +36,7 @@ _BLOCK_K = 64
 _BLOCK_N = 64
 
 
-@dataclass(frozen=True)
-class LoraMeta:
-    """Rows grouped by adapter: adapter a's rows are
-    sorted_rows[group_starts[a]:group_starts[a + 1]] (rows without adapter excluded)."""
-    sorted_rows: torch.Tensor    # [N] int64
-    group_starts: torch.Tensor   # [num_adapters + 1] int64
-    num_adapters: int
-
-
-def lora_metadata(adapter_ids: torch.Tensor, num_adapters: int) -> LoraMeta:
-    """Group rows by adapter (stable). Compute once per step, pass to every layer.
-
-    Example: adapter_ids [1, -1, 0, 1, 0], 2 adapters -> sorted_rows [1, 2, 4, 0, 3],
-    group_starts [1, 3, 5]: adapter 0 owns rows 2 and 4, adapter 1 rows 0 and 3.
-    Ids >= num_adapters are not checked on the device (the engine assigns them).
-    """
-    check_tensor("adapter_ids", adapter_ids, ndim=1, dtypes=(torch.int64, torch.int32))
-    if num_adapters < 0:
-        raise ValueError(f"num_adapters must be >= 0, got {num_adapters}")
-    ids = adapter_ids.long()
-    sorted_rows = torch.sort(ids, stable=True).indices
-    # scatter_add, not bincount: bincount syncs to size its output
-    counts = torch.zeros(num_adapters + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, (ids + 1).clamp(0, num_adapters), torch.ones_like(ids))
-    group_starts = torch.cumsum(counts, 0)   # group_starts[a] = rows with id < a (ids -1 first)
-    return LoraMeta(sorted_rows, group_starts, num_adapters)
-
-
-def _check_rows(x, adapter_ids, meta, num_adapters):
-    check_tensor("adapter_ids", adapter_ids, ndim=1, dtypes=(torch.int64, torch.int32), shape=(x.shape[0],))
-    if meta is not None and (meta.num_adapters != num_adapters or meta.sorted_rows.shape[0] != x.shape[0]):
-        raise ValueError(f"meta was built for {meta.sorted_rows.shape[0]} rows and {meta.num_adapters} adapters, "
-                         f"not {x.shape[0]} rows and {num_adapters}")
-
-
-def _check_shrink(x, lora_a, scaling, adapter_ids, out, meta):
-    check_tensor("x", x, ndim=2, dtypes="float")
-    check_tensor("lora_a", lora_a, ndim=3, dtypes=(x.dtype,), shape=(None, None, x.shape[1]))
-    _check_rows(x, adapter_ids, meta, lora_a.shape[0])
-    check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32,), shape=(lora_a.shape[0],))
-    if out is not None:
-        check_tensor("out", out, ndim=2, dtypes=(torch.float32,), shape=(x.shape[0], lora_a.shape[1]))
-    check_same_device(x=x, lora_a=lora_a, scaling=scaling, adapter_ids=adapter_ids, out=out)
-
-
-def _check_expand(t, lora_b, adapter_ids, y, meta):
-    check_tensor("t", t, ndim=2, dtypes=(torch.float32,))
-    check_tensor("lora_b", lora_b, ndim=3, dtypes="float", shape=(None, None, t.shape[1]))
-    check_tensor("y", y, ndim=2, dtypes=(lora_b.dtype,), shape=(t.shape[0], lora_b.shape[1]))
-    _check_rows(t, adapter_ids, meta, lora_b.shape[0])
-    check_same_device(t=t, lora_b=lora_b, adapter_ids=adapter_ids, y=y)
-
-
 # ----------------------------------------------------------------------------- torch
-def lora_shrink_ref(x, lora_a, scaling, adapter_ids, out: torch.Tensor | None = None,
-                    meta: LoraMeta | None = None) -> torch.Tensor:
-    """Torch reference of `lora_shrink` (same arguments)."""
-    _check_shrink(x, lora_a, scaling, adapter_ids, out, meta)
-    if out is None:
-        out = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    for a in range(lora_a.shape[0]):
-        rows = adapter_ids == a
-        out[rows] = scaling[a] * (x[rows].float() @ lora_a[a].float().T)
-    return out
-
-
-def lora_expand_ref(t, lora_b, adapter_ids, y, meta: LoraMeta | None = None) -> torch.Tensor:
-    """Torch reference of `lora_expand` (same arguments)."""
-    _check_expand(t, lora_b, adapter_ids, y, meta)
-    for a in range(lora_b.shape[0]):
-        rows = adapter_ids == a
-        y[rows] = (y[rows].float() + t[rows] @ lora_b[a].float().T).to(y.dtype)
-    return y
-
-
-def add_lora_ref(y, x, lora_a, lora_b, scaling, adapter_ids, meta: LoraMeta | None = None) -> torch.Tensor:
-    """Torch reference of `add_lora` (same arguments)."""
-    t = lora_shrink_ref(x, lora_a, scaling, adapter_ids, meta=meta)
-    return lora_expand_ref(t, lora_b, adapter_ids, y, meta=meta)
 
 
 # ----------------------------------------------------------------------------- triton

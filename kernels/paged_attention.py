@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_same_device, check_tensor, next_pow2, tl, triton, upcast_inside
+from ._common import next_pow2, tl, triton, upcast_inside
+from .reference import (
+    _check_decode,
+    _check_prefill,
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+)
 
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref",
            "paged_decode_attention", "paged_decode_attention_ref"]
@@ -33,91 +39,12 @@ _LOG2E = 1.4426950408889634
 _BLOCK_N = 32           # keys per inner tile (independent of the cache block size)
 _PREFILL_ROWS = 64      # query rows (queries x heads of one KV group) per prefill program
 _MIN_DOT = 16           # tl.dot on a GPU wants every dimension >= 16
-_INDEX = (torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_common(q, k_cache, v_cache, block_tables, context_lens, out):
-    check_tensor("q", q, ndim=3, dtypes="float")
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), shape=(None, None, None, q.shape[2]))
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=_INDEX)
-    num_seqs = block_tables.shape[0]
-    check_tensor("context_lens", context_lens, ndim=1, dtypes=_INDEX, shape=(num_seqs,))
-    if out is not None:
-        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), shape=tuple(q.shape))
-    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
-                      context_lens=context_lens, out=out)
-
-
-def _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out):
-    _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=_INDEX,
-                 shape=(block_tables.shape[0] + 1,))
-    check_same_device(q=q, cu_seqlens_q=cu_seqlens_q)
-
-
-def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out):
-    _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
-    if block_tables.shape[0] != q.shape[0]:
-        raise ValueError(f"decode has one query per sequence: q has {q.shape[0]} rows, "
-                         f"block_tables {block_tables.shape[0]}")
 
 
 # ----------------------------------------------------------------------------- torch
-def _gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n positions of one sequence, [n, num_kv_heads, head_dim]."""
-    block_size = cache.shape[1]
-    pos = torch.arange(n, device=cache.device)
-    return cache[table[pos // block_size].long(), pos % block_size]
-
-
-def _attend_ref(q, k, v, scale, q_pos):
-    """q [Lq, Hq, D], k/v [n, Hkv, D], q_pos [Lq] absolute positions -> [Lq, Hq, D] fp32."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
-    scores = scores.masked_fill(~visible[None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
-
-
-def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                scale: float, out: torch.Tensor | None = None,
-                                max_seqlen_q: int | None = None) -> torch.Tensor:
-    """Torch reference of `paged_prefill_attention` (fp32 math, same arguments)."""
-    _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out)
-    out = torch.empty_like(q) if out is None else out
-    cu = cu_seqlens_q.tolist()
-    for b, ctx in enumerate(context_lens.tolist()):
-        lq = cu[b + 1] - cu[b]
-        if ctx == 0 or lq == 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], ctx)
-        v = _gather_kv(v_cache, block_tables[b], ctx)
-        q_pos = torch.arange(ctx - lq, ctx, device=q.device)
-        out[cu[b]:cu[b + 1]] = _attend_ref(q[cu[b]:cu[b + 1]], k, v, scale, q_pos).to(out.dtype)
-    return out
-
-
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                               out: torch.Tensor | None = None,
-                               partition_size: int | None = None) -> torch.Tensor:
-    """Torch reference of `paged_decode_attention` (fp32 math, same arguments)."""
-    _check_decode(q, k_cache, v_cache, block_tables, context_lens, out)
-    out = torch.empty_like(q) if out is None else out
-    for b, ctx in enumerate(context_lens.tolist()):
-        if ctx == 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], ctx)
-        v = _gather_kv(v_cache, block_tables[b], ctx)
-        q_pos = torch.tensor([ctx - 1], device=q.device)
-        out[b:b + 1] = _attend_ref(q[b:b + 1], k, v, scale, q_pos).to(out.dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------- triton

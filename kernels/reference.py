@@ -1,24 +1,281 @@
-"""All torch reference implementations in one import, for the engine's torch
-backend (CPU) and for tests; each has the signature of its Triton wrapper. Also
-the one torch-only helper: the weaver's folded query latents.
+"""The torch version of every kernel op, with the argument checks it shares
+with its Triton wrapper (each kernel module imports both from here). These
+are the engine's torch backend where it has no faster torch path of its own,
+and the references the kernel tests compare with; they compute in their
+inputs' dtype (float64 included) unless said otherwise. Also the one
+torch-only helper: the weaver's folded query latents.
 
-Importing this module never launches Triton (the kernel modules only decorate).
+Importing this module never imports Triton.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
-from .kv_store import store_kvcache_ref
-from .latent_injection import inject_latents_ref
-from .lora import add_lora_ref, lora_expand_ref, lora_metadata, lora_shrink_ref
-from .paged_attention import paged_decode_attention_ref, paged_prefill_attention_ref
-from .trigger_scoring import trigger_decisions_ref
+from ._checks import check_same_device, check_tensor
 
-__all__ = ["store_kvcache_ref", "inject_latents_ref", "add_lora_ref", "lora_shrink_ref", "lora_expand_ref",
-           "lora_metadata", "paged_prefill_attention_ref", "paged_decode_attention_ref",
-           "trigger_decisions_ref", "fold_query_latents"]
+_INDEX = (torch.int64, torch.int32)
+_ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# ----------------------------------------------------------------------------- kv_store
+def _check_kv_store(key, value, k_cache, v_cache, slot_mapping) -> None:
+    check_tensor("key", key, ndim=3, dtypes="float")
+    num_tokens, num_kv_heads, head_dim = key.shape
+    check_tensor("value", value, ndim=3, dtypes=(key.dtype,), shape=tuple(key.shape))
+    check_tensor("k_cache", k_cache, ndim=4, dtypes="float", shape=(None, None, num_kv_heads, head_dim))
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), shape=tuple(k_cache.shape))
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64, torch.int32),
+                 shape=(num_tokens,))
+    for name, t in (("key", key), ("value", value)):
+        if t.shape[1] > 1 and t.stride(1) != head_dim:
+            raise ValueError(f"{name} must have its heads contiguous within a row (stride(1) == head_dim)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(2) != head_dim or t.stride(1) != num_kv_heads * head_dim:
+            raise ValueError(f"{name} must be contiguous within a block row (one slot = one contiguous "
+                             f"[num_kv_heads, head_dim] tile)")
+    check_same_device(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+def store_kvcache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Torch reference of `store_kvcache` (same arguments, same in-place effect)."""
+    _check_kv_store(key, value, k_cache, v_cache, slot_mapping)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key[valid].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[valid].to(v_cache.dtype)
+
+# ----------------------------------------------------------------------------- latent_injection
+def _check_latent_injection(token_ids, latent_index, embed_weight, latents, out, floats=_ANY_FLOAT) -> None:
+    """`floats`: the dtypes the caller computes in (the kernel: "float", no float64)."""
+    check_tensor("token_ids", token_ids, ndim=1, dtypes=_INDEX)
+    num_rows = token_ids.shape[0]
+    check_tensor("latent_index", latent_index, ndim=1, dtypes=_INDEX, shape=(num_rows,))
+    check_tensor("embed_weight", embed_weight, ndim=2, dtypes=floats)
+    hidden = embed_weight.shape[1]
+    check_tensor("latents", latents, ndim=2, dtypes=floats, shape=(None, hidden))
+    if out is not None:
+        check_tensor("out", out, ndim=2, dtypes=(embed_weight.dtype,), shape=(num_rows, hidden))
+    check_same_device(token_ids=token_ids, latent_index=latent_index, embed_weight=embed_weight,
+                      latents=latents, out=out)
+
+
+def inject_latents_ref(token_ids: torch.Tensor, latent_index: torch.Tensor, embed_weight: torch.Tensor,
+                       latents: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch version of `inject_latents` (same arguments), in the inputs' dtype."""
+    _check_latent_injection(token_ids, latent_index, embed_weight, latents, out)
+    if out is None:
+        out = torch.empty(token_ids.shape[0], embed_weight.shape[1], dtype=embed_weight.dtype,
+                          device=embed_weight.device)
+    is_latent = latent_index >= 0
+    is_token = ~is_latent & (token_ids >= 0)
+    out[is_token] = embed_weight[token_ids[is_token].long()]
+    out[is_latent] = latents[latent_index[is_latent].long()].to(out.dtype)
+    return out
+
+# ----------------------------------------------------------------------------- lora
+@dataclass(frozen=True)
+class LoraMeta:
+    """Rows grouped by adapter: adapter a's rows are
+    sorted_rows[group_starts[a]:group_starts[a + 1]] (rows without adapter excluded)."""
+    sorted_rows: torch.Tensor    # [N] int64
+    group_starts: torch.Tensor   # [num_adapters + 1] int64
+    num_adapters: int
+
+
+def lora_metadata(adapter_ids: torch.Tensor, num_adapters: int) -> LoraMeta:
+    """Group rows by adapter (stable). Compute once per step, pass to every layer.
+
+    Example: adapter_ids [1, -1, 0, 1, 0], 2 adapters -> sorted_rows [1, 2, 4, 0, 3],
+    group_starts [1, 3, 5]: adapter 0 owns rows 2 and 4, adapter 1 rows 0 and 3.
+    Ids >= num_adapters are not checked on the device (the engine assigns them).
+    """
+    check_tensor("adapter_ids", adapter_ids, ndim=1, dtypes=(torch.int64, torch.int32))
+    if num_adapters < 0:
+        raise ValueError(f"num_adapters must be >= 0, got {num_adapters}")
+    ids = adapter_ids.long()
+    sorted_rows = torch.sort(ids, stable=True).indices
+    # scatter_add, not bincount: bincount syncs to size its output
+    counts = torch.zeros(num_adapters + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, (ids + 1).clamp(0, num_adapters), torch.ones_like(ids))
+    group_starts = torch.cumsum(counts, 0)   # group_starts[a] = rows with id < a (ids -1 first)
+    return LoraMeta(sorted_rows, group_starts, num_adapters)
+
+
+def _check_rows(x, adapter_ids, meta, num_adapters):
+    check_tensor("adapter_ids", adapter_ids, ndim=1, dtypes=(torch.int64, torch.int32), shape=(x.shape[0],))
+    if meta is not None and (meta.num_adapters != num_adapters or meta.sorted_rows.shape[0] != x.shape[0]):
+        raise ValueError(f"meta was built for {meta.sorted_rows.shape[0]} rows and {meta.num_adapters} adapters, "
+                         f"not {x.shape[0]} rows and {num_adapters}")
+
+
+def _check_shrink(x, lora_a, scaling, adapter_ids, out, meta):
+    check_tensor("x", x, ndim=2, dtypes="float")
+    check_tensor("lora_a", lora_a, ndim=3, dtypes=(x.dtype,), shape=(None, None, x.shape[1]))
+    _check_rows(x, adapter_ids, meta, lora_a.shape[0])
+    check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32,), shape=(lora_a.shape[0],))
+    if out is not None:
+        check_tensor("out", out, ndim=2, dtypes=(torch.float32,), shape=(x.shape[0], lora_a.shape[1]))
+    check_same_device(x=x, lora_a=lora_a, scaling=scaling, adapter_ids=adapter_ids, out=out)
+
+
+def _check_expand(t, lora_b, adapter_ids, y, meta):
+    check_tensor("t", t, ndim=2, dtypes=(torch.float32,))
+    check_tensor("lora_b", lora_b, ndim=3, dtypes="float", shape=(None, None, t.shape[1]))
+    check_tensor("y", y, ndim=2, dtypes=(lora_b.dtype,), shape=(t.shape[0], lora_b.shape[1]))
+    _check_rows(t, adapter_ids, meta, lora_b.shape[0])
+    check_same_device(t=t, lora_b=lora_b, adapter_ids=adapter_ids, y=y)
+
+
+def lora_shrink_ref(x, lora_a, scaling, adapter_ids, out: torch.Tensor | None = None,
+                    meta: LoraMeta | None = None) -> torch.Tensor:
+    """Torch reference of `lora_shrink` (same arguments)."""
+    _check_shrink(x, lora_a, scaling, adapter_ids, out, meta)
+    if out is None:
+        out = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    for a in range(lora_a.shape[0]):
+        rows = adapter_ids == a
+        out[rows] = scaling[a] * (x[rows].float() @ lora_a[a].float().T)
+    return out
+
+
+def lora_expand_ref(t, lora_b, adapter_ids, y, meta: LoraMeta | None = None) -> torch.Tensor:
+    """Torch reference of `lora_expand` (same arguments)."""
+    _check_expand(t, lora_b, adapter_ids, y, meta)
+    for a in range(lora_b.shape[0]):
+        rows = adapter_ids == a
+        y[rows] = (y[rows].float() + t[rows] @ lora_b[a].float().T).to(y.dtype)
+    return y
+
+
+def add_lora_ref(y, x, lora_a, lora_b, scaling, adapter_ids, meta: LoraMeta | None = None) -> torch.Tensor:
+    """Torch reference of `add_lora` (same arguments)."""
+    t = lora_shrink_ref(x, lora_a, scaling, adapter_ids, meta=meta)
+    return lora_expand_ref(t, lora_b, adapter_ids, y, meta=meta)
+
+# ----------------------------------------------------------------------------- paged_attention
+def _check_common(q, k_cache, v_cache, block_tables, context_lens, out):
+    check_tensor("q", q, ndim=3, dtypes="float")
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), shape=(None, None, None, q.shape[2]))
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=_INDEX)
+    num_seqs = block_tables.shape[0]
+    check_tensor("context_lens", context_lens, ndim=1, dtypes=_INDEX, shape=(num_seqs,))
+    if out is not None:
+        check_tensor("out", out, ndim=3, dtypes=(q.dtype,), shape=tuple(q.shape))
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                      context_lens=context_lens, out=out)
+
+
+def _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out):
+    _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=_INDEX,
+                 shape=(block_tables.shape[0] + 1,))
+    check_same_device(q=q, cu_seqlens_q=cu_seqlens_q)
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out):
+    _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
+    if block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"decode has one query per sequence: q has {q.shape[0]} rows, "
+                         f"block_tables {block_tables.shape[0]}")
+
+
+def _gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n positions of one sequence, [n, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    pos = torch.arange(n, device=cache.device)
+    return cache[table[pos // block_size].long(), pos % block_size]
+
+
+def _attend_ref(q, k, v, scale, q_pos):
+    """q [Lq, Hq, D], k/v [n, Hkv, D], q_pos [Lq] absolute positions -> [Lq, Hq, D] fp32."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                scale: float, out: torch.Tensor | None = None,
+                                max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Torch reference of `paged_prefill_attention` (fp32 math, same arguments)."""
+    _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out)
+    out = torch.empty_like(q) if out is None else out
+    cu = cu_seqlens_q.tolist()
+    for b, ctx in enumerate(context_lens.tolist()):
+        lq = cu[b + 1] - cu[b]
+        if ctx == 0 or lq == 0:
+            continue
+        k = _gather_kv(k_cache, block_tables[b], ctx)
+        v = _gather_kv(v_cache, block_tables[b], ctx)
+        q_pos = torch.arange(ctx - lq, ctx, device=q.device)
+        out[cu[b]:cu[b + 1]] = _attend_ref(q[cu[b]:cu[b + 1]], k, v, scale, q_pos).to(out.dtype)
+    return out
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                               out: torch.Tensor | None = None,
+                               partition_size: int | None = None) -> torch.Tensor:
+    """Torch reference of `paged_decode_attention` (fp32 math, same arguments)."""
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens, out)
+    out = torch.empty_like(q) if out is None else out
+    for b, ctx in enumerate(context_lens.tolist()):
+        if ctx == 0:
+            continue
+        k = _gather_kv(k_cache, block_tables[b], ctx)
+        v = _gather_kv(v_cache, block_tables[b], ctx)
+        q_pos = torch.tensor([ctx - 1], device=q.device)
+        out[b:b + 1] = _attend_ref(q[b:b + 1], k, v, scale, q_pos).to(out.dtype)
+    return out
+
+# ----------------------------------------------------------------------------- trigger_scoring
+def _prepare_trigger(hidden, weight, bias, temperature, uniforms, out, logits_out, floats=_ANY_FLOAT):
+    """Checks; `floats`: the dtypes the caller computes in (the kernel: no float64)."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=floats)
+    num_rows, width = hidden.shape
+    check_tensor("weight", weight, ndim=2, dtypes=floats, shape=(2, width))
+    check_tensor("bias", bias, ndim=1, dtypes=floats, shape=(2,))
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        temperature = torch.full((num_rows,), float(temperature), dtype=torch.float32, device=hidden.device)
+    check_tensor("temperature", temperature, ndim=1, dtypes=(torch.float32,), shape=(num_rows,))
+    check_tensor("uniforms", uniforms, ndim=1, dtypes=(torch.float32,), shape=(num_rows,))
+    if out is not None:
+        check_tensor("out", out, ndim=1, dtypes=(torch.int64,), shape=(num_rows,))
+    if logits_out is not None:
+        check_tensor("logits_out", logits_out, ndim=2, dtypes=(torch.float32,), shape=(num_rows, 2))
+    check_same_device(hidden=hidden, weight=weight, bias=bias, temperature=temperature, uniforms=uniforms,
+                      out=out, logits_out=logits_out)
+    if out is None:
+        out = torch.empty(num_rows, dtype=torch.int64, device=hidden.device)
+    return temperature, out
+
+
+def trigger_decisions_ref(hidden, weight, bias, temperature, uniforms, out: torch.Tensor | None = None,
+                          logits_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch version of `trigger_decisions` (same arguments), in the inputs' dtype."""
+    temperature, out = _prepare_trigger(hidden, weight, bias, temperature, uniforms, out, logits_out)
+    logits = F.linear(hidden, weight, bias)
+    diff = logits[:, 1] - logits[:, 0]
+    sample = temperature > 0
+    p_skip = 1.0 / (1.0 + torch.exp(diff / torch.where(sample, temperature, 1.0).to(diff.dtype)))
+    out.copy_(torch.where(sample, uniforms.to(diff.dtype) >= p_skip, diff > 0))
+    if logits_out is not None:
+        logits_out.copy_(logits)
+    return out
+
+# ----------------------------------------------------------------------------- query latents
 def fold_query_latents(query_latents: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        scale: torch.Tensor | float, eps: float = 1e-5) -> torch.Tensor:
     """`LayerNorm(query_latents) * scale` (spec §1.1, weaver.py:52-94): input-independent,

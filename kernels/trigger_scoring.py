@@ -17,49 +17,12 @@ backend) in the inputs' dtype, so that float64 runs stay exact.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ._common import check_same_device, check_tensor, next_pow2, tl, triton
+from ._common import next_pow2, tl, triton
+from .reference import _prepare_trigger as _prepare
+from .reference import trigger_decisions_ref
 
 __all__ = ["trigger_decisions", "trigger_decisions_ref"]
-
-
-_ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _prepare(hidden, weight, bias, temperature, uniforms, out, logits_out, floats=_ANY_FLOAT):
-    """Checks; `floats`: the dtypes the caller computes in (the kernel: no float64)."""
-    check_tensor("hidden", hidden, ndim=2, dtypes=floats)
-    num_rows, width = hidden.shape
-    check_tensor("weight", weight, ndim=2, dtypes=floats, shape=(2, width))
-    check_tensor("bias", bias, ndim=1, dtypes=floats, shape=(2,))
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        temperature = torch.full((num_rows,), float(temperature), dtype=torch.float32, device=hidden.device)
-    check_tensor("temperature", temperature, ndim=1, dtypes=(torch.float32,), shape=(num_rows,))
-    check_tensor("uniforms", uniforms, ndim=1, dtypes=(torch.float32,), shape=(num_rows,))
-    if out is not None:
-        check_tensor("out", out, ndim=1, dtypes=(torch.int64,), shape=(num_rows,))
-    if logits_out is not None:
-        check_tensor("logits_out", logits_out, ndim=2, dtypes=(torch.float32,), shape=(num_rows, 2))
-    check_same_device(hidden=hidden, weight=weight, bias=bias, temperature=temperature, uniforms=uniforms,
-                      out=out, logits_out=logits_out)
-    if out is None:
-        out = torch.empty(num_rows, dtype=torch.int64, device=hidden.device)
-    return temperature, out
-
-
-def trigger_decisions_ref(hidden, weight, bias, temperature, uniforms, out: torch.Tensor | None = None,
-                          logits_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch version of `trigger_decisions` (same arguments), in the inputs' dtype."""
-    temperature, out = _prepare(hidden, weight, bias, temperature, uniforms, out, logits_out)
-    logits = F.linear(hidden, weight, bias)
-    diff = logits[:, 1] - logits[:, 0]
-    sample = temperature > 0
-    p_skip = 1.0 / (1.0 + torch.exp(diff / torch.where(sample, temperature, 1.0).to(diff.dtype)))
-    out.copy_(torch.where(sample, uniforms.to(diff.dtype) >= p_skip, diff > 0))
-    if logits_out is not None:
-        logits_out.copy_(logits)
-    return out
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memgen.kernels.paged_attention import paged_prefill_attention_ref
-from memgen.layers.attention import TorchSDPABackend
+from memgen.layers.backend import TorchBackend
 from memgen.layers.context import ForwardContext
 
 
@@ -42,7 +42,7 @@ def _step(context_lens, query_lens, block_size=4, num_kv_heads=2, group=2, head_
 ])
 def test_mixed_steps_equal_the_reference(context_lens, query_lens):
     q, k, v, k_cache, v_cache, ctx = _step(context_lens, query_lens)
-    backend = TorchSDPABackend()
+    backend = TorchBackend()
     ctx.attn_metadata = backend.prepare(ctx)
     decode_and_multi = 0 < sum(n == 1 for n in query_lens) < len(query_lens)
     assert len(ctx.attn_metadata.groups) == (2 if decode_and_multi else 1)

@@ -161,15 +161,14 @@ def test_can_run_only_pure_decode_steps_that_fit(qwen2_dir):
 
 
 def test_build_decode_graphs_is_none_where_eager(qwen2_dir):
-    from memgen.layers.attention import TorchSDPABackend
-    from memgen.layers.triton_backend import TritonBackend
+    from memgen.layers.backend import TorchBackend, TritonBackend
 
     llm = LLM(qwen2_dir, dtype="float32", attention_backend="triton")
     runner = llm.engine.model_runner
     assert build_decode_graphs(runner, EngineConfig(enforce_eager=False)) is None    # CPU
     cuda = types.SimpleNamespace(device=torch.device("cuda"), attn_backend=TritonBackend())
     assert build_decode_graphs(cuda, EngineConfig(enforce_eager=True)) is None       # asked for eager
-    cuda.attn_backend = TorchSDPABackend()
+    cuda.attn_backend = TorchBackend()
     assert build_decode_graphs(cuda, EngineConfig(enforce_eager=False)) is None      # host-syncing backend
 
 
@@ -189,7 +188,7 @@ def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch):
 
     monkeypatch.setattr(cuda_graph, "DecodeGraphs", Failing)
     monkeypatch.setattr(cuda_graph, "max_blocks_per_seq", lambda runner: 4)
-    runner = SimpleNamespace(device=torch.device("cuda"), attn_backend=SimpleNamespace(name="triton"))
+    runner = SimpleNamespace(device=torch.device("cuda"), attn_backend=SimpleNamespace(graph_safe=True))
     with pytest.warns(RuntimeWarning, match="capture failed.*eagerly"):
         assert cuda_graph.build_decode_graphs(runner, EngineConfig(enforce_eager=False)) is None
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from memgen.checkpoint import LoraWeights
-from memgen.layers.attention import TorchSDPABackend
+from memgen.layers.backend import TorchBackend
 from memgen.layers.context import ForwardContext, forward_context
 from memgen.layers.lora import install_lora, resolve_target
 from memgen.models import load_model
@@ -16,7 +16,7 @@ def _prefill(model, ids_per_chunk, adapter_per_chunk, block_size=8, backend=None
     attn = model.attention_layers()
     layer0 = attn[0]
     num_blocks = sum((len(c) + block_size - 1) // block_size for c in ids_per_chunk)
-    backend = backend or TorchSDPABackend()
+    backend = backend or TorchBackend()
     for a in attn:
         shape = (num_blocks, block_size, layer0.num_kv_heads, layer0.head_dim)
         a.bind(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), backend)
@@ -99,7 +99,7 @@ def test_fused_lora_on_the_triton_backend_equals_the_loop(qwen2_dir):
     """The Triton backend stacks the adapters per layer (zero-padded ranks, and an
     all-zero slot where a layer lacks an adapter) and runs add_lora: the same
     logits as the per-adapter loop, within fp32 rounding."""
-    from memgen.layers.triton_backend import TritonBackend
+    from memgen.layers.backend import TritonBackend
 
     _, lora_a = _peft_lora(qwen2_dir, seed=1)
     _, lora_b = _peft_lora(qwen2_dir, seed=2)
@@ -108,7 +108,7 @@ def test_fused_lora_on_the_triton_backend_equals_the_loop(qwen2_dir):
         path: (a[:2], b[:, :2]) for path, (a, b) in lora_b.layers.items() if path.endswith("q_proj")})
     ids = [[5, 9, 40, 7, 11, 3, 8], [12, 30, 4], [7, 7, 100, 2, 50]]
     results = []
-    for backend in (TorchSDPABackend(), TritonBackend()):
+    for backend in (TorchBackend(), TritonBackend()):
         model = load_model(qwen2_dir, torch.float32, torch.device("cpu"), max_position=256)
         install_lora(model, 0, lora_a, torch.float32, "cpu")
         install_lora(model, 1, lora_b, torch.float32, "cpu")

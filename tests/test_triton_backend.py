@@ -71,10 +71,9 @@ def test_one_trigger_rule_on_both_backends():
     """Both backends score with the same function family: the torch backend's is the
     kernel module's torch version, and the host alone decides who is consulted."""
     from memgen.kernels.trigger_scoring import trigger_decisions_ref
-    from memgen.layers.attention import TorchSDPABackend
-    from memgen.layers.triton_backend import TritonBackend
+    from memgen.layers.backend import TorchBackend, TritonBackend
 
-    assert TorchSDPABackend.trigger_decisions is trigger_decisions_ref
+    assert TorchBackend.trigger_decisions is trigger_decisions_ref
     import inspect
 
     params = list(inspect.signature(TritonBackend().trigger_decisions).parameters)

@@ -244,13 +244,13 @@ def build_decode_graphs(runner, config, rows_per_seq: int = 1) -> DecodeGraphs |
     the step runs eagerly:
       - config.enforce_eager: asked for;
       - not CUDA: there are no CUDA graphs (the CPU gains nothing from them);
-      - not the Triton backend: TorchSDPABackend.prepare() reads tensors on the host
-        (int(context_lens[0]), bool(...any()), nonzero: syncs, data-dependent
-        shapes), which a capture cannot hold.
+      - a backend that is not `graph_safe` (the torch one: its prepare() reads
+        tensors on the host, int(context_lens[0]), bool(...any()), nonzero: syncs,
+        data-dependent shapes, which a capture cannot hold).
     `rows_per_seq`: decode rows one sequence can put in this runner's step (its
     pool's number of streams, e.g. MemGen's reasoner + trigger in one pool); graphs
     go up to min(max_num_seqs * rows_per_seq, max_num_batched_tokens) rows."""
-    if config.enforce_eager or runner.device.type != "cuda" or getattr(runner.attn_backend, "name", None) != "triton":
+    if config.enforce_eager or runner.device.type != "cuda" or not getattr(runner.attn_backend, "graph_safe", False):
         return None
     max_batch = max(1, min(config.max_num_seqs * max(1, rows_per_seq), config.max_num_batched_tokens))
     try:

@@ -18,7 +18,7 @@ from memgen.engine.policy import PlainPolicy, RequestPolicy, StepHidden
 from memgen.engine.scheduler import Scheduler
 from memgen.engine.sequence import Sequence, Stream
 from memgen.layers.sampler import Sampler, SamplingBatch
-from memgen.layers.triton_backend import select_backend
+from memgen.layers.backend import select_backend
 from memgen.memory.controller import ADAPTER_IDS, MemGenController
 from memgen.sampling_params import SamplingParams
 

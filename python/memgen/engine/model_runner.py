@@ -10,7 +10,7 @@ import torch
 from memgen._native import StepCore
 from memgen.engine.input_batch import InputBuffers, ModelInput, build_model_input
 from memgen.engine.scheduler import ScheduledChunk
-from memgen.layers.attention import TorchSDPABackend
+from memgen.layers.backend import TorchBackend
 from memgen.layers.context import forward_context
 from memgen.models import DecoderForCausalLM, load_model
 
@@ -21,7 +21,7 @@ class ModelRunner:
         self.dtype, self.device, self.block_size = dtype, device, block_size
         self.hf_config = hf_config
         self.model: DecoderForCausalLM = load_model(model_dir, dtype, device, max_position, hf_config)
-        self.attn_backend = attn_backend or TorchSDPABackend()
+        self.attn_backend = attn_backend or TorchBackend()
         self.num_kv_blocks = 0
         self.input_buffers = InputBuffers(device)
         self.decode_graphs = None   # engine.cuda_graph.DecodeGraphs when CUDA graphs are on

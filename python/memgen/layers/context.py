@@ -29,7 +29,7 @@ class ForwardContext:
     block_size: int
     # per-row LoRA adapter index (-1: none); read by LoRA hooks in layers.linear
     adapter_ids: torch.Tensor | None = None
-    # the kernel backend of this forward (layers.attention / layers.triton_backend):
+    # the kernel backend of this forward (layers.backend):
     # attention, latent injection and multi-LoRA all go through it
     backend: Any = None
     # backend-specific tensors prepared once per forward (e.g. gather indices, masks)

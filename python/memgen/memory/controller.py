@@ -41,7 +41,7 @@ from enum import Enum, auto
 
 import torch
 
-from memgen.layers.attention import TorchSDPABackend
+from memgen.layers.backend import TorchBackend
 from memgen.memory.delimiters import DelimiterTable
 from memgen.memory.parts import INFERENCE, PROMPT, MemGenParts
 from memgen.outputs import INSERT, NOT_CONSULTED
@@ -89,7 +89,7 @@ class MemGenController:
         # on a memory-bound GPU the extra rows ride along with the weight reads.
         self.follow = follow
         # the kernel backend's fused trigger scoring (torch: exact in the model's dtype)
-        self.backend = backend if backend is not None else TorchSDPABackend()
+        self.backend = backend if backend is not None else TorchBackend()
         self.delimiters = delimiters
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memgen.layers.attention import Attention, TorchSDPABackend
+from memgen.layers.attention import Attention
+from memgen.layers.backend import TorchBackend
 from memgen.layers.context import get_context
 from memgen.layers.linear import Linear, SiluAndMul
 from memgen.layers.norm import RMSNorm
@@ -135,7 +136,7 @@ class DecoderForCausalLM(nn.Module):
         if latents is None:
             return self.model.embed_tokens(input_ids)
         backend = get_context().backend
-        inject = (backend or TorchSDPABackend).inject_latents
+        inject = (backend or TorchBackend).inject_latents
         return inject(input_ids, latent_index, self.model.embed_tokens.weight, latents)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, latents: torch.Tensor | None = None,

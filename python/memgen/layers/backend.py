@@ -1,0 +1,209 @@
+"""The kernel backends of a step's hot paths, behind one protocol.
+
+A backend has, per forward:
+  prepare(ctx) -> metadata                          once per forward (ctx.attn_metadata)
+  forward(q, k, v, k_cache, v_cache, ctx, scale)    store this forward's K/V, then paged attention
+  inject_latents(token_ids, latent_index, embed_weight, latents) -> [N, H]
+  trigger_decisions(hidden, weight, bias, temperature, uniforms) -> [B] 0/1
+  add_lora(y, x, lora_a, lora_b, scaling, ctx)      stacked multi-LoRA (when fused_lora)
+and says what it can do (callers test these, never the name):
+  fused_lora   LoRA hooks call add_lora on stacked adapters (else layers.lora's loop)
+  graph_safe   prepare() never reads device tensors on the host: CUDA graphs can capture it
+  dtypes       the dtypes it computes in
+q: [N, Hq, D], k/v: [N, Hk, D] (rotated), caches: [num_blocks, block_size, Hk, D].
+`TorchBackend` runs everywhere (the CPU default, and float64); `TritonBackend`
+runs the Triton kernels (the CUDA default). Each op's torch version lives in
+`memgen.kernels.reference`, beside the checks it shares with its kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memgen.kernels.reference import inject_latents_ref, trigger_decisions_ref
+from memgen.layers.context import ForwardContext
+
+
+@dataclass
+class SDPAGroup:
+    """Chunks attended by one padded SDPA call."""
+    rows: torch.Tensor | None         # [n] the group's rows in the flat batch; None: all rows, in order
+    num_chunks: int
+    max_q: int
+    max_k: int
+    kv_index: torch.Tensor            # [B * max_k] flat cache slots to gather (pads -> slot 0)
+    attn_mask: torch.Tensor | None    # [B, 1, max_q, max_k] bool, None when not needed
+    is_causal: bool                   # single chunk, pure prefill: SDPA's own causal mask
+    pad_index: torch.Tensor | None    # [n] group row -> index in the padded [B * max_q] queries; None: identity
+
+
+@dataclass
+class SDPAMetadata:
+    groups: list[SDPAGroup]
+    store_index: torch.Tensor | None  # rows whose K/V are stored (None: all rows)
+
+
+class TorchBackend:
+    """Torch on any device and dtype: attention by SDPA over each group of chunks
+    gathered into a padded batch, LoRA by layers.lora's per-adapter loop (PEFT's
+    order of operations), the rest the kernels' torch versions."""
+    name = "torch"
+    fused_lora = False
+    graph_safe = False      # prepare() reads lengths on the host (syncs, data-dependent shapes)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    inject_latents = staticmethod(inject_latents_ref)
+    trigger_decisions = staticmethod(trigger_decisions_ref)
+
+    def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
+        # Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are
+        # padded separately: padded together, every decode row would be padded to the
+        # longest chunk's queries.
+        q_lens = ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]
+        is_decode = q_lens == 1
+        num_decode = int(is_decode.sum())
+        store_index = None
+        if bool((ctx.slot_mapping < 0).any()):
+            store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
+        if num_decode in (0, ctx.num_chunks):
+            return SDPAMetadata([_group(ctx, None, q_lens)], store_index)
+        groups = [_group(ctx, is_decode.nonzero().squeeze(1), q_lens),
+                  _group(ctx, (~is_decode).nonzero().squeeze(1), q_lens)]
+        return SDPAMetadata(groups, store_index)
+
+    def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        meta: SDPAMetadata = ctx.attn_metadata
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        slots = ctx.slot_mapping
+        if meta.store_index is not None:
+            slots, k, v = slots[meta.store_index], k[meta.store_index], v[meta.store_index]
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v)
+        if len(meta.groups) == 1 and meta.groups[0].rows is None:
+            return _attend(q, k_flat, v_flat, meta.groups[0], scale)
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), k_flat, v_flat, g, scale))
+        return out
+
+
+def _group(ctx: ForwardContext, chunks: torch.Tensor | None, q_lens: torch.Tensor) -> SDPAGroup:
+    """Padded-batch metadata for some chunks (None: all of them).
+
+    Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.
+    Query i of chunk b sits at position context_lens[b] - q_lens[b] + i and sees
+    keys j <= that position; padded queries (i >= q_len) see every valid key
+    (never an all-masked row, which would give NaN) and are dropped afterwards."""
+    device, bs = ctx.slot_mapping.device, ctx.block_size
+    starts, context_lens, tables = ctx.cu_seqlens_q[:-1], ctx.context_lens, ctx.block_tables
+    if chunks is not None:
+        q_lens, starts, context_lens, tables = q_lens[chunks], starts[chunks], context_lens[chunks], tables[chunks]
+        max_q, max_k = int(q_lens.max()), int(context_lens.max())
+    else:
+        max_q, max_k = ctx.max_seqlen_q, ctx.max_seqlen_k
+    num_chunks = q_lens.shape[0]
+    j = torch.arange(max_k, device=device)
+    blocks = tables.clamp(min=0).gather(1, (j // bs).expand(num_chunks, -1))
+    kv_index = (blocks * bs + j % bs).masked_fill(j >= context_lens[:, None], 0).view(-1)
+    rows = pad_index = None
+    if max_q > 1:
+        chunk_of_row = torch.repeat_interleave(torch.arange(num_chunks, device=device), q_lens)
+        local = torch.arange(chunk_of_row.shape[0], device=device) - (q_lens.cumsum(0) - q_lens)[chunk_of_row]
+        pad_index = chunk_of_row * max_q + local
+        if chunks is not None:
+            rows = starts[chunk_of_row] + local
+    elif chunks is not None:
+        rows = starts
+    attn_mask, is_causal = None, False
+    if num_chunks == 1 and int(context_lens[0]) == max_q:
+        is_causal = max_q > 1                       # a single pure prefill: SDPA's causal mask
+    elif not (num_chunks == 1 and max_q == 1):
+        i = torch.arange(max_q, device=device)
+        qpos = (context_lens - q_lens)[:, None] + i[None, :]                # [B, max_q]
+        qpos = torch.where(i[None, :] < q_lens[:, None], qpos, context_lens[:, None] - 1)
+        attn_mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)    # [B, 1, max_q, max_k]
+    return SDPAGroup(rows, num_chunks, max_q, max_k, kv_index, attn_mask, is_causal, pad_index)
+
+
+def _attend(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: SDPAGroup, scale: float) -> torch.Tensor:
+    """SDPA over one group's padded batch; q holds the group's rows, in order."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_flat.shape[1]
+    keys = k_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
+    values = v_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
+    if g.pad_index is None:
+        queries = q.view(g.num_chunks, 1, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(g.num_chunks * g.max_q, num_heads, head_dim)
+        queries.index_copy_(0, g.pad_index, q)
+        queries = queries.view(g.num_chunks, g.max_q, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=g.attn_mask, is_causal=g.is_causal, scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )                                                                    # [B, Hq, max_q, D]
+    out = out.transpose(1, 2).reshape(g.num_chunks * g.max_q, num_heads, head_dim)
+    return out if g.pad_index is None else out.index_select(0, g.pad_index)
+
+
+class TritonBackend:
+    """The kernels of `memgen.kernels`: on CUDA; on a CPU only under
+    TRITON_INTERPRET=1 (tests), where it is slow but exact in fp32."""
+    name = "triton"
+    fused_lora = True
+    graph_safe = True       # device-only metadata: CUDA graphs capture its decode steps
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def __init__(self):
+        # imported here so that a machine without Triton can still use the torch path
+        from memgen.kernels import latent_injection, lora, trigger_scoring
+        from memgen.kernels.kv_store import store_kvcache
+        from memgen.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+
+        self._store, self._decode, self._prefill = store_kvcache, paged_decode_attention, paged_prefill_attention
+        self.inject_latents = latent_injection.inject_latents
+        self.trigger_decisions = trigger_scoring.trigger_decisions
+        self._lora = lora
+
+    def prepare(self, ctx: ForwardContext) -> None:
+        return None
+
+    def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        self._store(k, v, k_cache, v_cache, ctx.slot_mapping)
+        q = q.contiguous()
+        if ctx.max_seqlen_q == 1:   # every chunk is a single decode row
+            return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+        return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
+                             max_seqlen_q=ctx.max_seqlen_q)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 scaling: torch.Tensor, ctx: ForwardContext) -> None:
+        """y += each row's adapter delta, in place (y may be a column slice). The
+        rows' grouping by adapter is computed once per forward and shared by all
+        layers (device-only ops: CUDA-graph safe)."""
+        key = ("lora_meta", lora_a.shape[0])
+        meta = ctx.extras.get(key)
+        if meta is None:
+            meta = ctx.extras[key] = self._lora.lora_metadata(ctx.adapter_ids, lora_a.shape[0])
+        self._lora.add_lora(y, x, lora_a, lora_b, scaling, ctx.adapter_ids, meta=meta)
+
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype | None = None):
+    """'auto' -> Triton on CUDA (torch for float64), torch SDPA on CPU; or 'torch' / 'triton'."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and dtype in (None, *TritonBackend.dtypes) else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        if dtype is not None and dtype not in TritonBackend.dtypes:
+            raise ValueError(f"attention_backend='triton' runs float16, bfloat16 or float32, not "
+                             f"{str(dtype).replace('torch.', '')}: use attention_backend='torch' for it")
+        try:
+            return TritonBackend()
+        except ImportError as e:
+            raise ValueError(f"attention_backend='triton' needs Triton ({e}); use attention_backend='torch'") from e
+    raise ValueError(f"unknown attention_backend {name!r}: use 'auto', 'torch' or 'triton'")
