@@ -12,7 +12,7 @@ import torch
 from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.cuda_graph import build_decode_graphs
-from memgen.engine.memgen_setup import BASE_POOL, MemGenSetup
+from memgen.engine.memgen_setup import BASE_POOL, SCRATCH_SLACK_BLOCKS, MemGenPlan, MemGenSetup, Pool
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.policy import PlainPolicy, RequestPolicy, StepHidden
 from memgen.engine.scheduler import Scheduler
@@ -36,25 +36,30 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, device, dtype)
         self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size,
                                         attn_backend=backend)
-        # one runner (model + KV pool) per distinct checkpoint: "base" is the reasoner's
-        self.runners = {BASE_POOL: self.model_runner}
+        # one pool (model + KV cache) per distinct checkpoint; the reasoner's is pool 0
+        base = Pool(BASE_POOL, 0, self.model_runner)
+        self.pools = [base]
+        self.memgen_plan: MemGenPlan | None = None
         self.memory: MemGenController | None = None    # MemGen's policy, None for a plain LLM
-        streams_per_pool = {BASE_POOL: 1}
         if memgen is not None:
             self.memgen_setup = memgen
             self.memgen_version = 0   # bumped by each weight update: W/T prefix-cache keys carry it
             lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else device.type != "cuda"
-            self.memory, self.stream_pools = memgen.build(self.runners, streams_per_pool, dtype, device,
-                                                          self.max_model_len, config.block_size, follow=not lazy)
+            self.memgen_plan = memgen.build(self.model_runner, dtype, device, self.max_model_len, config.block_size,
+                                            follow=not lazy)
+            base.num_streams = self.memgen_plan.streams_in_base
+            self.pools += self.memgen_plan.extra_pools
+            self.memory = self.memgen_plan.controller
         self.policy: RequestPolicy = self.memory if self.memory is not None else PlainPolicy()
         self.block_managers = {}
-        for pool, runner in self.runners.items():
-            num_blocks = self._num_kv_blocks(runner, streams_per_pool[pool])
-            runner.allocate_kv_cache(num_blocks)
+        for pool in self.pools:   # in index order: the scheduler numbers its managers so
+            num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
+            pool.runner.allocate_kv_cache(num_blocks)
             # CUDA graphs for decode steps (None unless CUDA + Triton + enforce_eager=False);
             # a MemGen pool's decode steps carry up to one row per stream living in it
-            runner.decode_graphs = build_decode_graphs(runner, config, streams_per_pool[pool])
-            self.block_managers[pool] = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+            pool.runner.decode_graphs = build_decode_graphs(pool.runner, config, pool.num_streams)
+            self.block_managers[pool.name] = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runners = {pool.name: pool.runner for pool in self.pools}
         self.block_manager = self.block_managers[BASE_POOL]
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
@@ -64,8 +69,8 @@ class LLMEngine:
         """KV blocks for one pool; `num_streams` streams per sequence live in it."""
         cfg = self.config
         per_block = runner.kv_bytes_per_block
-        # the weaver's scratch queries can run up to one block past max_model_len
-        one_seq = num_streams * (-(-self.max_model_len // cfg.block_size) + (num_streams > 1))
+        slack = SCRATCH_SLACK_BLOCKS if num_streams > 1 else 0
+        one_seq = num_streams * (-(-self.max_model_len // cfg.block_size) + slack)
         if cfg.num_kv_blocks is not None:
             num_blocks, source = cfg.num_kv_blocks, f"num_kv_blocks={cfg.num_kv_blocks}"
         elif cfg.kv_cache_memory_gb is not None:
@@ -98,7 +103,7 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
         if self.memory is not None:
             for name, ids in self.memory.stream_contents(prompt_token_ids).items():
-                pool = self.stream_pools[name]
+                pool = self.memgen_plan.pool_of_stream[name]
                 seq.streams[name] = Stream(name, ids, pool=pool, cache_salt=(name, self.memgen_version),
                                            adapter_id=ADAPTER_IDS[name])
         self.policy.start(seq)
@@ -114,7 +119,7 @@ class LLMEngine:
             raise ValueError("this engine runs a plain LLM: load it with memgen=... to update MemGen weights")
         if self.scheduler.has_unfinished():
             raise RuntimeError("update_memgen_weights() must run between generate() calls, not during one")
-        self.memgen_setup.update(ckpt, self.runners, self.stream_pools, self.memory, self.dtype, self.device)
+        self.memgen_setup.update(ckpt, self.runners, self.memgen_plan, self.dtype, self.device)
         self.memgen_version += 1
 
     def has_unfinished(self) -> bool:
@@ -157,11 +162,11 @@ class LLMEngine:
         """One forward per pool (one in all when W and T share the reasoner's base)."""
         pool_of_chunk = out.core.pool_indices()
         hidden = StepHidden(len(pool_of_chunk))
-        for pool_index, runner in enumerate(self.runners.values()):
-            indices = [i for i, p in enumerate(pool_of_chunk) if p == pool_index]
+        for pool in self.pools:
+            indices = [i for i, p in enumerate(pool_of_chunk) if p == pool.index]
             if indices:
-                inp = runner.prepare(out.core, pool_index)
-                hidden.add_pool(runner.forward(inp), indices, (inp.last_rows + 1).tolist())  # host: no sync
+                inp = pool.runner.prepare(out.core, pool.index)
+                hidden.add_pool(pool.runner.forward(inp), indices, (inp.last_rows + 1).tolist())  # host: no sync
         return hidden
 
     def _finish_all(self, seqs: list[Sequence], reason: str) -> list[Sequence]:

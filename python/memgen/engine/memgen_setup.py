@@ -21,6 +21,31 @@ from memgen.memory.delimiters import build_delimiter_table
 from memgen.memory.parts import MemGenParts
 
 BASE_POOL = "base"
+# One block of slack per stream in a pool shared by several streams, and one block of
+# positions for a weaver on its own model: room for the weaver's scratch queries, kept
+# from before the room rule (memory.controller._apply_decision) bounded them by
+# max_model_len. Named once here; the engine sizes its pools with it.
+SCRATCH_SLACK_BLOCKS = 1
+
+
+@dataclass
+class Pool:
+    """One model and its KV pool. `index` is the pool's number everywhere a chunk
+    names its pool (the scheduler's block managers, batch assembly)."""
+    name: str
+    index: int
+    runner: ModelRunner
+    num_streams: int = 1      # streams of one sequence that live in this pool
+
+
+@dataclass
+class MemGenPlan:
+    """What MemGen adds to an engine: pools for weaver/trigger checkpoints other
+    than the reasoner's, the pool of each stream, and the controller (its policy)."""
+    extra_pools: list[Pool]
+    pool_of_stream: dict[str, str]
+    streams_in_base: int
+    controller: MemGenController
 
 
 @dataclass
@@ -32,42 +57,43 @@ class MemGenSetup:
     weaver_config: object = None      # HF configs of those directories
     trigger_config: object = None
 
-    def build(self, runners: dict[str, ModelRunner], streams_per_pool: dict[str, int], dtype: torch.dtype,
-              device: torch.device, max_model_len: int, block_size: int, follow: bool = False):
-        """Add runners for separate checkpoints, install the adapters, and return
-        (controller, pool of each stream)."""
-        base = runners[BASE_POOL]
+    def build(self, base: ModelRunner, dtype: torch.dtype, device: torch.device, max_model_len: int,
+              block_size: int, follow: bool = False) -> MemGenPlan:
+        """Runners for separate checkpoints (pools numbered after the base's 0), the
+        adapters installed on the model each role runs on, and the controller."""
         ckpt = self.ckpt
-        active = bool(ckpt.settings.trigger_active)
-        pools = {REASONER: BASE_POOL}
+        extra: list[Pool] = []
+        pool_of_stream = {REASONER: BASE_POOL}
+        streams_in_base = 1
         roles = [(WEAVER, self.weaver_dir, self.weaver_config, ckpt.weaver_lora)]
-        if active:  # an inactive trigger never runs: no model, no KV
+        if ckpt.settings.trigger_active:  # an inactive trigger never runs: no model, no KV
             roles.append((TRIGGER, self.trigger_dir, self.trigger_config, ckpt.trigger_lora))
         else:
-            pools[TRIGGER] = BASE_POOL
+            pool_of_stream[TRIGGER] = BASE_POOL
         for name, model_dir, config, lora in roles:
             if model_dir is None:
-                pool, runner = BASE_POOL, base
+                runner, pool_of_stream[name] = base, BASE_POOL
+                streams_in_base += 1
             else:
-                pool = name
-                runner = ModelRunner(model_dir, config, dtype, device, max_model_len + block_size, block_size,
+                max_position = max_model_len + SCRATCH_SLACK_BLOCKS * block_size
+                runner = ModelRunner(model_dir, config, dtype, device, max_position, block_size,
                                      attn_backend=base.attn_backend)
-                runners[pool] = runner
+                extra.append(Pool(name, 1 + len(extra), runner))
+                pool_of_stream[name] = name
             install_lora(runner.model, ADAPTER_IDS[name], lora, dtype, device)
-            pools[name] = pool
-            streams_per_pool[pool] = streams_per_pool.get(pool, 0) + 1
         parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
         table = build_delimiter_table(self.tokenizer, base.hf_config.vocab_size)
         controller = MemGenController(parts, table, self.tokenizer, self.tokenizer.pad_token_id,
                                       base.model.model.embed_tokens, max_model_len, backend=base.attn_backend,
                                       follow=follow)
-        return controller, pools
+        return MemGenPlan(extra, pool_of_stream, streams_in_base, controller)
 
-
-    def update(self, ckpt: MemGenCheckpoint, runners: dict[str, ModelRunner], pools: dict[str, str],
-               controller: MemGenController, dtype: torch.dtype, device: torch.device) -> None:
-        """Swap in new MemGen weights of the same shapes (live weight sync)."""
+    def update(self, ckpt: MemGenCheckpoint, runners: dict[str, ModelRunner], plan: MemGenPlan,
+               dtype: torch.dtype, device: torch.device) -> None:
+        """Swap in new MemGen weights of the same shapes (live weight sync); `runners`:
+        pool name -> runner."""
         old = self.ckpt
+        pools = plan.pool_of_stream
         reasoner_config = runners[BASE_POOL].hf_config
         check_memgen_fits(ckpt, reasoner_config, self.weaver_config or reasoner_config,
                           self.trigger_config or reasoner_config)
@@ -77,7 +103,7 @@ class MemGenSetup:
         install_lora(runners[pools[WEAVER]].model, ADAPTER_IDS[WEAVER], ckpt.weaver_lora, dtype, device)
         if ckpt.settings.trigger_active:
             install_lora(runners[pools[TRIGGER]].model, ADAPTER_IDS[TRIGGER], ckpt.trigger_lora, dtype, device)
-        controller.parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
+        plan.controller.parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
         self.ckpt = ckpt
 
 
