@@ -125,7 +125,7 @@ class DecodeGraphs:
     def _forward_fn(self, bs: int, with_adapters: bool):
         """The captured callable: the model over the first bs static rows, into output[:bs].
         It builds its context each call, so that nothing (e.g. the LoRA grouping in
-        ctx.extras) is cached outside the graph."""
+        ctx.lora_meta) is cached outside the graph."""
         runner = self.runner
         backend = runner.attn_backend
 

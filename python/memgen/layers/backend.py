@@ -184,10 +184,9 @@ class TritonBackend:
         """y += each row's adapter delta, in place (y may be a column slice). The
         rows' grouping by adapter is computed once per forward and shared by all
         layers (device-only ops: CUDA-graph safe)."""
-        key = ("lora_meta", lora_a.shape[0])
-        meta = ctx.extras.get(key)
+        meta = ctx.lora_meta.get(lora_a.shape[0])
         if meta is None:
-            meta = ctx.extras[key] = self._lora.lora_metadata(ctx.adapter_ids, lora_a.shape[0])
+            meta = ctx.lora_meta[lora_a.shape[0]] = self._lora.lora_metadata(ctx.adapter_ids, lora_a.shape[0])
         self._lora.add_lora(y, x, lora_a, lora_b, scaling, ctx.adapter_ids, meta=meta)
 
 

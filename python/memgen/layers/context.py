@@ -34,7 +34,11 @@ class ForwardContext:
     backend: Any = None
     # backend-specific tensors prepared once per forward (e.g. gather indices, masks)
     attn_metadata: Any = None
-    extras: dict = field(default_factory=dict)
+    # LoRA row grouping, computed once per forward and shared by every layer:
+    # adapter id -> its rows (torch backend's loop; None: no rows), and adapter count ->
+    # kernels.reference.LoraMeta (Triton backend's stacked kernels)
+    lora_rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    lora_meta: dict[int, Any] = field(default_factory=dict)
 
     @property
     def num_chunks(self) -> int:

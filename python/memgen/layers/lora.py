@@ -94,7 +94,7 @@ class LoraHook:
 def _rows_of(adapter_id: int, ids: torch.Tensor) -> torch.Tensor | None:
     """Row indices of one adapter, computed once per forward and cached in the context."""
     ctx = get_context()
-    cache = ctx.extras.setdefault("lora_rows", {})
+    cache = ctx.lora_rows
     if adapter_id not in cache:
         rows = torch.nonzero(ids == adapter_id).squeeze(1)
         cache[adapter_id] = rows if rows.numel() else None
@@ -138,12 +138,6 @@ def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, de
                                          b.to(device=device, dtype=dtype), float(lora.scaling), out))
     _restack(model)
     return len(lora.layers)
-
-
-def remove_lora(model: nn.Module, adapter_id: int) -> None:
-    """Detach one adapter from every layer."""
-    _drop(model, adapter_id)
-    _restack(model)
 
 
 def _drop(model: nn.Module, adapter_id: int) -> None:
