@@ -1,5 +1,6 @@
 """`memgen bench` on tiny models: the JSON schema, ratios computed from the
 measured numbers, memory on/off generating the same token counts, the plot,
+the output folder, the load warning and the time budget (pure functions),
 bad options. No timing assertions (benchmarks measure time, tests do not)."""
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import math
 
 import pytest
 
-from memgen.benchmark.timing import RequestTiming, TimedRun, memory_counts, percentile, run_metrics
+from pathlib import Path
+
+from memgen.benchmark import report
+from memgen.benchmark.timing import RequestTiming, TimedRun, fits_budget, memory_counts, percentile, run_metrics
 from memgen.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def bench(tmp_path, *argv) -> tuple[int, dict | None]:
-    out = tmp_path / "bench.json"
-    rc = main(["bench", "--output", str(out), *map(str, argv)])
+    """Run `memgen bench --output-dir tmp_path ...`; (exit code, the mode's JSON or None)."""
+    mode = argv[argv.index("--mode") + 1] if "--mode" in argv else "latency"
+    out = tmp_path / f"{mode}_cpu.json"
+    if out.exists():
+        out.unlink()
+    rc = main(["bench", "--output-dir", str(tmp_path), *map(str, argv)])
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -95,9 +103,61 @@ def test_memory_on_off_same_token_counts(latency_run):
 
 
 def test_latency_plot_is_png(latency_run):
-    _, _, tmp = latency_run
-    png = tmp / "bench.png"
+    """Beside the JSON in --output-dir, with the default install (matplotlib is a dependency)."""
+    _, data, tmp = latency_run
+    png = tmp / "latency_cpu.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp.iterdir()) == ["latency_cpu.json", "latency_cpu.png"]
+    # the run was not cut by a time budget: explicit --iterations are all run
+    assert data["config"]["iterations_done"] == 2 and data["config"]["stopped_by_time_budget"] is False
+    # the load warning is recorded either way (null on a quiet machine)
+    assert "load_warning" in data and "own_load_estimate" in data["machine"]
+    assert data["load_warning"] == report.load_warning(
+        data["machine"]["load_average_start"], data["machine"]["load_average_end"], data["machine"]["usable_cores"],
+        data["machine"]["own_load_estimate"])
+
+
+def test_default_output_is_outside_the_checkout(tmp_path, monkeypatch):
+    import torch
+
+    assert report.default_output("latency", torch.device("cpu")) == Path("memgen-bench-results/latency_cpu.json")
+    assert report.default_output("overhead", torch.device("cpu"), tmp_path) == tmp_path / "overhead_cpu.json"
+    # relative to where the user runs it, so never the checkout's tracked bench/results/
+    monkeypatch.chdir(tmp_path)
+    assert report.default_output("latency", torch.device("cpu")).resolve().parent == tmp_path / "memgen-bench-results"
+
+
+def test_load_warning():
+    assert report.load_warning([0.4, 2.0, 3.0], [0.9, 1.0, 1.0], cores=2) is None      # only the 1-minute value counts
+    assert report.load_warning([1.0, 0, 0], [1.0, 0, 0], cores=2) is None                # not above 0.5 x cores
+    assert report.load_warning(None, None, cores=2) is None                               # unknown: no claim
+    w = report.load_warning([2.5, 0, 0], [0.2, 0, 0], cores=2)
+    assert "2.50 at the start" in w and "above 1 = 0.5 x 2 cores" in w and "at the end" not in w
+    # this run's own load is not others' load: 1.8 - 1.0 = 0.8 is quiet on 2 cores, 2.6 - 1.0 is not
+    assert report.load_warning([0.1, 0, 0], [1.8, 0, 0], cores=2, own=1.0) is None
+    w = report.load_warning([0.1, 0, 0], [2.6, 0, 0], cores=2, own=1.0)
+    assert "1.60 at the end" in w and "at the start" not in w
+    assert report.load_warning([3.0, 0, 0], [0.1, 0, 0], cores=8) is None
+
+
+def test_time_budget():
+    assert fits_budget(50.0, 40.0, 100.0) and fits_budget(60.0, 40.0, 100.0)
+    assert not fits_budget(61.0, 40.0, 100.0)
+    assert fits_budget(1e6, 1e6, 0.0) and fits_budget(1e6, 1e6, None)     # no budget
+
+
+@pytest.mark.parametrize("argv, budget", [([], 100.0), (["--iterations", "5"], 0.0), (["--mode", "overhead"], 0.0),
+                                          (["--time-budget", "30"], 30.0)])
+def test_time_budget_defaults(argv, budget):
+    import argparse
+
+    from memgen.benchmark import add_bench_arguments, check_args
+
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    args = p.parse_args(argv)
+    check_args(args)
+    assert args.time_budget == budget
 
 
 def test_run_metrics_prefix_and_percentiles():
@@ -125,7 +185,7 @@ def test_overhead_and_throughput_modes(tmp_path, memgen_reasoner_dir):
     t = data["target"]
     assert t["target_max"] == 1.10 and t["value"] == data["results"][0]["on_over_off"]["latency_s"]
     assert t["met"] == (t["value"] <= 1.10)
-    assert not (tmp_path / "bench.png").exists()
+    assert not (tmp_path / "overhead_cpu.png").exists()
 
     rc, data = bench(tmp_path, "--mode", "throughput", "--model", memgen_reasoner_dir, "--batch-sizes", 2,
                      "--num-prompts", 3, "--max-tokens", 4, "--iterations", 1, "--threads", 1)
@@ -153,6 +213,7 @@ def test_vs_reference(tmp_path, memgen_reasoner_dir):
     (["--warmup-tokens", "-1"], "--warmup-tokens must be >= 0"),
     (["--memgen", "somewhere", "--latents", "4"], "cannot be combined with --memgen"),
     (["--budget", "-1"], "must be >= 0"),
+    (["--time-budget", "-1"], "--time-budget must be >= 0"),
 ])
 def test_bad_options_exit_2(argv, message, tmp_path, capsys):
     rc, data = bench(tmp_path, *argv)

@@ -19,6 +19,8 @@ import sys
 
 from memgen.model_options import add_model_arguments
 
+DEFAULT_OUTPUT_DIR = "memgen-bench-results"   # under the cwd: the user's folder, never the checkout's bench/results
+
 MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf")
 
 # per mode: batch sizes, output lengths, iterations (each overridable)
@@ -30,6 +32,7 @@ MODE_DEFAULTS = {
     "vs-hf": ([1, 16], [128], 2),
 }
 DEFAULT_LATENTS, DEFAULT_BUDGET = 8, 5
+DEFAULT_TIME_BUDGET = 100.0   # seconds: the default run ends within 2 minutes even on a loaded 2-core machine
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +64,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--iterations", type=int, default=None,
                    help="timed runs per point, medians reported (default 3; vs-hf 2)")
+    g.add_argument("--time-budget", type=float, default=None,
+                   help=f"latency: start no iteration that would end later than this many seconds after the "
+                        f"start (loading included); at least one runs (default {DEFAULT_TIME_BUDGET:g} s for the "
+                        f"default latency run, none when --iterations is given; 0: none)")
     g.add_argument("--reference-iterations", type=int, default=1,
                    help="vs-reference: timed runs of the slow HF reference (default 1)")
     g.add_argument("--warmup-tokens", type=int, default=8,
@@ -69,7 +76,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave prefix caching on (off by default: repeated iterations would time cache hits)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     g = p.add_argument_group("output")
-    g.add_argument("--output", default=None, help="JSON path (default bench/results/<mode>_<device>.json)")
+    g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                   help="folder for the JSON and the plot (default: ./%(default)s)")
+    g.add_argument("--output", default=None, help="JSON path (default: <output-dir>/<mode>_<device>.json)")
     g.add_argument("--plot", default=None, help="PNG path for latency mode (default: the JSON path with .png)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
@@ -79,6 +88,10 @@ def check_args(args) -> None:
     batches, lengths, iterations = MODE_DEFAULTS[args.mode]
     args.batch_sizes = args.batch_sizes or batches
     args.max_tokens = args.max_tokens or lengths
+    if args.time_budget is None:   # the budget shortens the default run only, never asked-for iterations
+        args.time_budget = DEFAULT_TIME_BUDGET if args.mode == "latency" and args.iterations is None else 0.0
+    if args.time_budget < 0:
+        raise ValueError(f"--time-budget must be >= 0, got {args.time_budget}")
     args.iterations = args.iterations if args.iterations is not None else iterations
     for name in ("batch_sizes", "max_tokens"):
         bad = [v for v in getattr(args, name) if v < 1]

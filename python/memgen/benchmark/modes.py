@@ -16,7 +16,7 @@ import torch
 from . import report
 from .build import (build_llm, build_reference, engine_description, latent_lengths, memory_source,
                     needed_model_len, prompt_tokenizer)
-from .timing import make_prompts, median_metrics, run_metrics, timed_generate
+from .timing import fits_budget, make_prompts, median_metrics, run_metrics, timed_generate
 
 OVERHEAD_TARGET = 1.10      # issue 4, benchmark 1: memory on / off time
 REFERENCE_TARGET = 20.0     # issue 4, benchmark 2: memgen.hf time / engine time
@@ -34,7 +34,11 @@ def _machine(args) -> dict:
     the load the run met, memgen_git the code it ran (not a later commit)."""
     from memgen.config import resolve_device
 
-    return {"machine": report.machine_info(resolve_device(args.device)), "versions": report.versions()}
+    machine = report.machine_info(resolve_device(args.device))
+    warning = report.load_warning(machine["load_average_start"], None, machine["usable_cores"])
+    if warning:   # said at once, so a user can stop and rerun later; the JSON gets it at the end
+        print(f"memgen bench: warning: {warning}", file=sys.stderr, flush=True)
+    return {"machine": machine, "versions": report.versions()}
 
 
 def _result(args, mode: str, start: dict, config: dict) -> dict:
@@ -81,13 +85,22 @@ def run_latency(args) -> int:
     t0 = time.perf_counter()
     _warm_up(args, sides.values(), prompts, batches)
     runs = {(b, side): [] for b in batches for side in sides}
+    done, cut = 0, False
     for it in range(args.iterations):
+        if it and not fits_budget(report.elapsed_s(), last_s, args.time_budget):
+            cut = True
+            print(f"memgen bench: --time-budget {args.time_budget:g} s reached: {it} of {args.iterations} "
+                  "iterations", file=sys.stderr, flush=True)
+            break
+        start = time.perf_counter()
+        # memory off and on alternate, and swap which goes first each iteration, so drifting load hits both
         order = list(sides) if it % 2 == 0 else list(sides)[::-1]
         for b in batches:
             for side in order:
                 runs[b, side].append(timed_generate(sides[side], prompts[:b], _params(args, n_max)))
                 print(f"  iteration {it + 1}/{args.iterations} batch {b} {side}: "
                       f"{runs[b, side][-1].wall_s:.2f} s", flush=True)
+        last_s, done = time.perf_counter() - start, it + 1
     points = []
     for b in batches:
         for n in lengths:
@@ -106,6 +119,8 @@ def run_latency(args) -> int:
         "shorter_lengths": "read from the per-token timestamps of the longest run (greedy, ignore_eos: "
                            "the same engine steps as a shorter run)",
         "itl": "exact: per-token timestamps taken after each engine step",
+        "order": "per iteration and batch size, memory off then on, the other way round the next iteration",
+        "iterations_done": done, "stopped_by_time_budget": cut,
         "timed_s": time.perf_counter() - t0})
     result["results"] = points
     result["raw_runs"] = [{"batch_size": b, "side": side, "max_tokens": n_max, "iterations": [r.to_json() for r in rs]}
@@ -120,7 +135,7 @@ def run_latency(args) -> int:
                      on_m["num_trigger_calls_per_request"]])
     report.print_table(
         f"memory on vs off: {model_dir.name}, {result['config']['engine']['dtype']}, {on.device}, "
-        f"torch threads {torch.get_num_threads()}, median of {args.iterations}, load avg "
+        f"torch threads {torch.get_num_threads()}, median of {done}, load avg "
         f"{result['machine']['load_average_start']}",
         ["batch", "tokens", "off s", "on s", "on/off", "TTFT off ms", "TTFT on ms", "TPOT off ms", "TPOT on ms",
          "ITL p50 on", "ITL p99 on", "ins/req", "latents/req", "trig/req"], rows)
@@ -134,16 +149,15 @@ def run_latency(args) -> int:
         print(f"memory on/off time: {worst:.3f}x (target <= {OVERHEAD_TARGET}x: "
               f"{'met' if worst <= OVERHEAD_TARGET else 'MISSED'}); best of iterations {best:.3f}x; "
               f"process CPU time on/off {cpu:.3f}x")
-    out = report.write_json(args.output or report.default_output(args.mode, on.device), result)
+    out = report.write_json(args.output or report.default_output(args.mode, on.device, args.output_dir), result)
     print(f"wrote {out}")
     if args.mode == "latency" and not args.no_plot:
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         try:
             report.plot_latency(points, png, f"memgen bench: {model_dir.name}, {on.device}, memory on vs off")
             print(f"wrote {png}")
-        except ImportError:
-            print("memgen bench: matplotlib is not installed (pip install 'memgen-engine[bench]'): no plot",
-                  file=sys.stderr)
+        except ImportError:   # a dependency since 0.1.1; an older environment may lack it
+            print("memgen bench: matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
     return 0
 
 
@@ -184,7 +198,7 @@ def run_throughput(args) -> int:
         [[p["max_num_seqs"], p["max_tokens"], p["memory_off"]["output_tokens_per_s"],
           p["memory_on"]["output_tokens_per_s"], f"{p['on_over_off']['output_tokens_per_s']:.3f}x",
           p["memory_off"]["requests_per_s"], p["memory_on"]["requests_per_s"]] for p in points])
-    out = report.write_json(args.output or report.default_output("throughput", on.device), result)
+    out = report.write_json(args.output or report.default_output("throughput", on.device, args.output_dir), result)
     print(f"wrote {out}")
     return 0
 
@@ -275,7 +289,7 @@ def run_vs_reference(args) -> int:
           f"{p['speedup']:.2f}x", p["engine_metrics"]["num_insertions_per_request"],
           p["reference_insertions_per_request"], p["token_agreement"]] for p in points])
     print(f"speedup {worst:.2f}x (target >= {REFERENCE_TARGET}x: {'met' if result['target']['met'] else 'MISSED'})")
-    out = report.write_json(args.output or report.default_output("vs-reference", on.device), result)
+    out = report.write_json(args.output or report.default_output("vs-reference", on.device, args.output_dir), result)
     print(f"wrote {out}")
     return 0
 
@@ -311,6 +325,6 @@ def run_vs_hf(args) -> int:
             data = json.loads(part.read_text())
             result["results"] += data["results"]
             result["config"]["script_config"] = data.get("config")
-    out = report.write_json(args.output or report.default_output("vs-hf", device), result)
+    out = report.write_json(args.output or report.default_output("vs-hf", device, args.output_dir), result)
     print(f"wrote {out}")
     return 0

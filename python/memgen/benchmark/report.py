@@ -8,10 +8,13 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from memgen.benchmark import DEFAULT_OUTPUT_DIR
 
 
 def repo_root() -> Path | None:
@@ -20,10 +23,13 @@ def repo_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "bench").is_dir() else None
 
 
-def default_output(mode: str, device: torch.device) -> Path:
-    """bench/results/<mode>_<device>.json in the checkout, else under the cwd."""
-    base = repo_root() or Path.cwd()
-    return base / "bench" / "results" / f"{mode}_{device.type}.json"
+LOAD_WARN_FRACTION = 0.5                       # 1-minute load above this x cores: ratios unreliable
+_START = (time.perf_counter(), os.times())     # this process's clock when the benchmark modules load
+
+
+def default_output(mode: str, device: torch.device, output_dir: str | Path | None = None) -> Path:
+    """<output_dir>/<mode>_<device>.json; output_dir defaults to ./memgen-bench-results."""
+    return Path(output_dir or DEFAULT_OUTPUT_DIR) / f"{mode}_{device.type}.json"
 
 
 def load_average() -> list[float] | None:
@@ -31,6 +37,44 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def elapsed_s() -> float:
+    """Seconds since the benchmark modules loaded (the run's start, model loading included)."""
+    return time.perf_counter() - _START[0]
+
+
+def own_load() -> float:
+    """Cores this process (and its children) kept busy on average since it
+    started benchmarking: its share of the end-of-run load average."""
+    wall = time.perf_counter() - _START[0]
+    t0, t1 = _START[1], os.times()
+    cpu = sum(getattr(t1, k) - getattr(t0, k) for k in ("user", "system", "children_user", "children_system"))
+    return cpu / wall if wall > 0 else 0.0
+
+
+def load_warning(start: list[float] | None, end: list[float] | None, cores: int,
+                 own: float = 0.0, fraction: float = LOAD_WARN_FRACTION) -> str | None:
+    """A warning when other work shared the CPU: the 1-minute load average at
+    the start, or at the end less this run's own share (`own`, in cores),
+    above fraction x cores. None when the machine looked quiet or the load is unknown."""
+    limit = fraction * cores
+    found = []
+    if start and start[0] > limit:
+        found.append(f"{start[0]:.2f} at the start")
+    if end and end[0] - own > limit:
+        found.append(f"{end[0] - own:.2f} at the end (load average {end[0]:.2f} less this run's {own:.2f})")
+    if not found:
+        return None
+    return (f"other jobs were using the CPU (1-minute load {' and '.join(found)}, above {limit:g} = "
+            f"{fraction:g} x {cores} cores): times and on/off ratios are unreliable; rerun on a quiet machine")
 
 
 def cpu_name() -> str:
@@ -46,10 +90,7 @@ def cpu_name() -> str:
 
 def machine_info(device: torch.device) -> dict:
     cpu = cpu_name()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    usable = usable_cores()
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -114,7 +155,15 @@ def to_json_text(result: dict) -> str:
 
 
 def write_json(path: Path, result: dict) -> Path:
-    result["machine"]["load_average_end"] = load_average()
+    """Write the result, with the end-of-run load and `load_warning` (null, or
+    the warning, which also goes to stderr)."""
+    machine = result["machine"]
+    machine["load_average_end"] = load_average()
+    machine["own_load_estimate"] = round(own_load(), 2)
+    result["load_warning"] = load_warning(machine.get("load_average_start"), machine["load_average_end"],
+                                          machine.get("usable_cores") or usable_cores(), machine["own_load_estimate"])
+    if result["load_warning"]:
+        print(f"memgen bench: warning: {result['load_warning']}", file=sys.stderr)
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

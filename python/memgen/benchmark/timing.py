@@ -93,6 +93,12 @@ def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
                     cpu)
 
 
+def fits_budget(elapsed_s: float, next_s: float, budget_s: float | None) -> bool:
+    """Whether a run expected to take `next_s` (the last one's time) still ends
+    within `budget_s` seconds of the benchmark's start; no budget (None or 0): always."""
+    return not budget_s or elapsed_s + next_s <= budget_s
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
     if not values:
