@@ -1,5 +1,6 @@
 """One engine-native decoder for the Llama family as MemGen uses it: Qwen2 /
-Qwen2.5 (QKV bias), Qwen3 (per-head q/k RMSNorm), Llama / SmolLM2. Packed QKV
+Qwen2.5 (QKV bias), Qwen3 (per-head q/k RMSNorm), Llama / SmolLM2, SmolLM3
+(NoPE layers: no rotary embedding on the layers its config marks). Packed QKV
 and gate-up projections, GQA, RoPE, tied or separate LM head.
 
 forward(input_ids, positions, latents=None, latent_index=None) takes a flat
@@ -29,6 +30,27 @@ class ArchSpec:
     o_bias: bool
     qk_norm: bool
     mlp_bias: bool
+    rope_layers: tuple[bool, ...] | None = None   # per layer: apply RoPE? None: every layer
+
+
+def _smollm3_rope_layers(hf_config) -> tuple[bool, ...]:
+    """SmolLM3's `no_rope_layers[i]` is 1 where layer i USES RoPE (HF's
+    `use_rope = no_rope_layers[i]`); its config fills it from
+    `no_rope_layer_interval` (every interval-th layer is NoPE) when absent."""
+    n = hf_config.num_hidden_layers
+    flags = getattr(hf_config, "no_rope_layers", None)
+    if flags is None:
+        interval = getattr(hf_config, "no_rope_layer_interval", 4)
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if len(flags) < n:
+        raise ValueError(f"SmolLM3 config: no_rope_layers has {len(flags)} entries for {n} layers")
+    # HF gives its NoPE layers sliding-window attention when use_sliding_window is
+    # set; the engine's attention has no window, so refuse rather than differ.
+    if getattr(hf_config, "use_sliding_window", False) \
+            and "sliding_attention" in (getattr(hf_config, "layer_types", None) or []):
+        raise ValueError("SmolLM3 config with use_sliding_window=true is not supported: the engine's "
+                         "attention has no sliding window (the released SmolLM3-3B has it off)")
+    return tuple(bool(f) for f in flags[:n])
 
 
 def arch_spec(hf_config) -> ArchSpec:
@@ -41,15 +63,20 @@ def arch_spec(hf_config) -> ArchSpec:
     if model_type == "llama":
         return ArchSpec(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=False,
                         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+    if model_type == "smollm3":
+        return ArchSpec(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=False,
+                        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+                        rope_layers=_smollm3_rope_layers(hf_config))
     raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "smollm3")
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, hf_config, spec: ArchSpec):
+    def __init__(self, hf_config, spec: ArchSpec, use_rope: bool = True):
         super().__init__()
+        self.use_rope = use_rope
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // self.num_heads
@@ -71,7 +98,8 @@ class DecoderAttention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(q, k, cos, sin)
+        if self.use_rope:
+            q, k = RotaryEmbedding.apply(q, k, cos, sin)
         out = self.attn(q, k, v)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -91,10 +119,11 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config, spec: ArchSpec):
+    def __init__(self, hf_config, spec: ArchSpec, layer_idx: int = 0):
         super().__init__()
+        use_rope = spec.rope_layers is None or spec.rope_layers[layer_idx]
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.self_attn = DecoderAttention(hf_config, spec)
+        self.self_attn = DecoderAttention(hf_config, spec, use_rope)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.mlp = DecoderMLP(hf_config, spec)
 
@@ -107,7 +136,7 @@ class DecoderModel(nn.Module):
     def __init__(self, hf_config, spec: ArchSpec, max_position: int, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(hf_config, spec) for _ in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(hf_config, spec, i) for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(hf_config, head_dim, max_position, dtype)
