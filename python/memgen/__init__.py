@@ -5,9 +5,10 @@ light submodules (memgen.sources, the CLI's --help) do not pay for torch."""
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
 
-_EXPORTS = {"LLM": "memgen.llm", "SamplingParams": "memgen.sampling_params", "RequestOutput": "memgen.outputs"}
+_EXPORTS = {"LLM": "memgen.llm", "SamplingParams": "memgen.sampling_params", "RequestOutput": "memgen.outputs",
+            "CompletionOutput": "memgen.outputs"}
 
 
 def __getattr__(name: str):

@@ -15,7 +15,7 @@ from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.llm_engine import LLMEngine
 from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.engine.sequence import Sequence
-from memgen.outputs import NOT_CONSULTED, RequestOutput
+from memgen.outputs import NOT_CONSULTED, CompletionOutput, RequestOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -55,7 +55,8 @@ class LLM:
         self.config = config
         self.memgen = None if memgen is None else self._load_memgen(memgen, weaver_model, trigger_model)
         self.engine = LLMEngine(self.model_dir, self.hf_config, config, self.dtype, self.device,
-                                _eos_token_ids(self.tokenizer, self.hf_config), memgen=self.memgen)
+                                _eos_token_ids(self.tokenizer, self.hf_config), memgen=self.memgen,
+                                detokenize=self._detokenize)
 
     def _load_memgen(self, memgen, weaver_model, trigger_model) -> MemGenSetup:
         """A checkpoint directory (either layout) or a MemGenCheckpoint; bases
@@ -196,8 +197,11 @@ class LLM:
         from tqdm.auto import tqdm
 
         engine = self.engine
-        seqs = [engine.add_request(ids, p) for ids, p in zip(token_lists, params)]
-        bar = tqdm(total=len(seqs), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        # n completions per prompt are n engine requests (they share the prompt's cached blocks)
+        seqs = [[engine.add_request(ids, p.for_completion(i)) for i in range(p.n)]
+                for ids, p in zip(token_lists, params)]
+        flat = [seq for group in seqs for seq in group]
+        bar = tqdm(total=len(flat), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         start, num_tokens, last_update = time.perf_counter(), 0, 0.0
         try:
             while engine.has_unfinished():
@@ -210,17 +214,30 @@ class LLM:
                     last_update = now
         except BaseException:
             # an error or Ctrl-C mid-call: nothing of this call stays in the engine
-            engine.abort(seqs)
+            engine.abort(flat)
             raise
         finally:
             bar.close()
-        return [self._output(s) for s in seqs]
+        return [self._output(group) for group in seqs]
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        return RequestOutput(
-            prompt_token_ids=seq.prompt_token_ids,
+    def _detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _output(self, group: list[Sequence]) -> RequestOutput:
+        completions = [self._completion(i, seq) for i, seq in enumerate(group)]
+        first = completions[0]
+        return RequestOutput(prompt_token_ids=group[0].prompt_token_ids, token_ids=first.token_ids, text=first.text,
+                             augmentation=first.augmentation, logprobs=first.logprobs,
+                             finish_reason=first.finish_reason, metrics=first.metrics, outputs=completions)
+
+    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
+        text = self._detokenize(seq.output_token_ids)
+        if seq.finish_reason == "stop" and seq.params.stop:   # the text ends before the stop string
+            text = text[:min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=len(text))]
+        return CompletionOutput(
+            index=index,
             token_ids=list(seq.output_token_ids),
-            text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
+            text=text,
             augmentation=self._augmentation(seq),
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason,

@@ -8,7 +8,21 @@ NOT_CONSULTED, SKIP, INSERT = -100, 0, 1
 
 
 @dataclass
+class CompletionOutput:
+    """One of a prompt's n completions (SamplingParams.n)."""
+    index: int
+    token_ids: list[int]
+    text: str
+    augmentation: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
 class RequestOutput:
+    """One prompt's result; the top-level completion fields are outputs[0]'s (vLLM's
+    shape, kept flat for n=1)."""
     prompt_token_ids: list[int]
     token_ids: list[int]                 # generated ids, up to and including EOS when emitted
     text: str                            # decoded generation, special tokens skipped
@@ -16,5 +30,6 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None
     finish_reason: str                   # "stop" | "length"
     metrics: dict = field(default_factory=dict)
+    outputs: list[CompletionOutput] = field(default_factory=list)   # all n completions, by index
     # time_to_first_token_s, total_s, num_insertions, num_trigger_calls, num_latent_positions,
     # num_cached_prompt_tokens, num_preemptions

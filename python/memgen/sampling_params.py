@@ -3,6 +3,7 @@ a request is submitted: bad values raise ValueError / TypeError saying what
 would be right."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,13 @@ class SamplingParams:
     logprobs: int | None = None      # k -> top-k log-probabilities per generated token
     trigger_sample: bool = False     # MemGen: sample the trigger decision instead of argmax
     trigger_temperature: float | None = None
+    # vLLM's fields, vLLM's semantics; latent positions are not tokens and never count
+    n: int = 1                       # completions per prompt; completion i > 0 seeds from (seed, i)
+    stop: list[str] | None = None    # the text ends before the first stop string (not included)
+    min_tokens: int = 0              # EOS, stop ids and stop strings are ignored until this many tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output so far
+    presence_penalty: float = 0.0    # in [-2, 2]: subtracted once from tokens already generated
+    frequency_penalty: float = 0.0   # in [-2, 2]: subtracted per occurrence in the output so far
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,6 +56,38 @@ class SamplingParams:
         _bool("trigger_sample", self.trigger_sample)
         if self.trigger_temperature is not None:
             _number("trigger_temperature", self.trigger_temperature)
+        _int("n", self.n, minimum=1)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) for x in self.stop):
+                raise TypeError(f"stop must be a string, a list of strings or None, got {self.stop!r}")
+            if any(x == "" for x in self.stop):
+                raise ValueError("stop strings must not be empty")
+            self.stop = list(self.stop)
+        _int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
+        _number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _number(name, value, allow_negative=True)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def for_completion(self, i: int) -> "SamplingParams":
+        """The settings of completion i of n: one completion each, completion 0 keeps
+        the seed (n=1 runs are unchanged), completion i > 0 seeds from (seed, i)."""
+        seed = self.seed
+        if seed is not None and i > 0:
+            seed = (seed * 1_000_003 + i) & 0x7FFF_FFFF_FFFF_FFFF
+        return dataclasses.replace(self, n=1, seed=seed)
 
 
 def _int(name: str, value, minimum: int | None = None, hint: str = "") -> None:
@@ -57,12 +97,12 @@ def _int(name: str, value, minimum: int | None = None, hint: str = "") -> None:
         raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
 
 
-def _number(name: str, value) -> None:
+def _number(name: str, value, allow_negative: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
-    if value < 0:
+    if value < 0 and not allow_negative:
         raise ValueError(f"{name} must be >= 0 (0 means greedy for temperature), got {value}")
 
 

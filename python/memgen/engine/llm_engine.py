@@ -28,8 +28,10 @@ DEFAULT_GPU_KV_FRACTION = 0.8     # of the free memory after loading the weights
 
 class LLMEngine:
     def __init__(self, model_dir: Path, hf_config, config: EngineConfig, dtype: torch.dtype,
-                 device: torch.device, eos_token_ids: frozenset[int], memgen: MemGenSetup | None = None):
+                 device: torch.device, eos_token_ids: frozenset[int], memgen: MemGenSetup | None = None,
+                 detokenize=None):
         self.config, self.dtype, self.device = config, dtype, device
+        self.detokenize = detokenize    # token ids -> text, for stop strings (LLM passes its tokenizer's)
         self.hf_config = hf_config
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
@@ -148,7 +150,7 @@ class LLMEngine:
         going_on, tokens = [], []
         for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
             seq.append_token(token, lp)
-            if token in seq.stop_token_ids:
+            if token in seq.stop_token_ids or self._hit_stop_string(seq):
                 finished += self._finish_all([seq], "stop")
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
                 finished += self._finish_all([seq], "length")
@@ -169,6 +171,15 @@ class LLMEngine:
                 hidden.add_pool(pool.runner.forward(inp), indices, (inp.last_rows + 1).tolist())  # host: no sync
         return hidden
 
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Does the output's text contain one of the request's stop strings (once
+        min_tokens are out)? LLM cuts the text before it."""
+        stops = seq.params.stop
+        if not stops or seq.num_output_tokens < seq.params.min_tokens or self.detokenize is None:
+            return False
+        text = self.detokenize(seq.output_token_ids)
+        return any(stop in text for stop in stops)
+
     def _finish_all(self, seqs: list[Sequence], reason: str) -> list[Sequence]:
         for seq in seqs:
             self._finish(seq, reason)
@@ -185,10 +196,17 @@ class LLMEngine:
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:
+    penalized = [s.params.has_penalties for s in seqs]
     return SamplingBatch(
         temperatures=[float(s.params.temperature) for s in seqs],
         top_ks=[s.params.top_k for s in seqs],
         top_ps=[float(s.params.top_p) for s in seqs],
         generators=[s.generator for s in seqs],
         num_logprobs=[-1 if s.params.logprobs is None else s.params.logprobs for s in seqs],
+        penalties=[(float(s.params.repetition_penalty), float(s.params.presence_penalty),
+                    float(s.params.frequency_penalty)) if p else None for s, p in zip(seqs, penalized)],
+        prompt_ids=[s.prompt_token_ids if p else None for s, p in zip(seqs, penalized)],
+        output_ids=[s.output_token_ids if p else None for s, p in zip(seqs, penalized)],
+        # min_tokens: no stop id (EOS included) may be sampled before then
+        banned=[s.stop_token_ids if s.num_output_tokens < s.params.min_tokens else None for s in seqs],
     )

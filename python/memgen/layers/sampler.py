@@ -1,8 +1,9 @@
-"""Token sampling for one step: greedy or temperature / top-k / top-p per row,
-each sampled row drawing from its own request's torch.Generator (so a seeded
-request samples the same tokens whatever else is in the batch), plus top-k
-log-probabilities of the raw model distribution (before temperature and
-truncation, as vLLM reports them)."""
+"""Token sampling for one step: vLLM's penalties (repetition, presence,
+frequency) and min_tokens' ban on stop ids, then greedy or temperature / top-k /
+top-p per row, each sampled row drawing from its own request's torch.Generator
+(so a seeded request samples the same tokens whatever else is in the batch),
+plus top-k log-probabilities of the raw model distribution (before penalties,
+temperature and truncation, as vLLM reports them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,13 @@ class SamplingBatch:
     top_ps: list[float]                    # 1.0 -> off
     generators: list[torch.Generator]
     num_logprobs: list[int]                # -1 -> none, 0 -> the sampled token's only
+    # per row, None where unused: (repetition, presence, frequency) penalties with the
+    # prompt's and the output's token ids (latent positions are not tokens), and the
+    # token ids banned this step (stop ids while min_tokens is not reached)
+    penalties: list[tuple[float, float, float] | None] | None = None
+    prompt_ids: list[list[int] | None] | None = None
+    output_ids: list[list[int] | None] | None = None
+    banned: list[frozenset[int] | None] | None = None
 
 
 @dataclass
@@ -31,12 +39,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
+        raw = logits
+        logits = _ban(_penalize(logits, batch), batch.banned)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, t in enumerate(batch.temperatures) if t > 0.0]
         if random_rows:
             tokens[random_rows] = self._sample(logits[random_rows], batch, random_rows)
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, self._logprobs(logits, token_ids, batch.num_logprobs))
+        return SamplerOutput(token_ids, self._logprobs(raw, token_ids, batch.num_logprobs))
 
     @staticmethod
     def _sample(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.Tensor:
@@ -88,3 +98,35 @@ def _truncate(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> t
     remove = (probs.cumsum(dim=-1) - probs) >= ps[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def _penalize(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """vLLM's penalties: repetition divides positive (multiplies negative) logits of
+    tokens in the prompt or the output; frequency subtracts per occurrence in the
+    output, presence once per token present in it."""
+    rows = [i for i, p in enumerate(batch.penalties or ()) if p is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab, device = logits.shape[-1], logits.device
+    for i in rows:
+        repetition, presence, frequency = batch.penalties[i]
+        out = torch.tensor(batch.output_ids[i], dtype=torch.long, device=device)
+        counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
+        row = logits[i]
+        if repetition != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(batch.prompt_ids[i], dtype=torch.long, device=device)] = True
+            row = torch.where(seen, torch.where(row > 0, row / repetition, row * repetition), row)
+        logits[i] = row - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _ban(logits: torch.Tensor, banned: list[frozenset[int] | None] | None) -> torch.Tensor:
+    rows = [(i, list(b)) for i, b in enumerate(banned or ()) if b]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i, ids in rows:
+        logits[i, ids] = float("-inf")
+    return logits
