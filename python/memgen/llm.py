@@ -4,6 +4,7 @@ enters the engine; bad input raises ValueError / TypeError saying what would
 be right."""
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import time
@@ -81,6 +82,14 @@ class LLM:
             else:
                 dirs[role] = None   # shares the reasoner's weights
         configs = {role: load_hf_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
+        if not ckpt.settings.trigger_active:
+            # it never runs and none is loaded: an unnamed base whose head is not the reasoner's
+            # width (e.g. smollm_*.sh's Qwen2.5 trigger) is left unchecked, not assumed the reasoner's
+            head = ckpt.trigger_head["weight"]
+            if trigger_model is None and ckpt.trigger_base is None and head.shape[-1] != self.hf_config.hidden_size:
+                configs["trigger"] = None
+            from memgen.models.footprint import inactive_trigger_note
+            logging.getLogger(__name__).warning(inactive_trigger_note(configs["trigger"], dirs["trigger"], self.dtype))
         check_memgen_fits(ckpt, self.hf_config, configs["weaver"], configs["trigger"])
         if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
             self.tokenizer.pad_token = self.tokenizer.eos_token
