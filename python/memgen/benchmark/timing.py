@@ -88,7 +88,7 @@ def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
         for t, seq in zip(times, seqs):
             t.extend([now] * (seq.num_output_tokens - len(t)))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    outs = [llm._output(seq) for seq in seqs]
+    outs = [llm._output([seq]) for seq in seqs]
     return TimedRun(wall, [RequestTiming(t, o.token_ids, o.augmentation, o.metrics) for t, o in zip(times, outs)],
                     cpu)
 
