@@ -1,4 +1,7 @@
-// Python bindings of the native host runtime: the module memgen._native.
+// Python bindings of the native host runtime: the module memgen._native. The
+// only file of engine/ that knows Python: it converts between Python objects and
+// the runtime's plain data, and keeps the Python objects behind the runtime's
+// stream pointers alive (PyStepCore).
 // C++ exceptions become Python exceptions (invalid_argument -> ValueError,
 // out_of_range -> IndexError, runtime_error/logic_error -> RuntimeError).
 #include <nanobind/nanobind.h>
@@ -20,7 +23,69 @@ nb::list to_list(const std::vector<int32_t>& v) {
     return out;
 }
 
-StreamCore* stream_of(nb::handle obj) { return stream_from(obj.ptr()); }
+// The StepCore as Python sees it: the native core, plus the Python objects behind
+// its running sequences and its chunks. The runtime holds plain StreamCore
+// pointers; the objects kept here keep those streams alive.
+struct PyStepCore : StepCore {
+    using StepCore::StepCore;
+    std::vector<nb::object> running_seqs;     // the Sequence of each running() entry
+    std::vector<nb::object> running_streams;  // its streams (one tuple each)
+    std::vector<std::pair<nb::object, nb::object>> chunk_objs;  // (seq, stream) of each chunk
+
+    void begin_step(int64_t budget) {
+        begin(budget);
+        chunk_objs.clear();
+    }
+    // (seq, stream) objects of the chunks the native side added since the last call
+    void sync_chunks() {
+        const std::vector<Chunk>& cs = chunks();
+        for (size_t i = chunk_objs.size(); i < cs.size(); ++i) {
+            nb::object stream = nb::find(cs[i].stream);
+            if (!stream.is_valid()) throw std::logic_error("a chunk's stream has no Python object");
+            chunk_objs.emplace_back(running_seqs.at(cs[i].seq), std::move(stream));
+        }
+    }
+    void add_chunk_obj(nb::handle seq, StreamCore& stream, nb::handle stream_obj, int64_t start, int64_t n) {
+        add_chunk(-1, &stream, start, n);
+        chunk_objs.emplace_back(nb::borrow(seq), nb::borrow(stream_obj));
+    }
+    bool admit_seq(nb::handle seq, nb::tuple streams) {
+        SeqStreams cores;
+        cores.reserve(streams.size());
+        for (nb::handle s : streams) cores.push_back(nb::cast<StreamCore*>(s));
+        if (!admit(std::move(cores))) return false;
+        running_seqs.push_back(nb::borrow(seq));
+        running_streams.push_back(streams);
+        sync_chunks();
+        return true;
+    }
+    std::pair<int64_t, bool> schedule(int64_t start) {
+        try {
+            auto r = schedule_running(start);
+            sync_chunks();
+            return r;
+        } catch (...) {
+            sync_chunks();   // the chunks made before the error
+            throw;
+        }
+    }
+    void remove_at(size_t i) {
+        remove_running((int64_t)i);
+        running_seqs.erase(running_seqs.begin() + i);
+        running_streams.erase(running_streams.begin() + i);
+    }
+    void remove_seq(nb::handle seq) {
+        for (size_t i = 0; i < running_seqs.size(); ++i)
+            if (running_seqs[i].is(seq)) return remove_at(i);
+        throw std::invalid_argument("remove_running: the sequence is not running");
+    }
+    nb::object pop_running() {
+        if (running_seqs.empty()) throw std::out_of_range("pop_running: no sequence is running");
+        nb::object seq = running_seqs.back();
+        remove_at(running_seqs.size() - 1);
+        return seq;
+    }
+};
 
 }  // namespace
 
@@ -28,12 +93,40 @@ NB_MODULE(_native, m) {
     m.doc() = "memgen's native host runtime: block allocator, prefix cache, per-step scheduling and batch assembly";
     m.attr("EMBED") = kEmbed;
 
-    nb::class_<StreamCore>(m, "StreamCore", "A stream's KV bookkeeping; memgen.engine.sequence.Stream subclasses it.")
+    nb::class_<StreamCore>(m, "StreamCore",
+                           "A stream's positions (token ids; EMBED at embedding positions, with their digests) "
+                           "and KV bookkeeping; memgen.engine.sequence.Stream subclasses it.")
         .def(nb::init<>())
-        .def_prop_rw("token_ids", [](StreamCore& s) { return nb::borrow<nb::list>(s.token_ids); },
-                     [](StreamCore& s, nb::handle v) { s.set_token_ids(v.ptr()); })
-        .def_prop_rw("embed_keys", [](StreamCore& s) { return nb::borrow<nb::dict>(s.embed_keys); },
-                     [](StreamCore& s, nb::handle v) { s.set_embed_keys(v.ptr()); })
+        .def_prop_ro("token_ids", [](StreamCore& s) {
+            // a tuple, so that a stale `stream.token_ids.append(t)` fails instead of changing a copy
+            PyObject* out = PyTuple_New((Py_ssize_t)s.token_ids.size());
+            if (!out) throw nb::python_error();
+            for (size_t i = 0; i < s.token_ids.size(); ++i) {
+                PyObject* t = PyLong_FromLongLong(s.token_ids[i]);
+                if (!t) {
+                    Py_DECREF(out);
+                    throw nb::python_error();
+                }
+                PyTuple_SET_ITEM(out, (Py_ssize_t)i, t);
+            }
+            return nb::steal<nb::tuple>(out);
+        }, "The stream's token ids (a tuple, read-only: append with append_token / append_tokens / "
+           "append_embed; EMBED at embedding positions).")
+        .def("append_token", &StreamCore::append_token, "token_id"_a)
+        .def("append_tokens", [](StreamCore& s, const std::vector<int64_t>& ids) {
+            s.token_ids.insert(s.token_ids.end(), ids.begin(), ids.end());
+        }, "token_ids"_a)
+        .def("append_embed", [](StreamCore& s, nb::handle digest) {
+            if (digest.is_none()) return s.append_embed(nullptr);
+            if (!nb::isinstance<nb::bytes>(digest)) throw nb::type_error("append_embed: digest must be bytes or None");
+            nb::bytes b = nb::borrow<nb::bytes>(digest);
+            const std::string d(b.c_str(), b.size());
+            s.append_embed(&d);
+        }, "digest"_a.none() = nb::none(),
+           "An embedding-valued position (EMBED); its digest keys the prefix cache (None: a scratch "
+           "position, never cached).")
+        .def("drop_scratch", &StreamCore::drop_scratch,
+             "Cut the trailing num_scratch positions (and their digests) off again.")
         .def_rw("name", &StreamCore::name)
         .def_prop_ro("block_table", [](StreamCore& s) { return to_list(s.block_table); },
                      "Block ids of the stream's positions (a copy).")
@@ -52,7 +145,7 @@ NB_MODULE(_native, m) {
         .def_rw("due", &StreamCore::due)
         .def_rw("projected", &StreamCore::projected)
         .def_prop_ro("num_tokens", &StreamCore::num_tokens)
-        .def_prop_ro("num_pending_tokens", [](StreamCore& s) { return s.num_tokens() - s.num_computed_tokens; })
+        .def_prop_ro("num_pending_tokens", &StreamCore::num_pending_tokens)
         .def("reset", &StreamCore::reset, "Forget the cache (after the blocks went back to the pool).");
 
     nb::class_<BlockManager>(m, "BlockManager",
@@ -130,34 +223,47 @@ NB_MODULE(_native, m) {
         .def_ro("has_embeds", &AssembleResult::has_embeds)
         .def_ro("has_adapters", &AssembleResult::has_adapters);
 
-    static PyObject* streams_attr = PyUnicode_InternFromString("stream_list");  // never freed
-    nb::class_<StepCore>(m, "StepCore", "One step's scheduled chunks, and the per-step work on them.")
+    nb::class_<PyStepCore>(m, "StepCore",
+                           "The running sequences (admission order) and one step's scheduled chunks, and the "
+                           "per-step work on them.")
         .def(nb::init<std::vector<BlockManager*>>(), "block_managers"_a, nb::keep_alive<1, 2>())
-        .def("begin", &StepCore::begin, "budget"_a)
+        .def("begin", &PyStepCore::begin_step, "budget"_a, "Start a step: no chunks, this token budget.")
         .def_prop_ro("budget", &StepCore::budget)
         .def_prop_ro("step", &StepCore::step)
-        .def_prop_ro("num_chunks", [](StepCore& c) { return c.chunks().size(); })
-        .def_prop_ro("num_batched_tokens", [](StepCore& c) {
+        .def_prop_ro("num_chunks", [](PyStepCore& c) { return c.chunks().size(); })
+        .def_prop_ro("num_batched_tokens", [](PyStepCore& c) {
             int64_t n = 0;
             for (const Chunk& ch : c.chunks()) n += ch.num_tokens;
             return n;
         })
-        .def("add_chunk", [](StepCore& c, nb::handle seq, nb::handle stream, int64_t start, int64_t n) {
-            c.add_chunk(seq.ptr(), stream.ptr(), stream_of(stream), start, n);
+        .def("add_chunk", [](PyStepCore& c, nb::handle seq, StreamCore& stream, int64_t start, int64_t n) {
+            c.add_chunk_obj(seq, stream, nb::find(&stream), start, n);
         }, "seq"_a.none(), "stream"_a, "start"_a, "num_tokens"_a)
-        .def("schedule_running", [](StepCore& c, nb::handle running, int64_t start) {
-            return c.schedule_running(running.ptr(), start, streams_attr);
-        }, "running"_a, "start"_a,
-           "Catch running sequences (seq.stream_list, streams with .due) up from index start under the "
-           "budget; returns (index where it stopped, whether that sequence could not get blocks).")
-        .def("chunk_tuples", [](StepCore& c) {
+        .def("admit", &PyStepCore::admit_seq, "seq"_a, "streams"_a,
+             "Admit a waiting sequence (streams: its streams, a tuple): blocks and chunks for its due "
+             "streams from their cached prefixes on, under the budget. Atomic: True (it joins the running "
+             "sequences) or False, nothing changed; an error frees every stream and propagates.")
+        .def("schedule_running", &PyStepCore::schedule, "start"_a,
+             "Catch the running sequences' due streams up from index start under the budget; returns "
+             "(index where it stopped, whether that sequence could not get blocks).")
+        .def_prop_ro("num_running", [](PyStepCore& c) { return c.running_seqs.size(); })
+        .def_prop_ro("running", [](PyStepCore& c) {
             nb::list out;
-            for (const Chunk& ch : c.chunks())
-                out.append(nb::make_tuple(nb::borrow(ch.seq ? ch.seq : Py_None), nb::borrow(ch.stream_obj),
-                                          ch.start, ch.num_tokens));
+            for (const nb::object& s : c.running_seqs) out.append(s);
+            return out;
+        }, "The running sequences in admission order (a copy).")
+        .def("running_at", [](PyStepCore& c, size_t i) { return c.running_seqs.at(i); }, "index"_a)
+        .def("pop_running", &PyStepCore::pop_running, "Take the most recently admitted sequence out.")
+        .def("remove_running", &PyStepCore::remove_seq, "seq"_a, "Take a running sequence out.")
+        .def("chunk_tuples", [](PyStepCore& c) {
+            nb::list out;
+            const std::vector<Chunk>& cs = c.chunks();
+            for (size_t i = 0; i < cs.size(); ++i)
+                out.append(nb::make_tuple(c.chunk_objs[i].first, c.chunk_objs[i].second, cs[i].start,
+                                          cs[i].num_tokens));
             return out;
         }, "(seq, stream, start, num_tokens) of every chunk.")
-        .def("pool_indices", [](StepCore& c) {
+        .def("pool_indices", [](PyStepCore& c) {
             nb::list out;
             for (const Chunk& ch : c.chunks()) out.append(ch.stream->pool_index);
             return out;

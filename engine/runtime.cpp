@@ -1,58 +1,38 @@
 // See runtime.h. Semantics follow the plain-Python model in tests/oracle.py,
-// which the property-based tests compare this file against step by step.
+// which the property-based tests compare this file against step by step;
+// engine/test_runtime.cpp checks it alone (no Python) under ASan and UBSan.
 #include "runtime.h"
-
-#include <nanobind/nanobind.h>
 
 #include <algorithm>
 #include <cstring>
 
-namespace nb = nanobind;
-
 namespace memgen {
 
 // ---- streams -------------------------------------------------------------------
-StreamCore::StreamCore() : token_ids(PyList_New(0)), embed_keys(PyDict_New()) {
-    if (!token_ids || !embed_keys) throw nb::python_error();
+void StreamCore::append_embed(const std::string* digest) {
+    if (digest) embed_digests[num_tokens()] = *digest;
+    token_ids.push_back(kEmbed);
 }
 
-StreamCore::~StreamCore() {
-    Py_XDECREF(token_ids);
-    Py_XDECREF(embed_keys);
+void StreamCore::truncate(int64_t n) {
+    if (n < 0 || n > num_tokens())
+        throw std::out_of_range("stream " + name + ": cannot truncate " + std::to_string(num_tokens()) +
+                                " positions to " + std::to_string(n));
+    for (int64_t pos = n; pos < num_tokens(); ++pos)
+        if (token_ids[pos] == kEmbed) embed_digests.erase(pos);
+    token_ids.resize(n);
 }
 
-void StreamCore::set_token_ids(PyObject* list) {
-    if (!PyList_Check(list)) throw nb::type_error("Stream.token_ids must be a list of ints");
-    Py_INCREF(list);
-    Py_SETREF(token_ids, list);
-}
-
-void StreamCore::set_embed_keys(PyObject* dict) {
-    if (!PyDict_Check(dict)) throw nb::type_error("Stream.embed_keys must be a dict {position: bytes}");
-    Py_INCREF(dict);
-    Py_SETREF(embed_keys, dict);
-}
-
-int64_t StreamCore::token(int64_t pos) const {
-    long long v = PyLong_AsLongLong(PyList_GET_ITEM(token_ids, pos));
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        throw nb::type_error(("stream " + name + ": token_ids[" + std::to_string(pos) + "] is not an int").c_str());
-    }
-    return v;
+void StreamCore::drop_scratch() {
+    truncate(num_tokens() - num_scratch);
+    num_computed_tokens = std::min(num_computed_tokens, num_tokens());
+    num_scratch = 0;
 }
 
 void StreamCore::reset() {
     block_table.clear();
     block_hashes.clear();
     num_computed_tokens = num_cached_tokens = 0;
-}
-
-StreamCore* stream_from(PyObject* obj) {
-    StreamCore* s = nullptr;
-    if (!nb::try_cast<StreamCore*>(nb::handle(obj), s) || !s)
-        throw nb::type_error(("expected a memgen Stream, got " + std::string(Py_TYPE(obj)->tp_name)).c_str());
-    return s;
 }
 
 // ---- block keys ------------------------------------------------------------------
@@ -146,20 +126,14 @@ void BlockManager::make_key(const StreamCore& s, int64_t index, const uint64_t* 
     key.tokens.resize(block_size_);
     key.extra.clear();
     for (int64_t i = 0; i < block_size_; ++i) {
-        const int64_t t = s.token(start + i);
+        const int64_t t = s.token_ids[start + i];
         key.tokens[i] = t;
         if (t != kEmbed) continue;
-        PyObject* pos = PyLong_FromLongLong(start + i);
-        if (!pos) throw nb::python_error();
-        PyObject* digest = PyDict_GetItemWithError(s.embed_keys, pos);  // borrowed
-        Py_DECREF(pos);
-        if (!digest) {
-            if (PyErr_Occurred()) throw nb::python_error();
+        auto digest = s.embed_digests.find(start + i);
+        if (digest == s.embed_digests.end())
             throw std::out_of_range("stream " + s.name + ": embedding position " + std::to_string(start + i) +
-                                    " has no digest in embed_keys");
-        }
-        if (!PyBytes_Check(digest)) throw nb::type_error("embed_keys values must be bytes");
-        key.extra.append(PyBytes_AS_STRING(digest), PyBytes_GET_SIZE(digest));
+                                    " has no digest");
+        key.extra += digest->second;
     }
 }
 
@@ -301,51 +275,78 @@ BlockManager& StepCore::manager(const StreamCore& s) const {
     return *managers_[s.pool_index];
 }
 
-void StepCore::clear() {
-    for (Chunk& c : chunks_) {
-        Py_XDECREF(c.seq);
-        Py_DECREF(c.stream_obj);
-    }
-    chunks_.clear();
-}
-
-void StepCore::add_chunk(PyObject* seq, PyObject* stream_obj, StreamCore* stream, int64_t start,
-                         int64_t num_tokens) {
+void StepCore::add_chunk(int64_t seq, StreamCore* stream, int64_t start, int64_t num_tokens) {
     if (start < 0 || num_tokens <= 0 || start + num_tokens > stream->num_tokens())
         throw std::out_of_range("stream " + stream->name + ": chunk [" + std::to_string(start) + ", " +
                                 std::to_string(start + num_tokens) + ") is not within its " +
                                 std::to_string(stream->num_tokens()) + " positions");
-    Py_XINCREF(seq);
-    Py_INCREF(stream_obj);
-    chunks_.push_back({seq, stream_obj, stream, start, num_tokens});
+    chunks_.push_back({seq, stream, start, num_tokens});
     budget_ -= num_tokens;
 }
 
-std::pair<int64_t, bool> StepCore::schedule_running(PyObject* running, int64_t start, PyObject* streams_attr) {
-    if (!PyList_Check(running)) throw nb::type_error("running must be a list of sequences");
-    struct Pending { PyObject* obj; StreamCore* s; int64_t start, n; };
+bool StepCore::admit(SeqStreams streams) {
+    struct Plan { StreamCore* s; int64_t n; std::vector<int32_t> hits; };
+    std::vector<Plan> plan;
+    std::vector<int64_t> needed(managers_.size(), 0);   // free blocks per pool
+    int64_t budget = budget_;
+    for (StreamCore* s : streams) {
+        if (!s->due) continue;
+        BlockManager& m = manager(*s);
+        std::vector<int32_t> hits;
+        if (s->block_table.empty()) hits = m.find_cached_prefix(*s);
+        const int64_t computed = hits.empty() ? s->num_computed_tokens : (int64_t)hits.size() * m.block_size();
+        const int64_t n = std::min(s->num_tokens() - computed, budget);
+        if (n <= 0) continue;
+        needed[s->pool_index] += m.num_free_blocks_needed(*s, n, hits);
+        plan.push_back({s, n, std::move(hits)});
+        budget -= n;
+    }
+    if (plan.empty()) return false;
+    for (size_t p = 0; p < managers_.size(); ++p)
+        if (managers_[p]->num_free_blocks() < needed[p]) return false;
+    try {
+        for (Plan& p : plan)
+            if (!p.hits.empty()) manager(*p.s).allocate(*p.s, 0, p.hits);
+        for (Plan& p : plan) manager(*p.s).allocate(*p.s, p.n, {});
+    } catch (...) {
+        for (StreamCore* s : streams) manager(*s).free(*s);   // the streams not reached hold nothing
+        throw;
+    }
+    const int64_t seq = (int64_t)running_.size();
+    running_.push_back(std::move(streams));
+    for (Plan& p : plan) {
+        manager(*p.s).record_admission(*p.s);
+        add_chunk(seq, p.s, p.s->num_computed_tokens, p.n);
+    }
+    return true;
+}
+
+std::pair<int64_t, bool> StepCore::schedule_running(int64_t start) {
+    if (start < 0) throw std::out_of_range("schedule_running: start must be >= 0");
+    struct Pending { StreamCore* s; int64_t start, n; };
     std::vector<Pending> pending;
     int64_t i = start;
-    for (; i < PyList_GET_SIZE(running) && budget_ > 0; ++i) {
-        PyObject* seq = PyList_GET_ITEM(running, i);
-        nb::object streams = nb::steal(PyObject_GetAttr(seq, streams_attr));
-        if (!streams.is_valid()) throw nb::python_error();
-        if (!PyTuple_Check(streams.ptr())) throw nb::type_error("Sequence.stream_list must be a tuple of streams");
+    for (; i < (int64_t)running_.size() && budget_ > 0; ++i) {
         pending.clear();
         int64_t left = budget_;
-        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(streams.ptr()); ++j) {
-            PyObject* obj = PyTuple_GET_ITEM(streams.ptr(), j);
-            StreamCore* s = stream_from(obj);
+        for (StreamCore* s : running_[i]) {
             if (!s->due) continue;
-            const int64_t n = std::min(s->num_tokens() - s->num_computed_tokens, left);
+            const int64_t n = std::min(s->num_pending_tokens(), left);
             if (n <= 0) continue;
             if (!manager(*s).extend(*s, n)) return {i, true};
-            pending.push_back({obj, s, s->num_computed_tokens, n});
+            pending.push_back({s, s->num_computed_tokens, n});
             left -= n;
         }
-        for (const Pending& p : pending) add_chunk(seq, p.obj, p.s, p.start, p.n);
+        for (const Pending& p : pending) add_chunk(i, p.s, p.start, p.n);
     }
     return {i, false};
+}
+
+void StepCore::remove_running(int64_t index) {
+    if (index < 0 || index >= (int64_t)running_.size())
+        throw std::out_of_range("running sequence " + std::to_string(index) + " is not in [0, " +
+                                std::to_string(running_.size()) + ")");
+    running_.erase(running_.begin() + index);
 }
 
 void StepCore::postprocess() {
@@ -381,7 +382,7 @@ AssembleResult StepCore::assemble(int64_t pool_index, int64_t block_size, const 
             throw std::out_of_range("stream " + s.name + ": chunk [" + std::to_string(c.start) + ", " +
                                     std::to_string(end) + ") is not covered by its positions and blocks");
         for (int64_t pos = c.start; pos < end; ++pos, ++row) {
-            const int64_t t = s.token(pos);
+            const int64_t t = s.token_ids[pos];
             r.has_embeds |= t == kEmbed;
             buf.input_ids[row] = t;
             buf.positions[row] = pos;

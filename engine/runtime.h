@@ -1,20 +1,21 @@
 // memgen's native host runtime: the paged KV cache's block allocator (reference
 // counts, a free list that is also the eviction order, prefix caching by chained
 // block hashes with a collision check) and the per-step work of the scheduler
-// (catching running streams up under a token budget, batch assembly into
-// preallocated buffers, marking chunks computed).
+// (admitting waiting sequences, catching running streams up under a token budget,
+// batch assembly into preallocated buffers, marking chunks computed).
 //
-// Streams keep their token ids in a Python list (the engine's Python code appends
-// to it); everything the allocator and the scheduler change lives here.
-// Errors throw std exceptions, which the bindings turn into Python exceptions.
+// Plain C++17: no Python here. Streams own their token ids and the digests of
+// their embedding positions; the running sequences are lists of stream pointers
+// registered with the StepCore at admission. engine/bindings.cpp is the only file
+// that knows Python (it maps chunks back to Python objects). Errors throw std
+// exceptions, which the bindings turn into Python exceptions.
 #pragma once
-
-#include <Python.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace memgen {
@@ -23,9 +24,9 @@ constexpr int64_t kEmbed = -1;  // token_ids entry of an embedding-valued positi
 
 // One KV stream of a sequence (Python: memgen.engine.sequence.Stream subclasses it).
 struct StreamCore {
-    PyObject* token_ids = nullptr;   // owned reference to a Python list of ints
-    PyObject* embed_keys = nullptr;  // owned reference to a dict: position -> digest bytes
     std::string name;
+    std::vector<int64_t> token_ids;                       // kEmbed at embedding positions
+    std::unordered_map<int64_t, std::string> embed_digests;  // embedding position -> digest (prefix-cache key)
     std::vector<int32_t> block_table;
     std::vector<uint64_t> block_hashes;  // hashes of its cached full blocks
     int64_t num_computed_tokens = 0;
@@ -37,20 +38,19 @@ struct StreamCore {
     bool due = true;             // may the scheduler compute this stream now
     bool projected = false;      // token rows enter as projected embeddings (weaver)
 
-    StreamCore();
-    ~StreamCore();
-    StreamCore(const StreamCore&) = delete;
+    StreamCore() = default;
+    StreamCore(const StreamCore&) = delete;             // the scheduler holds pointers to streams
     StreamCore& operator=(const StreamCore&) = delete;
 
-    void set_token_ids(PyObject* list);
-    void set_embed_keys(PyObject* dict);
-    int64_t num_tokens() const { return PyList_GET_SIZE(token_ids); }
-    int64_t token(int64_t pos) const;    // throws on a non-int entry
-    void reset();
+    int64_t num_tokens() const { return (int64_t)token_ids.size(); }
+    int64_t num_pending_tokens() const { return num_tokens() - num_computed_tokens; }
+    void append_token(int64_t token) { token_ids.push_back(token); }
+    // An embedding-valued position; digest == nullptr: none (scratch positions are never cached).
+    void append_embed(const std::string* digest);
+    void truncate(int64_t num_tokens);   // drop positions >= num_tokens and their digests
+    void drop_scratch();                 // cut the scratch positions off again
+    void reset();                        // forget the cache (the blocks went back to the pool)
 };
-
-// The StreamCore inside a Python object; raises TypeError for anything else.
-StreamCore* stream_from(PyObject* obj);
 
 struct BlockKey {
     uint64_t parent = 0;
@@ -127,8 +127,7 @@ private:
 
 // Positions [start, start + num_tokens) of one stream, computed in this step.
 struct Chunk {
-    PyObject* seq;        // owned
-    PyObject* stream_obj; // owned
+    int64_t seq;          // index of its sequence in StepCore::running() when it was made; -1: add_chunk
     StreamCore* stream;
     int64_t start;
     int64_t num_tokens;
@@ -143,7 +142,7 @@ struct AssembleResult {
     bool has_embeds = false, has_adapters = false;
 };
 
-// Preallocated int64 buffers (owned by Python tensors; pinned on CUDA).
+// Preallocated int64 buffers (owned by the caller; pinned on CUDA).
 struct InputBuffers {
     int64_t* input_ids; int64_t* positions; int64_t* slot_mapping; int64_t* adapter_ids;
     int64_t max_rows;
@@ -153,27 +152,43 @@ struct InputBuffers {
     int64_t max_table;       // capacity in entries
 };
 
-// One step's chunks, and the work done on them.
+// A sequence as the step sees it: its streams, in order (not owned: the caller
+// keeps them alive while the sequence is registered).
+using SeqStreams = std::vector<StreamCore*>;
+
+// The running sequences (in admission order) and one step's chunks, and the work
+// done on them.
 class StepCore {
 public:
     explicit StepCore(std::vector<BlockManager*> managers) : managers_(std::move(managers)) {}
-    ~StepCore() { clear(); }
 
-    void begin(int64_t budget) { clear(); budget_ = budget; ++step_; }
+    void begin(int64_t budget) { chunks_.clear(); budget_ = budget; ++step_; }
     int64_t budget() const { return budget_; }
     int64_t step() const { return step_; }
     const std::vector<Chunk>& chunks() const { return chunks_; }
-    void add_chunk(PyObject* seq, PyObject* stream_obj, StreamCore* stream, int64_t start, int64_t num_tokens);
+    void add_chunk(int64_t seq, StreamCore* stream, int64_t start, int64_t num_tokens);
+
+    // Admit a waiting sequence: blocks and chunks for its due streams, each from its
+    // cached prefix on, under the step's budget. Atomic: every stream gets its blocks
+    // (the sequence joins running()) or none does (false, nothing changed). Every
+    // stream's prefix hits are pinned before any stream takes a free block (new blocks
+    // come off the free list's head and would evict a hit counted on); if an error
+    // interrupts it anyway, every stream of the sequence is freed and the error rethrown.
+    bool admit(SeqStreams streams);
     // Catch running sequences up from index `start` on; returns the index where it
-    // stopped and whether that sequence could not get blocks.
-    std::pair<int64_t, bool> schedule_running(PyObject* running, int64_t start, PyObject* streams_attr);
+    // stopped and whether that sequence could not get blocks (the caller preempts and
+    // calls again).
+    std::pair<int64_t, bool> schedule_running(int64_t start);
+    const std::vector<SeqStreams>& running() const { return running_; }
+    void remove_running(int64_t index);   // finished, preempted or aborted (its blocks are the caller's)
+
     void postprocess();
     AssembleResult assemble(int64_t pool_index, int64_t block_size, const InputBuffers& buf) const;
-    void clear();
 
 private:
     BlockManager& manager(const StreamCore& s) const;
     std::vector<BlockManager*> managers_;
+    std::vector<SeqStreams> running_;
     std::vector<Chunk> chunks_;
     int64_t budget_ = 0;
     int64_t step_ = 0;

@@ -4,7 +4,9 @@ test_native_allocator.py runs random operation sequences on it and on
 memgen._native.BlockManager and compares every observable.
 
 Its streams are plain objects (OracleStream) with the fields the allocator
-uses. The block hash is the native one (engine/runtime.cpp: hash_key), written
+uses. OracleStep is the scheduler's per-step work as it was in Python
+(Scheduler._admit and the loop over running sequences), compared with
+memgen._native.StepCore. The block hash is the native one (engine/runtime.cpp: hash_key), written
 out here, so that truncated hashes (hash_bits < 64) collide on the same blocks
 in both; the collision check compares the stored key itself.
 """
@@ -50,6 +52,8 @@ class OracleStream:
     block_hashes: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
+    pool_index: int = 0
+    due: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -176,3 +180,77 @@ class OracleBlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         stream.reset()
+
+
+class OracleStep:
+    """The running sequences (lists of streams, admission order) and one step's
+    chunks [(running index, stream, start, num_tokens)]: admission and the catch-up
+    loop as the Python scheduler had them before they moved to StepCore."""
+
+    def __init__(self, managers: list[OracleBlockManager]):
+        self.managers = managers
+        self.running: list[list[OracleStream]] = []
+        self.chunks: list[tuple[int, OracleStream, int, int]] = []
+        self.budget = 0
+
+    def begin(self, budget: int) -> None:
+        self.chunks, self.budget = [], budget
+
+    def _add_chunk(self, seq: int, stream: OracleStream, start: int, n: int) -> None:
+        self.chunks.append((seq, stream, start, n))
+        self.budget -= n
+
+    def admit(self, streams: list[OracleStream]) -> bool:
+        """Scheduler._admit: atomic; every stream's hits pinned before any new block."""
+        budget, plan, needed = self.budget, [], {}
+        for stream in streams:
+            if not stream.due:
+                continue
+            manager = self.managers[stream.pool_index]
+            hits = manager.find_cached_prefix(stream) if not stream.block_table else []
+            computed = len(hits) * manager.block_size if hits else stream.num_computed_tokens
+            n = min(stream.num_tokens - computed, budget)
+            if n <= 0:
+                continue
+            needed[stream.pool_index] = (needed.get(stream.pool_index, 0)
+                                         + manager.num_free_blocks_needed(stream, n, hits))
+            plan.append((stream, n, hits))
+            budget -= n
+        if not plan or any(self.managers[p].num_free_blocks < k for p, k in needed.items()):
+            return False
+        for stream, _, hits in plan:
+            if hits:
+                self.managers[stream.pool_index].allocate(stream, 0, hits)
+        for stream, n, _ in plan:
+            self.managers[stream.pool_index].allocate(stream, n, [])
+        self.running.append(streams)
+        for stream, n, _ in plan:
+            self.managers[stream.pool_index].record_admission(stream)
+            self._add_chunk(len(self.running) - 1, stream, stream.num_computed_tokens, n)
+        return True
+
+    def schedule_running(self, start: int) -> tuple[int, bool]:
+        i = start
+        while i < len(self.running) and self.budget > 0:
+            pending, left = [], self.budget
+            for stream in self.running[i]:
+                if not stream.due:
+                    continue
+                n = min(stream.num_tokens - stream.num_computed_tokens, left)
+                if n <= 0:
+                    continue
+                manager = self.managers[stream.pool_index]
+                if not manager.can_allocate(stream, n):
+                    return i, True
+                manager.allocate(stream, n)
+                pending.append((stream, stream.num_computed_tokens, n))
+                left -= n
+            for stream, start_pos, n in pending:
+                self._add_chunk(i, stream, start_pos, n)
+            i += 1
+        return i, False
+
+    def postprocess(self) -> None:
+        for _, stream, start, n in self.chunks:
+            stream.num_computed_tokens = start + n
+            self.managers[stream.pool_index].cache_full_blocks(stream)

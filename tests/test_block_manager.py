@@ -24,7 +24,7 @@ def test_allocate_and_free_return_every_block():
     m.allocate(s, 10)
     assert len(s.block_table) == 3 and m.num_free_blocks == 5
     s.num_computed_tokens = 10
-    s.token_ids.append(99)
+    s.append_token(99)
     m.allocate(s, 1)                       # position 10 still fits in block 3
     assert len(s.block_table) == 3
     m.free(s)
@@ -88,16 +88,16 @@ def test_embedding_positions_key_the_cache_by_their_values(dtype):
     m = BlockManager(8, 4)
     a = Stream("R", [1, 2])
     a.append_embeds(torch.ones(2, 3, dtype=dtype))
-    a.token_ids += [5, 6]
+    a.append_tokens([5, 6])
     m.allocate(a, 6)
     a.num_computed_tokens = 6
     m.cache_full_blocks(a)
     same = Stream("R", [1, 2])
     same.append_embeds(torch.ones(2, 3, dtype=dtype))
-    same.token_ids += [5, 6]
+    same.append_tokens([5, 6])
     other = Stream("R", [1, 2])
     other.append_embeds(torch.zeros(2, 3, dtype=dtype))
-    other.token_ids += [5, 6]
+    other.append_tokens([5, 6])
     assert m.find_cached_prefix(same) == a.block_table[:1]
     assert m.find_cached_prefix(other) == []
 
@@ -122,16 +122,44 @@ def test_native_errors_are_python_exceptions():
         m.allocate(s, 1, [17])
     with pytest.raises(TypeError):
         m.allocate(object(), 1)
-    with pytest.raises(TypeError, match="list"):
-        s.token_ids = (1, 2)
-    bad = Stream("R", [1, 2, "x", 4, 5])
-    m.allocate(bad, 5)
-    bad.num_computed_tokens = 5
-    with pytest.raises(TypeError, match="not an int"):
-        m.cache_full_blocks(bad)
+    with pytest.raises(AttributeError):
+        s.token_ids.append(6)                      # a tuple: positions change only through the methods
+    with pytest.raises(TypeError):
+        Stream("R", [1, 2, "x", 4, 5])
+    with pytest.raises(TypeError):
+        s.append_token(2.5)
+    with pytest.raises(TypeError, match="bytes"):
+        s.append_embed("not bytes")
+    assert s.token_ids == (1, 2, 3, 4, 5)           # refused appends changed nothing
     embed = Stream("R", [1, -1, 3, 4, 5])          # an embedding position without its digest
     m2 = BlockManager(4, 4)
     m2.allocate(embed, 5)
     embed.num_computed_tokens = 5
     with pytest.raises(IndexError, match="digest"):
         m2.cache_full_blocks(embed)
+
+
+def test_drop_scratch_cuts_the_scratch_positions_only():
+    """The weaver's scratch queries: appended without digests, never registered, cut off
+    again with their vectors; the digested positions before them keep keying the cache."""
+    import torch
+
+    from memgen._native import EMBED
+
+    m = BlockManager(8, 2)
+    s = Stream("R", [1, 2])
+    s.append_embeds(torch.ones(2, 3))                       # latents at 2, 3 (digested)
+    s.num_scratch = 2
+    s.append_embeds(torch.zeros(2, 3), hash_keys=False)     # scratch queries at 4, 5
+    m.allocate(s, 6)
+    s.num_computed_tokens = 6
+    m.cache_full_blocks(s)
+    assert len(s.block_hashes) == 2                         # the scratch block is never registered
+    s.drop_scratch()
+    assert s.token_ids == (1, 2, EMBED, EMBED) and sorted(s.embeds) == [2, 3]
+    assert (s.num_tokens, s.num_computed_tokens, s.num_scratch) == (4, 4, 0)
+    s.append_token(7)
+    twin = Stream("R", [1, 2])
+    twin.append_embeds(torch.ones(2, 3))
+    twin.append_token(7)
+    assert m.find_cached_prefix(twin) == s.block_table[:2]

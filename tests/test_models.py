@@ -81,7 +81,7 @@ def test_embedding_inputs_equal_token_inputs(qwen2_dir):
     by_token = run(Stream("R", list(ids)))
     mixed = Stream("R", ids[:3])
     mixed.append_embeds(embed[ids[3:5]])        # two latent-style positions mid-sequence
-    mixed.token_ids += ids[5:]
+    mixed.append_tokens(ids[5:])
     by_embed = run(mixed)
     assert torch.equal(by_token, by_embed)
 

@@ -10,11 +10,14 @@ get blocks, the most recently admitted running sequence is preempted by
 recompute (its blocks are freed; it re-enters the queue's front and later
 re-prefills, through the prefix cache where it can). Requests are never dropped.
 
-The per-step loop over running sequences, and the per-chunk work after the
-forward, run natively (`memgen._native.StepCore`): the step's chunks live there
+Admission, the per-step loop over running sequences and the per-chunk work
+after the forward run natively (`memgen._native.StepCore`, engine/runtime.cpp):
+a sequence's streams are registered with it at admission and stay there while
+it runs (`StepCore.running`, in admission order); the step's chunks live there
 and are handed to batch assembly (input_batch) without Python objects;
 `SchedulerOutput.chunks` builds the Python view when something asks for it.
-Admission and preemption (a few sequences per step at most) stay in Python.
+The queue of waiting sequences and preemption (a few sequences per step at
+most) stay in Python.
 """
 from __future__ import annotations
 
@@ -84,18 +87,21 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self.num_preemptions = 0
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The running sequences in admission order (a copy; StepCore holds them)."""
+        return self.core.running
 
     def add(self, seq: Sequence) -> None:
         for stream in seq.streams.values():
             stream.pool_index = self.pool_index[stream.pool]
-        seq.stream_list = tuple(seq.streams.values())
         seq.due_streams = seq.due_streams      # streams added after the last setting
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.core.num_running)
 
     def schedule(self) -> SchedulerOutput:
         core = self.core
@@ -105,60 +111,35 @@ class Scheduler:
         while True:
             # natively: each running sequence's due streams catch up, until the budget
             # is spent or a sequence cannot get blocks
-            i, failed = core.schedule_running(self.running, i)
+            i, failed = core.schedule_running(i)
             if not failed:
                 break
-            seq = self.running[i]
-            victim = self.running.pop()
+            seq = core.running_at(i)
+            victim = core.pop_running()
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is seq:
                 break
         if out.preempted:
             return out
-        while self.waiting and core.budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and core.budget > 0 and core.num_running < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self._admit(seq, core.budget):
+            if not self._admit(seq):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
         return out
 
-    def _admit(self, seq: Sequence, budget: int) -> bool:
-        """Blocks and chunks for a waiting sequence, starting from its cached prefix.
-        Atomic: every stream gets its blocks or none does (False, nothing changed)."""
-        plan = []
-        needed: dict[str, int] = {}
-        for stream in seq.streams_to_run():
-            manager = self.block_managers[stream.pool]
-            hits = manager.find_cached_prefix(stream) if not stream.num_blocks else []
-            computed = len(hits) * manager.block_size if hits else stream.num_computed_tokens
-            n = min(stream.num_tokens - computed, budget)
-            if n <= 0:
-                continue
-            needed[stream.pool] = needed.get(stream.pool, 0) + manager.num_free_blocks_needed(stream, n, hits)
-            plan.append((stream, n, hits))
-            budget -= n
-        if not plan or any(self.block_managers[p].num_free_blocks < k for p, k in needed.items()):
+    def _admit(self, seq: Sequence) -> bool:
+        """Blocks and chunks for a waiting sequence, starting from its cached prefix
+        (natively, StepCore.admit). Atomic: every stream gets its blocks and the
+        sequence joins the running ones, or none does (False, nothing changed). Every
+        stream's prefix hits are pinned before any new block is taken; an error frees
+        every stream of the sequence and propagates."""
+        if not self.core.admit(seq, tuple(seq.streams.values())):
             return False
-        try:
-            # pin every stream's cache hits before any stream takes a free block: new
-            # blocks come off the free list's head and would evict a hit counted on above
-            for stream, _, hits in plan:
-                if hits:
-                    self.block_managers[stream.pool].allocate(stream, 0, hits)
-            for stream, n, _ in plan:
-                self.block_managers[stream.pool].allocate(stream, n, [])
-        except BaseException:
-            self._free(seq)   # the streams not reached hold nothing: free() is a no-op for them
-            raise
-        for stream, n, _ in plan:
-            manager = self.block_managers[stream.pool]
-            manager.record_admission(stream)
-            if seq.num_preemptions == 0 and stream is seq.reasoner:
-                seq.num_cached_prompt_tokens = stream.num_cached_tokens
-            self.core.add_chunk(seq, stream, stream.num_computed_tokens, n)
+        if seq.num_preemptions == 0:   # 0 when R was not admitted now: a fresh stream holds no hits
+            seq.num_cached_prompt_tokens = seq.reasoner.num_cached_tokens
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -183,7 +164,9 @@ class Scheduler:
         self.core.begin(0)
         drop = {id(seq) for seq in seqs if seq.status != SequenceStatus.FINISHED}
         self.waiting = deque(s for s in self.waiting if id(s) not in drop)
-        self.running = [s for s in self.running if id(s) not in drop]
+        for seq in self.core.running:
+            if id(seq) in drop:
+                self.core.remove_running(seq)
         for seq in seqs:
             if id(seq) in drop:
                 self._free(seq)
@@ -193,5 +176,5 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
+        self.core.remove_running(seq)
         self._free(seq)

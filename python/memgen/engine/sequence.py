@@ -4,7 +4,9 @@ and "T" (trigger), each with its own positions, block table and computed count.
 
 The scheduler and block manager change these objects; the model runner only
 reads them. A stream's positions are token ids, or embedding vectors (latents)
-marked by EMBED in `token_ids` with the vector in `embeds[position]`.
+marked by EMBED in `token_ids` with the vector in `embeds[position]`. The
+positions live natively (memgen._native.StreamCore, the base of Stream) and
+change only through its append / drop_scratch methods.
 """
 from __future__ import annotations
 
@@ -41,20 +43,25 @@ def salt_id(salt: object) -> int:
 class Stream(StreamCore):
     """One KV stream of a sequence: the positions it holds and their cache.
 
-    The native base (memgen._native.StreamCore) holds what the block manager and
-    the scheduler change: block_table (read-only copy), block_hashes,
-    num_computed_tokens, num_cached_tokens (found by prefix caching at
-    admission), num_scratch (trailing positions computed but never cached: the
-    weaver's queries), adapter_id, and the token_ids list and embed_keys dict
-    (position -> digest) by reference."""
+    The native base (memgen._native.StreamCore) owns the positions and
+    everything the block manager and the scheduler change: the token ids (EMBED
+    at embedding positions) and the digests of embedding positions, as plain
+    data, changed only through append_token / append_tokens / append_embeds /
+    drop_scratch and read as `token_ids` (a tuple) or `num_tokens`; block_table
+    (a copy), block_hashes, num_computed_tokens, num_cached_tokens (found by
+    prefix caching at admission), num_scratch (trailing positions computed but
+    never cached: the weaver's queries), adapter_id, pool_index. This class adds
+    what only Python uses: the embedding vectors, the pool's name, the cache
+    salt object and the token_input function."""
 
     def __init__(self, name: str, token_ids: list[int], pool: str = "base", cache_salt: object = None,
                  adapter_id: int = -1, token_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.name = name
-        self.token_ids = token_ids
+        self.append_tokens(token_ids)
         self.pool = pool                   # which model / KV pool this stream runs on
-        self.cache_salt = cache_salt       # part of prefix-cache keys (adapter, model, ...)
+        self._cache_salt = cache_salt      # part of prefix-cache keys (adapter, model, ...)
+        self.salt_id = salt_id(cache_salt)
         self.adapter_id = adapter_id       # LoRA adapter of this stream's rows (-1: none)
         self.embeds: dict[int, torch.Tensor] = {}    # position -> [H] vector
         self.token_input = token_input
@@ -62,11 +69,6 @@ class Stream(StreamCore):
     @property
     def cache_salt(self) -> object:
         return self._cache_salt
-
-    @cache_salt.setter
-    def cache_salt(self, salt: object) -> None:
-        self._cache_salt = salt
-        self.salt_id = salt_id(salt)
 
     @property
     def token_input(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -84,23 +86,15 @@ class Stream(StreamCore):
         (scratch positions are never cached and need none)."""
         # raw bytes (numpy has no bfloat16)
         data = vectors.detach().cpu().contiguous().view(torch.uint8) if hash_keys else None
-        token_ids, embed_keys = self.token_ids, self.embed_keys
         for i, vector in enumerate(vectors):
-            pos = len(token_ids)
-            token_ids.append(EMBED)
-            self.embeds[pos] = vector
-            if hash_keys:
-                embed_keys[pos] = hashlib.sha256(data[i].numpy().tobytes()).digest()
+            self.embeds[self.num_tokens] = vector
+            self.append_embed(hashlib.sha256(data[i].numpy().tobytes()).digest() if hash_keys else None)
 
     def drop_scratch(self) -> None:
         """Cut the scratch positions off again; their slots are overwritten later."""
-        embed_keys = self.embed_keys
         for pos in range(self.num_tokens - self.num_scratch, self.num_tokens):
             self.embeds.pop(pos, None)
-            embed_keys.pop(pos, None)
-        del self.token_ids[self.num_tokens - self.num_scratch:]
-        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
-        self.num_scratch = 0
+        super().drop_scratch()
 
     def __repr__(self) -> str:
         return (f"Stream({self.name!r}, pool={self.pool!r}, tokens={self.num_tokens}, "
@@ -122,9 +116,8 @@ class Sequence:
         self.stop_token_ids = stop_token_ids  # eos ids (unless ignore_eos) and the request's stop ids
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
-        self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, list(prompt_token_ids))}
+        self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, prompt_token_ids)}
         self._due_streams: set[str] | None = None   # streams to compute now (None: every stream)
-        self.stream_list: tuple[Stream, ...] = ()   # the streams, for the native scheduler (set on add)
         self.memgen: Any = None                    # MemGen state (memory.controller), None for a plain LLM
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache
@@ -171,7 +164,7 @@ class Sequence:
         self.output_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-        self.reasoner.token_ids.append(token_id)
+        self.reasoner.append_token(token_id)
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, status={self.status.name}, prompt={self.num_prompt_tokens}, "

@@ -150,9 +150,9 @@ class MemGenController:
         forward in one scoring call). Returns the sequences that end for room."""
         now = []
         for seq, token_id in zip(seqs, token_ids):
-            seq.streams[WEAVER].token_ids.append(token_id)
+            seq.streams[WEAVER].append_token(token_id)
             if token_id != self.pad_token_id:
-                seq.streams[TRIGGER].token_ids.append(token_id)
+                seq.streams[TRIGGER].append_token(token_id)
             now += self._consult(seq, is_prompt=False)
         self._decide_batch(now)
         return [seq for seq in seqs if seq.memgen.out_of_room]
