@@ -65,7 +65,7 @@ class LLM:
         from memgen.checkpoint import MemGenCheckpoint, drop_lora, load_checkpoint
         from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
         from memgen.models import load_hf_config
-        from memgen.sources import resolve_model_dir
+        from memgen.sources import resolve_model_dir, same_model
 
         if isinstance(memgen, MemGenCheckpoint):
             ckpt = drop_lora(memgen) if self.reference_compat else memgen
@@ -77,10 +77,10 @@ class LLM:
         for role, given, recorded in (("weaver", weaver_model, ckpt.weaver_base),
                                       ("trigger", trigger_model, ckpt.trigger_base)):
             path = given if given is not None else recorded
-            if path is not None and Path(resolve_model_dir(path)).resolve() != self.model_dir.resolve():
+            if path is not None and not same_model(resolve_model_dir(path), self.model_dir):
                 dirs[role] = Path(resolve_model_dir(path))
             else:
-                dirs[role] = None   # shares the reasoner's weights
+                dirs[role] = None   # shares the reasoner's weights (the same directory, or a copy)
         configs = {role: load_hf_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
         if not ckpt.settings.trigger_active:
             # it never runs and none is loaded: an unnamed base whose head is not the reasoner's
@@ -91,6 +91,10 @@ class LLM:
             from memgen.models.footprint import inactive_trigger_note
             logging.getLogger(__name__).warning(inactive_trigger_note(configs["trigger"], dirs["trigger"], self.dtype))
         check_memgen_fits(ckpt, self.hf_config, configs["weaver"], configs["trigger"])
+        shared = "the reasoner's model (one forward)"
+        logging.getLogger(__name__).info("MemGen layout: %s", "; ".join(
+            f"{role} on {shared if d is None else d}"
+            for role, d in dirs.items() if role == "weaver" or ckpt.settings.trigger_active))
         if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.chat_template = MEMGEN_CHAT_TEMPLATE   # MemGen's ChatML variant

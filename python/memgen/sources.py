@@ -87,6 +87,33 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def same_model(a: Path, b: Path) -> bool:
+    """Do two model directories hold the same model: one path, or the same config
+    and byte-identical safetensors files (a copy of a checkpoint shares one model
+    and one forward with the original instead of loading twice)?"""
+    import filecmp
+
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if a == b:
+        return True
+    try:
+        configs = [json.loads((d / "config.json").read_text()) for d in (a, b)]
+    except (OSError, ValueError):
+        return False
+    for config in configs:
+        config.pop("_name_or_path", None)
+    if configs[0] != configs[1]:
+        return False
+    files = [sorted(f.name for f in d.glob("*.safetensors")) for d in (a, b)]
+    if not files[0] or files[0] != files[1]:
+        return False
+    for name in files[0]:
+        fa, fb = a / name, b / name
+        if fa.stat().st_size != fb.stat().st_size or not filecmp.cmp(fa, fb, shallow=False):
+            return False
+    return True
+
+
 def _cached_gguf_dir(gguf: Path, expected_sha256: str | None, name: str) -> Path:
     """Dequantize `gguf` once into the cache and return the cached directory."""
     # The packaged file is identified by its known hash (whichever venv holds it);
