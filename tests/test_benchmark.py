@@ -229,3 +229,10 @@ def test_bad_option_values_exit_2(tmp_path, capsys, memgen_reasoner_dir):
     assert rc == 2 and "missing" in capsys.readouterr().err
     rc, _ = bench(tmp_path, "--model", memgen_reasoner_dir, "--memgen", tmp_path / "no_ckpt")
     assert rc == 2 and "no_ckpt" in capsys.readouterr().err
+
+
+def test_free_cores():
+    assert report.free_cores(2, 0.1) == 2
+    assert report.free_cores(2, 0.6) == 1 and report.free_cores(2, 1.4) == 1
+    assert report.free_cores(2, 5.0) == 1          # never 0
+    assert report.free_cores(16, 3.2) == 13

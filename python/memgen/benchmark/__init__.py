@@ -8,7 +8,7 @@ average, full configuration, raw per-token timestamps, medians and ratios);
 counts (`ignore_eos`). Without --memgen the MemGen parts are initialised the
 way the reference does (random_checkpoint) and the output says so.
 
-    memgen bench                                   # latency, ~1-2 min on a 2-core CPU
+    memgen bench                                   # latency: 70 s on a 2-core CPU at load 3 (budget 100 s)
     memgen bench --mode overhead                   # issue 4 benchmark 1: batch 8, 384 tokens
     memgen bench --mode vs-reference --max-tokens 128
 """
@@ -74,7 +74,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of the untimed warm-up run per engine and batch size (0: none)")
     g.add_argument("--prefix-caching", action="store_true",
                    help="leave prefix caching on (off by default: repeated iterations would time cache hits)")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default on CPU: the cores the load average leaves free, at least 1; "
+                        "more threads than free cores wait on each other and distort every ratio)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                    help="folder for the JSON and the plot (default: ./%(default)s)")
@@ -129,6 +131,16 @@ def run_bench_from_args(args) -> int:
 
     from . import modes
 
+    from memgen.config import resolve_device
+
+    from .report import free_cores, load_average, usable_cores
+
+    args.threads_from_load = args.threads is None and resolve_device(args.device).type == "cpu"
+    if args.threads_from_load:
+        load = load_average()
+        args.threads = min(torch.get_num_threads(), free_cores(usable_cores(), load[0] if load else 0.0))
+        print(f"memgen bench: {args.threads} torch thread(s): the cores free at load {load[0] if load else '?'} "
+              f"(--threads to choose)", flush=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run = {"latency": modes.run_latency, "overhead": modes.run_latency, "throughput": modes.run_throughput,
