@@ -54,6 +54,12 @@ class EvalConfig:
     score_workers: int = 2            # parallel code-test subprocesses
     progress: bool = True
     overwrite: bool = False           # discard an existing output instead of resuming it
+    # --dataset: the reference's protocol for an original dataset file (eval/protocols)
+    dataset: str | None = None
+    split: str | None = None          # split of a save_to_disk DatasetDict (default: the protocol's)
+    retriever: str = "http://127.0.0.1:8001/retrieve"   # triviaqa: the reference's URL, or a JSONL corpus
+    retrieval_topk: int = 3
+    max_turns: int = 5
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -64,6 +70,15 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
         if not self.code_timeout > 0:
             raise ValueError(f"code_timeout must be > 0, got {self.code_timeout}")
+        if self.dataset is not None:
+            from memgen.eval.protocols import DATASETS
+
+            if self.dataset not in DATASETS:
+                raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(DATASETS)}")
+            if self.task is not None:
+                raise ValueError("--task applies to a plain JSONL input; --dataset scores with its own reward")
+        if self.retrieval_topk < 1 or self.max_turns < 1:
+            raise ValueError("retrieval_topk and max_turns must be >= 1")
 
     def _beside_output(self, suffix: str) -> str:
         out = Path(self.output)
@@ -80,6 +95,9 @@ class EvalConfig:
 
 # EvalConfig fields that change the records (sampling, scoring, the default task).
 _OUTPUT_FIELDS = ("task", "seed", "max_tokens", "temperature", "top_p", "top_k", "chat", "code_timeout")
+# recorded only for --dataset runs (so outputs recorded before they existed still resume)
+_DATASET_FIELDS = ("dataset", "split")
+_SEARCH_FIELDS = ("retriever", "retrieval_topk", "max_turns")
 # LLM(...) keywords that change speed or memory but not outputs: the engine is exact
 # across them (Triton vs torch and graphs vs eager differ only at near-ties, as batch
 # composition does). `seed` seeds only requests without their own, and every eval
@@ -95,7 +113,12 @@ def run_settings(cfg: EvalConfig, llm_kwargs: dict[str, Any] | None = None) -> d
     fields and the LLM(...) keywords (model, checkpoint, dtype, ...), as JSON reads
     them back. Not batch size, workers or other speed knobs, nor the input path (an
     input may grow between resumes; records are matched by id)."""
-    settings = {name: getattr(cfg, name) for name in _OUTPUT_FIELDS}
+    fields = _OUTPUT_FIELDS
+    if cfg.dataset is not None:
+        fields += _DATASET_FIELDS + (_SEARCH_FIELDS if cfg.dataset == "triviaqa" else ())
+    settings = {name: getattr(cfg, name) for name in fields}
+    if cfg.dataset == "triviaqa" and not cfg.retriever.startswith(("http://", "https://")):
+        settings["retriever"] = os.path.abspath(os.path.expanduser(cfg.retriever))
     for key, value in sorted((llm_kwargs or {}).items()):
         if key in _NOT_OUTPUT_SHAPING:
             continue
@@ -212,6 +235,10 @@ def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
                   make_params: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
     """Generate and score one batch; returns output records in input order."""
     make_params = make_params or default_sampling_params()
+    if cfg.dataset is not None:
+        from memgen.eval.dataset_runner import process_dataset_batch
+
+        return process_dataset_batch(llm, records, cfg, make_params)
     seeds = [derive_seed(cfg.seed, r.key) for r in records]
     params = [make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           top_k=cfg.top_k, seed=s) for s in seeds]
@@ -263,7 +290,12 @@ class RunState:
 def open_run(cfg: EvalConfig, settings: dict[str, Any]) -> RunState:
     """Read the input, take the output (resumed, or emptied with `cfg.overwrite`)
     and record `settings` (from `run_settings`) beside it."""
-    read = read_records(cfg.input, task=cfg.task, strict=cfg.strict)
+    if cfg.dataset is not None:
+        from memgen.eval.dataset_runner import load_dataset_records
+
+        read = load_dataset_records(cfg)
+    else:
+        read = read_records(cfg.input, task=cfg.task, strict=cfg.strict)
     report_errors(read.errors)
     records = read.records if cfg.limit is None else read.records[: cfg.limit]
     writer = ResultWriter(cfg.output, truncate=cfg.overwrite)
@@ -382,7 +414,8 @@ def evaluate(llm: Any, cfg: EvalConfig, make_params: Callable[..., Any] | None =
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `memgen eval`. Model options the CLI already added to `parser`
     (shared with other subcommands) are left as they are."""
-    parser.add_argument("input", help="input JSONL: prompt|messages, answer|aliases|tests, optional id, task")
+    parser.add_argument("input", help="input JSONL: prompt|messages, answer|aliases|tests, optional id, task; "
+                                      "with --dataset: the dataset's file (JSONL, parquet) or save_to_disk directory")
     parser.add_argument("-o", "--output", default=None,
                         help="output JSONL, appended and resumable with the same settings "
                              "(default: ./<input stem>.eval.jsonl)")
@@ -394,8 +427,24 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, seed_help=None)
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    from memgen.eval.protocols import DATASETS
+
+    d = parser.add_argument_group("reference datasets (the MemGen reference's evaluation protocols)")
+    d.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="read INPUT in this dataset's published schema, build the reference's prompts with "
+                        "MemGen's chat template, score with its reward; defaults: --max-tokens 1024, greedy")
+    d.add_argument("--split", default=None, help="split of a save_to_disk DatasetDict (default: test for gsm8k, "
+                                                 "train for gpqa (diamond) and kodcode, validation for triviaqa)")
+    d.add_argument("--prompts-only", action="store_true",
+                   help="write one JSON line per record (id, messages, prompt) to -o (default stdout); "
+                        "loads no model")
+    d.add_argument("--retriever", default="http://127.0.0.1:8001/retrieve",
+                   help="triviaqa: a URL speaking the reference's POST /retrieve (default: the reference's), "
+                        "or a JSONL corpus for a local BM25 index")
+    d.add_argument("--retrieval-topk", type=int, default=3, help="documents per search (reference: 3)")
+    d.add_argument("--max-turns", type=int, default=5, help="triviaqa turns per episode (reference: 5)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 256; 1024 with --dataset")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="run seed; each record's seed derives from it and its id")
@@ -425,13 +474,26 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    output = args.output or f"{Path(args.input).stem}.eval.jsonl"
+    dataset = getattr(args, "dataset", None)
+    generation = {"max_tokens": 256, "temperature": 0.0}
+    if dataset is not None:
+        from memgen.eval.protocols import get_protocol
+
+        generation = get_protocol(dataset).generation     # the reference config's settings
+    if getattr(args, "prompts_only", False):
+        output = args.output or "-"
+    else:
+        output = args.output or f"{Path(args.input).stem}.eval.jsonl"
     return EvalConfig(
         input=args.input, output=output, summary=args.summary, task=args.task,
-        batch_size=args.batch_size, seed=args.seed, max_tokens=args.max_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, chat=args.chat,
+        batch_size=args.batch_size, seed=args.seed,
+        max_tokens=generation["max_tokens"] if args.max_tokens is None else args.max_tokens,
+        temperature=generation["temperature"] if args.temperature is None else args.temperature,
+        top_p=args.top_p, top_k=args.top_k, chat=args.chat,
         strict=args.strict, limit=args.limit, code_timeout=args.code_timeout,
-        progress=not args.no_progress, overwrite=args.overwrite)
+        progress=not args.no_progress, overwrite=args.overwrite, dataset=dataset,
+        split=getattr(args, "split", None), retriever=getattr(args, "retriever", EvalConfig.retriever),
+        retrieval_topk=getattr(args, "retrieval_topk", 3), max_turns=getattr(args, "max_turns", 5))
 
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:
@@ -455,11 +517,22 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        if getattr(args, "prompts_only", False):
+            if cfg.dataset is None:
+                raise ValueError("--prompts-only needs --dataset (it writes that dataset's reference prompts)")
+            from memgen.eval.dataset_runner import write_prompts
+
+            write_prompts(cfg)
+            return 0
         llm_kwargs = _engine_kwargs(args)
-        if not Path(cfg.input).is_file():
+        if cfg.dataset is None and not Path(cfg.input).is_file():
             raise FileNotFoundError(f"no input file {cfg.input}")
+        if cfg.dataset is not None:
+            from memgen.eval.dataset_runner import check_before_loading
+
+            check_before_loading(cfg)        # schema, split and retriever, before the model loads
         # say so before the model loads (open_run checks again under the output's lock)
-        if cfg.strict:
+        if cfg.strict and cfg.dataset is None:
             read_records(cfg.input, task=cfg.task, strict=True)
         if not cfg.overwrite and Path(cfg.output).is_file() and os.path.getsize(cfg.output):
             check_settings(cfg, run_settings(cfg, llm_kwargs))

@@ -163,7 +163,8 @@ def audit(event, args):
         raise PermissionError(f"sandbox: {event} is not allowed")
 
 sys.addaudithook(audit)
-ns = {"__name__": "__main__"}
+# as_main false: a bare namespace, as the reference's exec(code, {}) (where __name__ is "builtins")
+ns = {"__name__": "__main__"} if payload.get("as_main", True) else {}
 try:
     exec(compile(payload["code"] + "\n" + payload["tests"], "solution_and_tests.py", "exec"), ns)
 except BaseException as e:
@@ -181,18 +182,23 @@ for name in names:
 
 
 def run_tests(code: str, tests: str, timeout: float = DEFAULT_TIMEOUT_S,
-              memory_mb: int = DEFAULT_MEMORY_MB) -> SandboxResult:
+              memory_mb: int = DEFAULT_MEMORY_MB, reference_exec: bool = False) -> SandboxResult:
     """Run every top-level `test_*` function of `tests` against `code` in a child
     process; `from solution import ...` lines are dropped (the test sees `code`'s
-    names directly), and `solution.py` holding `code` sits in the child's cwd."""
-    tests = _SOLUTION_IMPORT.sub("", tests)
+    names directly), and `solution.py` holding `code` sits in the child's cwd.
+    `reference_exec`: as the reference's PyExecutor instead: `tests` run as given
+    (the caller strips imports its way), no solution.py, and `__name__` is not
+    "__main__" (so `if __name__ == "__main__":` blocks do not run)."""
+    if not reference_exec:
+        tests = _SOLUTION_IMPORT.sub("", tests)
     payload = json.dumps({"code": code, "tests": tests, "memory_mb": memory_mb,
-                          "cpu_s": max(1, int(timeout) + 1)})
+                          "cpu_s": max(1, int(timeout) + 1), "as_main": not reference_exec})
     result = SandboxResult()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="memgen-sandbox-") as work:
-        with open(os.path.join(work, "solution.py"), "w") as f:
-            f.write(code)
+        if not reference_exec:
+            with open(os.path.join(work, "solution.py"), "w") as f:
+                f.write(code)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": work, "TMPDIR": work,
                "LANG": "C.UTF-8"}
         proc = subprocess.Popen(

@@ -1,0 +1,190 @@
+"""`memgen eval --dataset NAME`: records from an original dataset file (its
+published schema), generated from MemGen-template prompts and scored with the
+dataset's reference reward; `--prompts-only` writes the prompts without loading
+a model. The output records, resume and summary are the runner's."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from memgen.eval.dataset_files import read_rows
+from memgen.eval.protocols import get_protocol, render_prompt
+from memgen.eval.records import InputError, ReadResult, Record, record_key
+
+
+def load_dataset_records(cfg) -> ReadResult:
+    """The records of `cfg.input` under `cfg.dataset`'s protocol; a row that does
+    not fit its schema is an InputError (raised at once with `cfg.strict`)."""
+    protocol = get_protocol(cfg.dataset)
+    rows = read_rows(cfg.input, cfg.split, protocol.default_split)
+    out = ReadResult()
+    seen: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        row_no = index + 1
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"expected an object, got {type(row).__name__}")
+            rid = row.get(protocol.id_field) if protocol.id_field else None
+            rid = index if rid is None or rid == "" else rid
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                rid = str(rid)
+            key = record_key(rid)
+            if key in seen:
+                raise ValueError(f"duplicate id {rid!r} (first in row {seen[key]})")
+            data = protocol.build(row, rid, cfg.seed)
+            seen[key] = row_no
+            out.records.append(Record(rid, row_no, data, protocol.name))
+        except ValueError as e:
+            err = InputError(str(cfg.input), row_no, str(e))
+            if cfg.strict:
+                raise err from None
+            out.errors.append(err)
+    return out
+
+
+def check_before_loading(cfg) -> None:
+    """Stop before the model loads: an unreadable file or split, a row that does not
+    fit the schema (with --strict), no usable record, an unreachable retriever."""
+    read = load_dataset_records(cfg)
+    if not read.records:
+        first = f": {read.errors[0]}" if read.errors else ""
+        raise ValueError(f"{cfg.input} holds no usable {cfg.dataset} record{first}")
+    if get_protocol(cfg.dataset).multiturn:
+        retriever = retriever_for(cfg.retriever, cfg.retrieval_topk)
+        if hasattr(retriever, "check"):
+            retriever.check()
+
+
+def prompt_lines(cfg) -> list[dict[str, Any]]:
+    """--prompts-only: {"id", "messages", "prompt"} per record (the first turn's
+    chat for TriviaQA), with no model or tokenizer loaded."""
+    from memgen.eval.records import report_errors
+
+    read = load_dataset_records(cfg)
+    report_errors(read.errors)
+    records = read.records if cfg.limit is None else read.records[: cfg.limit]
+    return [{"id": r.id, "messages": r.data["messages"], "prompt": render_prompt(r.data["messages"])}
+            for r in records]
+
+
+def write_prompts(cfg, stream=None) -> int:
+    lines = prompt_lines(cfg)
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    if cfg.output and cfg.output != "-":
+        with open(cfg.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"memgen eval: {len(lines)} prompts written to {cfg.output}", file=sys.stderr)
+    else:
+        (stream or sys.stdout).write(text)
+    return len(lines)
+
+
+def generate_ids(llm, prompts: list[list[int]], params: list[Any]) -> tuple[list[Any], list[str | None]]:
+    """One generate call; if the API refuses it (ValueError/TypeError before anything
+    runs, e.g. a prompt over max_model_len), one call per prompt so a bad one fails alone."""
+    from memgen.eval.runner import _accepts
+
+    kwargs = {"use_tqdm": False} if _accepts(llm.generate, "use_tqdm") else {}
+    try:
+        return list(llm.generate(prompts, params, **kwargs)), [None] * len(prompts)
+    except (ValueError, TypeError):
+        pass
+    outs, errors = [], []
+    for ids, p in zip(prompts, params):
+        try:
+            outs.append(llm.generate([ids], [p], **kwargs)[0])
+            errors.append(None)
+        except (ValueError, TypeError) as e:
+            outs.append(None)
+            errors.append(f"{type(e).__name__}: {e}")
+    return outs, errors
+
+
+def _params_factory(cfg, make_params: Callable[..., Any]):
+    from memgen.eval.runner import _accepts, derive_seed
+
+    stop = {"stop": ["</search>"]} if _accepts(make_params, "stop") else {}
+
+    def params(record: Record, turn: int = 0, multiturn: bool = False):
+        seed = derive_seed(cfg.seed, record.key if turn == 0 else f"{record.key}#turn{turn}")
+        return make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           top_k=cfg.top_k, seed=seed, **(stop if multiturn else {}))
+    return params
+
+
+def _result(record: Record, seed: int, score) -> dict[str, Any]:
+    reference = {k: v for k, v in record.data.items() if k != "messages"}
+    res = {"id": record.id, "line": record.line_no, "task": record.task, "messages": record.data["messages"],
+           "seed": seed, "reference": reference}
+    if score is not None:
+        res.update(score=score.value, extracted=score.extracted)
+        if score.details:
+            res["score_details"] = score.details
+    return res
+
+
+def process_dataset_batch(llm, records: Sequence[Record], cfg, make_params: Callable[..., Any],
+                          retriever=None) -> list[dict[str, Any]]:
+    from memgen.eval.runner import _jsonable, derive_seed
+    from memgen.eval.tasks import Score
+
+    protocol = get_protocol(cfg.dataset)
+    params = _params_factory(cfg, make_params)
+    seeds = [derive_seed(cfg.seed, r.key) for r in records]
+    if protocol.multiturn:
+        return [_jsonable(r) for r in _multiturn_results(llm, records, cfg, params, retriever, seeds)]
+    prompts = [llm.tokenizer(render_prompt(r.data["messages"]), add_special_tokens=False)["input_ids"]
+               for r in records]
+    outs, errors = generate_ids(llm, prompts, [params(r) for r in records])
+
+    def score_one(i: int):
+        if errors[i] is not None:
+            return Score(0.0)       # a record the engine refused counts as not answered
+        return protocol.score(outs[i].text, records[i].data)
+
+    workers = max(1, min(cfg.score_workers, len(records))) if protocol.name == "kodcode" else 1
+    with ThreadPoolExecutor(workers) as pool:
+        scores = list(pool.map(score_one, range(len(records))))
+    results = []
+    for r, prompt, out, err, sc, seed in zip(records, prompts, outs, errors, scores, seeds):
+        res = _result(r, seed, sc)
+        if err is None:
+            res.update(text=out.text, token_ids=list(out.token_ids), num_prompt_tokens=len(prompt),
+                       augmentation=list(out.augmentation), finish_reason=out.finish_reason,
+                       metrics=dict(getattr(out, "metrics", None) or {}))
+        else:
+            res.update(text="", token_ids=[], num_prompt_tokens=0, augmentation=[], finish_reason="error",
+                       metrics={}, error=err)
+        results.append(_jsonable(res))
+    return results
+
+
+@functools.lru_cache(maxsize=4)
+def retriever_for(spec: str, topk: int):
+    """One retriever per process (a BM25 index is built once, also in each Ray worker)."""
+    from memgen.eval.retrievers import make_retriever
+
+    return make_retriever(spec, topk)
+
+
+def _multiturn_results(llm, records, cfg, params, retriever, seeds):
+    from memgen.eval.multiturn import run_episodes
+    from memgen.eval.tasks import Score
+
+    retriever = retriever or retriever_for(cfg.retriever, cfg.retrieval_topk)
+    episodes = run_episodes(llm, records, lambda r, turn: params(r, turn, multiturn=True), retriever,
+                            generate_ids, max_turns=cfg.max_turns)
+    results = []
+    for r, e, seed in zip(records, episodes, seeds):
+        res = _result(r, seed, Score(e.reward, e.answer))
+        res.update(text=render_prompt(e.messages, add_generation_prompt=False), token_ids=e.token_ids,
+                   num_prompt_tokens=e.num_prompt_tokens, augmentation=e.augmentation,
+                   finish_reason=e.finish_reason, metrics=e.metrics, conversation=e.messages, turns=e.turns,
+                   num_turns=len(e.turns))
+        if e.error is not None:
+            res["error"] = e.error
+        results.append(res)
+    return results
