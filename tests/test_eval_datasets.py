@@ -181,6 +181,20 @@ def test_jsonl_parquet_and_save_to_disk_give_the_same_records(tmp_path):
     assert [r.id for r in records[0]] == ["tc_1", "tc_2"]
 
 
+def test_gpqa_csv_as_published(tmp_path):
+    import csv
+
+    path = tmp_path / "gpqa_diamond.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(GPQA_ROW))
+        writer.writeheader()
+        writer.writerow(GPQA_ROW)
+    from memgen.eval.dataset_runner import load_dataset_records
+
+    (record,) = load_dataset_records(config(path, "gpqa")).records
+    assert record.id == "recA1" and record.data == gpqa.build(GPQA_ROW, "recA1", 0)
+
+
 def test_rows_that_do_not_fit_the_schema(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GSM8K_ROWS[0], {"question": "no answer"}])
     assert main(["eval", str(bad), "--dataset", "gsm8k", "--prompts-only", "--strict"]) == 2

@@ -1,5 +1,5 @@
 """Rows of an original dataset from a local file, in its published schema:
-JSONL (or a JSON list), parquet, or a directory written by HF `datasets`'
+JSONL (or a JSON list), CSV, parquet, or a directory written by HF `datasets`'
 `save_to_disk` (a Dataset, or a DatasetDict of splits). Nothing is downloaded;
 parquet and arrow need pyarrow (`pip install "memgen-engine[eval]"`)."""
 from __future__ import annotations
@@ -26,7 +26,12 @@ def read_rows(path: str | Path, split: str | None = None, default_split: str | N
         return _read_arrow(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _read_json(path)
-    raise ValueError(f"{path}: unknown dataset format {suffix!r}; give a .jsonl, .json, .parquet or .arrow file, "
+    if suffix == ".csv":                    # GPQA is published as CSV (gpqa_diamond.csv)
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"{path}: unknown dataset format {suffix!r}; give a .jsonl, .json, .csv, .parquet or .arrow file, "
                      "or a directory written by datasets' save_to_disk")
 
 
