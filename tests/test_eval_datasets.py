@@ -18,7 +18,8 @@ from memgen.eval.protocols import get_protocol, render_prompt
 from memgen.eval.protocols import gpqa, kodcode, triviaqa
 from memgen.eval.runner import EvalConfig, evaluate
 
-pyarrow = pytest.importorskip("pyarrow")
+import pyarrow          # [test] extra, as bm25s: these tests run, never skip
+import pyarrow.ipc  # noqa: F401
 
 GSM8K_ROWS = [
     {"question": "Natalia sold clips to 48 of her friends in April. How many clips did she sell? ",
@@ -286,7 +287,6 @@ class ScriptedLLM:
 
 
 def test_triviaqa_search_loop_with_bm25(tmp_path, tokenizer):
-    pytest.importorskip("bm25s")
     corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
     data = write_jsonl(tmp_path / "trivia.jsonl", TRIVIA_ROWS)
     script = {
@@ -324,7 +324,6 @@ def test_long_observations_are_cut_to_512_tokens(tokenizer):
 
 
 def test_http_retriever_speaks_the_reference_protocol(tmp_path):
-    pytest.importorskip("bm25s")
     from memgen.eval.retrievers import BM25Retriever, HTTPRetriever, serve
 
     local = BM25Retriever(write_jsonl(tmp_path / "corpus.jsonl", CORPUS), topk=2)
@@ -358,7 +357,6 @@ def long_context_memgen(tmp_path_factory, tokenizer):
 def test_triviaqa_run_with_the_engine(tmp_path, long_context_memgen):
     """The loop on the real engine: a random model emits no tags, so every turn is
     an invalid action answered with the reference's message, up to --max-turns."""
-    pytest.importorskip("bm25s")
     memgen_reasoner_dir, memgen_ckpt_dir = long_context_memgen
     corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
     data = write_jsonl(tmp_path / "trivia.jsonl", TRIVIA_ROWS[:1])
@@ -372,3 +370,19 @@ def test_triviaqa_run_with_the_engine(tmp_path, long_context_memgen):
     assert [t["action"] for t in row["turns"]] == ["invalid", "invalid"]
     assert row["conversation"][3] == {"role": "user", "content": triviaqa.INVALID_ACTION}
     assert row["augmentation"].count(1) >= 2          # a prompt insertion in each turn
+
+
+def test_a_failing_retriever_gives_the_reference_observation(tmp_path, tokenizer):
+    from memgen.eval.dataset_runner import generate_ids
+    from memgen.eval.multiturn import run_episodes
+    from memgen.eval.records import Record
+
+    class Down:
+        def search(self, queries):
+            raise ConnectionError("no server")
+
+    llm = ScriptedLLM(tokenizer, {"capital of France": ["<search> France </search>", "<answer> paris </answer>"]})
+    record = Record("tc_1", 1, triviaqa.build(TRIVIA_ROWS[0], "tc_1", 0), "triviaqa")
+    (episode,) = run_episodes(llm, [record], lambda r, turn: None, Down(), generate_ids)
+    assert episode.turns[0]["observation"] == "Cannot find corresponding pages."
+    assert episode.metrics["retrieval_errors"] == 1 and episode.reward == 1.0
