@@ -13,7 +13,11 @@ subprocess; "after" is the installed package. The end-to-end part runs
 `LLM.generate` on a tiny random model (hidden 64, 2 layers) on the CPU, both
 versions, and reports output tokens/s.
 
-    python bench/bench_host_step.py [--sizes 1 64 256 1024] [--before-rev REV] [--no-e2e]
+    python bench/bench_host_step.py [--sizes 1 64 256 1024] [--before-rev REV] [--no-e2e] [--after-path DIR]
+
+--after-path DIR measures "after" with the memgen package under DIR (a source
+tree's `python/` folder with a built `memgen/_native*.so` in it) instead of the
+installed one: a commit's own code when the checkout holds other work.
 """
 from __future__ import annotations
 
@@ -154,6 +158,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--before-rev", default=None, help="the pure-Python commit (default: before engine/runtime.cpp)")
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--after-path", default=None, help="import 'after' from this python/ folder (default: installed)")
     ap.add_argument("--e2e-sizes", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--e2e-tokens", type=int, default=32)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -179,9 +184,12 @@ def main() -> None:
             tok = fixtures.build_tokenizer(Path(tmp) / "tok")
             model_dir = str(fixtures.build_tiny_model(Path(tmp) / "model", tok, arch="llama"))
         before = run_worker([str(old / "python")], args, model_dir)
-        after = run_worker([], args, model_dir)
+        after_path = str(Path(args.after_path).resolve()) if args.after_path else None
+        after = run_worker([after_path] if after_path else [], args, model_dir)
     assert before["memgen_file"].startswith(tmp), before["memgen_file"]
     assert not after["memgen_file"].startswith(tmp)
+    if after_path:
+        assert after["memgen_file"].startswith(after_path), after["memgen_file"]
 
     print(f"host time per decode step, median µs (schedule + assembly | + postprocess); before = {rev}")
     print(f"{'seqs':>6} {'before':>10} {'after':>9} {'speedup':>8} | {'before':>10} {'after':>9}")
@@ -208,6 +216,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "memgen": memgen.__version__},
         "config": {"block_size": BLOCK_SIZE, "steps": args.steps, "prompt_tokens": "64-79",
                    "e2e_tokens": args.e2e_tokens, "threads": 1},
+        "after_source": after_path or "the installed package",
         "host": rows, "e2e": e2e_rows,
     }
     out_dir = ROOT / "bench" / "results"
