@@ -305,6 +305,8 @@ def test_cli_short_sft_run_on_shipped_data_changes_the_weights(steps, tmp_path, 
     assert any(not torch.equal(b, after.weaver_lora.layers[m][1]) for m, (_, b) in before.weaver_lora.layers.items())
     # the trigger is not SFT's to train
     assert torch.equal(before.trigger_head["weight"], after.trigger_head["weight"])
+    # bases that are the reasoner are not recorded: the export stays loadable on another machine
+    assert after.weaver_base is None and after.trigger_base is None
 
 
 def test_cli_sft_bad_data_fails_before_loading(tmp_path, capsys):

@@ -67,6 +67,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
 
     g = p.add_argument_group("sft")
     g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")
@@ -168,12 +169,18 @@ def run_train_from_args(args: argparse.Namespace) -> int:
         from .data import read_chat_jsonl
 
         examples = read_chat_jsonl(args.data, args.answer_template)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, reasoner, weaver, trigger = _load_model(args)
 
     def save(path):
-        return save_checkpoint(model, path, args.save_format)
+        return save_checkpoint(model, path, args.save_format, reasoner_dir=reasoner)
 
     on_step, log = _logger(args, out_dir, save)
     try:

@@ -85,16 +85,27 @@ def clip_and_step(params, optimizer, scheduler, max_grad_norm: float | None) -> 
     return float(norm)
 
 
-def save_checkpoint(model, path: str | Path, save_format: str = "both") -> list[Path]:
+def save_checkpoint(model, path: str | Path, save_format: str = "both",
+                    reasoner_dir: str | Path | None = None) -> list[Path]:
     """Write the model's MemGen weights: "reference" (the reference's
     save_pretrained layout) to path/reference, "export" (safetensors + recorded
-    bases) to path/export, "both" to both. Both load with LLM(memgen=...)."""
+    bases) to path/export, "both" to both. Both load with LLM(memgen=...).
+    With reasoner_dir, a weaver or trigger base that is the reasoner is not
+    recorded: loaders default to the reasoner anyway, and its path (often in
+    the cache) would not exist on another machine."""
+    import dataclasses
+
     from memgen.checkpoint import save_export, save_reference
+    from memgen.sources import same_model
 
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save format must be one of {SAVE_FORMATS}, got {save_format!r}")
     path = Path(path)
     ckpt = model.to_checkpoint()
+    if reasoner_dir is not None:
+        ckpt = dataclasses.replace(ckpt, **{f"{role}_base": None for role in ("weaver", "trigger")
+                                            if getattr(ckpt, f"{role}_base") is not None
+                                            and same_model(Path(getattr(ckpt, f"{role}_base")), Path(reasoner_dir))})
     written = []
     if save_format in ("reference", "both"):
         written.append(save_reference(ckpt, path / "reference"))
