@@ -9,6 +9,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "cpu_attention.h"
 #include "runtime.h"
 
 namespace nb = nanobind;
@@ -272,4 +273,23 @@ NB_MODULE(_native, m) {
         .def("assemble", &StepCore::assemble, "pool_index"_a, "block_size"_a, "buffers"_a,
              "Write the chunks of one pool (-1: all) into the buffers: input ids, positions, slot mapping, "
              "adapter id per row; cu_seqlens_q, context lens, last rows, -1 padded block tables per chunk.");
+
+    // Tensors pass as data addresses: layers/backend.py checks their dtype, layout and device.
+    m.def("paged_attention_cpu",
+          [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t cu_seqlens_q,
+             uintptr_t context_lens, uintptr_t block_tables, int64_t num_chunks, int64_t max_blocks,
+             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
+             double scale, int dtype, int num_threads) {
+              if (dtype < 0 || dtype > 2) throw nb::value_error("dtype code must be 0 (f32), 1 (f64) or 2 (bf16)");
+              PagedAttentionArgs a{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k_cache),
+                                   reinterpret_cast<const void*>(v_cache), reinterpret_cast<void*>(out),
+                                   reinterpret_cast<const int64_t*>(cu_seqlens_q),
+                                   reinterpret_cast<const int64_t*>(context_lens),
+                                   reinterpret_cast<const int64_t*>(block_tables), num_chunks, max_blocks,
+                                   num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
+                                   static_cast<AttnDtype>(dtype), num_threads};
+              paged_attention_cpu(a);
+          },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "Paged attention on the CPU straight from the KV blocks (engine/cpu_attention.h).");
 }

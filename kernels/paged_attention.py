@@ -229,7 +229,7 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
     Preconditions not checked on the device: context_lens[b] >= the chunk length,
     block table entries valid for the first context_lens[b] positions.
     """
-    _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out)
+    _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, floats="float")
     out = torch.empty_like(q) if out is None else out
     num_seqs = block_tables.shape[0]
     if q.shape[0] == 0 or num_seqs == 0:
@@ -266,7 +266,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     each, then a reduction) when that helps fill the GPU; the default depends only
     on shapes (block_tables' width), never on values, so it is CUDA-graph safe.
     """
-    _check_decode(q, k_cache, v_cache, block_tables, context_lens, out)
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens, out, floats="float")
     out = torch.empty_like(q) if out is None else out
     num_seqs = q.shape[0]
     if num_seqs == 0:

@@ -159,8 +159,8 @@ def add_lora_ref(y, x, lora_a, lora_b, scaling, adapter_ids, meta: LoraMeta | No
     return lora_expand_ref(t, lora_b, adapter_ids, y, meta=meta)
 
 # ----------------------------------------------------------------------------- paged_attention
-def _check_common(q, k_cache, v_cache, block_tables, context_lens, out):
-    check_tensor("q", q, ndim=3, dtypes="float")
+def _check_common(q, k_cache, v_cache, block_tables, context_lens, out, floats=_ANY_FLOAT):
+    check_tensor("q", q, ndim=3, dtypes=floats)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), shape=(None, None, None, q.shape[2]))
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -175,15 +175,15 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens, out):
                       context_lens=context_lens, out=out)
 
 
-def _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out):
-    _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
+def _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, floats=_ANY_FLOAT):
+    _check_common(q, k_cache, v_cache, block_tables, context_lens, out, floats)
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=_INDEX,
                  shape=(block_tables.shape[0] + 1,))
     check_same_device(q=q, cu_seqlens_q=cu_seqlens_q)
 
 
-def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out):
-    _check_common(q, k_cache, v_cache, block_tables, context_lens, out)
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out, floats=_ANY_FLOAT):
+    _check_common(q, k_cache, v_cache, block_tables, context_lens, out, floats)
     if block_tables.shape[0] != q.shape[0]:
         raise ValueError(f"decode has one query per sequence: q has {q.shape[0]} rows, "
                          f"block_tables {block_tables.shape[0]}")
@@ -197,11 +197,13 @@ def _gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor
 
 
 def _attend_ref(q, k, v, scale, q_pos):
-    """q [Lq, Hq, D], k/v [n, Hkv, D], q_pos [Lq] absolute positions -> [Lq, Hq, D] fp32."""
+    """q [Lq, Hq, D], k/v [n, Hkv, D], q_pos [Lq] absolute positions -> [Lq, Hq, D] in
+    fp32 (float64 for float64 inputs)."""
     group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k = k.to(acc).repeat_interleave(group, dim=1)
+    v = v.to(acc).repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.to(acc), k) * scale
     visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
     scores = scores.masked_fill(~visible[None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
@@ -210,7 +212,7 @@ def _attend_ref(q, k, v, scale, q_pos):
 def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                 scale: float, out: torch.Tensor | None = None,
                                 max_seqlen_q: int | None = None) -> torch.Tensor:
-    """Torch reference of `paged_prefill_attention` (fp32 math, same arguments)."""
+    """Torch version of `paged_prefill_attention` (same arguments; fp32 math, float64 for float64)."""
     _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out)
     out = torch.empty_like(q) if out is None else out
     cu = cu_seqlens_q.tolist()
@@ -228,7 +230,7 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens,
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                out: torch.Tensor | None = None,
                                partition_size: int | None = None) -> torch.Tensor:
-    """Torch reference of `paged_decode_attention` (fp32 math, same arguments)."""
+    """Torch version of `paged_decode_attention` (same arguments; fp32 math, float64 for float64)."""
     _check_decode(q, k_cache, v_cache, block_tables, context_lens, out)
     out = torch.empty_like(q) if out is None else out
     for b, ctx in enumerate(context_lens.tolist()):

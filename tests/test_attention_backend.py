@@ -1,5 +1,6 @@
-"""The torch SDPA backend on steps that mix decode rows with multi-row chunks
-(prefill, MemGen catch-up): each group is padded on its own and the result
+"""The torch backend's attention on steps that mix decode rows with multi-row
+chunks (prefill, MemGen catch-up), both ways it runs: SDPA with each group
+padded on its own, and the native CPU kernel straight from the blocks. Each
 equals the paged-attention reference row by row."""
 import pytest
 import torch
@@ -42,7 +43,7 @@ def _step(context_lens, query_lens, block_size=4, num_kv_heads=2, group=2, head_
 ])
 def test_mixed_steps_equal_the_reference(context_lens, query_lens):
     q, k, v, k_cache, v_cache, ctx = _step(context_lens, query_lens)
-    backend = TorchBackend()
+    backend = TorchBackend(cpu_attention=False)
     ctx.attn_metadata = backend.prepare(ctx)
     decode_and_multi = 0 < sum(n == 1 for n in query_lens) < len(query_lens)
     assert len(ctx.attn_metadata.groups) == (2 if decode_and_multi else 1)
@@ -53,3 +54,40 @@ def test_mixed_steps_equal_the_reference(context_lens, query_lens):
     want = paged_prefill_attention_ref(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                        ctx.block_tables, 0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+CASES = [([5, 9, 37, 1, 12], [1, 4, 1, 1, 12]), ([7, 3], [1, 3]), ([6, 10, 2], [1, 1, 1]), ([8, 5], [3, 5]),
+         ([70, 33], [70, 1]),
+         ([900] * 8, [1] * 8)]   # enough work for two threads
+
+
+@pytest.mark.parametrize("context_lens,query_lens", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_cpu_attention_equals_the_reference(context_lens, query_lens, dtype, threads):
+    q, k, v, k_cache, v_cache, ctx = _step(context_lens, query_lens, head_dim=64 if dtype != torch.float64 else 8)
+    q, k, v, k_cache, v_cache = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
+    backend = TorchBackend()
+    ctx.attn_metadata = backend.prepare(ctx)
+    assert ctx.attn_metadata.native, "the native kernel is the CPU default"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = backend.forward(q, k, v, k_cache, v_cache, ctx, scale=0.3)
+    finally:
+        torch.set_num_threads(before)
+    # the reference in float64 (bfloat16 compared after rounding the reference to it)
+    want = paged_prefill_attention_ref(q.double(), k_cache.double(), v_cache.double(), ctx.cu_seqlens_q,
+                                       ctx.context_lens, ctx.block_tables, 0.3)
+    assert got.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_native_cpu_attention_refuses_a_bad_block_table():
+    q, k, v, k_cache, v_cache, ctx = _step([9], [1])
+    ctx.block_tables[0, 1] = k_cache.shape[0] + 5        # past the cache
+    backend = TorchBackend()
+    ctx.attn_metadata = backend.prepare(ctx)
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        backend.forward(q, k, v, k_cache, v_cache, ctx, scale=0.3)

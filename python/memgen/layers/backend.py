@@ -43,12 +43,28 @@ class SDPAGroup:
 class SDPAMetadata:
     groups: list[SDPAGroup]
     store_index: torch.Tensor | None  # rows whose K/V are stored (None: all rows)
+    native: bool = False              # attend with the native CPU kernel instead of the groups
+
+
+# dtypes the native CPU attention computes in (engine/cpu_attention.h's AttnDtype codes)
+_NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+
+
+def _native_attention():
+    """engine/cpu_attention.cpp's entry point, or None (an older build)."""
+    try:
+        from memgen._native import paged_attention_cpu
+    except ImportError:
+        return None
+    return paged_attention_cpu
 
 
 class TorchBackend:
-    """Torch on any device and dtype: attention by SDPA over each group of chunks
-    gathered into a padded batch, LoRA by layers.lora's per-adapter loop (PEFT's
-    order of operations), the rest the kernels' torch versions."""
+    """Torch on any device and dtype: attention on the CPU by the native paged
+    kernel (engine/cpu_attention.cpp: K/V read straight from the blocks, no padding),
+    elsewhere by SDPA over each group of chunks gathered into a padded batch; LoRA by
+    layers.lora's per-adapter loop (PEFT's order of operations); the rest the
+    kernels' torch versions. `cpu_attention=False` keeps SDPA on the CPU too."""
     name = "torch"
     fused_lora = False
     graph_safe = False      # prepare() reads lengths on the host (syncs, data-dependent shapes)
@@ -57,16 +73,21 @@ class TorchBackend:
     inject_latents = staticmethod(inject_latents_ref)
     trigger_decisions = staticmethod(trigger_decisions_ref)
 
+    def __init__(self, cpu_attention: bool = True):
+        self._native = _native_attention() if cpu_attention else None
+
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
+        store_index = None
+        if bool((ctx.slot_mapping < 0).any()):
+            store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
+        if self._native is not None and ctx.slot_mapping.device.type == "cpu":
+            return SDPAMetadata([], store_index, native=True)
         # Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are
         # padded separately: padded together, every decode row would be padded to the
         # longest chunk's queries.
         q_lens = ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]
         is_decode = q_lens == 1
         num_decode = int(is_decode.sum())
-        store_index = None
-        if bool((ctx.slot_mapping < 0).any()):
-            store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
         if num_decode in (0, ctx.num_chunks):
             return SDPAMetadata([_group(ctx, None, q_lens)], store_index)
         groups = [_group(ctx, is_decode.nonzero().squeeze(1), q_lens),
@@ -83,11 +104,28 @@ class TorchBackend:
             slots, k, v = slots[meta.store_index], k[meta.store_index], v[meta.store_index]
         k_flat.index_copy_(0, slots, k)
         v_flat.index_copy_(0, slots, v)
+        if meta.native and q.dtype in _NATIVE_DTYPES:
+            return self._attend_native(q, k_cache, v_cache, ctx, scale)
+        if meta.native:   # a dtype the native kernel does not take (float16): SDPA
+            ctx.attn_metadata = meta = TorchBackend(cpu_attention=False).prepare(ctx)
         if len(meta.groups) == 1 and meta.groups[0].rows is None:
             return _attend(q, k_flat, v_flat, meta.groups[0], scale)
         out = torch.empty_like(q)
         for g in meta.groups:
             out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), k_flat, v_flat, g, scale))
+        return out
+
+
+    def _attend_native(self, q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        tables = ctx.block_tables.contiguous()
+        cu, lens = ctx.cu_seqlens_q.contiguous(), ctx.context_lens.contiguous()
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        self._native(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), cu.data_ptr(),
+                     lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1], num_kv_heads,
+                     head_dim, block_size, num_blocks, float(scale), _NATIVE_DTYPES[q.dtype],
+                     torch.get_num_threads())
         return out
 
 

@@ -1,0 +1,159 @@
+// See cpu_attention.h.
+#include "cpu_attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace memgen {
+namespace {
+
+struct BF16 { uint16_t bits; };
+
+inline float to_acc(BF16 x, float) {
+    uint32_t u = uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline float to_acc(float x, float) { return x; }
+inline double to_acc(double x, double) { return x; }
+
+inline void store(float* dst, float x) { *dst = x; }
+inline void store(double* dst, double x) { *dst = x; }
+inline void store(BF16* dst, float x) {  // round to nearest even, as torch does
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { dst->bits = uint16_t((u >> 16) | 0x40); return; }  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    dst->bits = uint16_t(u >> 16);
+}
+
+// One query row and head: two passes over the keys it sees (scores, then the
+// softmax-weighted sum of values). `scores` holds at least position + 1 entries.
+template <typename T, typename Acc>
+inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, int64_t row, int64_t head,
+                                                  int64_t chunk, Acc* scores, Acc* acc) {
+    const int64_t D = a.head_dim, bs = a.block_size;
+    const int64_t q_len = a.cu_seqlens_q[chunk + 1] - a.cu_seqlens_q[chunk];
+    const int64_t position = a.context_lens[chunk] - q_len + (row - a.cu_seqlens_q[chunk]);
+    const int64_t kv_head = head / (a.num_heads / a.num_kv_heads);
+    const int64_t slot_stride = a.num_kv_heads * D;
+    const T* q = static_cast<const T*>(a.q) + (row * a.num_heads + head) * D;
+    const T* k_cache = static_cast<const T*>(a.k_cache) + kv_head * D;
+    const T* v_cache = static_cast<const T*>(a.v_cache) + kv_head * D;
+    const int64_t* table = a.block_tables + chunk * a.max_blocks;
+    const Acc scale = Acc(a.scale);
+
+    Acc max_score = -std::numeric_limits<Acc>::infinity();
+    for (int64_t j = 0; j <= position; ++j) {
+        const int64_t block = table[j / bs];
+        if (block < 0 || block >= a.num_blocks) return false;
+        const T* k = k_cache + (block * bs + j % bs) * slot_stride;
+        Acc s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += to_acc(q[d], Acc()) * to_acc(k[d], Acc());
+        scores[j] = s * scale;
+        max_score = std::max(max_score, scores[j]);
+    }
+    Acc total = 0;
+    for (int64_t j = 0; j <= position; ++j) {
+        scores[j] = std::exp(scores[j] - max_score);
+        total += scores[j];
+    }
+    std::fill(acc, acc + D, Acc(0));
+    for (int64_t j = 0; j <= position; ++j) {
+        const T* v = v_cache + (table[j / bs] * bs + j % bs) * slot_stride;
+        const Acc p = scores[j];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += p * to_acc(v[d], Acc());
+    }
+    T* out = static_cast<T*>(a.out) + (row * a.num_heads + head) * D;
+    const Acc inv = Acc(1) / total;
+    for (int64_t d = 0; d < D; ++d) store(out + d, acc[d] * inv);
+    return true;
+}
+
+// The per-item entry points, compiled for several instruction sets and picked at run
+// time (never -march=native: the wheel must run on any x86-64).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define MEMGEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MEMGEN_CLONES
+#endif
+
+MEMGEN_CLONES bool attend_f32(const PagedAttentionArgs& a, int64_t row, int64_t head, int64_t chunk, float* s,
+                              float* acc) {
+    return attend<float, float>(a, row, head, chunk, s, acc);
+}
+MEMGEN_CLONES bool attend_f64(const PagedAttentionArgs& a, int64_t row, int64_t head, int64_t chunk, double* s,
+                              double* acc) {
+    return attend<double, double>(a, row, head, chunk, s, acc);
+}
+MEMGEN_CLONES bool attend_bf16(const PagedAttentionArgs& a, int64_t row, int64_t head, int64_t chunk, float* s,
+                               float* acc) {
+    return attend<BF16, float>(a, row, head, chunk, s, acc);
+}
+
+// Below this many multiply-adds per thread a step's attention runs on one thread: a
+// fork/join costs more than it saves, and spinning workers slow torch's own threads.
+constexpr int64_t kWorkPerThread = int64_t(1) << 20;
+
+template <typename Acc, typename Fn>
+bool run_all(const PagedAttentionArgs& a, const std::vector<int64_t>& chunk_of_row, int64_t max_context,
+             int64_t work, Fn fn) {
+    const int64_t num_rows = (int64_t)chunk_of_row.size();
+    const int64_t items = num_rows * a.num_heads;
+    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, work / kWorkPerThread));
+    std::atomic<bool> ok{true};
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        std::vector<Acc> scores(max_context), acc(a.head_dim);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t row = item / a.num_heads, head = item % a.num_heads;
+            if (!fn(a, row, head, chunk_of_row[row], scores.data(), acc.data()))
+                ok.store(false, std::memory_order_relaxed);
+        }
+    }
+    return ok.load();
+}
+
+}  // namespace
+
+void paged_attention_cpu(const PagedAttentionArgs& a) {
+    if (a.num_chunks < 0 || a.head_dim < 1 || a.block_size < 1 || a.num_kv_heads < 1 ||
+        a.num_heads % a.num_kv_heads != 0)
+        throw std::invalid_argument("paged_attention_cpu: bad sizes (heads must be a multiple of KV heads)");
+    std::vector<int64_t> chunk_of_row;
+    int64_t max_context = 0, work = 0;
+    for (int64_t b = 0; b < a.num_chunks; ++b) {
+        const int64_t q_len = a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b];
+        const int64_t context = a.context_lens[b];
+        if (q_len < 0 || q_len > context || (context + a.block_size - 1) / a.block_size > a.max_blocks)
+            throw std::invalid_argument("paged_attention_cpu: chunk " + std::to_string(b) + " has " +
+                                        std::to_string(q_len) + " queries and " + std::to_string(context) +
+                                        " keys, which its block table cannot hold");
+        chunk_of_row.insert(chunk_of_row.end(), q_len, b);
+        max_context = std::max(max_context, context);
+        work += q_len * (2 * context - q_len + 1) / 2;   // keys seen, summed over the chunk's rows
+    }
+    work *= 2 * a.num_heads * a.head_dim;   // q.k and p.v
+    bool ok = true;
+    switch (a.dtype) {
+        case AttnDtype::kFloat32: ok = run_all<float>(a, chunk_of_row, max_context, work, attend_f32); break;
+        case AttnDtype::kFloat64: ok = run_all<double>(a, chunk_of_row, max_context, work, attend_f64); break;
+        case AttnDtype::kBFloat16: ok = run_all<float>(a, chunk_of_row, max_context, work, attend_bf16); break;
+        default: throw std::invalid_argument("paged_attention_cpu: unsupported dtype");
+    }
+    if (!ok) throw std::out_of_range("paged_attention_cpu: a block table entry is outside the KV cache");
+}
+
+}  // namespace memgen

@@ -1,0 +1,42 @@
+// Paged attention on the CPU, straight from the KV blocks: decode rows and
+// multi-row chunks of any lengths in one call, no gather into a padded batch
+// (the torch backend's attention on CPU; layers/backend.py calls it).
+//
+// Layout (vLLM's / flash-attn's words, as kernels/paged_attention.py):
+//   q, out        [num_rows, num_heads, head_dim]        contiguous
+//   k/v caches    [num_blocks, block_size, num_kv_heads, head_dim]   contiguous
+//   cu_seqlens_q  [num_chunks + 1]  chunk b's rows are [cu[b], cu[b+1])
+//   context_lens  [num_chunks]      keys chunk b sees (its own rows included: their
+//                                   K/V are stored first); its rows sit at the END
+//   block_tables  [num_chunks, max_blocks]  -1 padded
+// Query row i of chunk b is at position context_lens[b] - q_len + i and attends to
+// keys 0..that position (causal). Scores and the softmax accumulate in float for
+// float32 / bfloat16 and in double for float64. Plain C++17 + OpenMP; the hot
+// loops are compiled for AVX-512, AVX2 and a baseline, picked at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace memgen {
+
+enum class AttnDtype : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+
+struct PagedAttentionArgs {
+    const void* q;
+    const void* k_cache;
+    const void* v_cache;
+    void* out;
+    const int64_t* cu_seqlens_q;
+    const int64_t* context_lens;
+    const int64_t* block_tables;
+    int64_t num_chunks, max_blocks;
+    int64_t num_heads, num_kv_heads, head_dim, block_size, num_blocks;
+    double scale;
+    AttnDtype dtype;
+    int num_threads;
+};
+
+// Throws std::invalid_argument on inconsistent sizes or a block id out of range.
+void paged_attention_cpu(const PagedAttentionArgs& args);
+
+}  // namespace memgen
