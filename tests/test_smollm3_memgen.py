@@ -157,6 +157,11 @@ def test_inactive_trigger_base_not_given(cases, tmp_path, prompt_ids, tokenizer,
     expected = _oracle(load_checkpoint(ckpt_dir), smol_dir, None, trigger, prompt_ids, tokenizer.eos_token_id)
     _, _, prompts = prompt_ids
     _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
+    # a weight push (training) keeps that layout: the unnamed trigger base stays unchecked
+    version = llm.engine.memgen_version
+    llm.update_memgen_weights(load_checkpoint(ckpt_dir))
+    assert llm.engine.memgen_version == version + 1
+    _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
 
 
 def test_active_trigger_with_another_vocabulary_is_an_error(cases, tmp_path, smol_dir, tokenizer):

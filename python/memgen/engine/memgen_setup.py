@@ -95,8 +95,12 @@ class MemGenSetup:
         old = self.ckpt
         pools = plan.pool_of_stream
         reasoner_config = runners[BASE_POOL].hf_config
-        check_memgen_fits(ckpt, reasoner_config, self.weaver_config or reasoner_config,
-                          self.trigger_config or reasoner_config)
+        # the configs checked at load; an inactive trigger's unnamed base of another width
+        # was left unchecked there (trigger_config None) and stays so
+        trigger_config = self.trigger_config
+        if trigger_config is None and ckpt.settings.trigger_active:
+            trigger_config = reasoner_config
+        check_memgen_fits(ckpt, reasoner_config, self.weaver_config or reasoner_config, trigger_config)
         if ckpt.settings.trigger_active != old.settings.trigger_active:
             raise ValueError("a weight update cannot switch the trigger between active and inactive; "
                              "build a new LLM for that")
