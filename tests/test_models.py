@@ -63,7 +63,7 @@ def test_stops_at_eos_like_hf(qwen2_dir):
 def test_embedding_inputs_equal_token_inputs(qwen2_dir):
     """Rows given as embedding vectors (MemGen's latent path) compute exactly
     what the same rows given as token ids compute."""
-    from memgen.engine.scheduler import ScheduledChunk
+    from memgen._native import StepCore
     from memgen.engine.sequence import Stream
 
     llm = LLM(qwen2_dir, dtype="float64", enable_prefix_caching=False)
@@ -73,7 +73,9 @@ def test_embedding_inputs_equal_token_inputs(qwen2_dir):
 
     def run(stream):
         manager.allocate(stream, stream.num_tokens)
-        inp = runner.prepare([ScheduledChunk(None, stream, 0, stream.num_tokens)])
+        step = StepCore([manager])
+        step.add_chunk(None, stream, 0, stream.num_tokens)
+        inp = runner.prepare(step)
         hidden = runner.forward(inp)
         manager.free(stream)
         return hidden

@@ -9,7 +9,6 @@ import torch
 
 from memgen._native import StepCore
 from memgen.engine.input_batch import InputBuffers, ModelInput, build_model_input
-from memgen.engine.scheduler import ScheduledChunk
 from memgen.layers.backend import TorchBackend
 from memgen.layers.context import forward_context
 from memgen.models import DecoderForCausalLM, load_model
@@ -40,16 +39,10 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.bind(k, v, self.attn_backend)
 
-    def prepare(self, chunks: StepCore | list[ScheduledChunk], pool_index: int = -1) -> ModelInput:
-        """The model input of a step's chunks (those of `pool_index`; -1: all), or of
-        a list of chunks. The integer tensors are views of this runner's buffers:
-        valid until its next prepare()."""
-        if not isinstance(chunks, StepCore):
-            step = StepCore([])
-            for c in chunks:
-                step.add_chunk(c.seq, c.stream, c.start, c.num_tokens)
-            chunks = step
-        return build_model_input(chunks, pool_index, self.input_buffers, self.block_size, self.device, self.dtype)
+    def prepare(self, step: StepCore, pool_index: int = -1) -> ModelInput:
+        """The model input of a step's chunks (those of `pool_index`; -1: all). The
+        integer tensors are views of this runner's buffers: valid until its next prepare()."""
+        return build_model_input(step, pool_index, self.input_buffers, self.block_size, self.device, self.dtype)
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> torch.Tensor:

@@ -69,11 +69,6 @@ class SchedulerOutput:
         self._check_current()
         return self.core.num_chunks
 
-    @property
-    def num_batched_tokens(self) -> int:
-        self._check_current()
-        return self.core.num_batched_tokens
-
     def _check_current(self) -> None:
         if self.core.step != self.step:
             raise RuntimeError("this SchedulerOutput is stale: the scheduler has planned another step since")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from memgen._native import EMBED, StreamCore
+from memgen._native import EMBED, StreamCore  # noqa: F401 (EMBED: re-exported for stream users)
 from memgen.sampling_params import SamplingParams
 
 # EMBED (-1): the token_ids entry of an embedding-valued position
