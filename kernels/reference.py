@@ -154,9 +154,25 @@ def lora_expand_ref(t, lora_b, adapter_ids, y, meta: LoraMeta | None = None) -> 
 
 
 def add_lora_ref(y, x, lora_a, lora_b, scaling, adapter_ids, meta: LoraMeta | None = None) -> torch.Tensor:
-    """Torch reference of `add_lora` (same arguments)."""
-    t = lora_shrink_ref(x, lora_a, scaling, adapter_ids, meta=meta)
-    return lora_expand_ref(t, lora_b, adapter_ids, y, meta=meta)
+    """Torch version of `add_lora` (same arguments; in place on y, returned): for each
+    adapter a, y[rows of a] += ((x @ A[a].T) @ B[a].T) * scaling[a], PEFT's order of
+    operations in the inputs' dtype (the kernels: scaling folded into an fp32 shrink).
+    `scaling` is fp32, or float64 for float64 inputs (the adapter's exact factor)."""
+    check_tensor("x", x, ndim=2, dtypes=_ANY_FLOAT)
+    check_tensor("lora_a", lora_a, ndim=3, dtypes=(x.dtype,), shape=(None, None, x.shape[1]))
+    check_tensor("lora_b", lora_b, ndim=3, dtypes=(x.dtype,), shape=(lora_a.shape[0], None, lora_a.shape[1]))
+    check_tensor("y", y, ndim=2, dtypes=(x.dtype,), shape=(x.shape[0], lora_b.shape[1]), last_contiguous=False)
+    check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32, torch.float64), shape=(lora_a.shape[0],))
+    _check_rows(x, adapter_ids, meta, lora_a.shape[0])
+    check_same_device(x=x, lora_a=lora_a, lora_b=lora_b, y=y, scaling=scaling, adapter_ids=adapter_ids)
+    meta = meta if meta is not None else lora_metadata(adapter_ids, lora_a.shape[0])
+    starts = meta.group_starts.tolist()
+    for a in range(lora_a.shape[0]):
+        if starts[a + 1] > starts[a]:
+            rows = meta.sorted_rows[starts[a]:starts[a + 1]]
+            y[rows] += ((x[rows] @ lora_a[a].T) @ lora_b[a].T) * scaling[a].item()
+    return y
+
 
 # ----------------------------------------------------------------------------- paged_attention
 def _check_common(q, k_cache, v_cache, block_tables, context_lens, out, floats=_ANY_FLOAT):
@@ -189,58 +205,137 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out, floats=_
                          f"block_tables {block_tables.shape[0]}")
 
 
-def _gather_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n positions of one sequence, [n, num_kv_heads, head_dim]."""
-    block_size = cache.shape[1]
-    pos = torch.arange(n, device=cache.device)
-    return cache[table[pos // block_size].long(), pos % block_size]
+@dataclass
+class SDPAGroup:
+    """Chunks attended by one padded SDPA call."""
+    rows: torch.Tensor | None         # [n] the group's rows in the flat batch; None: all rows, in order
+    num_chunks: int
+    max_q: int
+    max_k: int
+    kv_index: torch.Tensor            # [B * max_k] flat cache slots to gather (pads -> slot 0)
+    attn_mask: torch.Tensor | None    # [B, 1, max_q, max_k] bool, None when not needed
+    is_causal: bool                   # single chunk, pure prefill: SDPA's own causal mask
+    pad_index: torch.Tensor | None    # [n] group row -> index in the padded [B * max_q] queries; None: identity
 
 
-def _attend_ref(q, k, v, scale, q_pos):
-    """q [Lq, Hq, D], k/v [n, Hkv, D], q_pos [Lq] absolute positions -> [Lq, Hq, D] in
-    fp32 (float64 for float64 inputs)."""
-    group = q.shape[1] // k.shape[1]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    k = k.to(acc).repeat_interleave(group, dim=1)
-    v = v.to(acc).repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.to(acc), k) * scale
-    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
-    scores = scores.masked_fill(~visible[None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+def sdpa_groups(cu_seqlens_q, context_lens, block_tables, block_size: int, max_seqlen_q: int | None = None,
+                max_seqlen_k: int | None = None, chunks: torch.Tensor | None = None) -> list[SDPAGroup]:
+    """The padded SDPA batches of a step's chunks (`chunks`: a subset, None: all).
+    Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are
+    padded separately: padded together, every decode row would be padded to the
+    longest chunk's queries. The max lengths, when given for all chunks, spare a sync."""
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    selected = chunks if chunks is not None else torch.arange(q_lens.shape[0], device=q_lens.device)
+    is_decode = q_lens[selected] == 1
+    num_decode = int(is_decode.sum())
+    if num_decode in (0, selected.shape[0]):
+        known = (max_seqlen_q, max_seqlen_k) if chunks is None else (None, None)
+        return [_sdpa_group(cu_seqlens_q, context_lens, block_tables, block_size, chunks, q_lens, *known)]
+    return [_sdpa_group(cu_seqlens_q, context_lens, block_tables, block_size, selected[is_decode], q_lens),
+            _sdpa_group(cu_seqlens_q, context_lens, block_tables, block_size, selected[~is_decode], q_lens)]
+
+
+def _sdpa_group(cu_seqlens_q, context_lens, block_tables, bs: int, chunks: torch.Tensor | None,
+                q_lens: torch.Tensor, max_q: int | None = None, max_k: int | None = None) -> SDPAGroup:
+    """Padded-batch metadata for some chunks (None: all of them).
+
+    Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.
+    Query i of chunk b sits at position context_lens[b] - q_lens[b] + i and sees
+    keys j <= that position; padded queries (i >= q_len) see every valid key
+    (never an all-masked row, which would give NaN) and are dropped afterwards."""
+    device = q_lens.device
+    starts, tables = cu_seqlens_q[:-1].long(), block_tables.long()
+    q_lens, context_lens = q_lens.long(), context_lens.long()
+    if chunks is not None:
+        q_lens, starts, context_lens, tables = q_lens[chunks], starts[chunks], context_lens[chunks], tables[chunks]
+    if max_q is None or max_k is None:
+        max_q, max_k = int(q_lens.max()), int(context_lens.max())
+    num_chunks = q_lens.shape[0]
+    j = torch.arange(max_k, device=device)
+    blocks = tables.clamp(min=0).gather(1, (j // bs).expand(num_chunks, -1))
+    kv_index = (blocks * bs + j % bs).masked_fill(j >= context_lens[:, None], 0).view(-1)
+    rows = pad_index = None
+    if max_q > 1:
+        chunk_of_row = torch.repeat_interleave(torch.arange(num_chunks, device=device), q_lens)
+        local = torch.arange(chunk_of_row.shape[0], device=device) - (q_lens.cumsum(0) - q_lens)[chunk_of_row]
+        pad_index = chunk_of_row * max_q + local
+        if chunks is not None:
+            rows = starts[chunk_of_row] + local
+    elif chunks is not None:
+        rows = starts
+    attn_mask, is_causal = None, False
+    if num_chunks == 1 and int(context_lens[0]) == max_q:
+        is_causal = max_q > 1                       # a single pure prefill: SDPA's causal mask
+    elif not (num_chunks == 1 and max_q == 1):
+        i = torch.arange(max_q, device=device)
+        qpos = (context_lens - q_lens)[:, None] + i[None, :]                # [B, max_q]
+        qpos = torch.where(i[None, :] < q_lens[:, None], qpos, context_lens[:, None] - 1)
+        attn_mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)    # [B, 1, max_q, max_k]
+    return SDPAGroup(rows, num_chunks, max_q, max_k, kv_index, attn_mask, is_causal, pad_index)
+
+
+def sdpa_attend(q, k_cache, v_cache, groups: list[SDPAGroup], scale: float) -> torch.Tensor:
+    """Attention of every row the groups cover, in q's dtype; rows no group covers are
+    left as torch.empty_like made them (a caller writes only covered rows)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_flat, v_flat = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    if len(groups) == 1 and groups[0].rows is None:
+        return _sdpa_attend_group(q, k_flat, v_flat, groups[0], scale)
+    out = torch.empty_like(q)
+    for g in groups:
+        out.index_copy_(0, g.rows, _sdpa_attend_group(q.index_select(0, g.rows), k_flat, v_flat, g, scale))
+    return out
+
+
+def _sdpa_attend_group(q, k_flat, v_flat, g: SDPAGroup, scale: float) -> torch.Tensor:
+    """SDPA over one group's padded batch; q holds the group's rows, in order."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_flat.shape[1]
+    keys = k_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
+    values = v_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
+    if g.pad_index is None:
+        queries = q.view(g.num_chunks, 1, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(g.num_chunks * g.max_q, num_heads, head_dim)
+        queries.index_copy_(0, g.pad_index, q)
+        queries = queries.view(g.num_chunks, g.max_q, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=g.attn_mask, is_causal=g.is_causal, scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )                                                                    # [B, Hq, max_q, D]
+    out = out.transpose(1, 2).reshape(g.num_chunks * g.max_q, num_heads, head_dim)
+    return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                 scale: float, out: torch.Tensor | None = None,
                                 max_seqlen_q: int | None = None) -> torch.Tensor:
-    """Torch version of `paged_prefill_attention` (same arguments; fp32 math, float64 for float64)."""
+    """Torch version of `paged_prefill_attention` (same arguments): the SDPA grouping
+    above, in fp32 for half inputs (the kernel's math) and float64 for float64. Chunks
+    with no keys or no queries, and rows past cu_seqlens_q[-1], are not written."""
     _check_prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out)
     out = torch.empty_like(q) if out is None else out
-    cu = cu_seqlens_q.tolist()
-    for b, ctx in enumerate(context_lens.tolist()):
-        lq = cu[b + 1] - cu[b]
-        if ctx == 0 or lq == 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], ctx)
-        v = _gather_kv(v_cache, block_tables[b], ctx)
-        q_pos = torch.arange(ctx - lq, ctx, device=q.device)
-        out[cu[b]:cu[b + 1]] = _attend_ref(q[cu[b]:cu[b + 1]], k, v, scale, q_pos).to(out.dtype)
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    chunks = ((context_lens > 0) & (q_lens > 0)).nonzero().squeeze(1)
+    if chunks.numel() == 0:
+        return out
+    acc = torch.promote_types(q.dtype, torch.float32)
+    groups = sdpa_groups(cu_seqlens_q, context_lens, block_tables, k_cache.shape[1], chunks=chunks)
+    got = sdpa_attend(q.to(acc), k_cache.to(acc), v_cache.to(acc), groups, scale)
+    for g in groups:
+        out[g.rows] = got[g.rows].to(out.dtype)
     return out
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                                out: torch.Tensor | None = None,
                                partition_size: int | None = None) -> torch.Tensor:
-    """Torch version of `paged_decode_attention` (same arguments; fp32 math, float64 for float64)."""
+    """Torch version of `paged_decode_attention` (same arguments): a prefill of one
+    query per sequence."""
     _check_decode(q, k_cache, v_cache, block_tables, context_lens, out)
-    out = torch.empty_like(q) if out is None else out
-    for b, ctx in enumerate(context_lens.tolist()):
-        if ctx == 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], ctx)
-        v = _gather_kv(v_cache, block_tables[b], ctx)
-        q_pos = torch.tensor([ctx - 1], device=q.device)
-        out[b:b + 1] = _attend_ref(q[b:b + 1], k, v, scale, q_pos).to(out.dtype)
-    return out
+    cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=context_lens.dtype)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, cu, context_lens, block_tables, scale, out=out)
+
 
 # ----------------------------------------------------------------------------- trigger_scoring
 def _prepare_trigger(hidden, weight, bias, temperature, uniforms, out, logits_out, floats=_ANY_FLOAT):

@@ -95,10 +95,10 @@ def test_bad_targets_are_value_errors(qwen2_dir):
 
 
 @pytest.mark.kernels
-def test_fused_lora_on_the_triton_backend_equals_the_loop(qwen2_dir):
-    """The Triton backend stacks the adapters per layer (zero-padded ranks, and an
-    all-zero slot where a layer lacks an adapter) and runs add_lora: the same
-    logits as the per-adapter loop, within fp32 rounding."""
+def test_stacked_lora_on_the_triton_backend_equals_the_torch_backend(qwen2_dir):
+    """Both backends add the adapters stacked per layer (zero-padded ranks, and an
+    all-zero slot where a layer lacks an adapter): Triton's add_lora kernels give the
+    torch version's logits (PEFT's order of operations), within fp32 rounding."""
     from memgen.layers.backend import TritonBackend
 
     _, lora_a = _peft_lora(qwen2_dir, seed=1)

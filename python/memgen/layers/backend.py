@@ -5,9 +5,8 @@ A backend has, per forward:
   forward(q, k, v, k_cache, v_cache, ctx, scale)    store this forward's K/V, then paged attention
   inject_latents(token_ids, latent_index, embed_weight, latents) -> [N, H]
   trigger_decisions(hidden, weight, bias, temperature, uniforms) -> [B] 0/1
-  add_lora(y, x, lora_a, lora_b, scaling, ctx)      stacked multi-LoRA (when fused_lora)
+  add_lora(y, x, lora_a, lora_b, scaling, ctx)      stacked multi-LoRA (layers.lora's hooks)
 and says what it can do (callers test these, never the name):
-  fused_lora   LoRA hooks call add_lora on stacked adapters (else layers.lora's loop)
   graph_safe   prepare() never reads device tensors on the host: CUDA graphs can capture it
   dtypes       the dtypes it computes in
 q: [N, Hq, D], k/v: [N, Hk, D] (rotated), caches: [num_blocks, block_size, Hk, D].
@@ -20,23 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from memgen.kernels.reference import inject_latents_ref, trigger_decisions_ref
+from memgen.kernels.reference import (SDPAGroup, add_lora_ref, inject_latents_ref, lora_metadata, sdpa_attend,
+                                     sdpa_groups, trigger_decisions_ref)
 from memgen.layers.context import ForwardContext
-
-
-@dataclass
-class SDPAGroup:
-    """Chunks attended by one padded SDPA call."""
-    rows: torch.Tensor | None         # [n] the group's rows in the flat batch; None: all rows, in order
-    num_chunks: int
-    max_q: int
-    max_k: int
-    kv_index: torch.Tensor            # [B * max_k] flat cache slots to gather (pads -> slot 0)
-    attn_mask: torch.Tensor | None    # [B, 1, max_q, max_k] bool, None when not needed
-    is_causal: bool                   # single chunk, pure prefill: SDPA's own causal mask
-    pad_index: torch.Tensor | None    # [n] group row -> index in the padded [B * max_q] queries; None: identity
 
 
 @dataclass
@@ -62,11 +48,10 @@ def _native_attention():
 class TorchBackend:
     """Torch on any device and dtype: attention on the CPU by the native paged
     kernel (engine/cpu_attention.cpp: K/V read straight from the blocks, no padding),
-    elsewhere by SDPA over each group of chunks gathered into a padded batch; LoRA by
-    layers.lora's per-adapter loop (PEFT's order of operations); the rest the
-    kernels' torch versions. `cpu_attention=False` keeps SDPA on the CPU too."""
+    elsewhere by SDPA over each group of chunks gathered into a padded batch; the rest
+    the kernels' torch versions (LoRA in PEFT's order of operations). `cpu_attention=
+    False` keeps SDPA on the CPU too."""
     name = "torch"
-    fused_lora = False
     graph_safe = False      # prepare() reads lengths on the host (syncs, data-dependent shapes)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -82,16 +67,8 @@ class TorchBackend:
             store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
         if self._native is not None and ctx.slot_mapping.device.type == "cpu":
             return SDPAMetadata([], store_index, native=True)
-        # Single-row (decode) chunks and multi-row chunks (prefill, MemGen catch-up) are
-        # padded separately: padded together, every decode row would be padded to the
-        # longest chunk's queries.
-        q_lens = ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]
-        is_decode = q_lens == 1
-        num_decode = int(is_decode.sum())
-        if num_decode in (0, ctx.num_chunks):
-            return SDPAMetadata([_group(ctx, None, q_lens)], store_index)
-        groups = [_group(ctx, is_decode.nonzero().squeeze(1), q_lens),
-                  _group(ctx, (~is_decode).nonzero().squeeze(1), q_lens)]
+        groups = sdpa_groups(ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, ctx.block_size,
+                             ctx.max_seqlen_q, ctx.max_seqlen_k)
         return SDPAMetadata(groups, store_index)
 
     def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
@@ -108,13 +85,17 @@ class TorchBackend:
             return self._attend_native(q, k_cache, v_cache, ctx, scale)
         if meta.native:   # a dtype the native kernel does not take (float16): SDPA
             ctx.attn_metadata = meta = TorchBackend(cpu_attention=False).prepare(ctx)
-        if len(meta.groups) == 1 and meta.groups[0].rows is None:
-            return _attend(q, k_flat, v_flat, meta.groups[0], scale)
-        out = torch.empty_like(q)
-        for g in meta.groups:
-            out.index_copy_(0, g.rows, _attend(q.index_select(0, g.rows), k_flat, v_flat, g, scale))
-        return out
+        return sdpa_attend(q, k_cache, v_cache, meta.groups, scale)
 
+
+    @staticmethod
+    def add_lora(y, x, lora_a, lora_b, scaling, ctx: ForwardContext) -> None:
+        """y += each row's adapter delta, in place (y may be a column slice); the rows'
+        grouping by adapter is computed once per forward and shared by every layer."""
+        meta = ctx.lora_meta.get(lora_a.shape[0])
+        if meta is None:
+            meta = ctx.lora_meta[lora_a.shape[0]] = lora_metadata(ctx.adapter_ids, lora_a.shape[0])
+        add_lora_ref(y, x, lora_a, lora_b, scaling, ctx.adapter_ids, meta=meta)
 
     def _attend_native(self, q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
         q = q.contiguous()
@@ -129,69 +110,10 @@ class TorchBackend:
         return out
 
 
-def _group(ctx: ForwardContext, chunks: torch.Tensor | None, q_lens: torch.Tensor) -> SDPAGroup:
-    """Padded-batch metadata for some chunks (None: all of them).
-
-    Example: chunks with q_lens [1, 3], context_lens [7, 3], max_q 3, max_k 7.
-    Query i of chunk b sits at position context_lens[b] - q_lens[b] + i and sees
-    keys j <= that position; padded queries (i >= q_len) see every valid key
-    (never an all-masked row, which would give NaN) and are dropped afterwards."""
-    device, bs = ctx.slot_mapping.device, ctx.block_size
-    starts, context_lens, tables = ctx.cu_seqlens_q[:-1], ctx.context_lens, ctx.block_tables
-    if chunks is not None:
-        q_lens, starts, context_lens, tables = q_lens[chunks], starts[chunks], context_lens[chunks], tables[chunks]
-        max_q, max_k = int(q_lens.max()), int(context_lens.max())
-    else:
-        max_q, max_k = ctx.max_seqlen_q, ctx.max_seqlen_k
-    num_chunks = q_lens.shape[0]
-    j = torch.arange(max_k, device=device)
-    blocks = tables.clamp(min=0).gather(1, (j // bs).expand(num_chunks, -1))
-    kv_index = (blocks * bs + j % bs).masked_fill(j >= context_lens[:, None], 0).view(-1)
-    rows = pad_index = None
-    if max_q > 1:
-        chunk_of_row = torch.repeat_interleave(torch.arange(num_chunks, device=device), q_lens)
-        local = torch.arange(chunk_of_row.shape[0], device=device) - (q_lens.cumsum(0) - q_lens)[chunk_of_row]
-        pad_index = chunk_of_row * max_q + local
-        if chunks is not None:
-            rows = starts[chunk_of_row] + local
-    elif chunks is not None:
-        rows = starts
-    attn_mask, is_causal = None, False
-    if num_chunks == 1 and int(context_lens[0]) == max_q:
-        is_causal = max_q > 1                       # a single pure prefill: SDPA's causal mask
-    elif not (num_chunks == 1 and max_q == 1):
-        i = torch.arange(max_q, device=device)
-        qpos = (context_lens - q_lens)[:, None] + i[None, :]                # [B, max_q]
-        qpos = torch.where(i[None, :] < q_lens[:, None], qpos, context_lens[:, None] - 1)
-        attn_mask = (j[None, None, :] <= qpos[:, :, None]).unsqueeze(1)    # [B, 1, max_q, max_k]
-    return SDPAGroup(rows, num_chunks, max_q, max_k, kv_index, attn_mask, is_causal, pad_index)
-
-
-def _attend(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: SDPAGroup, scale: float) -> torch.Tensor:
-    """SDPA over one group's padded batch; q holds the group's rows, in order."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_flat.shape[1]
-    keys = k_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
-    values = v_flat.index_select(0, g.kv_index).view(g.num_chunks, g.max_k, num_kv_heads, head_dim)
-    if g.pad_index is None:
-        queries = q.view(g.num_chunks, 1, num_heads, head_dim)
-    else:
-        queries = q.new_zeros(g.num_chunks * g.max_q, num_heads, head_dim)
-        queries.index_copy_(0, g.pad_index, q)
-        queries = queries.view(g.num_chunks, g.max_q, num_heads, head_dim)
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=g.attn_mask, is_causal=g.is_causal, scale=scale, enable_gqa=num_heads != num_kv_heads,
-    )                                                                    # [B, Hq, max_q, D]
-    out = out.transpose(1, 2).reshape(g.num_chunks * g.max_q, num_heads, head_dim)
-    return out if g.pad_index is None else out.index_select(0, g.pad_index)
-
-
 class TritonBackend:
     """The kernels of `memgen.kernels`: on CUDA; on a CPU only under
     TRITON_INTERPRET=1 (tests), where it is slow but exact in fp32."""
     name = "triton"
-    fused_lora = True
     graph_safe = True       # device-only metadata: CUDA graphs capture its decode steps
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -35,9 +35,7 @@ class ForwardContext:
     # backend-specific tensors prepared once per forward (e.g. gather indices, masks)
     attn_metadata: Any = None
     # LoRA row grouping, computed once per forward and shared by every layer:
-    # adapter id -> its rows (torch backend's loop; None: no rows), and adapter count ->
-    # kernels.reference.LoraMeta (Triton backend's stacked kernels)
-    lora_rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    # adapter count -> kernels.reference.LoraMeta
     lora_meta: dict[int, Any] = field(default_factory=dict)
 
     @property

@@ -47,34 +47,27 @@ class _Delta:
 class LoraHook:
     """Callable installed as `Linear.lora`: adds every adapter's delta to its rows.
 
-    On a backend with `fused_lora` (Triton) the adapters are stacked per output
-    slice, zero-padded to one rank and to the model's adapter count, and one
-    shrink + expand kernel pair serves all of them; otherwise a loop per adapter."""
+    The adapters are stacked per output slice, zero-padded to one rank and to the
+    model's adapter count, and the forward's backend adds them all in one call per
+    slice (`add_lora`: Triton's shrink + expand kernels, or the torch version in
+    PEFT's order of operations)."""
 
     deltas: list[_Delta] = field(default_factory=list)
     num_adapters: int = 0           # model-wide: every hook stacks the same adapter ids
-    _stacks: list | None = None     # [(out slice, A [n, r, in], B [n, out, r], scaling [n] fp32)]
+    _stacks: list | None = None     # [(out slice, A [n, r, in], B [n, out, r], scaling [n])]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx = get_context()
-        ids = ctx.adapter_ids
-        if ids is None:
+        if ctx.adapter_ids is None:
             return y
-        if ctx.backend is not None and ctx.backend.fused_lora:
-            for out, a, b, scaling in self.stacks():
-                ctx.backend.add_lora(y[:, out], x, a, b, scaling, ctx)
-            return y
-        for d in self.deltas:
-            rows = _rows_of(d.adapter_id, ids)
-            if rows is None:
-                continue
-            delta = (x[rows] @ d.a.T) @ d.b.T * d.scaling
-            y[rows, d.out] += delta
+        for out, a, b, scaling in self.stacks():
+            ctx.backend.add_lora(y[:, out], x, a, b, scaling, ctx)
         return y
 
     def stacks(self) -> list:
-        """The adapters stacked per output slice for the fused kernels (built once, kept
-        across same-shape weight pushes: see _restack)."""
+        """The adapters stacked per output slice (built once, kept across same-shape
+        weight pushes: see _restack). Scaling is fp32 (the kernels'), float64 in a
+        float64 model (the adapter's exact factor)."""
         if self._stacks is None:
             self._stacks = []
             for out in sorted({(d.out.start, d.out.stop) for d in self.deltas}):
@@ -83,22 +76,13 @@ class LoraHook:
                 n = self.num_adapters
                 a = first.a.new_zeros(n, rank, first.a.shape[1])
                 b = first.b.new_zeros(n, out[1] - out[0], rank)
-                scaling = torch.zeros(n, dtype=torch.float32, device=first.a.device)
+                scaling_dtype = torch.float64 if first.a.dtype == torch.float64 else torch.float32
+                scaling = torch.zeros(n, dtype=scaling_dtype, device=first.a.device)
                 for d in mine:
                     r = d.a.shape[0]
                     a[d.adapter_id, :r], b[d.adapter_id, :, :r], scaling[d.adapter_id] = d.a, d.b, d.scaling
                 self._stacks.append((slice(*out), a, b, scaling))
         return self._stacks
-
-
-def _rows_of(adapter_id: int, ids: torch.Tensor) -> torch.Tensor | None:
-    """Row indices of one adapter, computed once per forward and cached in the context."""
-    ctx = get_context()
-    cache = ctx.lora_rows
-    if adapter_id not in cache:
-        rows = torch.nonzero(ids == adapter_id).squeeze(1)
-        cache[adapter_id] = rows if rows.numel() else None
-    return cache[adapter_id]
 
 
 def resolve_target(model: nn.Module, module_path: str) -> tuple[nn.Module, slice]:
@@ -157,11 +141,14 @@ def _restack(model: nn.Module) -> None:
     num_adapters = 1 + max((d.adapter_id for h in hooks for d in h.deltas), default=-1)
     for hook in hooks:
         old, hook.num_adapters, hook._stacks = hook._stacks, num_adapters, None
+        # built here, never lazily inside a forward: tensors made under inference_mode
+        # could not take a later push's in-place copy
         if old is not None and _same_layout(old, hook.stacks()):
             for kept, new in zip(old, hook._stacks):
                 for dst, src in zip(kept[1:], new[1:]):
                     dst.copy_(src)
             hook._stacks = old
+        hook.stacks()
 
 
 def _same_layout(old: list, new: list) -> bool:
