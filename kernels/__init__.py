@@ -13,7 +13,7 @@ TRITON_INTERPRET can still be set before the kernels are decorated):
                     dtype) with the checks it shares with its kernel, and
                     fold_query_latents; importing it never imports Triton
 The engine calls them through `memgen.layers.backend.TritonBackend`; its
-`TorchBackend` has the same interface and uses the torch versions where it has
-no faster torch path (attention: SDPA; LoRA: layers.lora's loop).
+`TorchBackend` has the same interface and runs the torch versions (attention on
+the CPU: the native kernel of engine/cpu_attention.cpp).
 Sampling stays in torch (see the engine's sampler): a kernel does not pay there.
 """
