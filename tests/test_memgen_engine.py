@@ -243,7 +243,7 @@ def test_live_weight_update(request, prompt_ids, tokenizer, memgen_reasoner_dir)
 
 @pytest.mark.parametrize("name,budget", [("active", 5), ("separate_trigger", 2), ("wide_weaver", 5)])
 def test_streams_following_the_reasoner_equal_the_oracle(request, prompt_ids, tokenizer, memgen_reasoner_dir,
-                                                         monkeypatch, name, budget):
+                                                         name, budget):
     """lazy_memgen_streams=False (the CUDA default): W and T take one row per step beside R
     while insertions remain, instead of catching up in one chunk. Same tokens and masks;
     after the prompt, T never runs a multi-row chunk."""
@@ -253,18 +253,29 @@ def test_streams_following_the_reasoner_equal_the_oracle(request, prompt_ids, to
     ckpt = dataclasses.replace(ckpt, settings=dataclasses.replace(ckpt.settings, max_inference_aug_num=budget))
     expected = _oracle(ckpt, memgen_reasoner_dir, weaver, trigger, prompt_ids, tokenizer.eos_token_id)
     t_chunks = {}
-    original = ctl.MemGenController.after_forward
 
-    def spy(self, chunks, hidden_of_chunk):
-        for chunk in chunks:
-            if chunk.stream.name == ctl.TRIGGER:
-                t_chunks.setdefault(chunk.seq.seq_id, []).append(chunk.end - chunk.start)
-        return original(self, chunks, hidden_of_chunk)
+    class Recording:
+        """A policy that records T's chunk sizes and defers to MemGen's (engine/policy.py)."""
 
-    monkeypatch.setattr(ctl.MemGenController, "after_forward", spy)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def start(self, seq):
+            self.inner.start(seq)
+
+        def after_forward(self, chunks, hidden):
+            for chunk in chunks:
+                if chunk.stream.name == ctl.TRIGGER:
+                    t_chunks.setdefault(chunk.seq.seq_id, []).append(chunk.end - chunk.start)
+            return self.inner.after_forward(chunks, hidden)
+
+        def after_tokens(self, seqs, token_ids):
+            return self.inner.after_tokens(seqs, token_ids)
+
     _, _, prompts = prompt_ids
     llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger, lazy_memgen_streams=False)
     assert llm.engine.memory.follow
+    llm.engine.policy = Recording(llm.engine.policy)
     _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
     if ckpt.settings.trigger_active:
         later = [n for sizes in t_chunks.values() for n in sizes[1:]]
