@@ -52,6 +52,14 @@ def test_convert_both_directions(memgen_ckpt_dir, tmp_path, capsys):
         ra, rb = restored.weaver_lora.layers[m]
         assert torch.equal(a, ra) and torch.equal(b, rb)
     assert main(["convert", str(tmp_path / "none"), str(tmp_path / "x")]) == 2
+    # --dtype: every tensor cast, values kept to the dtype's precision
+    half = tmp_path / "half"
+    assert main(["convert", str(memgen_ckpt_dir), str(half), "--dtype", "float16"]) == 0
+    small = load_checkpoint(half)
+    assert small.weaver["prompt_query_latents"].dtype == torch.float16
+    assert all(a.dtype == b.dtype == torch.float16 for a, b in small.trigger_lora.layers.values())
+    assert torch.allclose(small.weaver_to_reasoner["weight"].float(), original.weaver_to_reasoner["weight"].float(),
+                          atol=1e-3)
 
 
 def test_help_for_every_subcommand(capsys):

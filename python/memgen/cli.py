@@ -107,9 +107,13 @@ def cmd_init(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from memgen.checkpoint import load_checkpoint, save_export, save_reference
+    import torch
+
+    from memgen.checkpoint import cast_checkpoint, load_checkpoint, save_export, save_reference
 
     ckpt = load_checkpoint(args.src)
+    if args.dtype is not None:
+        ckpt = cast_checkpoint(ckpt, getattr(torch, args.dtype))
     if args.weaver_base:
         ckpt.weaver_base = args.weaver_base
     if args.trigger_base:
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference: the reference's save_pretrained layout; safetensors: this project's export")
     p.add_argument("--weaver-base", default=None, help="record the weaver's base checkpoint")
     p.add_argument("--trigger-base", default=None, help="record the trigger's base checkpoint")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                   help="store every tensor in this dtype (default: as they are; float16 halves a float32 file)")
     p.set_defaults(func=cmd_convert)
 
     # subcommands whose options and runner live beside their code

@@ -37,6 +37,21 @@ def drop_lora(ckpt: MemGenCheckpoint) -> MemGenCheckpoint:
     return dataclasses.replace(ckpt, weaver_lora=zero_b(ckpt.weaver_lora), trigger_lora=zero_b(ckpt.trigger_lora))
 
 
+def cast_checkpoint(ckpt: MemGenCheckpoint, dtype: torch.dtype) -> MemGenCheckpoint:
+    """Every tensor in `dtype` (e.g. float16 to halve a shipped file; the
+    engine casts to its own dtype at load)."""
+    def cast(d: dict) -> dict:
+        return {k: t.to(dtype) for k, t in d.items()}
+
+    def cast_lora(lora: LoraWeights) -> LoraWeights:
+        return dataclasses.replace(lora, layers={m: (a.to(dtype), b.to(dtype)) for m, (a, b) in lora.layers.items()})
+
+    return dataclasses.replace(ckpt, reasoner_to_weaver=cast(ckpt.reasoner_to_weaver),
+                               weaver_to_reasoner=cast(ckpt.weaver_to_reasoner), weaver=cast(ckpt.weaver),
+                               trigger_head=cast(ckpt.trigger_head), weaver_lora=cast_lora(ckpt.weaver_lora),
+                               trigger_lora=cast_lora(ckpt.trigger_lora))
+
+
 def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenCheckpoint:
     """Load a MemGen checkpoint directory in either layout. Its internal shapes
     are validated (validate() with the base configs checks the rest).
@@ -64,6 +79,6 @@ def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenC
 
 __all__ = [
     "MemGenCheckpoint", "MemGenSettings", "LoraWeights", "DEFAULT_LORA_CONFIG",
-    "load_checkpoint", "save_reference", "save_export", "validate", "drop_lora",
+    "load_checkpoint", "save_reference", "save_export", "validate", "drop_lora", "cast_checkpoint",
     "random_checkpoint", "base_linear_shapes", "matches_target", "InitOptions", "init_checkpoint",
 ]
