@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
          "add_eval_arguments", "run_eval_from_args"),
         ("train", "train MemGen's weaver (SFT, GRPO) or trigger (GRPO) with engine rollouts", "memgen.train.cli",
          "add_train_arguments", "run_train_from_args"),
+        ("serve", "OpenAI-compatible HTTP server (streaming, continuous batching)", "memgen.serve.command",
+         "add_serve_arguments", "run_serve_from_args"),
     ):
         commands = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text)

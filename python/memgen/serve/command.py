@@ -1,0 +1,93 @@
+"""`memgen serve`: its options and its runner. Light on purpose (the CLI imports
+it to build its parser): FastAPI, uvicorn and the engine load only when the
+server starts."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from memgen.model_options import add_model_arguments, llm_kwargs
+
+DEFAULT_MAX_WAITING = 1024
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("An OpenAI-compatible HTTP server (FastAPI + uvicorn): /v1/models, /v1/completions, "
+                          "/v1/chat/completions (streaming or not), /health, /metrics. One engine loop batches "
+                          "every connection's requests continuously.")
+    add_model_arguments(parser)
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once (default 32)")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence, latents included (default: min(model's positions, 4096))")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="rows per step (default 4096)")
+    e.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default 16)")
+    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (default: auto)")
+    e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size in GiB (default: auto)")
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="do not reuse cached prompt blocks across requests")
+    e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: --model as given, else the packaged model's name)")
+    s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help=f"answer 503 (with Retry-After) while this many sequences wait for admission "
+                        f"(default {DEFAULT_MAX_WAITING}; 0 or less: no limit)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "num_kv_blocks",
+                "kv_cache_memory_gb", "enable_prefix_caching")
+
+
+def serve_llm_kwargs(args: argparse.Namespace) -> dict:
+    """The LLM(...) keywords of `memgen serve`'s options."""
+    kwargs = {**llm_kwargs(args), "seed": args.seed}
+    kwargs.update({name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None})
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model:
+        return args.model
+    from memgen.sources import PACKAGED_MODEL
+
+    return PACKAGED_MODEL
+
+
+def run_serve_from_args(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from memgen.serve.app import create_app
+    except ImportError as e:
+        print(f"memgen serve: error: {e.name or e} is not installed; install the server's packages with "
+              "pip install 'memgen-engine[serve]' (fastapi, uvicorn, prometheus-client)", file=sys.stderr)
+        return 2
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    from memgen import LLM
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    llm = LLM(**serve_llm_kwargs(args))
+    name = served_model_name(args)
+    app = create_app(llm, name, max_waiting=args.max_waiting if args.max_waiting > 0 else None, memgen=args.memgen)
+    logging.getLogger("memgen.serve").info("serving %r on http://%s:%d (OpenAI API under /v1)", name, args.host,
+                                           args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,274 @@
+"""One engine loop for every connection: a background thread that owns the
+engine (`LLM.engine`) and steps it while any request is unfinished.
+
+Continuous batching: the HTTP side only queues requests and aborts (under a
+lock) and wakes the thread; before every step the thread admits what arrived
+(`LLMEngine.add_request`) and takes out what was aborted (`LLMEngine.abort`,
+which frees the blocks at once), so new requests join the next step. After the
+step each request's news (new token ids, logprobs, augmentation entries; the
+final `CompletionOutput` of a finished choice) goes to its asyncio queue in one
+`call_soon_threadsafe` per event loop. Idle, the thread waits on a condition:
+no busy spin. Only this thread touches the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from memgen.outputs import NOT_CONSULTED, CompletionOutput
+from memgen.sampling_params import SamplingParams
+from memgen.serve.errors import APIError, internal, overloaded
+from memgen.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChoiceUpdate:
+    """News about one choice since its last update."""
+    index: int                                   # choice index: prompt_index * n + completion index
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    augmentation: list[int]
+    output: CompletionOutput | None = None       # set once, when the choice ends
+
+
+@dataclass
+class Update:
+    choices: list[ChoiceUpdate] = field(default_factory=list)
+    error: APIError | None = None
+    done: bool = False                           # the request has ended (all choices, or an error)
+
+
+class RequestHandle:
+    """One API request (one or more prompts, n choices each) as the HTTP side sees it."""
+
+    def __init__(self, owner: "EngineLoop", prompts: list[list[int]], params: SamplingParams, stream: bool):
+        self.owner = owner
+        self.prompts = prompts
+        self.params = params
+        self.stream = stream            # False: only the final outputs are sent
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Update] = asyncio.Queue()
+        self.num_choices = len(prompts) * params.n
+        self.finished = False           # set on the event loop when the last update arrives
+        # owned by the engine thread
+        self._seqs: list = []
+        self._sent: list[int] = []
+        self._done: list[bool] = []
+        self._aborted = False
+
+    def abort(self) -> None:
+        """The client went away: stop generating and free the blocks (no-op once finished)."""
+        if not self.finished:
+            self.owner.abort(self)
+
+    async def updates(self):
+        """The updates until the request ends; raises the APIError of a failed request."""
+        while True:
+            update = await self.queue.get()
+            if update.error is not None:
+                self.finished = True
+                raise update.error
+            if update.done:
+                self.finished = True
+            yield update
+            if update.done:
+                return
+
+
+class EngineLoop:
+    def __init__(self, llm, metrics: ServeMetrics | None = None, max_waiting: int | None = None):
+        self.llm = llm
+        self.engine = llm.engine
+        self.metrics = metrics if metrics is not None else ServeMetrics()
+        self.max_waiting = max_waiting
+        self._cv = threading.Condition()
+        self._pending: list[RequestHandle] = []
+        self._pending_seqs = 0
+        self._aborts: list[RequestHandle] = []
+        self._active: list[RequestHandle] = []
+        self._stopping = False
+        self._engine_waiting = 0
+        self._num_preemptions = 0
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None   # set if the loop itself died (the server is then unhealthy)
+
+    # ---- the HTTP side -----------------------------------------------------------------
+    def start(self) -> None:
+        self._publish_state()
+        self._thread = threading.Thread(target=self._run, name="memgen-engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences not yet admitted: queued here, or in the engine's waiting queue."""
+        return self._pending_seqs + self._engine_waiting
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, stream: bool) -> RequestHandle:
+        """Queue a validated request (one handle for its prompts x n choices). Raises
+        the 503 APIError when --max-waiting sequences are already waiting."""
+        if self.error is not None or self._stopping:
+            raise internal(f"the engine loop is not running{f': {self.error}' if self.error else ''}")
+        handle = RequestHandle(self, prompts, params, stream)
+        with self._cv:
+            waiting = self.num_waiting
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise overloaded(waiting, self.max_waiting)
+            self._pending.append(handle)
+            self._pending_seqs += handle.num_choices
+            self._cv.notify()
+        return handle
+
+    def abort(self, handle: RequestHandle) -> None:
+        with self._cv:
+            self._aborts.append(handle)
+            self._cv.notify()
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._pending or self._aborts or self._stopping or self.engine.has_unfinished()):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    pending, self._pending, self._pending_seqs = self._pending, [], 0
+                    aborts, self._aborts = self._aborts, []
+                self._iterate(pending, aborts)
+        except BaseException as e:  # the loop itself broke: fail everything, report unhealthy
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("memgen engine loop died:\n%s", traceback.format_exc())
+        finally:
+            with self._cv:
+                leftover, self._pending = self._pending + self._active, []
+                self._active = []
+            self._deliver([(h, Update(error=internal("the server is shutting down"), done=True))
+                           for h in leftover])
+
+    def _iterate(self, pending: list[RequestHandle], aborts: list[RequestHandle]) -> None:
+        for handle in aborts:
+            self._abort(handle)
+        deliveries = []
+        for handle in pending:
+            if handle._aborted:
+                continue
+            try:
+                self._add(handle)
+            except Exception as e:  # validated input should never fail here: an internal error
+                log.error("add_request failed:\n%s", traceback.format_exc())
+                self._abort(handle)
+                deliveries.append((handle, Update(error=internal(f"could not queue the request: {e}"), done=True)))
+        if self.engine.has_unfinished():
+            try:
+                _, num_tokens = self.engine.step()
+                self.metrics.generation_tokens.inc(num_tokens)
+            except Exception as e:
+                # an internal error (never a user's: input was validated): the step's requests fail
+                # with a 500, their blocks are freed, and the loop serves the next ones
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                failed = list(self._active)
+                for handle in failed:
+                    self._abort(handle)
+                deliveries += [(h, Update(error=internal(f"the engine failed: {type(e).__name__}: {e}"), done=True))
+                               for h in failed]
+        deliveries += self._collect()
+        self._deliver(deliveries)
+        self._publish_state()
+
+    def _add(self, handle: RequestHandle) -> None:
+        params = handle.params
+        for ids in handle.prompts:
+            for i in range(params.n):
+                handle._seqs.append(self.engine.add_request(ids, params.for_completion(i)))
+                self.metrics.prompt_tokens.inc(len(ids))
+        handle._sent = [0] * len(handle._seqs)
+        handle._done = [False] * len(handle._seqs)
+        self._active.append(handle)
+
+    def _abort(self, handle: RequestHandle) -> None:
+        if handle._aborted:
+            return
+        handle._aborted = True
+        live = [s for s, done in zip(handle._seqs, handle._done) if not done]
+        if live:
+            self.engine.abort(live)
+            for seq in live:
+                self.metrics.record_sequence(seq, "abort")
+        if handle in self._active:
+            self._active.remove(handle)
+
+    def _collect(self) -> list[tuple[RequestHandle, Update]]:
+        """Each active request's news since the last step."""
+        out, still = [], []
+        for handle in self._active:
+            update = Update()
+            for j, seq in enumerate(handle._seqs):
+                if handle._done[j]:
+                    continue
+                n, sent, finished = seq.num_output_tokens, handle._sent[j], seq.is_finished
+                if not finished and (n == sent or not handle.stream):
+                    continue
+                output = None
+                if finished:
+                    handle._done[j] = True
+                    output = self.llm._completion(j % handle.params.n, seq)
+                    self.metrics.record_sequence(seq, seq.finish_reason)
+                update.choices.append(ChoiceUpdate(
+                    index=j, token_ids=list(seq.output_token_ids[sent:n]),
+                    logprobs=list(seq.output_logprobs[sent:n]) if seq.params.logprobs is not None else None,
+                    augmentation=_augmentation(seq, sent, n), output=output))
+                handle._sent[j] = n
+            update.done = all(handle._done)
+            if update.choices:
+                out.append((handle, update))
+            if not update.done:
+                still.append(handle)
+        self._active = still
+        return out
+
+    def _deliver(self, deliveries: list[tuple[RequestHandle, Update]]) -> None:
+        by_loop = defaultdict(list)
+        for handle, update in deliveries:
+            by_loop[handle.loop].append((handle.queue, update))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:   # that event loop is closed: nobody is listening
+                pass
+
+    def _publish_state(self) -> None:
+        sched = self.engine.scheduler
+        self._engine_waiting = len(sched.waiting)
+        self.metrics.preemptions.inc(sched.num_preemptions - self._num_preemptions)
+        self._num_preemptions = sched.num_preemptions
+        blocks = {pool: (bm.num_blocks - bm.num_free_blocks, bm.num_blocks)
+                  for pool, bm in self.engine.block_managers.items()}
+        self.metrics.set_engine_state(sched.core.num_running, self.num_waiting, blocks)
+
+
+def _put_all(items) -> None:
+    for queue, update in items:
+        queue.put_nowait(update)
+
+
+def _augmentation(seq, start: int, end: int) -> list[int]:
+    if seq.memgen is None:
+        return [NOT_CONSULTED] * (end - start)
+    return list(seq.memgen.augmentation[start:end])

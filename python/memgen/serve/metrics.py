@@ -1,0 +1,72 @@
+"""The server's Prometheus metrics (GET /metrics), in a registry of their own.
+
+The engine loop sets the gauges after every step (and when it goes idle), so a
+scrape never reads the engine from another thread."""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServeMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge("memgen_requests_running", "sequences being generated", registry=r)
+        self.waiting = Gauge("memgen_requests_waiting", "sequences queued for admission", registry=r)
+        self.kv_blocks_used = Gauge("memgen_kv_blocks_used", "KV blocks held by sequences, per pool", ["pool"],
+                                    registry=r)
+        self.kv_blocks_total = Gauge("memgen_kv_blocks_total", "KV blocks in the pool", ["pool"], registry=r)
+        self.kv_usage = Gauge("memgen_kv_cache_usage", "fraction of all KV blocks held by sequences", registry=r)
+        self.requests = Counter("memgen_requests", "HTTP generation requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.finished = Counter("memgen_sequences_finished", "sequences (choices) ended, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("memgen_prompt_tokens", "prompt tokens of admitted sequences", registry=r)
+        self.generation_tokens = Counter("memgen_generation_tokens", "tokens generated", registry=r)
+        self.insertions = Counter("memgen_insertions", "MemGen latent insertions (prompt and inference)",
+                                  registry=r)
+        self.latent_positions = Counter("memgen_latent_positions", "latent positions inserted", registry=r)
+        self.trigger_calls = Counter("memgen_trigger_calls", "MemGen trigger decisions", registry=r)
+        self.preemptions = Counter("memgen_preemptions", "sequences preempted for KV room (recomputed later)",
+                                   registry=r)
+        self.ttft = Histogram("memgen_time_to_first_token_seconds", "arrival to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.tpot = Histogram("memgen_time_per_output_token_seconds", "mean time between a sequence's tokens",
+                              registry=r, buckets=TOKEN_LATENCY_BUCKETS)
+        self.e2e = Histogram("memgen_request_latency_seconds", "arrival to the end of a sequence", registry=r,
+                             buckets=LATENCY_BUCKETS)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def set_engine_state(self, running: int, waiting: int, blocks: dict[str, tuple[int, int]]) -> None:
+        """blocks: pool -> (used, total)."""
+        self.running.set(running)
+        self.waiting.set(waiting)
+        for pool, (used, total) in blocks.items():
+            self.kv_blocks_used.labels(pool).set(used)
+            self.kv_blocks_total.labels(pool).set(total)
+        total = sum(t for _, t in blocks.values())
+        self.kv_usage.set(sum(u for u, _ in blocks.values()) / total if total else 0.0)
+
+    def record_sequence(self, seq, finish_reason: str) -> None:
+        """A sequence that ended (finished or aborted)."""
+        self.finished.labels(finish_reason).inc()
+        state = seq.memgen
+        if state is not None:
+            self.insertions.inc(state.augmentation[:seq.num_output_tokens].count(1))
+            self.latent_positions.inc(state.num_latent_positions)
+            self.trigger_calls.inc(state.num_trigger_calls)
+        end = seq.finish_time
+        if end is None:
+            return
+        self.e2e.observe(end - seq.arrival_time)
+        if seq.first_token_time is not None:
+            self.ttft.observe(seq.first_token_time - seq.arrival_time)
+            if seq.num_output_tokens > 1:
+                self.tpot.observe((end - seq.first_token_time) / (seq.num_output_tokens - 1))

@@ -1,0 +1,238 @@
+"""Request and response bodies in OpenAI's shapes (pydantic).
+
+Requests are strict: an unknown field, a value of the wrong type or an
+out-of-range value is a 400 (OpenAI's ranges here; the engine's own ranges are
+checked by SamplingParams / LLM, with their messages). OpenAI fields that
+memgen cannot honour are accepted by the schema and refused in `protocol` with
+a message that says so.
+
+Extra request fields (the OpenAI client sends them through `extra_body`):
+- MemGen: `return_token_ids` (per choice `token_ids`, `augmentation` and
+  `insertion_positions`, plus the prompt's ids), `trigger_sample`,
+  `trigger_temperature`;
+- vLLM's: `top_k`, `min_tokens`, `repetition_penalty`, `ignore_eos`,
+  `stop_token_ids` (and `add_generation_prompt` for chat).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+INT64 = dict(ge=-(2**63), le=2**64 - 1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _GenerationFields(_Strict):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, **INT64)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    # MemGen's fields (extra_body)
+    return_token_ids: bool | None = None
+    trigger_sample: bool | None = None
+    trigger_temperature: float | None = None
+
+
+class CompletionRequest(_GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_GenerationFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    add_generation_prompt: bool | None = None
+
+
+# ---- responses -------------------------------------------------------------------------
+MEMGEN_CHOICE_FIELDS = ("prompt_token_ids", "token_ids", "augmentation", "insertion_positions")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _ChoiceWithMemGen(_Response):
+    """MemGen's per-choice fields, present only when the request asked
+    (`return_token_ids`): the generated ids, the augmentation mask (-100 not
+    consulted, 0 skipped, 1 inserted; entry i is the decision before token i)
+    and the indices i of the tokens that latents were inserted before. In a
+    stream chunk they are the chunk's share (concatenate them)."""
+    prompt_token_ids: list[int] | None = None     # completions: the choice's prompt (vLLM's place)
+    token_ids: list[int] | None = None
+    augmentation: list[int] | None = None
+    insertion_positions: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler):
+        data = handler(self)
+        for name in MEMGEN_CHOICE_FIELDS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_ChoiceWithMemGen):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(_Response):
+    content: list[ChatLogprob] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_ChoiceWithMemGen):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler):
+        data = handler(self)
+        if data.get("prompt_token_ids") is None:
+            data.pop("prompt_token_ids", None)
+        return data
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(_ChoiceWithMemGen):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "memgen"
+    root: str | None = None
+    max_model_len: int | None = None
+    memgen: str | None = None     # the MemGen checkpoint, when one is loaded
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
