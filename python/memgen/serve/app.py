@@ -156,13 +156,13 @@ async def _wait_or_abort(request: Request, handle: RequestHandle):
     result = asyncio.ensure_future(collect())
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not result.done():
             result.cancel()
             handle.abort()
-    return result.result() if not result.cancelled() else None
+    return result.result() if result in done else None
 
 
 async def _disconnected(request: Request) -> None:

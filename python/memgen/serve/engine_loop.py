@@ -143,6 +143,11 @@ class EngineLoop:
     # ---- the engine thread -------------------------------------------------------------
     def _run(self) -> None:
         try:
+            device = getattr(self.llm, "device", None)
+            if device is not None and device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(device)   # the current device is per thread
             while True:
                 with self._cv:
                     while not (self._pending or self._aborts or self._stopping or self.engine.has_unfinished()):
