@@ -36,48 +36,59 @@ inline void store(BF16* dst, float x) {  // round to nearest even, as torch does
     dst->bits = uint16_t(u >> 16);
 }
 
-// One query row and head: two passes over the keys it sees (scores, then the
-// softmax-weighted sum of values). `scores` holds at least position + 1 entries.
+// One query row and one KV head with its `group` query heads: two passes over the
+// keys the row sees (scores, then the softmax-weighted sum of values), each key and
+// value row read once for the whole group. `scores` holds group * max_context
+// entries, `acc` group * head_dim.
 template <typename T, typename Acc>
-inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, int64_t row, int64_t head,
-                                                  int64_t chunk, Acc* scores, Acc* acc) {
-    const int64_t D = a.head_dim, bs = a.block_size;
+inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, int64_t row, int64_t kv_head,
+                                                  int64_t chunk, int64_t stride, Acc* scores, Acc* acc) {
+    const int64_t D = a.head_dim, bs = a.block_size, group = a.num_heads / a.num_kv_heads;
     const int64_t q_len = a.cu_seqlens_q[chunk + 1] - a.cu_seqlens_q[chunk];
     const int64_t position = a.context_lens[chunk] - q_len + (row - a.cu_seqlens_q[chunk]);
-    const int64_t kv_head = head / (a.num_heads / a.num_kv_heads);
     const int64_t slot_stride = a.num_kv_heads * D;
-    const T* q = static_cast<const T*>(a.q) + (row * a.num_heads + head) * D;
+    const T* q = static_cast<const T*>(a.q) + (row * a.num_heads + kv_head * group) * D;
     const T* k_cache = static_cast<const T*>(a.k_cache) + kv_head * D;
     const T* v_cache = static_cast<const T*>(a.v_cache) + kv_head * D;
     const int64_t* table = a.block_tables + chunk * a.max_blocks;
     const Acc scale = Acc(a.scale);
 
-    Acc max_score = -std::numeric_limits<Acc>::infinity();
     for (int64_t j = 0; j <= position; ++j) {
         const int64_t block = table[j / bs];
         if (block < 0 || block >= a.num_blocks) return false;
         const T* k = k_cache + (block * bs + j % bs) * slot_stride;
-        Acc s = 0;
+        for (int64_t g = 0; g < group; ++g) {
+            const T* qg = q + g * D;
+            Acc s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += to_acc(q[d], Acc()) * to_acc(k[d], Acc());
-        scores[j] = s * scale;
-        max_score = std::max(max_score, scores[j]);
+            for (int64_t d = 0; d < D; ++d) s += to_acc(qg[d], Acc()) * to_acc(k[d], Acc());
+            scores[g * stride + j] = s * scale;
+        }
     }
-    Acc total = 0;
-    for (int64_t j = 0; j <= position; ++j) {
-        scores[j] = std::exp(scores[j] - max_score);
-        total += scores[j];
+    for (int64_t g = 0; g < group; ++g) {
+        Acc* sg = scores + g * stride;
+        Acc max_score = -std::numeric_limits<Acc>::infinity();
+        for (int64_t j = 0; j <= position; ++j) max_score = std::max(max_score, sg[j]);
+        Acc total = 0;
+        for (int64_t j = 0; j <= position; ++j) {
+            sg[j] = std::exp(sg[j] - max_score);
+            total += sg[j];
+        }
+        const Acc inv = Acc(1) / total;
+        for (int64_t j = 0; j <= position; ++j) sg[j] *= inv;
     }
-    std::fill(acc, acc + D, Acc(0));
+    std::fill(acc, acc + group * D, Acc(0));
     for (int64_t j = 0; j <= position; ++j) {
         const T* v = v_cache + (table[j / bs] * bs + j % bs) * slot_stride;
-        const Acc p = scores[j];
+        for (int64_t g = 0; g < group; ++g) {
+            const Acc p = scores[g * stride + j];
+            Acc* ag = acc + g * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * to_acc(v[d], Acc());
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * to_acc(v[d], Acc());
+        }
     }
-    T* out = static_cast<T*>(a.out) + (row * a.num_heads + head) * D;
-    const Acc inv = Acc(1) / total;
-    for (int64_t d = 0; d < D; ++d) store(out + d, acc[d] * inv);
+    T* out = static_cast<T*>(a.out) + (row * a.num_heads + kv_head * group) * D;
+    for (int64_t i = 0; i < group * D; ++i) store(out + i, acc[i]);
     return true;
 }
 
@@ -89,17 +100,17 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
 #define MEMGEN_CLONES
 #endif
 
-MEMGEN_CLONES bool attend_f32(const PagedAttentionArgs& a, int64_t row, int64_t head, int64_t chunk, float* s,
-                              float* acc) {
-    return attend<float, float>(a, row, head, chunk, s, acc);
+MEMGEN_CLONES bool attend_f32(const PagedAttentionArgs& a, int64_t row, int64_t kv_head, int64_t chunk,
+                              int64_t stride, float* s, float* acc) {
+    return attend<float, float>(a, row, kv_head, chunk, stride, s, acc);
 }
-MEMGEN_CLONES bool attend_f64(const PagedAttentionArgs& a, int64_t row, int64_t head, int64_t chunk, double* s,
-                              double* acc) {
-    return attend<double, double>(a, row, head, chunk, s, acc);
+MEMGEN_CLONES bool attend_f64(const PagedAttentionArgs& a, int64_t row, int64_t kv_head, int64_t chunk,
+                              int64_t stride, double* s, double* acc) {
+    return attend<double, double>(a, row, kv_head, chunk, stride, s, acc);
 }
-MEMGEN_CLONES bool attend_bf16(const PagedAttentionArgs& a, int64_t row, int64_t head, int64_t chunk, float* s,
-                               float* acc) {
-    return attend<BF16, float>(a, row, head, chunk, s, acc);
+MEMGEN_CLONES bool attend_bf16(const PagedAttentionArgs& a, int64_t row, int64_t kv_head, int64_t chunk,
+                               int64_t stride, float* s, float* acc) {
+    return attend<BF16, float>(a, row, kv_head, chunk, stride, s, acc);
 }
 
 // Below this many multiply-adds per thread a step's attention runs on one thread: a
@@ -110,16 +121,16 @@ template <typename Acc, typename Fn>
 bool run_all(const PagedAttentionArgs& a, const std::vector<int64_t>& chunk_of_row, int64_t max_context,
              int64_t work, Fn fn) {
     const int64_t num_rows = (int64_t)chunk_of_row.size();
-    const int64_t items = num_rows * a.num_heads;
+    const int64_t items = num_rows * a.num_kv_heads, group = a.num_heads / a.num_kv_heads;
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, work / kWorkPerThread));
     std::atomic<bool> ok{true};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        std::vector<Acc> scores(max_context), acc(a.head_dim);
+        std::vector<Acc> scores(group * max_context), acc(group * a.head_dim);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
-            const int64_t row = item / a.num_heads, head = item % a.num_heads;
-            if (!fn(a, row, head, chunk_of_row[row], scores.data(), acc.data()))
+            const int64_t row = item / a.num_kv_heads, kv_head = item % a.num_kv_heads;
+            if (!fn(a, row, kv_head, chunk_of_row[row], max_context, scores.data(), acc.data()))
                 ok.store(false, std::memory_order_relaxed);
         }
     }
