@@ -191,6 +191,9 @@ class LLM:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, longer than max_model_len={self.max_model_len}; "
                              "shorten it or raise max_model_len")
+        if params.latent_policy is not None and self.memgen is not None:
+            from memgen.engine.llm_engine import LATENT_WITH_MEMGEN
+            raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
         # latents are inserted only if they and the token they precede fit in max_model_len
         k = self.memgen.ckpt.settings.prompt_latents_len if self.memgen is not None else 0
         if k and len(ids) + k + 1 > self.max_model_len:
@@ -241,10 +244,12 @@ class LLM:
         first = completions[0]
         return RequestOutput(prompt_token_ids=group[0].prompt_token_ids, token_ids=first.token_ids, text=first.text,
                              augmentation=first.augmentation, logprobs=first.logprobs,
-                             finish_reason=first.finish_reason, metrics=first.metrics, outputs=completions)
+                             finish_reason=first.finish_reason, metrics=first.metrics, outputs=completions,
+                             policy_record=first.policy_record)
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         text = self._detokenize(seq.output_token_ids)
+        latent = getattr(seq, "latent", None)   # a LatentPolicy's request state (engine/policy.py)
         if seq.finish_reason == "stop" and seq.params.stop:   # the text ends before the stop string
             text = text[:min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=len(text))]
         return CompletionOutput(
@@ -260,9 +265,12 @@ class LLM:
                                           else seq.first_token_time - seq.arrival_time),
                 "total_s": seq.finish_time - seq.arrival_time,
                 **self._memory_metrics(seq),
+                **({} if latent is None else {"num_latent_positions": latent.num_inserted,
+                                              "num_fed_tokens": latent.num_fed}),
                 "num_cached_prompt_tokens": seq.num_cached_prompt_tokens,
                 "num_preemptions": seq.num_preemptions,
             },
+            policy_record=None if latent is None else latent.record,
         )
 
     @staticmethod

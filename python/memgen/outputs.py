@@ -17,6 +17,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None
     finish_reason: str
     metrics: dict = field(default_factory=dict)
+    policy_record: list | None = None    # the LatentPolicy's `record` (None without a latent policy)
 
 
 @dataclass
@@ -31,5 +32,6 @@ class RequestOutput:
     finish_reason: str                   # "stop" | "length"
     metrics: dict = field(default_factory=dict)
     outputs: list[CompletionOutput] = field(default_factory=list)   # all n completions, by index
+    policy_record: list | None = None    # outputs[0]'s: its LatentPolicy's `record` (None without one)
     # time_to_first_token_s, total_s, num_insertions, num_trigger_calls, num_latent_positions,
     # num_cached_prompt_tokens, num_preemptions

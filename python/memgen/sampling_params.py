@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from memgen.latent_policy import LatentPolicy
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +29,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output so far
     presence_penalty: float = 0.0    # in [-2, 2]: subtracted once from tokens already generated
     frequency_penalty: float = 0.0   # in [-2, 2]: subtracted per occurrence in the output so far
+    # a memgen.LatentPolicy (docs/latent-policies.md): a per-request hook that may insert embedding
+    # rows or forced tokens between tokens; the engine runs a copy per request (new_request)
+    latent_policy: LatentPolicy | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +81,9 @@ class SamplingParams:
             _number(name, value, allow_negative=True)
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+        if self.latent_policy is not None and not isinstance(self.latent_policy, LatentPolicy):
+            raise TypeError(f"latent_policy must be a memgen.LatentPolicy (an instance of a subclass) or None, "
+                            f"got {type(self.latent_policy).__name__}")
 
     @property
     def has_penalties(self) -> bool:

@@ -14,7 +14,7 @@ from memgen.engine.block_manager import BlockManager
 from memgen.engine.cuda_graph import build_decode_graphs
 from memgen.engine.memgen_setup import BASE_POOL, SCRATCH_SLACK_BLOCKS, MemGenPlan, MemGenSetup, Pool
 from memgen.engine.model_runner import ModelRunner
-from memgen.engine.policy import PlainPolicy, RequestPolicy, StepHidden
+from memgen.engine.policy import LatentRuntime, PlainPolicy, RequestPolicy, StepHidden
 from memgen.engine.scheduler import Scheduler
 from memgen.engine.sequence import Sequence, Stream
 from memgen.layers.sampler import Sampler, SamplingBatch
@@ -24,6 +24,8 @@ from memgen.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BUDGET_GB = 1.0
 DEFAULT_GPU_KV_FRACTION = 0.8     # of the free memory after loading the weights
+LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a MemGen checkpoint yet (MemGen is not "
+                      "ported onto the LatentPolicy API): load the model without memgen=... to use a latent policy")
 
 
 class LLMEngine:
@@ -52,7 +54,12 @@ class LLMEngine:
             base.num_streams = self.memgen_plan.streams_in_base
             self.pools += self.memgen_plan.extra_pools
             self.memory = self.memgen_plan.controller
-        self.policy: RequestPolicy = self.memory if self.memory is not None else PlainPolicy()
+        # requests with a memgen.LatentPolicy run under the plain policy (not yet with MemGen)
+        self.policy: RequestPolicy = (self.memory if self.memory is not None
+                                      else PlainPolicy(LatentRuntime(self.model_runner, self.max_model_len)))
+        self._after_sample = getattr(self.policy, "after_sample", None)   # optional hook: every sampled token
+        # the plain policy's unfinished LatentPolicy requests (empty, and never filled, under MemGen)
+        self._latent_requests: dict = getattr(self.policy, "latent_requests", {})
         self.block_managers = {}
         for pool in self.pools:   # in index order: the scheduler numbers its managers so
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
@@ -96,6 +103,8 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a validated request (LLM.generate validates the whole batch first)."""
+        if params.latent_policy is not None and self.memory is not None:
+            raise ValueError(LATENT_WITH_MEMGEN)
         index = self._num_requests
         self._num_requests += 1
         generator = torch.Generator(device=self.device)
@@ -132,7 +141,8 @@ class LLMEngine:
         """Run one batched forward. Returns the sequences that finished and the
         number of tokens sampled in this step. One order for every model:
         forward -> mark computed -> policy.after_forward -> sample -> stop
-        checks -> policy.after_tokens (engine/policy.py)."""
+        checks -> policy.after_sample (if it has one) -> policy.after_tokens
+        (engine/policy.py)."""
         out = self.scheduler.schedule()
         if not out.num_chunks:
             if out.preempted:
@@ -157,6 +167,8 @@ class LLMEngine:
             else:
                 going_on.append(seq)
                 tokens.append(token)
+        if self._after_sample is not None:
+            self._after_sample(seqs, sampled.token_ids)
         finished += self._finish_all(self.policy.after_tokens(going_on, tokens), "length")
         return finished, len(seqs)
 
@@ -188,11 +200,17 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq, reason)
+        if self._latent_requests:
+            self.policy.finish_latent(seq)
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished requests (a generate() call that raised): their blocks go
         back to the pools and the engine serves the next call as a fresh one would."""
         self.scheduler.abort(seqs)
+        if self._latent_requests:
+            for seq in seqs:
+                self.policy.finish_latent(seq)
+            self.policy.close_finished()
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

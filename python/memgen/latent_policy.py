@@ -1,0 +1,185 @@
+"""memgen.LatentPolicy: a per-request hook at the reasoner's token boundaries
+that may insert embedding vectors (or forced tokens) into the sequence in the
+middle of decoding. docs/latent-policies.md is the guide.
+
+A user subclasses LatentPolicy and passes an instance in
+`SamplingParams(latent_policy=...)`. The engine makes one copy per request
+(`new_request`, copy.copy by default) and calls, on that copy:
+
+    on_start(ctx)                 once, when the request enters the engine
+    on_hidden(ctx, hidden) -> a   whenever the reasoner has caught up: `hidden` is
+                                  the post-final-norm hidden state [H] of its last
+                                  position; the action `a` says what comes next:
+        SAMPLE                    sample the next token from these logits
+        Insert(embeddings)        append K embedding-valued positions ([K, H]), no token
+        Feed(token_ids)           append forced input tokens (not outputs)
+    on_token(ctx, token_id)       after every sampled token (the last one included)
+
+An Insert or Feed of k positions happens only if they and the token they
+precede fit in max_model_len; otherwise the request ends there with
+finish_reason "length" (the engine's room rule). Whatever the policy holds in
+its `record` list comes back as `policy_record` on the request's output.
+
+This module imports no torch: SamplingParams (and the CLI) import it.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+
+class _Sample:
+    """The action SAMPLE: sample the next token from the logits of `hidden`."""
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "SAMPLE"
+
+    def __reduce__(self):
+        return (_Sample, ())
+
+
+SAMPLE = _Sample()
+
+
+class Insert:
+    """Append `embeddings` ([K, H], or [H] for one row) to the reasoner as K
+    embedding-valued positions: they enter the model in place of token
+    embeddings, produce no output token and count against max_model_len. The
+    engine copies them (to the model's dtype and device) when it applies the action."""
+    __slots__ = ("embeddings",)
+
+    def __init__(self, embeddings: Any):
+        self.embeddings = embeddings
+
+    def __repr__(self) -> str:
+        shape = tuple(getattr(self.embeddings, "shape", ()))
+        return f"Insert(embeddings of shape {shape})"
+
+
+class Feed:
+    """Append forced input tokens to the reasoner: they are computed as if they
+    were part of the prompt (they are not outputs, count against max_model_len
+    but not max_tokens, and are never checked against stop ids)."""
+    __slots__ = ("token_ids",)
+
+    def __init__(self, token_ids: Sequence[int]):
+        if isinstance(token_ids, int) and not isinstance(token_ids, bool):
+            token_ids = [token_ids]
+        self.token_ids = tuple(token_ids)
+
+    def __repr__(self) -> str:
+        return f"Feed({list(self.token_ids)})"
+
+
+class PolicyContext:
+    """What a policy sees of its request (one per request, built by the engine).
+
+    Read-only views; `embed` and `logits` run on the reasoner's weights:
+      prompt_token_ids, output_token_ids   lists of ints (do not modify them)
+      num_positions     the reasoner's positions so far: prompt, fed tokens,
+                        inserted rows and sampled tokens
+      max_model_len     the most positions a request may hold
+      hidden_size, vocab_size, dtype, device
+      generator         the request's seeded torch.Generator (also the sampler's)
+      request_index     the request's index in the engine (0, 1, ...)
+      embed(token_ids)  the reasoner's input embeddings, [K, H]
+      logits(hidden)    the LM head: [H] -> [V], [N, H] -> [N, V]
+    """
+
+    def __init__(self, seq, runtime):
+        self._seq_ref = weakref.ref(seq)   # the sequence holds its policy state: no cycle
+        self._runtime = runtime
+
+    @property
+    def _seq(self):
+        seq = self._seq_ref()
+        if seq is None:
+            raise RuntimeError("this PolicyContext's request is gone (its outputs were dropped)")
+        return seq
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self._seq.prompt_token_ids
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._seq.output_token_ids
+
+    @property
+    def num_positions(self) -> int:
+        return self._seq.reasoner.num_tokens
+
+    @property
+    def max_model_len(self) -> int:
+        return self._runtime.max_model_len
+
+    @property
+    def hidden_size(self) -> int:
+        return self._runtime.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._runtime.vocab_size
+
+    @property
+    def dtype(self):
+        return self._runtime.dtype
+
+    @property
+    def device(self):
+        return self._runtime.device
+
+    @property
+    def generator(self):
+        return self._seq.generator
+
+    @property
+    def request_index(self) -> int:
+        return self._seq.request_index
+
+    def embed(self, token_ids):
+        """The reasoner's input embeddings of `token_ids` (ints or a 1-D tensor), [K, H]."""
+        return self._runtime.embed(token_ids)
+
+    def logits(self, hidden):
+        """The reasoner's LM head on post-norm hidden states: [H] -> [V], [N, H] -> [N, V]."""
+        return self._runtime.logits(hidden)
+
+
+class LatentPolicy:
+    """Subclass it and override the hooks; the defaults make a plain request.
+
+    Per-request state: the engine calls `new_request` once per request (each of
+    n completions too) and the hooks on what it returns. The default is a
+    shallow copy with a fresh `record` list, so set mutable per-request state in
+    `on_start` (or override `new_request`). Hooks run on the engine's thread,
+    between forwards, under torch.inference_mode; `hidden` is valid during the
+    call (clone it to keep it; an Insert of it is copied by the engine).
+    """
+
+    record: list   # per-token record: returned as `policy_record` on the outputs
+
+    def new_request(self, prompt_token_ids: list[int]) -> LatentPolicy:
+        """The policy object of one request (default: copy.copy(self), fresh record)."""
+        policy = copy.copy(self)
+        policy.record = []
+        return policy
+
+    def on_start(self, ctx: PolicyContext) -> None:
+        """The request entered the engine (nothing is computed yet)."""
+
+    def on_hidden(self, ctx: PolicyContext, hidden):
+        """The reasoner caught up; `hidden` is its last position's post-norm state [H].
+        Return SAMPLE, Insert(embeddings) or Feed(token_ids)."""
+        return SAMPLE
+
+    def on_token(self, ctx: PolicyContext, token_id: int) -> None:
+        """A token was sampled (it is already the last of ctx.output_token_ids)."""
