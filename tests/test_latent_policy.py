@@ -1,7 +1,15 @@
-"""memgen.LatentPolicy: the hooks, the actions, the room rule and the outputs."""
+"""memgen.LatentPolicy (docs/latent-policies.md): the hooks, the actions, the
+room rule and the outputs; continuous thought (memgen.policies) against a
+plain HF loop with a KV cache in float64, batched, one at a time, under
+preemption and with prefix caching; the guide's soft-thinking example against
+its own HF loop."""
+from pathlib import Path
 
 import pytest
+import torch
 from memgen import LLM, SAMPLE, Feed, Insert, LatentPolicy, SamplingParams
+from memgen.hf.continuous_thought import continuous_thought_generate
+from memgen.policies import ContinuousThought
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -13,6 +21,8 @@ TEXTS = [
     "Question: what is 12 plus 30? Answer:",
 ]
 MAX_TOKENS = 14
+NUM_THOUGHTS = 3
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "latent-policies.md"
 
 
 def greedy(**kw) -> SamplingParams:
@@ -20,8 +30,97 @@ def greedy(**kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
+def hf_model(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
 def llm(llama_dir):
     return LLM(llama_dir, dtype="float64", enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def thought_case(llm, hf_model):
+    """Prompts, markers and the HF loop's tokens (one prompt at a time). The start
+    marker is the token plain greedy decoding of prompt 0 samples third, so that
+    prompt starts thinking mid-generation; two prompts end with the marker."""
+    ids = [llm.tokenizer(t)["input_ids"] for t in TEXTS]
+    plain = [o.token_ids for o in llm.generate(ids, greedy(), use_tqdm=False)]
+    start = plain[0][2]
+    assert start not in plain[0][:2]
+    end = 7 if start != 7 else 8
+    prompts = ids + [ids[1] + [start], ids[3] + [start]]
+    policy = ContinuousThought(start, end, NUM_THOUGHTS)
+    expected = [continuous_thought_generate(hf_model, [p], start, end, NUM_THOUGHTS, MAX_TOKENS)[0]
+                for p in prompts]
+    return prompts, policy, expected, plain
+
+
+def _tokens(llm, prompts, policy):
+    outs = llm.generate(prompts, greedy(latent_policy=policy), use_tqdm=False)
+    return [o.token_ids for o in outs], outs
+
+
+def test_continuous_thought_matches_the_hf_loop_batched(llm, thought_case):
+    prompts, policy, expected, plain = thought_case
+    got, outs = _tokens(llm, prompts, policy)
+    assert got == expected
+    # the case is not trivial: thoughts changed prompt 0 after its start marker, and
+    # the prompts that end with the marker think before their first token
+    assert got[0][:3] == plain[0][:3] and got[0] != plain[0]
+    assert outs[0].policy_record[3] == NUM_THOUGHTS and outs[0].policy_record[:3] == [0, 0, 0]
+    for out in outs[-2:]:
+        assert out.policy_record[0] == NUM_THOUGHTS
+    for out in outs:
+        record = out.policy_record
+        assert len(record) == len(out.token_ids)
+        rounds = sum(1 for r in record if r)
+        assert out.metrics["num_latent_positions"] == NUM_THOUGHTS * rounds
+        assert out.metrics["num_fed_tokens"] == rounds
+
+
+def test_the_hf_loop_batched_equals_one_at_a_time(llm, hf_model, thought_case):
+    """The benchmark's baseline runs the HF loop at batch 8 (equal-length prompts)."""
+    prompts, policy, _, _ = thought_case
+    n = min(len(p) for p in prompts)
+    batch = [p[:n] for p in prompts[:4]] + [prompts[0][:n - 1] + [policy.start_token_id]]
+    args = (policy.start_token_id, policy.end_token_id, NUM_THOUGHTS, MAX_TOKENS)
+    alone = [continuous_thought_generate(hf_model, [p], *args)[0] for p in batch]
+    assert continuous_thought_generate(hf_model, batch, *args) == alone
+    assert _tokens(llm, batch, policy)[0] == alone
+
+
+def test_continuous_thought_matches_the_hf_loop_one_at_a_time(llama_dir, thought_case):
+    prompts, policy, expected, _ = thought_case
+    llm = LLM(llama_dir, dtype="float64", enable_prefix_caching=False, max_num_batched_tokens=5)  # chunked too
+    for prompt, want in zip(prompts, expected):
+        assert _tokens(llm, [prompt], policy)[0] == [want]
+
+
+def test_continuous_thought_under_preemption_with_prefix_caching(llama_dir, thought_case):
+    prompts, policy, expected, _ = thought_case
+    start = policy.start_token_id
+    rounds = [(p[-1] == start) + out[:-1].count(start) for p, out in zip(prompts, expected)]
+    longest = max(len(p) + len(out) + (NUM_THOUGHTS + 1) * r for p, out, r in zip(prompts, expected, rounds))
+    # blocks of 4 positions: room for the longest sequence, far less than the batch needs
+    blocks = -(-longest // 4)
+    llm = LLM(llama_dir, dtype="float64", block_size=4, max_model_len=4 * blocks, num_kv_blocks=blocks)
+    got, outs = _tokens(llm, prompts, policy)
+    assert got == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert sum(o.metrics["num_preemptions"] for o in outs) == llm.engine.scheduler.num_preemptions
+    # a request with continuous thoughts was preempted: its recompute re-ran them as embedding rows
+    assert any(o.metrics["num_preemptions"] and o.metrics["num_latent_positions"] for o in outs)
+    # again on the warm cache: prompt blocks are hits, the tokens the same
+    again, outs = _tokens(llm, prompts, policy)
+    assert again == expected
+    assert sum(o.metrics["num_cached_prompt_tokens"] for o in outs) > 0
+    manager = llm.engine.block_manager
+    manager.check_invariants()
+    assert manager.num_free_blocks == manager.num_blocks
+    assert not llm.engine.policy.latent_requests
 
 
 # ---- the actions, the room rule, the outputs ---------------------------------------
@@ -106,6 +205,21 @@ def test_the_room_rule(llama_dir, k):
     assert manager.num_free_blocks == manager.num_blocks
 
 
+def test_records_are_per_request_and_plain_requests_have_none(llm, thought_case):
+    prompts, policy, expected, plain = thought_case
+    template_record = list(policy.record)
+    params = [greedy(latent_policy=policy), greedy(), greedy(latent_policy=policy, n=2)]
+    outs = llm.generate([prompts[0], prompts[0], prompts[-1]], params, use_tqdm=False)
+    assert outs[0].token_ids == expected[0] and outs[1].token_ids == plain[0]
+    assert outs[1].policy_record is None and outs[1].outputs[0].policy_record is None
+    assert outs[0].policy_record == outs[0].outputs[0].policy_record
+    a, b = outs[2].outputs
+    assert a.token_ids == b.token_ids == expected[-1]
+    assert a.policy_record == b.policy_record and a.policy_record is not b.policy_record
+    assert policy.record == template_record   # the template itself is never run
+    assert not llm.engine.policy.latent_requests
+
+
 class Returns(LatentPolicy):
     def __init__(self, action):
         self.action = action
@@ -136,6 +250,9 @@ def test_bad_actions_raise_and_the_engine_serves_on(llm, action, error, match):
 def test_bad_policies_are_refused_before_anything_runs(memgen_reasoner_dir, memgen_ckpt_dir):
     with pytest.raises(TypeError, match="latent_policy must be a memgen.LatentPolicy"):
         SamplingParams(latent_policy=object())
+    for bad in [(-1, 2, 1), (1, 2, 1.5), (True, 2, 1)]:
+        with pytest.raises(ValueError, match="ContinuousThought"):
+            ContinuousThought(*bad)
     llm = LLM(memgen_reasoner_dir, memgen=memgen_ckpt_dir, dtype="float64", max_model_len=64)
     with pytest.raises(ValueError, match="cannot be combined with a MemGen checkpoint"):
         llm.generate([[5, 6, 7]], greedy(latent_policy=LatentPolicy()), use_tqdm=False)
