@@ -166,10 +166,20 @@ def add_lora_ref(y, x, lora_a, lora_b, scaling, adapter_ids, meta: LoraMeta | No
     _check_rows(x, adapter_ids, meta, lora_a.shape[0])
     check_same_device(x=x, lora_a=lora_a, lora_b=lora_b, y=y, scaling=scaling, adapter_ids=adapter_ids)
     meta = meta if meta is not None else lora_metadata(adapter_ids, lora_a.shape[0])
+    return add_lora_rows(y, x, lora_a, lora_b, scaling, lora_rows(meta))
+
+
+def lora_rows(meta: LoraMeta) -> list[torch.Tensor | None]:
+    """Each adapter's rows (None: none), read once per forward (a host sync)."""
     starts = meta.group_starts.tolist()
-    for a in range(lora_a.shape[0]):
-        if starts[a + 1] > starts[a]:
-            rows = meta.sorted_rows[starts[a]:starts[a + 1]]
+    return [meta.sorted_rows[lo:hi] if hi > lo else None for lo, hi in zip(starts[:-1], starts[1:])]
+
+
+def add_lora_rows(y, x, lora_a, lora_b, scaling, rows_of: list[torch.Tensor | None]) -> torch.Tensor:
+    """add_lora_ref's computation on checked inputs and precomputed rows (the torch
+    backend calls it once per layer with the forward's rows)."""
+    for a, rows in enumerate(rows_of):
+        if rows is not None:
             y[rows] += ((x[rows] @ lora_a[a].T) @ lora_b[a].T) * scaling[a].item()
     return y
 

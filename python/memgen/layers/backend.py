@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memgen.kernels.reference import (SDPAGroup, add_lora_ref, inject_latents_ref, lora_metadata, sdpa_attend,
-                                     sdpa_groups, trigger_decisions_ref)
+from memgen.kernels.reference import (SDPAGroup, add_lora_rows, inject_latents_ref, lora_metadata, lora_rows,
+                                     sdpa_attend, sdpa_groups, trigger_decisions_ref)
 from memgen.layers.context import ForwardContext
 
 
@@ -92,10 +92,11 @@ class TorchBackend:
     def add_lora(y, x, lora_a, lora_b, scaling, ctx: ForwardContext) -> None:
         """y += each row's adapter delta, in place (y may be a column slice); the rows'
         grouping by adapter is computed once per forward and shared by every layer."""
-        meta = ctx.lora_meta.get(lora_a.shape[0])
-        if meta is None:
-            meta = ctx.lora_meta[lora_a.shape[0]] = lora_metadata(ctx.adapter_ids, lora_a.shape[0])
-        add_lora_ref(y, x, lora_a, lora_b, scaling, ctx.adapter_ids, meta=meta)
+        # the stacks were checked at install: the per-layer call skips add_lora_ref's checks
+        rows = ctx.lora_meta.get(lora_a.shape[0])
+        if rows is None:
+            rows = ctx.lora_meta[lora_a.shape[0]] = lora_rows(lora_metadata(ctx.adapter_ids, lora_a.shape[0]))
+        add_lora_rows(y, x, lora_a, lora_b, scaling, rows)
 
     def _attend_native(self, q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
         q = q.contiguous()

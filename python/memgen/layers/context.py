@@ -34,8 +34,8 @@ class ForwardContext:
     backend: Any = None
     # backend-specific tensors prepared once per forward (e.g. gather indices, masks)
     attn_metadata: Any = None
-    # LoRA row grouping, computed once per forward and shared by every layer:
-    # adapter count -> kernels.reference.LoraMeta
+    # LoRA row grouping, computed once per forward and shared by every layer: adapter
+    # count -> kernels.reference.LoraMeta (Triton) or each adapter's rows (torch)
     lora_meta: dict[int, Any] = field(default_factory=dict)
 
     @property
