@@ -257,3 +257,55 @@ def test_bad_policies_are_refused_before_anything_runs(memgen_reasoner_dir, memg
     with pytest.raises(ValueError, match="cannot be combined with a MemGen checkpoint"):
         llm.generate([[5, 6, 7]], greedy(latent_policy=LatentPolicy()), use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+# ---- the guide's example, run as written ---------------------------------------------
+def _guide_example(name: str) -> str:
+    """The python block that follows `<!-- example: NAME` in docs/latent-policies.md."""
+    text = GUIDE.read_text()
+    marker = text.index(f"<!-- example: {name}")
+    start = text.index("```python\n", marker) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def _soft_thinking_hf(model, prompt, num_steps, top_k, max_new_tokens):
+    """Soft thinking as a plain HF loop with a KV cache (greedy)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    embed, decoder = model.get_input_embeddings(), model.get_decoder()
+    cache = DynamicCache()
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    inputs, tokens = embed(torch.tensor([prompt])), []
+    with torch.inference_mode():
+        while True:
+            hidden = decoder(inputs_embeds=inputs, use_cache=True, **{cache_arg: cache}).last_hidden_state[0, -1]
+            logits = model.lm_head(hidden)
+            if num_steps:
+                num_steps -= 1
+                weights, ids = torch.softmax(logits, dim=-1).topk(top_k)
+                nxt = (weights / weights.sum()) @ embed(ids)
+            else:
+                tokens.append(int(logits.argmax()))
+                if len(tokens) == max_new_tokens:
+                    return tokens
+                nxt = embed(torch.tensor(tokens[-1]))
+            inputs = nxt.view(1, 1, -1)
+
+
+def test_the_guides_soft_thinking_example(llm, hf_model):
+    code = _guide_example("soft-thinking")
+    # written against the public API only
+    imports = [line for line in code.splitlines() if line.startswith(("import ", "from "))]
+    assert imports == ["import torch", "from memgen import SAMPLE, Insert, LatentPolicy"]
+    namespace = {}
+    exec(compile(code, str(GUIDE), "exec"), namespace)  # noqa: S102 (the guide's own code)
+    policy = namespace["SoftThinking"](num_steps=3, top_k=5)
+    prompts = [llm.tokenizer(t)["input_ids"] for t in TEXTS]
+    outs = llm.generate(prompts, greedy(latent_policy=policy), use_tqdm=False)
+    plain = [o.token_ids for o in llm.generate(prompts, greedy(), use_tqdm=False)]
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _soft_thinking_hf(hf_model, prompt, 3, 5, MAX_TOKENS)
+        assert len(out.policy_record) == 3 and out.metrics["num_latent_positions"] == 3
+    assert [o.token_ids for o in outs] != plain   # the soft tokens changed something
