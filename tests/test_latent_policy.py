@@ -247,6 +247,37 @@ def test_bad_actions_raise_and_the_engine_serves_on(llm, action, error, match):
         llm.generate([prompt], greedy(latent_policy=LatentPolicy()), use_tqdm=False)[0].token_ids
 
 
+class Raises(LatentPolicy):
+    def __init__(self, where):
+        self.where = where
+
+    def new_request(self, prompt_token_ids):
+        if self.where == "new_request":
+            raise RuntimeError("boom in new_request")
+        return super().new_request(prompt_token_ids)
+
+    def on_start(self, ctx):
+        if self.where == "on_start":
+            raise RuntimeError("boom in on_start")
+
+    def on_token(self, ctx, token_id):
+        if self.where == "on_token" and len(ctx.output_token_ids) == 2:
+            raise RuntimeError("boom in on_token")
+
+
+@pytest.mark.parametrize("where", ["new_request", "on_start", "on_token"])
+def test_a_hook_that_raises_ends_the_call_and_nothing_stays(llm, where):
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    params = [greedy(), greedy(latent_policy=Raises(where)), greedy()]
+    with pytest.raises(RuntimeError, match=f"boom in {where}"):
+        llm.generate(prompts, params, use_tqdm=False)
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and not llm.engine.has_unfinished()
+    assert not llm.engine.policy.latent_requests
+    assert [o.token_ids for o in llm.generate(prompts, greedy(), use_tqdm=False)] == \
+        [o.token_ids for o in llm.generate(prompts, greedy(latent_policy=Raises("nowhere")), use_tqdm=False)]
+
+
 def test_bad_policies_are_refused_before_anything_runs(memgen_reasoner_dir, memgen_ckpt_dir):
     with pytest.raises(TypeError, match="latent_policy must be a memgen.LatentPolicy"):
         SamplingParams(latent_policy=object())

@@ -6,7 +6,7 @@ A user subclasses LatentPolicy and passes an instance in
 `SamplingParams(latent_policy=...)`. The engine makes one copy per request
 (`new_request`, copy.copy by default) and calls, on that copy:
 
-    on_start(ctx)                 once, when the request enters the engine
+    on_start(ctx)                 once, before the first on_hidden
     on_hidden(ctx, hidden) -> a   whenever the reasoner has caught up: `hidden` is
                                   the post-final-norm hidden state [H] of its last
                                   position; the action `a` says what comes next:
@@ -160,9 +160,11 @@ class LatentPolicy:
     Per-request state: the engine calls `new_request` once per request (each of
     n completions too) and the hooks on what it returns. The default is a
     shallow copy with a fresh `record` list, so set mutable per-request state in
-    `on_start` (or override `new_request`). Hooks run on the engine's thread,
-    between forwards, under torch.inference_mode; `hidden` is valid during the
-    call (clone it to keep it; an Insert of it is copied by the engine).
+    `on_start` (or override `new_request`). Both run inside the engine's step,
+    just before the request's first on_hidden. Hooks run on the engine's
+    thread, between forwards; `hidden` is valid during the call (clone it to
+    keep it; an Insert of it is copied by the engine). An error raised by any
+    of them propagates out of generate(), which takes its requests out.
     """
 
     record: list   # per-token record: returned as `policy_record` on the outputs
@@ -174,7 +176,8 @@ class LatentPolicy:
         return policy
 
     def on_start(self, ctx: PolicyContext) -> None:
-        """The request entered the engine (nothing is computed yet)."""
+        """Once per request, right after new_request and before the first on_hidden
+        (the prompt has been computed by then)."""
 
     def on_hidden(self, ctx: PolicyContext, hidden):
         """The reasoner caught up; `hidden` is its last position's post-norm state [H].

@@ -127,25 +127,43 @@ class LatentRuntime:
 
 class LatentRequest:
     """The engine's state of one request that carries a LatentPolicy (seq.latent).
-    When the request finishes, `close()` keeps its record and counts as plain data
-    and lets the policy go (the engine's native step may still name the sequence)."""
-    __slots__ = ("_record", "ctx", "num_fed", "num_inserted", "policy")
+    The request's own policy is made (new_request, on_start) just before its first
+    on_hidden, inside a step: an error there, as in any hook, ends the generate()
+    call, which takes its requests out. When the request finishes, `close()` keeps
+    its record and counts as plain data and lets the policy go (the engine's native
+    step may still name the sequence)."""
+    __slots__ = ("_record", "ctx", "num_fed", "num_inserted", "policy", "template")
 
-    def __init__(self, policy: LatentPolicy, ctx: PolicyContext):
-        self.policy, self.ctx = policy, ctx
+    def __init__(self, template: LatentPolicy, ctx: PolicyContext):
+        self.template = template              # the user's instance (never run)
+        self.policy: LatentPolicy | None = None   # this request's, from template.new_request
+        self.ctx = ctx
         self.num_inserted = 0     # embedding positions inserted
         self.num_fed = 0          # forced tokens fed
-        self._record: list | None = None
+        self._record: list | None = None      # set by close()
+
+    def begin(self) -> None:
+        template = self.template
+        policy = template.new_request(list(self.ctx.prompt_token_ids))
+        if not isinstance(policy, LatentPolicy):
+            raise TypeError(f"{type(template).__name__}.new_request must return a LatentPolicy, "
+                            f"got {type(policy).__name__}")
+        if not isinstance(getattr(policy, "record", None), list):
+            policy.record = []
+        self.policy = policy
+        policy.on_start(self.ctx)
 
     @property
     def record(self) -> list:
         """The policy's record (a copy once the request finished)."""
-        return list(self.policy.record) if self.policy is not None else self._record
+        if self._record is not None:
+            return self._record
+        return list(self.policy.record) if self.policy is not None else []
 
     def close(self) -> None:
-        if self.policy is not None:
-            self._record = list(self.policy.record)
-            self.policy = self.ctx = None
+        if self._record is None:
+            self._record = list(self.policy.record) if self.policy is not None else []
+            self.policy = self.ctx = self.template = None
 
 
 class PlainPolicy:
@@ -159,21 +177,14 @@ class PlainPolicy:
         self._finished: list[tuple[int, LatentRequest]] = []   # finished in this step
 
     def start(self, seq) -> None:
-        user_policy = seq.params.latent_policy
-        if user_policy is None:
+        template = seq.params.latent_policy
+        if template is None:
             return
         if self.runtime is None:
             raise ValueError("this engine's policy was built without a LatentRuntime: it cannot run latent policies")
-        policy = user_policy.new_request(list(seq.prompt_token_ids))
-        if not isinstance(policy, LatentPolicy):
-            raise TypeError(f"{type(user_policy).__name__}.new_request must return a LatentPolicy, "
-                            f"got {type(policy).__name__}")
-        if not isinstance(getattr(policy, "record", None), list):
-            policy.record = []
-        state = LatentRequest(policy, PolicyContext(seq, self.runtime))
-        policy.on_start(state.ctx)
-        # the sequence keeps no reference to the user's template policy: once finished it
-        # holds plain data only (the native step may name a sequence after it finished)
+        state = LatentRequest(template, PolicyContext(seq, self.runtime))
+        # the sequence keeps no reference to the user's policy once it finished (close()):
+        # plain data only (the native step may name a sequence after it finished)
         params = copy.copy(seq.params)
         params.latent_policy = None
         seq.params = params
@@ -227,6 +238,8 @@ class PlainPolicy:
             if state is None:
                 sample.append(i)
                 continue
+            if state.policy is None:
+                state.begin()      # new_request + on_start, before the first on_hidden
             action = state.policy.on_hidden(state.ctx, hidden.last(i))
             if action is SAMPLE:
                 sample.append(i)
