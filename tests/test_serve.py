@@ -326,7 +326,7 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(server):
     before = _aborted(server.metrics())
     # 48 long choices: two waves of max_num_seqs=32; the client gives up long before they end
     with pytest.raises(openai.APITimeoutError):
-        server.client(timeout=0.3).completions.create(model=NAME, prompt="Hello", n=48, max_tokens=480,
+        server.client(timeout=1.0).completions.create(model=NAME, prompt="Hello", n=48, max_tokens=480,
                                                       temperature=0, extra_body={"ignore_eos": True})
     samples = _wait_for(server, "the abort of the timed-out request", lambda s: _aborted(s) >= before + 48 and _idle(s))
     assert _aborted(samples) == before + 48
@@ -436,3 +436,29 @@ def test_cli_serve_user_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and "Traceback" not in err
+
+
+def test_incremental_text_holds_back_unfinished_utf8_and_stop_prefixes():
+    from memgen.serve.detokenizer import IncrementalText
+
+    pieces = {1: b"ab", 2: b"\xe2\x82", 3: b"\xac", 4: b"c S", 5: b"TO", 6: b"P d", 7: b"\xff"}
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    text = IncrementalText(decode, stop=["STOP"])
+    ids, sent = [], []
+    for token in (1, 2, 3, 4, 5):
+        ids.append(token)
+        sent.append(text.update(ids))
+    # the euro sign waits for its last byte; "S", "STO" wait: they may start "STOP"
+    assert sent == ["ab", "", "\u20ac", "c ", ""]
+    ids.append(6)                    # "STOP" is complete: nothing past it is ever sent
+    assert text.update(ids) == ""
+    assert text.finish("ab\u20acc ") == "" and text.sent == "ab\u20acc "
+
+    # a request that ends ("length") with a stop-string prefix and a broken byte: the rest comes at the end
+    text = IncrementalText(decode, stop=["STOP"])
+    assert text.update([1, 4]) == "abc "
+    assert text.update([1, 4, 7]) == ""
+    assert text.finish(decode([1, 4, 7])) == "S\ufffd" and text.sent == decode([1, 4, 7])

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from memgen.serve.engine_loop import EngineLoop, RequestHandle
 from memgen.serve.errors import APIError, bad_request, internal, model_not_found
@@ -84,8 +85,7 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
             builder = ResponseBuilder(llm, model_name, inp, chat)
             handle = engine_loop.submit(inp.prompts, inp.params, inp.stream)
             if inp.stream:
-                return StreamingResponse(_stream(handle, builder), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return _EventStream(handle, _stream(handle, builder))
             outputs = await _wait_or_abort(request, handle)
             if outputs is None:         # the client went away; its request was aborted
                 status = 499
@@ -94,6 +94,9 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
         except APIError as e:
             status = e.status
             raise
+        except _ClientGone:
+            status = 499
+            return Response(status_code=499)
         except Exception:
             status = 500
             raise
@@ -103,8 +106,15 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
     return app
 
 
+class _ClientGone(Exception):
+    """The client left before its request was read: nothing to answer."""
+
+
 async def _parse(request: Request, schema):
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise _ClientGone() from None
     try:
         data = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as e:
@@ -170,6 +180,22 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class _EventStream(StreamingResponse):
+    """SSE whose request is aborted however the response ends (a client gone before the
+    first chunk included: then the generator never starts, and its own `finally` never runs)."""
+
+    def __init__(self, handle: RequestHandle, chunks):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.abort()         # a no-op once the request finished
 
 
 async def _stream(handle: RequestHandle, builder: ResponseBuilder):
