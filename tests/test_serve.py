@@ -343,19 +343,19 @@ def test_bad_requests_get_400_or_404(server):
     client = server.client()
     cases = [  # (kwargs, text the message must hold)
         (dict(prompt="Hi", extra_body={"no_such_field": 1}), "unknown field 'no_such_field'"),
-        (dict(prompt="Hi", temperature=3.0), "temperature"),
+        (dict(prompt="Hi", temperature=3.0), "'temperature'"),
         (dict(prompt="Hi", top_p=0.0), "top_p must be in (0, 1]"),
         (dict(prompt="Hi", max_tokens=0), "max_tokens must be >= 1"),
-        (dict(prompt="Hi", n=0), "n"),
-        (dict(prompt="Hi", logprobs=50), "logprobs"),
-        (dict(prompt="Hi", presence_penalty=3.0), "presence_penalty"),
-        (dict(prompt="Hi", extra_body={"max_tokens": "5"}), "max_tokens"),
+        (dict(prompt="Hi", n=0), "'n'"),
+        (dict(prompt="Hi", logprobs=50), "'logprobs'"),
+        (dict(prompt="Hi", presence_penalty=3.0), "'presence_penalty'"),
+        (dict(prompt="Hi", extra_body={"max_tokens": "5"}), "'max_tokens'"),
         (dict(prompt="", max_tokens=2), "empty string"),
         (dict(prompt=[999999]), "outside the vocabulary"),
         (dict(prompt=[5] * 600), "longer than max_model_len"),
         (dict(prompt="Hi", stop=[""]), "stop strings must not be empty"),
         (dict(prompt="Hi", echo=True), "echo is not supported"),
-        (dict(prompt="Hi", extra_body={"trigger_temperature": "hot"}), "trigger_temperature"),
+        (dict(prompt="Hi", extra_body={"trigger_temperature": "hot"}), "'trigger_temperature'"),
     ]
     for kwargs, text in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -398,19 +398,27 @@ def test_metrics_exposition(server):
     assert samples["memgen_generation_tokens_total"] > 0 and samples["memgen_insertions_total"] > 0
 
 
-# ---- the queue limit, in process (deterministic: the engine loop is not started) ---------
-def test_queue_limit_answers_503_then_serves_the_queued_request(qwen2_dir):
+# ---- in process: the queue limit (deterministic: the loop starts late), an engine failure --
+@pytest.fixture(scope="module")
+def plain_llm(qwen2_dir):
+    return LLM(model=qwen2_dir, dtype="float64", device="cpu")
+
+
+def _asgi_client(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://memgen")
+
+
+def test_queue_limit_answers_503_then_serves_the_queued_request(plain_llm):
     from memgen.serve.app import create_app
 
-    llm = LLM(model=qwen2_dir, dtype="float64", device="cpu")
+    llm = plain_llm
     ref = llm.generate("Hello", _greedy(3), use_tqdm=False)[0]
     app = create_app(llm, "tiny", max_waiting=1, start_loop=False)
     engine_loop = app.state.engine_loop
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0, "return_token_ids": True}
 
     async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://memgen") as client:
+        async with _asgi_client(app) as client:
             first = asyncio.create_task(client.post("/v1/completions", json=body))
             while engine_loop.num_waiting < 1:      # queued; nothing admits it yet
                 await asyncio.sleep(0.01)
@@ -428,6 +436,42 @@ def test_queue_limit_answers_503_then_serves_the_queued_request(qwen2_dir):
     choice = first.json()["choices"][0]
     assert choice["text"] == ref.text and choice["token_ids"] == ref.token_ids
     assert choice["augmentation"] == [-100] * len(ref.token_ids) and choice["insertion_positions"] == []
+
+
+def test_an_engine_failure_fails_its_requests_with_500_and_the_server_goes_on(plain_llm, monkeypatch):
+    from memgen.serve.app import create_app
+
+    ref = plain_llm.generate("Hello", _greedy(4), use_tqdm=False)[0]
+    app = create_app(plain_llm, "tiny")
+    engine, real_step, calls = plain_llm.engine, plain_llm.engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+
+    async def main():
+        async with _asgi_client(app) as client:
+            failed = await client.post("/v1/completions", json=body)
+            after = await client.post("/v1/completions", json=body)
+            metrics = (await client.get("/metrics")).text
+        return failed, after, metrics
+
+    app.state.engine_loop.start()
+    try:
+        failed, after, metrics = asyncio.run(main())
+    finally:
+        app.state.engine_loop.stop()
+    assert failed.status_code == 500
+    error = _error(failed)
+    assert error["type"] == "server_error" and "injected fault" in error["message"]
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] == ref.text
+    assert 'memgen_sequences_finished_total{finish_reason="error"} 1.0' in metrics
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.has_unfinished()
 
 
 def test_cli_serve_user_errors_are_one_line(tmp_path, capsys):

@@ -178,7 +178,7 @@ class EngineLoop:
                 self._add(handle)
             except Exception as e:  # validated input should never fail here: an internal error
                 log.error("add_request failed:\n%s", traceback.format_exc())
-                self._abort(handle)
+                self._abort(handle, "error")
                 deliveries.append((handle, Update(error=internal(f"could not queue the request: {e}"), done=True)))
         if self.engine.has_unfinished():
             try:
@@ -190,7 +190,7 @@ class EngineLoop:
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 failed = list(self._active)
                 for handle in failed:
-                    self._abort(handle)
+                    self._abort(handle, "error")
                 deliveries += [(h, Update(error=internal(f"the engine failed: {type(e).__name__}: {e}"), done=True))
                                for h in failed]
         deliveries += self._collect()
@@ -207,7 +207,9 @@ class EngineLoop:
         handle._done = [False] * len(handle._seqs)
         self._active.append(handle)
 
-    def _abort(self, handle: RequestHandle) -> None:
+    def _abort(self, handle: RequestHandle, reason: str = "abort") -> None:
+        """Take a request's unfinished sequences out of the engine (their blocks are
+        freed now); `reason` labels them in the metrics ("error" when the engine failed)."""
         if handle._aborted:
             return
         handle._aborted = True
@@ -215,7 +217,7 @@ class EngineLoop:
         if live:
             self.engine.abort(live)
             for seq in live:
-                self.metrics.record_sequence(seq, "abort")
+                self.metrics.record_sequence(seq, reason)
         if handle in self._active:
             self._active.remove(handle)
 
