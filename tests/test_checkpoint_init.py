@@ -28,6 +28,7 @@ def test_init_cli_settings_are_the_flags_and_the_engine_loads_it(tmp_path, memge
     assert str(out) in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())     # the reference layout
     assert config["model_type"] == "memgen" and (out / "weaver" / "weaver").is_dir()
+    assert config["hidden_size"] == 64 and "_name_or_path" not in config   # no local path recorded
     ckpt = load_checkpoint(out)
     s = ckpt.settings
     assert (s.prompt_latents_len, s.inference_latents_len, s.max_inference_aug_num, s.trigger_active) == \

@@ -117,6 +117,8 @@ def init_checkpoint(output_dir: str | Path, model: str | Path | None = None, opt
                              seed=options.seed,
                              weaver_base=str(dirs["weaver"]) if dirs["weaver"] else None,
                              trigger_base=str(dirs["trigger"]) if dirs["trigger"] else None)
+    # a local path (often the cache) names nothing on another machine
+    ckpt.reasoner_config.pop("_name_or_path", None)
     for role in ("weaver", "trigger"):
         _check_targets(options.lora_targets, configs[role] or configs["reasoner"], dirs[role] or dirs["reasoner"])
     validate(ckpt, configs["reasoner"], configs["weaver"] or configs["reasoner"],
