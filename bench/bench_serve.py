@@ -92,8 +92,8 @@ def _start_server(args, port: int, log_path: Path) -> subprocess.Popen:
         cmd += ["--memgen", args.memgen]
     for item in args.engine_arg:
         cmd += ["--engine-arg", item]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    with open(log_path, "wb") as log:   # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     deadline = time.monotonic() + args.startup_timeout
     while True:
         if proc.poll() is not None:
@@ -155,7 +155,10 @@ def _summary(values: list[float]) -> dict:
     if not values:
         return {}
     v = sorted(values)
-    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]   # noqa: E731
+
+    def pick(q: float) -> float:
+        return v[min(len(v) - 1, int(q * len(v)))]
+
     return dict(mean=statistics.fmean(v), p50=pick(0.5), p90=pick(0.9), p99=pick(0.99), max=v[-1])
 
 

@@ -48,7 +48,7 @@ class Server:
         """Prometheus samples as {'name{labels}': value}."""
         text = httpx.get(f"{self.base}/metrics", timeout=30).text
         return {m.group(1): float(m.group(2))
-                for m in re.finditer(r"^([a-zA-Z_:][^ ]*) ([-+0-9.eE]+|NaN)$", text, re.M)}
+                for m in re.finditer(r"^([a-zA-Z_:][^ ]*) ([-+0-9.eE]+|NaN)$", text, re.MULTILINE)}
 
 
 def _free_port() -> int:
@@ -372,8 +372,8 @@ def test_bad_requests_get_400_or_404(server):
     assert e.value.code == "model_not_found" and e.value.param == "model"
 
     url = f"{server.base}/v1/completions"
-    for raw in ('{"model": "tiny-memgen", "prompt": ', "[1, 2]", '{"model": "tiny-memgen", "prompt": "Hi", '
-                '"temperature": NaN}', b"\xff\xfe"):
+    for raw in ('{"model": "tiny-memgen", "prompt": ', "[1, 2]",
+                '{"model": "tiny-memgen", "prompt": "Hi", "temperature": NaN}', b"\xff\xfe"):
         r = httpx.post(url, content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400 and _error(r)["type"] == "invalid_request_error", raw
     r = httpx.post(url, json={"prompt": "Hi"})

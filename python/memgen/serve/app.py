@@ -24,7 +24,12 @@ from memgen.serve.errors import APIError, bad_request, internal, model_not_found
 from memgen.serve.metrics import ServeMetrics
 from memgen.serve.protocol import chat_input, completion_input
 from memgen.serve.responses import ResponseBuilder
-from memgen.serve.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from memgen.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 
 log = logging.getLogger(__name__)
 MAX_ERRORS_SHOWN = 3

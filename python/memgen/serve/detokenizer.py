@@ -7,7 +7,7 @@ always add up to exactly the offline text."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"
 log = logging.getLogger(__name__)

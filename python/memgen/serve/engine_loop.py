@@ -47,7 +47,7 @@ class Update:
 class RequestHandle:
     """One API request (one or more prompts, n choices each) as the HTTP side sees it."""
 
-    def __init__(self, owner: "EngineLoop", prompts: list[list[int]], params: SamplingParams, stream: bool):
+    def __init__(self, owner: EngineLoop, prompts: list[list[int]], params: SamplingParams, stream: bool):
         self.owner = owner
         self.prompts = prompts
         self.params = params

@@ -12,9 +12,21 @@ from memgen.outputs import INSERT, CompletionOutput
 from memgen.serve.detokenizer import IncrementalText
 from memgen.serve.engine_loop import ChoiceUpdate
 from memgen.serve.protocol import EngineInput
-from memgen.serve.schemas import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk,
-                                  ChatCompletionResponse, ChatLogprob, ChatStreamChoice, CompletionChoice,
-                                  CompletionLogprobs, CompletionResponse, DeltaMessage, TopLogprob, UsageInfo)
+from memgen.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprob,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+)
 
 DONE = "data: [DONE]\n\n"
 
