@@ -276,12 +276,15 @@ NB_MODULE(_native, m) {
 
     // Tensors pass as data addresses: layers/backend.py checks their dtype, layout and device.
     m.def("paged_attention_cpu",
-          [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t cu_seqlens_q,
+          [](uintptr_t k, uintptr_t v, uintptr_t slot_mapping, int64_t num_store_rows, uintptr_t q,
+             uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t cu_seqlens_q,
              uintptr_t context_lens, uintptr_t block_tables, int64_t num_chunks, int64_t max_blocks,
              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
              double scale, int dtype, int num_threads) {
               if (dtype < 0 || dtype > 2) throw nb::value_error("dtype code must be 0 (f32), 1 (f64) or 2 (bf16)");
-              PagedAttentionArgs a{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k_cache),
+              PagedAttentionArgs a{reinterpret_cast<const void*>(k), reinterpret_cast<const void*>(v),
+                                   reinterpret_cast<const int64_t*>(slot_mapping), num_store_rows,
+                                   reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k_cache),
                                    reinterpret_cast<const void*>(v_cache), reinterpret_cast<void*>(out),
                                    reinterpret_cast<const int64_t*>(cu_seqlens_q),
                                    reinterpret_cast<const int64_t*>(context_lens),
@@ -291,5 +294,6 @@ NB_MODULE(_native, m) {
               paged_attention_cpu(a);
           },
           nb::call_guard<nb::gil_scoped_release>(),
-          "Paged attention on the CPU straight from the KV blocks (engine/cpu_attention.h).");
+          "Store this forward's K/V (k == 0: none), then paged attention on the CPU straight from the KV "
+          "blocks (engine/cpu_attention.h).");
 }

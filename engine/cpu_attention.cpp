@@ -137,6 +137,21 @@ bool run_all(const PagedAttentionArgs& a, const std::vector<int64_t>& chunk_of_r
     return ok.load();
 }
 
+void store_kv(const PagedAttentionArgs& a) {
+    const int64_t elem = a.dtype == AttnDtype::kFloat64 ? 8 : a.dtype == AttnDtype::kFloat32 ? 4 : 2;
+    const int64_t row_bytes = a.num_kv_heads * a.head_dim * elem;
+    const int64_t num_slots = a.num_blocks * a.block_size;
+    for (int64_t r = 0; r < a.num_store_rows; ++r) {
+        const int64_t slot = a.slot_mapping[r];
+        if (slot < 0) continue;
+        if (slot >= num_slots) throw std::out_of_range("paged_attention_cpu: a slot is outside the KV cache");
+        std::memcpy(static_cast<char*>(const_cast<void*>(a.k_cache)) + slot * row_bytes,
+                    static_cast<const char*>(a.k) + r * row_bytes, row_bytes);
+        std::memcpy(static_cast<char*>(const_cast<void*>(a.v_cache)) + slot * row_bytes,
+                    static_cast<const char*>(a.v) + r * row_bytes, row_bytes);
+    }
+}
+
 }  // namespace
 
 void paged_attention_cpu(const PagedAttentionArgs& a) {
@@ -157,6 +172,7 @@ void paged_attention_cpu(const PagedAttentionArgs& a) {
         work += q_len * (2 * context - q_len + 1) / 2;   // keys seen, summed over the chunk's rows
     }
     work *= 2 * a.num_heads * a.head_dim;   // q.k and p.v
+    if (a.k != nullptr) store_kv(a);
     bool ok = true;
     switch (a.dtype) {
         case AttnDtype::kFloat32: ok = run_all<float>(a, chunk_of_row, max_context, work, attend_f32); break;

@@ -9,6 +9,8 @@
 //   context_lens  [num_chunks]      keys chunk b sees (its own rows included: their
 //                                   K/V are stored first); its rows sit at the END
 //   block_tables  [num_chunks, max_blocks]  -1 padded
+//   k, v          [num_store_rows, num_kv_heads, head_dim]  optional: written to the
+//                 caches at slot_mapping (-1: skipped) before anything is read
 // Query row i of chunk b is at position context_lens[b] - q_len + i and attends to
 // keys 0..that position (causal). Scores and the softmax accumulate in float for
 // float32 / bfloat16 and in double for float64. Plain C++17 + OpenMP; the hot
@@ -22,6 +24,12 @@ namespace memgen {
 enum class AttnDtype : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
 
 struct PagedAttentionArgs {
+    // this forward's K/V rows [num_rows, num_kv_heads, head_dim], stored into their
+    // slots (slot_mapping, -1: skip) before attending; k == nullptr: already stored
+    const void* k;
+    const void* v;
+    const int64_t* slot_mapping;
+    int64_t num_store_rows;
     const void* q;
     const void* k_cache;
     const void* v_cache;

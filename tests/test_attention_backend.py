@@ -67,6 +67,9 @@ CASES = [([5, 9, 37, 1, 12], [1, 4, 1, 1, 12]), ([7, 3], [1, 3]), ([6, 10, 2], [
 def test_native_cpu_attention_equals_the_reference(context_lens, query_lens, dtype, threads):
     q, k, v, k_cache, v_cache, ctx = _step(context_lens, query_lens, head_dim=64 if dtype != torch.float64 else 8)
     q, k, v, k_cache, v_cache = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
+    clean_k, clean_v = k_cache.clone(), v_cache.clone()
+    for cache in (k_cache, v_cache):   # the rows' own slots: the native call must store them first
+        cache.view(-1, *cache.shape[2:])[ctx.slot_mapping] = float("nan")
     backend = TorchBackend()
     ctx.attn_metadata = backend.prepare(ctx)
     assert ctx.attn_metadata.native, "the native kernel is the CPU default"
@@ -77,8 +80,9 @@ def test_native_cpu_attention_equals_the_reference(context_lens, query_lens, dty
     finally:
         torch.set_num_threads(before)
     # the reference in float64 (bfloat16 compared after rounding the reference to it)
-    want = paged_prefill_attention_ref(q.double(), k_cache.double(), v_cache.double(), ctx.cu_seqlens_q,
+    want = paged_prefill_attention_ref(q.double(), clean_k.double(), clean_v.double(), ctx.cu_seqlens_q,
                                        ctx.context_lens, ctx.block_tables, 0.3)
+    assert torch.equal(k_cache, clean_k) and torch.equal(v_cache, clean_v)
     assert got.dtype == dtype
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)

@@ -62,17 +62,24 @@ class TorchBackend:
         self._native = _native_attention() if cpu_attention else None
 
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
+        if self._native is not None and ctx.slot_mapping.device.type == "cpu":
+            # the native call stores K/V itself (slot -1 skipped): nothing else to prepare
+            ctx.cu_seqlens_q, ctx.context_lens = ctx.cu_seqlens_q.contiguous(), ctx.context_lens.contiguous()
+            ctx.block_tables, ctx.slot_mapping = ctx.block_tables.contiguous(), ctx.slot_mapping.contiguous()
+            return SDPAMetadata([], None, native=True)
         store_index = None
         if bool((ctx.slot_mapping < 0).any()):
             store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
-        if self._native is not None and ctx.slot_mapping.device.type == "cpu":
-            return SDPAMetadata([], store_index, native=True)
         groups = sdpa_groups(ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, ctx.block_size,
                              ctx.max_seqlen_q, ctx.max_seqlen_k)
         return SDPAMetadata(groups, store_index)
 
     def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
         meta: SDPAMetadata = ctx.attn_metadata
+        if meta.native and q.dtype in _NATIVE_DTYPES:
+            return self._attend_native(q, k, v, k_cache, v_cache, ctx, scale)
+        if meta.native:   # a dtype the native kernel does not take (float16): SDPA
+            ctx.attn_metadata = meta = TorchBackend(cpu_attention=False).prepare(ctx)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
@@ -81,10 +88,6 @@ class TorchBackend:
             slots, k, v = slots[meta.store_index], k[meta.store_index], v[meta.store_index]
         k_flat.index_copy_(0, slots, k)
         v_flat.index_copy_(0, slots, v)
-        if meta.native and q.dtype in _NATIVE_DTYPES:
-            return self._attend_native(q, k_cache, v_cache, ctx, scale)
-        if meta.native:   # a dtype the native kernel does not take (float16): SDPA
-            ctx.attn_metadata = meta = TorchBackend(cpu_attention=False).prepare(ctx)
         return sdpa_attend(q, k_cache, v_cache, meta.groups, scale)
 
 
@@ -98,15 +101,16 @@ class TorchBackend:
             rows = ctx.lora_meta[lora_a.shape[0]] = lora_rows(lora_metadata(ctx.adapter_ids, lora_a.shape[0]))
         add_lora_rows(y, x, lora_a, lora_b, scaling, rows)
 
-    def _attend_native(self, q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
-        q = q.contiguous()
+    def _attend_native(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        """Store this forward's K/V and attend, in one native call (engine/cpu_attention.cpp)."""
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = torch.empty_like(q)
-        tables = ctx.block_tables.contiguous()
-        cu, lens = ctx.cu_seqlens_q.contiguous(), ctx.context_lens.contiguous()
+        tables = ctx.block_tables
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        self._native(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), cu.data_ptr(),
-                     lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1], num_kv_heads,
-                     head_dim, block_size, num_blocks, float(scale), _NATIVE_DTYPES[q.dtype],
+        self._native(k.data_ptr(), v.data_ptr(), ctx.slot_mapping.data_ptr(), k.shape[0], q.data_ptr(),
+                     k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), ctx.cu_seqlens_q.data_ptr(),
+                     ctx.context_lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1],
+                     num_kv_heads, head_dim, block_size, num_blocks, float(scale), _NATIVE_DTYPES[q.dtype],
                      torch.get_num_threads())
         return out
 

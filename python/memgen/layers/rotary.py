@@ -40,7 +40,12 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q: [N, Hq, D], k: [N, Hk, D]; returns rotated copies."""
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return RotaryEmbedding.apply_one(q, cos, sin), RotaryEmbedding.apply_one(k, cos, sin)
+
+    @staticmethod
+    def apply_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [N, H, D] (q and k heads together, as the packed projection lays them out)."""
+        return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

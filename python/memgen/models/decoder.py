@@ -92,14 +92,20 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = RotaryEmbedding.apply(q, k, cos, sin)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.split_sizes[0], self.split_sizes[1]
+        v = qkv[:, q_size + kv_size:].reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k are adjacent in the packed output: one [N, Hq + Hk, D] view, rotated at once
+            qk = qkv[:, :q_size + kv_size].reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+            if self.use_rope:
+                qk = RotaryEmbedding.apply_one(qk, cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q = self.q_norm(qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, q_size:q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim))
+            if self.use_rope:
+                q, k = RotaryEmbedding.apply(q, k, cos, sin)
         out = self.attn(q, k, v)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
