@@ -104,3 +104,70 @@ def test_parser_and_help_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'memgen.llm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_generate_takes_vllm_options(qwen2_dir, capsys):
+    """Sampling and engine options reach the request and the engine."""
+    assert main(["generate", "Hello world,", "--model", str(qwen2_dir), "--max-tokens", "6", "--json",
+                 "--ignore-eos", "--logprobs", "2", "--n", "2", "--temperature", "1.0", "--sample-seed", "3",
+                 "--max-model-len", "64", "--max-num-seqs", "4", "--frequency-penalty", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["outputs"]) == 2 and all(len(c["token_ids"]) == 6 for c in out["outputs"])
+    assert len(out["logprobs"]) == 6 and all(len(d) >= 2 for d in out["logprobs"])
+
+
+def test_generate_stop_string(qwen2_dir, capsys):
+    assert main(["generate", "Hello world,", "--model", str(qwen2_dir), "--max-tokens", "12", "--json",
+                 "--ignore-eos"]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+    stop = full[4:6]
+    assert main(["generate", "Hello world,", "--model", str(qwen2_dir), "--max-tokens", "12", "--json",
+                 "--ignore-eos", "--stop", stop]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["text"] == full[:full.find(stop)] and out["finish_reason"] == "stop"
+
+
+def test_generate_without_a_prompt_says_so(qwen2_dir, capsys, monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert main(["generate", "--model", str(qwen2_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no prompt given" in err and "stdin" in err
+
+
+def test_chat_streams_the_reply(qwen2_dir, capsys):
+    """The streamed reply is the same text chat() gives."""
+    from memgen import LLM, SamplingParams
+
+    assert main(["chat", "--message", "Hi", "--model", str(qwen2_dir), "--max-tokens", "8", "--ignore-eos"]) == 0
+    streamed = capsys.readouterr().out
+    want = LLM(qwen2_dir).chat([{"role": "user", "content": "Hi"}],
+                               SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    assert streamed == want.text + "\n"
+
+
+def test_llm_stream_pieces_add_up(qwen2_dir):
+    from memgen import LLM, SamplingParams
+
+    llm = LLM(qwen2_dir, dtype="float64")
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    gen = llm.stream("Hello world,", params)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as done:
+            out = done.value
+            break
+    assert "".join(pieces) == out.text == llm.generate("Hello world,", params, use_tqdm=False)[0].text
+    # closing the generator early takes the request out of the engine
+    gen = llm.stream("Hello world,", SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    next(gen)
+    gen.close()
+    assert not llm.engine.has_unfinished()
+    assert all(m.num_free_blocks == m.num_blocks for m in llm.engine.block_managers.values())
+    with pytest.raises(ValueError, match="n=2"):
+        next(llm.stream("Hi", SamplingParams(n=2)))

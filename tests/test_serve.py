@@ -483,7 +483,7 @@ def test_cli_serve_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_incremental_text_holds_back_unfinished_utf8_and_stop_prefixes():
-    from memgen.serve.detokenizer import IncrementalText
+    from memgen.detokenizer import IncrementalText
 
     pieces = {1: b"ab", 2: b"\xe2\x82", 3: b"\xac", 4: b"c S", 5: b"TO", 6: b"P d", 7: b"\xff"}
 

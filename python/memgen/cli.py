@@ -12,43 +12,72 @@ import importlib
 import json
 import sys
 
-from memgen.model_options import add_model_arguments, llm_kwargs
+from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (vLLM's meanings)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--n", type=int, default=1, help="completions per prompt (generate)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable; not included in the output)")
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop before this many tokens")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (up to --max-tokens)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="top-K log-probabilities per token (in --json output)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
 
 
 def _build_llm(args):
     from memgen import LLM
 
-    return LLM(**llm_kwargs(args), seed=args.seed)
+    return LLM(**llm_kwargs(args), seed=args.seed, **engine_option_kwargs(args))
 
 
 def _sampling_params(args):
     from memgen import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.sample_seed)
+                          top_k=args.top_k, seed=args.sample_seed, n=args.n, stop=args.stop,
+                          min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty)
+
+
+def _completion_json(c) -> dict:
+    out = {"text": c.text, "token_ids": c.token_ids, "augmentation": c.augmentation,
+           "finish_reason": c.finish_reason, "metrics": c.metrics}
+    if c.logprobs is not None:
+        out["logprobs"] = [{str(t): lp for t, lp in d.items()} for d in c.logprobs]
+    return out
 
 
 def _print_output(out, as_json: bool) -> None:
+    completions = out.outputs or [out]
     if as_json:
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "augmentation": out.augmentation,
-                          "finish_reason": out.finish_reason, "metrics": out.metrics}))
-    else:
-        print(out.text)
-        m = out.metrics
-        print(f"[{len(out.token_ids)} tokens, {m.get('num_insertions', 0)} insertions, "
-              f"{m.get('total_s', 0.0):.2f} s, finish: {out.finish_reason}]", file=sys.stderr)
+        body = _completion_json(completions[0])
+        if len(completions) > 1:
+            body["outputs"] = [_completion_json(c) for c in completions]
+        print(json.dumps(body))
+        return
+    for c in completions:
+        print(c.text)
+        m = c.metrics
+        print(f"[{len(c.token_ids)} tokens, {m.get('num_insertions', 0)} insertions, "
+              f"{m.get('total_s', 0.0):.2f} s, finish: {c.finish_reason}]", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
+    if not args.prompt and sys.stdin.isatty():
+        print("memgen generate: no prompt given: pass one or more prompts as arguments, or pipe one on stdin "
+              "(e.g. echo 'Hello' | memgen generate)", file=sys.stderr)
+        return 2
     prompts = args.prompt or [sys.stdin.read()]
     llm = _build_llm(args)
     params = _sampling_params(args)
@@ -61,13 +90,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _stream_reply(llm, messages, params) -> str:
+    """Print the assistant's reply as it comes; return its text."""
+    gen = llm.stream(messages=messages, sampling_params=params)
+    while True:
+        try:
+            print(next(gen), end="", flush=True)
+        except StopIteration as done:
+            out = done.value
+            break
+    print()
+    m = out.metrics
+    print(f"[{len(out.token_ids)} tokens, {m.get('num_insertions', 0)} insertions, {m.get('total_s', 0.0):.2f} s, "
+          f"finish: {out.finish_reason}]", file=sys.stderr)
+    return out.text
+
+
 def cmd_chat(args) -> int:
     llm = _build_llm(args)
     params = _sampling_params(args)
+    if params.n != 1:
+        raise ValueError("memgen chat makes one reply per turn: --n must be 1")
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.message:  # one turn, non-interactive
-        out = llm.chat(history + [{"role": "user", "content": args.message}], params, use_tqdm=False)[0]
-        _print_output(out, args.json)
+        messages = history + [{"role": "user", "content": args.message}]
+        if args.json:
+            _print_output(llm.chat(messages, params, use_tqdm=False)[0], True)
+        else:
+            _stream_reply(llm, messages, params)
         return 0
     print("memgen chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -78,9 +128,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        out = llm.chat(history, params, use_tqdm=False)[0]
-        print(out.text)
-        history.append({"role": "assistant", "content": out.text})
+        history.append({"role": "assistant", "content": _stream_reply(llm, history, params)})
     return 0
 
 
@@ -170,14 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per output")
     add_model_arguments(p)
+    add_engine_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model (interactive, or one --message)")
     p.add_argument("--message", default=None, help="one user message; omit for an interactive session")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the reply as one JSON object (no streaming)")
     add_model_arguments(p)
+    add_engine_arguments(p)
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
 

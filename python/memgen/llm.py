@@ -133,6 +133,43 @@ class LLM:
         token_lists = [self._apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm)
 
+    def stream(self, prompt=None, sampling_params: SamplingParams | None = None, messages=None):
+        """One completion, token by token: yields the new text as it becomes final
+        (an unfinished UTF-8 tail or a stop string's prefix is held back), and
+        returns its RequestOutput (the generator's return value). Give `prompt` (str or
+        token ids) or `messages` (one conversation, chat template applied).
+
+            gen = llm.stream("Hello", SamplingParams(max_tokens=32))
+            for piece in gen: print(piece, end="", flush=True)
+        """
+        from memgen.detokenizer import IncrementalText
+
+        if (prompt is None) == (messages is None):
+            raise ValueError("stream() takes a prompt or messages (one conversation), not both or neither")
+        ids = (self._apply_chat_template(_as_conversation_list(messages)[0], True) if messages is not None
+               else self._to_token_ids(prompt, 0))
+        (params,) = self._check_params(sampling_params, 1)
+        if params.n != 1:
+            raise ValueError(f"stream() makes one completion; got n={params.n} (use generate() for n > 1)")
+        self._check_request(ids, params, 0)
+        engine = self.engine
+        seq = engine.add_request(ids, params)
+        text = IncrementalText(self._detokenize, params.stop)
+        try:
+            while not seq.is_finished:
+                engine.step()
+                piece = text.update(seq.output_token_ids)
+                if piece:
+                    yield piece
+        except BaseException:   # an error, Ctrl-C, or the caller closing the generator
+            engine.abort([seq])
+            raise
+        out = self._output([seq])
+        rest = text.finish(out.text)
+        if rest:
+            yield rest
+        return out
+
     # ---- validation -----------------------------------------------------------
     def _to_token_ids(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):

@@ -1,8 +1,10 @@
-"""The model options every command that builds an `LLM` shares (generate, chat,
-bench, eval): one definition, so their names, defaults and help never drift."""
+"""The model and engine options every command that builds an `LLM` shares
+(generate, chat, bench, eval, serve): one definition, so their names, defaults
+and help never drift."""
 from __future__ import annotations
 
 import argparse
+import json
 
 DEFAULT_MEMGEN_HELP = "MemGen checkpoint directory (default: plain LLM)"
 
@@ -44,3 +46,38 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     """Every LLM(...) keyword the model options give."""
     return dict(model=args.model, memgen=args.memgen, weaver_model=args.weaver_model,
                 trigger_model=args.trigger_model, **engine_kwargs(args))
+
+
+# LLM(...) engine keywords with a flag of their own (None: the engine's default)
+ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "num_kv_blocks",
+                "kv_cache_memory_gb", "enable_prefix_caching")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's sizes (generate, chat, eval, serve), and --engine-arg for any other keyword."""
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once (default 32)")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence, latents included (default: min(model's positions, 4096))")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="rows per step (default 4096)")
+    e.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default 16)")
+    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (default: auto)")
+    e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size in GiB (default: auto)")
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="do not reuse cached prompt blocks across requests")
+    e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
+
+
+def engine_option_kwargs(args: argparse.Namespace) -> dict:
+    """The LLM(...) keywords add_engine_arguments' flags give (only those set)."""
+    kwargs = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name, None) is not None}
+    for item in getattr(args, "engine_arg", None) or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs

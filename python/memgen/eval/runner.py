@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from memgen.model_options import add_model_arguments, llm_kwargs
+from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
 from memgen.eval.records import (
     Record, ResultWriter, iter_results, read_records, report_errors, write_json_atomic,
 )
@@ -425,8 +425,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="task of records that name none (default: inferred from the reference field)")
     add_model_arguments(parser, seed_help=None)
-    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
+    add_engine_arguments(parser)
     from memgen.eval.protocols import DATASETS
 
     d = parser.add_argument_group("reference datasets (the MemGen reference's evaluation protocols)")
@@ -461,16 +460,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {**llm_kwargs(args), "seed": args.seed}
-    for item in args.engine_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
+    return {**llm_kwargs(args), "seed": args.seed, **engine_option_kwargs(args)}
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:

@@ -9,8 +9,7 @@ One job per module:
 - `protocol`: an API request -> validated prompts and SamplingParams (through
   the `LLM`'s own checks, so bad input gets the offline API's messages);
 - `responses`: engine outputs -> OpenAI responses and stream chunks;
-- `detokenizer`: streaming text (decode the whole output, send the new suffix,
-  hold back an unfinished UTF-8 tail or a stop-string prefix);
+- streaming text comes from `memgen.detokenizer` (shared with `LLM.stream`);
 - `engine_loop`: the one background thread that steps the engine for every
   connection (continuous batching, aborts, per-request queues);
 - `metrics`: Prometheus metrics;

@@ -4,11 +4,10 @@ server starts."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
-from memgen.model_options import add_model_arguments, llm_kwargs
+from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
 
 DEFAULT_MAX_WAITING = 1024
 
@@ -18,18 +17,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           "/v1/chat/completions (streaming or not), /health, /metrics. One engine loop batches "
                           "every connection's requests continuously.")
     add_model_arguments(parser)
-    e = parser.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once (default 32)")
-    e.add_argument("--max-model-len", type=int, default=None,
-                   help="longest sequence, latents included (default: min(model's positions, 4096))")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="rows per step (default 4096)")
-    e.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default 16)")
-    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (default: auto)")
-    e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size in GiB (default: auto)")
-    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
-                   help="do not reuse cached prompt blocks across requests")
-    e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
+    add_engine_arguments(parser)
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -41,23 +29,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "num_kv_blocks",
-                "kv_cache_memory_gb", "enable_prefix_caching")
-
-
 def serve_llm_kwargs(args: argparse.Namespace) -> dict:
     """The LLM(...) keywords of `memgen serve`'s options."""
-    kwargs = {**llm_kwargs(args), "seed": args.seed}
-    kwargs.update({name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None})
-    for item in args.engine_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
+    return {**llm_kwargs(args), "seed": args.seed, **engine_option_kwargs(args)}
 
 
 def served_model_name(args: argparse.Namespace) -> str:

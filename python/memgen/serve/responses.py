@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 
 from memgen.outputs import INSERT, CompletionOutput
-from memgen.serve.detokenizer import IncrementalText
+from memgen.detokenizer import IncrementalText
 from memgen.serve.engine_loop import ChoiceUpdate
 from memgen.serve.protocol import EngineInput
 from memgen.serve.schemas import (

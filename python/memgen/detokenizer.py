@@ -3,7 +3,7 @@ output (as the offline API does) and hand out what is new, holding back what
 may still change or be cut: an unfinished UTF-8 tail (decoded as U+FFFD) and a
 tail that could be the start of a stop string. At the end the final text (the
 offline API's, cut before a stop string) supplies the rest, so the chunks
-always add up to exactly the offline text."""
+always add up to exactly the offline text. Used by `LLM.stream` and `memgen serve`."""
 from __future__ import annotations
 
 import logging
