@@ -506,3 +506,26 @@ def test_incremental_text_holds_back_unfinished_utf8_and_stop_prefixes():
     assert text.update([1, 4]) == "abc "
     assert text.update([1, 4, 7]) == ""
     assert text.finish(decode([1, 4, 7])) == "S\ufffd" and text.sent == decode([1, 4, 7])
+
+
+def test_bench_mode_serve(qwen2_dir, tmp_path):
+    """`memgen bench --mode serve`: concurrent streaming clients against a real server
+    beside offline generate; every streamed text equals the offline one (greedy, float64)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "memgen.cli", "bench", "--mode", "serve", "--model", str(qwen2_dir),
+           "--dtype", "float64", "--device", "cpu", "--batch-sizes", "1", "3", "--max-tokens", "4",
+           "--num-prompts", "6", "--threads", "1", "--output-dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path,) = out.glob("serve_*.json")
+    data = json.loads(path.read_text())
+    assert [level["concurrency"] for level in data["serve"]] == [1, 3]
+    for level in data["serve"]:
+        assert level["output_tokens"] == 6 * 4 and level["same_text_as_offline"] == 6
+        assert level["ttft_s"]["p50"] > 0
+    assert data["offline"]["output_tokens"] == 6 * 4
+    assert (out / path.name.replace(".json", ".png")).is_file()

@@ -21,7 +21,7 @@ from memgen.model_options import add_model_arguments
 
 DEFAULT_OUTPUT_DIR = "memgen-bench-results"   # under the cwd: the user's folder, never the checkout's bench/results
 
-MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf")
+MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf", "serve")
 
 # per mode: batch sizes, output lengths, iterations (each overridable)
 MODE_DEFAULTS = {
@@ -30,6 +30,7 @@ MODE_DEFAULTS = {
     "overhead": ([8], [384], 3),
     "vs-reference": ([8], [384], 3),
     "vs-hf": ([1, 16], [128], 2),
+    "serve": ([1, 8, 32], [64], 1),      # batch sizes: concurrent clients (memgen.serve.loadtest)
 }
 DEFAULT_LATENTS, DEFAULT_BUDGET = 8, 5
 DEFAULT_TIME_BUDGET = 100.0   # seconds: the default run ends within 2 minutes even on a loaded 2-core machine
@@ -42,7 +43,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "throughput: many requests, continuous batching; overhead: memory on vs off at one "
                         "config (issue 4: batch 8, 384 tokens, target <= 1.10x); vs-reference: engine vs "
                         "memgen.hf (target >= 20x); vs-hf: plain engine vs HF generate "
-                        "(runs bench/bench_engine_vs_hf.py)")
+                        "(runs bench/bench_engine_vs_hf.py); serve: --batch-sizes concurrent streaming "
+                        "clients against `memgen serve` beside offline generate (TTFT, TPOT, throughput)")
     add_model_arguments(p, memgen_help="MemGen checkpoint directory (default: MemGen parts initialised as "
                                         "the reference does)", seed_help="engine seed and random-init seed")
     g = p.add_argument_group("random MemGen init (only without --memgen)")
@@ -143,6 +145,16 @@ def run_bench_from_args(args) -> int:
               f"(--threads to choose)", flush=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.mode == "serve":
+        from memgen.serve.loadtest import main as run_serve
+
+        argv = ["--dtype", args.dtype, "--device", args.device, "--concurrency", *map(str, args.batch_sizes),
+                "--max-tokens", str(args.max_tokens[0]), "--num-prompts", str(args.num_prompts),
+                "--output-dir", args.output_dir]
+        argv += ["--model", args.model] if args.model else []
+        argv += ["--memgen", args.memgen] if args.memgen else []
+        argv += ["--threads", str(args.threads)] if args.threads is not None else []
+        return run_serve(argv)
     run = {"latency": modes.run_latency, "overhead": modes.run_latency, "throughput": modes.run_throughput,
            "vs-reference": modes.run_vs_reference, "vs-hf": modes.run_vs_hf}[args.mode]
     return run(args)
