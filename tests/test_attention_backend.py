@@ -95,3 +95,13 @@ def test_native_cpu_attention_refuses_a_bad_block_table():
     ctx.attn_metadata = backend.prepare(ctx)
     with pytest.raises(IndexError, match="outside the KV cache"):
         backend.forward(q, k, v, k_cache, v_cache, ctx, scale=0.3)
+
+
+def test_only_the_native_cpu_path_skips_the_zero_fill():
+    """An untouched KV cache is safe only where attention reads written slots alone."""
+    cpu = torch.device("cpu")
+    assert TorchBackend().reads_only_written_slots(cpu, torch.float32)
+    assert TorchBackend().reads_only_written_slots(cpu, torch.float64)
+    assert not TorchBackend().reads_only_written_slots(cpu, torch.float16)          # SDPA fallback
+    assert not TorchBackend(cpu_attention=False).reads_only_written_slots(cpu, torch.float32)
+    assert not TorchBackend().reads_only_written_slots(torch.device("cuda"), torch.float32)

@@ -33,10 +33,15 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_kv_blocks = num_blocks
+        # A backend that reads only the slots written before may get an untouched cache: on
+        # the CPU its pages then arrive as blocks are used (zero-filling a 1 GiB cache took
+        # 4 s here); padded gathers (SDPA) need zeros, never garbage times a zero weight.
+        written_only = getattr(self.attn_backend, "reads_only_written_slots", None)
+        alloc = torch.empty if written_only is not None and written_only(self.device, self.dtype) else torch.zeros
         for layer in self.model.attention_layers():
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k = alloc(shape, dtype=self.dtype, device=self.device)
+            v = alloc(shape, dtype=self.dtype, device=self.device)
             layer.bind(k, v, self.attn_backend)
 
     def prepare(self, step: StepCore, pool_index: int = -1) -> ModelInput:

@@ -61,6 +61,11 @@ class TorchBackend:
     def __init__(self, cpu_attention: bool = True):
         self._native = _native_attention() if cpu_attention else None
 
+    def reads_only_written_slots(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True where attention reads no KV slot but those written before (the native CPU
+        kernel): the cache then needs no zero fill."""
+        return self._native is not None and device.type == "cpu" and dtype in _NATIVE_DTYPES
+
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
         if self._native is not None and ctx.slot_mapping.device.type == "cpu":
             # the native call stores K/V itself (slot -1 skipped): nothing else to prepare
