@@ -1,7 +1,7 @@
 """Shared plumbing for the kernel modules: a guarded Triton import (so the torch
 references import on machines without Triton), the interpreter switch (with a
-fix for triton 3.6's interpreter under numpy >= 2.4), and the input checks every
-host wrapper runs before a launch."""
+fix for triton 3.6's interpreter under numpy >= 2.4), and the kernels' upcast rule.
+The input checks live in _checks.py (Triton-free, shared with reference.py)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,6 @@ import types
 import warnings
 
 import torch
-
-from ._checks import check_same_device, check_tensor  # noqa: F401 (re-exported for the kernel modules)
 
 try:
     import triton
@@ -30,8 +28,7 @@ except ImportError:  # the torch references still work
                                    next_power_of_2=lambda n: 1 << max(0, (n - 1).bit_length()))
     tl = types.SimpleNamespace(constexpr=None)
 
-__all__ = ["HAS_TRITON", "triton", "tl", "is_interpreting", "upcast_inside", "next_pow2",
-           "check_tensor", "check_same_device"]
+__all__ = ["HAS_TRITON", "triton", "tl", "is_interpreting", "upcast_inside", "next_pow2"]
 
 _TRUE = ("1", "true", "yes", "on", "y")
 
