@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from memgen.jsonl import iter_jsonl
+
 
 def read_rows(path: str | Path, split: str | None = None, default_split: str | None = None) -> list[dict[str, Any]]:
     """Every row as a dict. `split` picks a split of a DatasetDict directory
@@ -45,14 +47,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         _check_objects(path, rows, lambda i: f"item {i}")
         return rows
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+    rows = [obj for _, obj in iter_jsonl(path, text.splitlines())]
     _check_objects(path, rows, lambda i: f"row {i + 1}")
     return rows
 

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+from memgen.jsonl import iter_jsonl
+
 REFERENCE_URL = "http://127.0.0.1:8001/retrieve"
 
 
@@ -72,21 +74,14 @@ def read_corpus(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no corpus file {str(path)!r}")
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("contents"), str):
-                contents = obj["contents"]
-            elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                contents = f'"{obj.get("title", "")}"\n{obj["text"]}'
-            else:
-                raise ValueError(f'{path}:{line_no}: a corpus line needs "contents", or "title" and "text"')
-            docs.append({"id": str(obj.get("id", line_no - 1)), "contents": contents})
+    for line_no, obj in iter_jsonl(path):
+        if isinstance(obj, dict) and isinstance(obj.get("contents"), str):
+            contents = obj["contents"]
+        elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            contents = f'"{obj.get("title", "")}"\n{obj["text"]}'
+        else:
+            raise ValueError(f'{path}:{line_no}: a corpus line needs "contents", or "title" and "text"')
+        docs.append({"id": str(obj.get("id", line_no - 1)), "contents": contents})
     if not docs:
         raise ValueError(f"{path}: the corpus is empty")
     return docs

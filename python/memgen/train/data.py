@@ -23,9 +23,10 @@ before the completion is rejected.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
+
+from memgen.jsonl import iter_jsonl
 
 IGNORE = -100
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -110,16 +111,7 @@ def parse_chat_example(obj: dict, where: str = "example", answer_template: str =
 
 def read_chat_jsonl(path: str | os.PathLike, answer_template: str = ANSWER_TEMPLATE) -> list[ChatExample]:
     """Every example of a JSONL file; a bad line raises ValueError naming it."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            out.append(parse_chat_example(obj, f"{path}:{line_no}", answer_template))
+    out = [parse_chat_example(obj, f"{path}:{line_no}", answer_template) for line_no, obj in iter_jsonl(path)]
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
