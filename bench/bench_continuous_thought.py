@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from bench_engine_vs_hf import agreement   # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,15 +41,6 @@ def build_model(tmp: Path, hidden: int, layers: int) -> Path:
     tok = fixtures.build_tokenizer(tmp / "tok")
     return fixtures.build_tiny_model(tmp / "model", tok, arch="llama", hidden_size=hidden, num_layers=layers,
                                      delimiter_factor=None, max_position_embeddings=1024)
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Mean fraction of each row's tokens equal before the first difference."""
-    fracs = []
-    for x, y in zip(a, b):
-        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
-        fracs.append(n / max(len(x), 1))
-    return sum(fracs) / len(fracs)
 
 
 def main() -> None:
