@@ -30,6 +30,21 @@ def encode_prompts(tokenizer, prompts: list[str] = PROMPTS) -> tuple[torch.Tenso
     return enc["input_ids"], enc["attention_mask"]
 
 
+def oracle_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                eos: int | None) -> list[tuple[list[int], list[int]]]:
+    """memgen.hf's (tokens, augmentation) for each row of a left-padded batch, up to and
+    including the first EOS (what the engine returns)."""
+    out, aug = model.generate(ids, mask, max_new_tokens=max_new_tokens)
+    rows = []
+    for b in range(ids.shape[0]):
+        tokens, decisions = out[b, ids.shape[1]:].tolist(), aug[b].tolist()
+        if eos in tokens:
+            n = tokens.index(eos) + 1
+            tokens, decisions = tokens[:n], decisions[:n]
+        rows.append((tokens, decisions))
+    return rows
+
+
 def build_memgen_reasoner(save_dir, tokenizer, hidden_size: int = 64, seed: int = 0,
                           delimiter_factor: float = 2.0, eos_factor: float = 1.5) -> Path:
     """A tiny qwen2 (fixtures.build_tiny_model) that emits delimiters often and

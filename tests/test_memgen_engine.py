@@ -58,15 +58,7 @@ def _case(request, name):
 def _oracle(ckpt, reasoner, weaver, trigger, prompt_ids, eos):
     ids, mask, _ = prompt_ids
     model = HFMemGenModel.from_checkpoint(ckpt, reasoner, weaver, trigger, dtype=torch.float64)
-    out, aug = model.generate(ids, mask, max_new_tokens=MAX_TOKENS)
-    rows = []
-    for b in range(ids.shape[0]):
-        tokens, decisions = out[b, ids.shape[1]:].tolist(), aug[b].tolist()
-        if eos in tokens:
-            n = tokens.index(eos) + 1
-            tokens, decisions = tokens[:n], decisions[:n]
-        rows.append((tokens, decisions))
-    return rows
+    return memgen_fixtures.oracle_rows(model, ids, mask, MAX_TOKENS, eos)
 
 
 def _engine(ckpt, reasoner, weaver, trigger, **options):

@@ -201,15 +201,7 @@ def test_sft_step_changes_exactly_the_trainable_parameters(chat_tokenizer, memge
 def _greedy_pair(model, llm, tokenizer):
     """(engine rows, oracle rows): (tokens, augmentation) per prompt up to the first EOS."""
     ids, mask = memgen_fixtures.encode_prompts(tokenizer)
-    out, aug = model.generate(ids, mask, max_new_tokens=MAX_TOKENS)
-    eos = tokenizer.eos_token_id
-    oracle = []
-    for b in range(ids.shape[0]):
-        tokens, decisions = out[b, ids.shape[1]:].tolist(), aug[b].tolist()
-        if eos in tokens:
-            n = tokens.index(eos) + 1
-            tokens, decisions = tokens[:n], decisions[:n]
-        oracle.append((tokens, decisions))
+    oracle = memgen_fixtures.oracle_rows(model, ids, mask, MAX_TOKENS, tokenizer.eos_token_id)
     prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
     engine = [(o.token_ids, o.augmentation) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     return engine, oracle
