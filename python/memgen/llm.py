@@ -40,12 +40,15 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
 
-        from memgen.models import load_hf_config
+        # config.json and the tokenizer are read without transformers where that is exact
+        # (model_config.py, tokenizer.py): its import is most of the startup of a small model
+        from memgen.model_config import load_model_config
         from memgen.sources import resolve_model_dir
+        from memgen.tokenizer import load_tokenizer
 
         self.model_dir = Path(resolve_model_dir(model))
-        self.hf_config = load_hf_config(self.model_dir)
-        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.hf_config = load_model_config(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.vocab_size = int(self.hf_config.vocab_size)
         max_positions = int(getattr(self.hf_config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
         if config.max_model_len is None:
@@ -64,7 +67,7 @@ class LLM:
         default to the ones the checkpoint records, else the reasoner."""
         from memgen.checkpoint import MemGenCheckpoint, drop_lora, load_checkpoint
         from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
-        from memgen.models import load_hf_config
+        from memgen.model_config import load_model_config
         from memgen.sources import resolve_model_dir, same_model
 
         if isinstance(memgen, MemGenCheckpoint):
@@ -81,7 +84,7 @@ class LLM:
                 dirs[role] = Path(resolve_model_dir(path))
             else:
                 dirs[role] = None   # shares the reasoner's weights (the same directory, or a copy)
-        configs = {role: load_hf_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
+        configs = {role: load_model_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
         if not ckpt.settings.trigger_active:
             # it never runs and none is loaded: an unnamed base whose head is not the reasoner's
             # width (e.g. smollm_*.sh's Qwen2.5 trigger) is left unchecked, not assumed the reasoner's
@@ -363,15 +366,6 @@ def _as_conversation_list(messages) -> list[list[dict]]:
                 raise ValueError(f"conversation {i}, message {j} needs string 'role' and 'content' fields, "
                                  f"got keys {sorted(m)}")
     return conversations
-
-
-def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no usable tokenizer in {model_dir}: {e}") from e
 
 
 def _eos_token_ids(tokenizer, hf_config) -> frozenset[int]:
