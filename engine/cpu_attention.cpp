@@ -36,71 +36,145 @@ inline void store(BF16* dst, float x) {  // round to nearest even, as torch does
     dst->bits = uint16_t(u >> 16);
 }
 
-// Up to kTile consecutive query rows of one chunk, and one KV head with its `group`
-// query heads: two passes over the keys the rows see (scores, then the
-// softmax-weighted sum of values), each key and value row read once for all of
-// them (rows of a chunk see a growing prefix: row i stops at its own position).
-// `scores` holds kTile * group * stride entries, `acc` kTile * group * head_dim.
+// exp for the softmax's float path, written so that the compiler vectorizes the loop
+// around it (std::exp is a scalar call per element, which alone cost as much as the
+// dot products here). Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, and e^r's Taylor
+// polynomial of degree 7: within 1.3 ulp of exp on [-87, 0] (checked against double exp
+// at every float there), the softmax's range (x = s - max).
+inline float softmax_exp(float x) {
+    x = std::max(x, -87.0f);
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest (1.5 * 2^23)
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, sizeof bits);
+    bits += int32_t(n) << 23;   // * 2^n (n >= -126 here: no denormal results)
+    std::memcpy(&p, &bits, sizeof p);
+    return p;
+}
+inline double softmax_exp(double x) { return std::exp(x); }   // float64: the reference's exp
+
+// Up to kTile consecutive query rows of one chunk, all heads: two passes over the keys
+// the rows see (scores, then the softmax-weighted sum of values). A slot's K (or V)
+// row holds every KV head side by side, so each pass reads the chunk's blocks front
+// to back, each row once for all the rows' heads (row i stops at its own position).
+// `qs` holds the tile's queries in Acc, pre-scaled (kTile * num_heads * head_dim),
+// `scores` kTile * num_heads * stride entries, `acc` kTile * num_heads * head_dim.
 constexpr int64_t kTile = 4;
 
 template <typename T, typename Acc>
 inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, int64_t row0, int64_t rows,
-                                                  int64_t kv_head, int64_t chunk, int64_t stride, Acc* scores,
+                                                  int64_t chunk, int64_t stride, Acc* qs, Acc* scores,
                                                   Acc* acc) {
-    const int64_t D = a.head_dim, bs = a.block_size, group = a.num_heads / a.num_kv_heads;
+    const int64_t D = a.head_dim, bs = a.block_size, H = a.num_heads, group = a.num_heads / a.num_kv_heads;
     const int64_t q_len = a.cu_seqlens_q[chunk + 1] - a.cu_seqlens_q[chunk];
     const int64_t first = a.context_lens[chunk] - q_len + (row0 - a.cu_seqlens_q[chunk]);  // row0's position
     const int64_t last = first + rows - 1;
-    const int64_t heads = rows * group;   // (row, head) pairs of this item, row-major
+    const int64_t pairs = rows * H;   // (row, head) pairs of this tile, row-major
     const int64_t slot_stride = a.num_kv_heads * D;
-    const T* k_cache = static_cast<const T*>(a.k_cache) + kv_head * D;
-    const T* v_cache = static_cast<const T*>(a.v_cache) + kv_head * D;
     const int64_t* table = a.block_tables + chunk * a.max_blocks;
     const Acc scale = Acc(a.scale);
-    auto q_of = [&](int64_t h) {   // pair h = (row0 + h / group, kv_head * group + h % group)
-        return static_cast<const T*>(a.q) + ((row0 + h / group) * a.num_heads + kv_head * group + h % group) * D;
-    };
-
-    for (int64_t j = 0; j <= last; ++j) {
-        const int64_t block = table[j / bs];
+    for (int64_t p = 0; p < pairs; ++p) {
+        const T* q = static_cast<const T*>(a.q) + (row0 * H + p) * D;
+        for (int64_t d = 0; d < D; ++d) qs[p * D + d] = to_acc(q[d], Acc()) * scale;
+    }
+    const int64_t num_keys = last + 1, num_blocks = (num_keys + bs - 1) / bs;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t block = table[b];
         if (block < 0 || block >= a.num_blocks) return false;
-        const T* k = k_cache + (block * bs + j % bs) * slot_stride;
-        // rows before position j do not see key j
-        for (int64_t h = std::max<int64_t>(0, j - first) * group; h < heads; ++h) {
-            const T* qh = q_of(h);
-            Acc s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += to_acc(qh[d], Acc()) * to_acc(k[d], Acc());
-            scores[h * stride + j] = s * scale;
+    }
+
+    // pass 1: scores, block by block (a block's keys are contiguous slots), four keys
+    // at a time: four independent sums keep the FMA units busy where one is a latency chain
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const T* k_block = static_cast<const T*>(a.k_cache) + table[b] * bs * slot_stride;
+        const int64_t j0 = b * bs;
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t j_end = std::min(j0 + bs, first + r + 1);   // row r sees keys up to its position
+            for (int64_t h = 0; h < H && j_end > j0; ++h) {
+                const T* k = k_block + (h / group) * D;
+                const Acc* q = qs + (r * H + h) * D;
+                Acc* s = scores + (r * H + h) * stride;
+                int64_t j = j0;
+                for (; j + 4 <= j_end; j += 4) {
+                    const T *k0 = k + (j - j0) * slot_stride, *k1 = k0 + slot_stride, *k2 = k1 + slot_stride,
+                            *k3 = k2 + slot_stride;
+                    Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                    for (int64_t d = 0; d < D; ++d) {
+                        s0 += q[d] * to_acc(k0[d], Acc());
+                        s1 += q[d] * to_acc(k1[d], Acc());
+                        s2 += q[d] * to_acc(k2[d], Acc());
+                        s3 += q[d] * to_acc(k3[d], Acc());
+                    }
+                    s[j] = s0, s[j + 1] = s1, s[j + 2] = s2, s[j + 3] = s3;
+                }
+                for (; j < j_end; ++j) {
+                    const T* kj = k + (j - j0) * slot_stride;
+                    Acc s0 = 0;
+#pragma omp simd reduction(+ : s0)
+                    for (int64_t d = 0; d < D; ++d) s0 += q[d] * to_acc(kj[d], Acc());
+                    s[j] = s0;
+                }
+            }
         }
     }
-    for (int64_t h = 0; h < heads; ++h) {
-        const int64_t position = first + h / group;
-        Acc* sh = scores + h * stride;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t n = first + p / H + 1;   // keys this row sees
+        Acc* sp = scores + p * stride;
         Acc max_score = -std::numeric_limits<Acc>::infinity();
-        for (int64_t j = 0; j <= position; ++j) max_score = std::max(max_score, sh[j]);
+        for (int64_t j = 0; j < n; ++j) max_score = std::max(max_score, sp[j]);
         Acc total = 0;
-        for (int64_t j = 0; j <= position; ++j) {
-            sh[j] = std::exp(sh[j] - max_score);
-            total += sh[j];
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < n; ++j) {
+            sp[j] = softmax_exp(sp[j] - max_score);
+            total += sp[j];
         }
         const Acc inv = Acc(1) / total;
-        for (int64_t j = 0; j <= position; ++j) sh[j] *= inv;
-    }
-    std::fill(acc, acc + heads * D, Acc(0));
-    for (int64_t j = 0; j <= last; ++j) {
-        const T* v = v_cache + (table[j / bs] * bs + j % bs) * slot_stride;
-        for (int64_t h = std::max<int64_t>(0, j - first) * group; h < heads; ++h) {
-            const Acc p = scores[h * stride + j];
-            Acc* ah = acc + h * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ah[d] += p * to_acc(v[d], Acc());
+        for (int64_t j = 0; j < n; ++j) sp[j] *= inv;
+    }
+
+    // pass 2: the probability-weighted sum of values, four value rows per update of
+    // the accumulator (a quarter of its loads and stores)
+    std::fill(acc, acc + pairs * D, Acc(0));
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        const T* v_block = static_cast<const T*>(a.v_cache) + table[b] * bs * slot_stride;
+        const int64_t j0 = b * bs;
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t j_end = std::min(j0 + bs, first + r + 1);
+            for (int64_t h = 0; h < H && j_end > j0; ++h) {
+                const T* v = v_block + (h / group) * D;
+                const Acc* w = scores + (r * H + h) * stride;
+                Acc* o = acc + (r * H + h) * D;
+                int64_t j = j0;
+                for (; j + 4 <= j_end; j += 4) {
+                    const T *v0 = v + (j - j0) * slot_stride, *v1 = v0 + slot_stride, *v2 = v1 + slot_stride,
+                            *v3 = v2 + slot_stride;
+                    const Acc w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+#pragma omp simd
+                    for (int64_t d = 0; d < D; ++d)
+                        o[d] += w0 * to_acc(v0[d], Acc()) + w1 * to_acc(v1[d], Acc()) +
+                                w2 * to_acc(v2[d], Acc()) + w3 * to_acc(v3[d], Acc());
+                }
+                for (; j < j_end; ++j) {
+                    const T* vj = v + (j - j0) * slot_stride;
+                    const Acc wj = w[j];
+#pragma omp simd
+                    for (int64_t d = 0; d < D; ++d) o[d] += wj * to_acc(vj[d], Acc());
+                }
+            }
         }
     }
-    for (int64_t h = 0; h < heads; ++h) {
-        T* out = static_cast<T*>(a.out) + ((row0 + h / group) * a.num_heads + kv_head * group + h % group) * D;
-        for (int64_t d = 0; d < D; ++d) store(out + d, acc[h * D + d]);
-    }
+    T* out = static_cast<T*>(a.out) + row0 * H * D;
+    for (int64_t i = 0; i < pairs * D; ++i) store(out + i, acc[i]);
     return true;
 }
 
@@ -112,17 +186,17 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
 #define MEMGEN_CLONES
 #endif
 
-MEMGEN_CLONES bool attend_f32(const PagedAttentionArgs& a, int64_t row0, int64_t rows, int64_t kv_head,
-                              int64_t chunk, int64_t stride, float* s, float* acc) {
-    return attend<float, float>(a, row0, rows, kv_head, chunk, stride, s, acc);
+MEMGEN_CLONES bool attend_f32(const PagedAttentionArgs& a, int64_t row0, int64_t rows, int64_t chunk,
+                              int64_t stride, float* q, float* s, float* acc) {
+    return attend<float, float>(a, row0, rows, chunk, stride, q, s, acc);
 }
-MEMGEN_CLONES bool attend_f64(const PagedAttentionArgs& a, int64_t row0, int64_t rows, int64_t kv_head,
-                              int64_t chunk, int64_t stride, double* s, double* acc) {
-    return attend<double, double>(a, row0, rows, kv_head, chunk, stride, s, acc);
+MEMGEN_CLONES bool attend_f64(const PagedAttentionArgs& a, int64_t row0, int64_t rows, int64_t chunk,
+                              int64_t stride, double* q, double* s, double* acc) {
+    return attend<double, double>(a, row0, rows, chunk, stride, q, s, acc);
 }
-MEMGEN_CLONES bool attend_bf16(const PagedAttentionArgs& a, int64_t row0, int64_t rows, int64_t kv_head,
-                               int64_t chunk, int64_t stride, float* s, float* acc) {
-    return attend<BF16, float>(a, row0, rows, kv_head, chunk, stride, s, acc);
+MEMGEN_CLONES bool attend_bf16(const PagedAttentionArgs& a, int64_t row0, int64_t rows, int64_t chunk,
+                               int64_t stride, float* q, float* s, float* acc) {
+    return attend<BF16, float>(a, row0, rows, chunk, stride, q, s, acc);
 }
 
 // Below this many multiply-adds per thread a step's attention runs on one thread: a
@@ -137,16 +211,16 @@ struct Tile {
 template <typename Acc, typename Fn>
 bool run_all(const PagedAttentionArgs& a, const std::vector<Tile>& tiles, int64_t max_context, int64_t work,
              Fn fn) {
-    const int64_t items = (int64_t)tiles.size() * a.num_kv_heads, group = a.num_heads / a.num_kv_heads;
+    const int64_t items = (int64_t)tiles.size(), per_tile = kTile * a.num_heads;
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, work / kWorkPerThread));
     std::atomic<bool> ok{true};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        std::vector<Acc> scores(kTile * group * max_context), acc(kTile * group * a.head_dim);
-#pragma omp for schedule(dynamic, 4)
+        std::vector<Acc> q(per_tile * a.head_dim), scores(per_tile * max_context), acc(per_tile * a.head_dim);
+#pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; ++item) {
-            const Tile& t = tiles[item / a.num_kv_heads];
-            if (!fn(a, t.row0, t.rows, item % a.num_kv_heads, t.chunk, max_context, scores.data(), acc.data()))
+            const Tile& t = tiles[item];
+            if (!fn(a, t.row0, t.rows, t.chunk, max_context, q.data(), scores.data(), acc.data()))
                 ok.store(false, std::memory_order_relaxed);
         }
     }
