@@ -61,6 +61,16 @@ inline float softmax_exp(float x) {
 }
 inline double softmax_exp(double x) { return std::exp(x); }   // float64: the reference's exp
 
+// Asks for the next block's rows ahead of use: a step's weights have pushed the KV
+// cache out of the caches by the time a layer attends, and the hardware prefetcher
+// stops at each 4 KiB page and each jump to another block.
+template <typename T>
+inline void prefetch_rows(const T* rows, int64_t count, int64_t slot_stride) {
+    const char* p = reinterpret_cast<const char*>(rows);
+    const int64_t bytes = count * slot_stride * int64_t(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 // Up to kTile consecutive query rows of one chunk, all heads: two passes over the keys
 // the rows see (scores, then the softmax-weighted sum of values). A slot's K (or V)
 // row holds every KV head side by side, so each pass reads the chunk's blocks front
@@ -93,9 +103,15 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
 
     // pass 1: scores, block by block (a block's keys are contiguous slots), four keys
     // at a time: four independent sums keep the FMA units busy where one is a latency chain
+    const T* k_cache = static_cast<const T*>(a.k_cache);
+    const T* v_cache = static_cast<const T*>(a.v_cache);
+    auto keys_in = [&](int64_t b) { return std::min(bs, num_keys - b * bs); };
+    prefetch_rows(k_cache + table[0] * bs * slot_stride, keys_in(0), slot_stride);
     for (int64_t b = 0; b < num_blocks; ++b) {
-        const T* k_block = static_cast<const T*>(a.k_cache) + table[b] * bs * slot_stride;
+        const T* k_block = k_cache + table[b] * bs * slot_stride;
         const int64_t j0 = b * bs;
+        if (b + 1 < num_blocks) prefetch_rows(k_cache + table[b + 1] * bs * slot_stride, keys_in(b + 1), slot_stride);
+        else prefetch_rows(v_cache + table[0] * bs * slot_stride, keys_in(0), slot_stride);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t j_end = std::min(j0 + bs, first + r + 1);   // row r sees keys up to its position
             for (int64_t h = 0; h < H && j_end > j0; ++h) {
@@ -146,8 +162,9 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     // the accumulator (a quarter of its loads and stores)
     std::fill(acc, acc + pairs * D, Acc(0));
     for (int64_t b = 0; b < num_blocks; ++b) {
-        const T* v_block = static_cast<const T*>(a.v_cache) + table[b] * bs * slot_stride;
+        const T* v_block = v_cache + table[b] * bs * slot_stride;
         const int64_t j0 = b * bs;
+        if (b + 1 < num_blocks) prefetch_rows(v_cache + table[b + 1] * bs * slot_stride, keys_in(b + 1), slot_stride);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t j_end = std::min(j0 + bs, first + r + 1);
             for (int64_t h = 0; h < H && j_end > j0; ++h) {
