@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "cpu_attention.h"
+#include "cpu_ops.h"
 #include "runtime.h"
 
 namespace nb = nanobind;
@@ -296,4 +297,18 @@ NB_MODULE(_native, m) {
           nb::call_guard<nb::gil_scoped_release>(),
           "Store this forward's K/V (k == 0: none), then paged attention on the CPU straight from the KV "
           "blocks (engine/cpu_attention.h).");
+    m.def("rms_norm_cpu",
+          [](uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t out, int64_t rows, int64_t hidden,
+             double eps, int dtype) {
+              rms_norm_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(residual),
+                           reinterpret_cast<const void*>(weight), reinterpret_cast<void*>(out), rows, hidden, eps,
+                           static_cast<AttnDtype>(dtype));
+          },
+          "RMSNorm of contiguous rows, after residual += x in place when residual != 0 (engine/cpu_ops.h).");
+    m.def("silu_and_mul_cpu",
+          [](uintptr_t gate_up, uintptr_t out, int64_t rows, int64_t width, int dtype) {
+              silu_and_mul_cpu(reinterpret_cast<const void*>(gate_up), reinterpret_cast<void*>(out), rows, width,
+                               static_cast<AttnDtype>(dtype));
+          },
+          "silu(gate) * up of a contiguous [rows, 2 * width] gate-up output (engine/cpu_ops.h).");
 }

@@ -22,6 +22,7 @@ import torch
 
 from memgen.kernels.reference import (SDPAGroup, add_lora_rows, inject_latents_ref, lora_metadata, lora_rows,
                                      sdpa_attend, sdpa_groups, trigger_decisions_ref)
+from memgen.layers import native
 from memgen.layers.context import ForwardContext
 
 
@@ -30,19 +31,6 @@ class SDPAMetadata:
     groups: list[SDPAGroup]
     store_index: torch.Tensor | None  # rows whose K/V are stored (None: all rows)
     native: bool = False              # attend with the native CPU kernel instead of the groups
-
-
-# dtypes the native CPU attention computes in (engine/cpu_attention.h's AttnDtype codes)
-_NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
-
-
-def _native_attention():
-    """engine/cpu_attention.cpp's entry point, or None (an older build)."""
-    try:
-        from memgen._native import paged_attention_cpu
-    except ImportError:
-        return None
-    return paged_attention_cpu
 
 
 class TorchBackend:
@@ -59,12 +47,12 @@ class TorchBackend:
     trigger_decisions = staticmethod(trigger_decisions_ref)
 
     def __init__(self, cpu_attention: bool = True):
-        self._native = _native_attention() if cpu_attention else None
+        self._native = native.paged_attention_cpu if cpu_attention else None
 
     def reads_only_written_slots(self, device: torch.device, dtype: torch.dtype) -> bool:
         """True where attention reads no KV slot but those written before (the native CPU
         kernel): the cache then needs no zero fill."""
-        return self._native is not None and device.type == "cpu" and dtype in _NATIVE_DTYPES
+        return self._native is not None and device.type == "cpu" and dtype in native.DTYPE_CODES
 
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
         if self._native is not None and ctx.slot_mapping.device.type == "cpu":
@@ -81,7 +69,7 @@ class TorchBackend:
 
     def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
         meta: SDPAMetadata = ctx.attn_metadata
-        if meta.native and q.dtype in _NATIVE_DTYPES:
+        if meta.native and q.dtype in native.DTYPE_CODES:
             return self._attend_native(q, k, v, k_cache, v_cache, ctx, scale)
         if meta.native:   # a dtype the native kernel does not take (float16): SDPA
             ctx.attn_metadata = meta = TorchBackend(cpu_attention=False).prepare(ctx)
@@ -115,7 +103,7 @@ class TorchBackend:
         self._native(k.data_ptr(), v.data_ptr(), ctx.slot_mapping.data_ptr(), k.shape[0], q.data_ptr(),
                      k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), ctx.cu_seqlens_q.data_ptr(),
                      ctx.context_lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1],
-                     num_kv_heads, head_dim, block_size, num_blocks, float(scale), _NATIVE_DTYPES[q.dtype],
+                     num_kv_heads, head_dim, block_size, num_blocks, float(scale), native.DTYPE_CODES[q.dtype],
                      torch.get_num_threads())
         return out
 

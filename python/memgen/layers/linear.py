@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memgen.layers import native
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b), W: [out, in]. `output_sizes` names the packed parts."""
@@ -53,8 +55,13 @@ class Linear(nn.Module):
 
 
 class SiluAndMul(nn.Module):
-    """silu(gate) * up for a packed [.., 2*I] gate-up output."""
+    """silu(gate) * up for a packed [.., 2*I] gate-up output (one native pass on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.silu_and_mul_cpu is not None and x.dim() == 2 and native.fused_ok(x):
+            out = x.new_empty(x.shape[0], x.shape[1] // 2)
+            native.silu_and_mul_cpu(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2,
+                                    native.FUSED_DTYPE_CODES[x.dtype])
+            return out
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -1,10 +1,13 @@
 """RMSNorm as the HF Qwen2/Qwen3/Llama implementations compute it (in float32,
-whatever the model dtype, so that float64 parity runs match HF)."""
+whatever the model dtype, so that float64 parity runs match HF), optionally
+fused with the residual add before it (vLLM's fused_add_rms_norm)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from memgen.layers import native
 
 
 class RMSNorm(nn.Module):
@@ -13,7 +16,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(residual + x), residual + x): the sum is the
+        next residual (written into `residual` in place on the native path)."""
+        if native.rms_norm_cpu is not None and x.dim() == 2 and native.fused_ok(x, self.weight) \
+                and (residual is None or native.fused_ok(residual, x)):
+            out = torch.empty_like(x)
+            native.rms_norm_cpu(x.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                                self.weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], self.eps,
+                                native.FUSED_DTYPE_CODES[x.dtype])
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return self._norm(x)
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
         if dtype == torch.float64:   # HF's own ops, one by one: float64 parity runs match it bit for bit

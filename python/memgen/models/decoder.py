@@ -133,9 +133,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.mlp = DecoderMLP(hf_config, spec)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embeddings at layer 0, residual None);
+        returns this layer's output and the residual stream before it: the residual
+        adds ride in the norms (one fused op each on CPU)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin), residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -178,9 +186,10 @@ class DecoderForCausalLM(nn.Module):
                 latent_index: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_inputs(input_ids, latents, latent_index)
         cos, sin = self.model.rotary.lookup(positions)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, cos, sin)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:

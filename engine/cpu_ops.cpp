@@ -1,0 +1,146 @@
+// See cpu_ops.h.
+#include "cpu_ops.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace memgen {
+namespace {
+
+inline float bf16_to_float(uint16_t bits) {
+    uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline uint16_t float_to_bf16(float x) {   // round to nearest even, as torch does
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);   // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+// e^x for |x| <= 87, written so that loops around it vectorize (std::exp is a scalar
+// call per element): x = n*ln2 + r and e^r's Taylor polynomial of degree 7
+// (within 1.3 ulp of exp; engine/cpu_attention.cpp's softmax uses the same).
+inline float vexp(float x) {
+    x = std::min(std::max(x, -87.0f), 87.0f);
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, sizeof bits);
+    bits += int32_t(n) << 23;
+    std::memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define MEMGEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MEMGEN_CLONES
+#endif
+
+MEMGEN_CLONES void rms_norm_f32(const float* x, float* residual, const float* w, float* out, int64_t rows,
+                                int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * n;
+        float* h = residual != nullptr ? residual + r * n : nullptr;
+        if (h != nullptr) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) h[i] += xr[i];
+            xr = h;
+        }
+        float sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) sum += xr[i] * xr[i];
+        const float inv = 1.0f / std::sqrt(sum / float(n) + eps);
+        float* o = out + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) o[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+MEMGEN_CLONES void rms_norm_bf16(const uint16_t* x, uint16_t* residual, const uint16_t* w, uint16_t* out,
+                                 int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* xr = x + r * n;
+        uint16_t* h = residual != nullptr ? residual + r * n : nullptr;
+        if (h != nullptr) {
+            for (int64_t i = 0; i < n; ++i) h[i] = float_to_bf16(bf16_to_float(h[i]) + bf16_to_float(xr[i]));
+            xr = h;
+        }
+        float sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) sum += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+        const float inv = 1.0f / std::sqrt(sum / float(n) + eps);
+        uint16_t* o = out + r * n;
+        // HF: weight * (h * inv).to(bfloat16), each product rounded to bfloat16
+        for (int64_t i = 0; i < n; ++i)
+            o[i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(xr[i]) * inv));
+    }
+}
+
+MEMGEN_CLONES void silu_and_mul_f32(const float* gu, float* out, int64_t rows, int64_t width) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gu + r * 2 * width, *u = g + width;
+        float* o = out + r * width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) o[i] = g[i] / (1.0f + vexp(-g[i])) * u[i];
+    }
+}
+
+MEMGEN_CLONES void silu_and_mul_bf16(const uint16_t* gu, uint16_t* out, int64_t rows, int64_t width) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *g = gu + r * 2 * width, *u = g + width;
+        uint16_t* o = out + r * width;
+        for (int64_t i = 0; i < width; ++i) {   // silu rounds to bfloat16, then the product does
+            const float x = bf16_to_float(g[i]);
+            o[i] = float_to_bf16(round_bf16(x / (1.0f + vexp(-x))) * bf16_to_float(u[i]));
+        }
+    }
+}
+
+}  // namespace
+
+void rms_norm_cpu(const void* x, void* residual, const void* weight, void* out, int64_t rows, int64_t hidden,
+                  double eps, AttnDtype dtype) {
+    if (rows < 0 || hidden < 1) throw std::invalid_argument("rms_norm_cpu: bad sizes");
+    switch (dtype) {
+        case AttnDtype::kFloat32:
+            rms_norm_f32(static_cast<const float*>(x), static_cast<float*>(residual),
+                         static_cast<const float*>(weight), static_cast<float*>(out), rows, hidden, float(eps));
+            break;
+        case AttnDtype::kBFloat16:
+            rms_norm_bf16(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(residual),
+                          static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows, hidden,
+                          float(eps));
+            break;
+        default: throw std::invalid_argument("rms_norm_cpu: float32 or bfloat16 only");
+    }
+}
+
+void silu_and_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_t width, AttnDtype dtype) {
+    if (rows < 0 || width < 1) throw std::invalid_argument("silu_and_mul_cpu: bad sizes");
+    switch (dtype) {
+        case AttnDtype::kFloat32:
+            silu_and_mul_f32(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width);
+            break;
+        case AttnDtype::kBFloat16:
+            silu_and_mul_bf16(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, width);
+            break;
+        default: throw std::invalid_argument("silu_and_mul_cpu: float32 or bfloat16 only");
+    }
+}
+
+}  // namespace memgen

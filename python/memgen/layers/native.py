@@ -1,0 +1,31 @@
+"""The native CPU ops of memgen._native (engine/cpu_attention.cpp, engine/cpu_ops.cpp),
+looked up once; None where the build lacks one (an older build: torch's ops run)."""
+from __future__ import annotations
+
+import torch
+
+# engine/cpu_attention.h's AttnDtype codes
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+# the fused layer ops (cpu_ops.h) take float32 and bfloat16: float64 keeps torch's ops
+FUSED_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2}
+
+
+def native_op(name: str):
+    try:
+        import memgen._native as native
+    except ImportError:
+        return None
+    return getattr(native, name, None)
+
+
+paged_attention_cpu = native_op("paged_attention_cpu")
+rms_norm_cpu = native_op("rms_norm_cpu")
+silu_and_mul_cpu = native_op("silu_and_mul_cpu")
+
+
+def fused_ok(*tensors: torch.Tensor) -> bool:
+    """The fused CPU ops apply: CPU tensors of one float32/bfloat16 dtype, contiguous,
+    outside autograd (they write in place)."""
+    first = tensors[0]
+    return (first.device.type == "cpu" and first.dtype in FUSED_DTYPE_CODES and not torch.is_grad_enabled()
+            and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors))

@@ -1,0 +1,81 @@
+"""The fused CPU ops of a decoder layer (engine/cpu_ops.cpp through layers/native.py):
+RMSNorm with the residual add before it, and SiLU-and-mul, against the torch ops
+HF's modules run, in float32 and bfloat16; float64 and autograd keep torch's ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memgen.layers import native
+from memgen.layers.linear import SiluAndMul
+from memgen.layers.norm import RMSNorm
+
+pytestmark = pytest.mark.skipif(native.rms_norm_cpu is None, reason="a build without the native CPU ops")
+
+
+def hf_rms_norm(x, weight, eps):
+    """HF's Qwen2RMSNorm.forward, op by op."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _norm(hidden, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.data = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
+    return norm, g
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows,hidden", [(1, 512), (7, 37), (0, 64), (33, 1000)])
+def test_native_rms_norm_with_and_without_the_residual(dtype, tol, rows, hidden):
+    norm, g = _norm(hidden, dtype)
+    x = (3 * torch.randn(rows, hidden, generator=g)).to(dtype)
+    residual = torch.randn(rows, hidden, generator=g).to(dtype)
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), hf_rms_norm(x, norm.weight, 1e-5), rtol=tol, atol=tol)
+        want_residual = residual + x
+        want = hf_rms_norm(want_residual, norm.weight, 1e-5)
+        kept = residual
+        out, new_residual = norm(x, residual)
+    assert new_residual is kept, "the native path adds into the residual in place"
+    assert torch.equal(new_residual, want_residual)     # one rounding per element, as torch's add
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+
+
+def test_rms_norm_keeps_hf_ops_in_float64_and_under_autograd():
+    norm, g = _norm(64, torch.float64)
+    x, residual = torch.randn(5, 64, generator=g, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        out, new_residual = norm(x, residual)
+    assert new_residual is not residual and torch.equal(new_residual, residual + x)
+    assert torch.equal(out, hf_rms_norm(residual + x, norm.weight, 1e-5))   # bit for bit
+    norm32, _ = _norm(64, torch.float32)
+    x32 = torch.randn(5, 64, generator=g, requires_grad=True)
+    out = norm32(x32)                                   # grad mode: torch's ops, differentiable
+    out.sum().backward()
+    assert x32.grad is not None and torch.isfinite(x32.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(1, 1024), (9, 13), (0, 8)])
+def test_native_silu_and_mul(dtype, rows, width):
+    g = torch.Generator().manual_seed(1)
+    x = (4 * torch.randn(rows, 2 * width, generator=g)).to(dtype)
+    if rows:
+        x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)   # saturated and zero gates
+    with torch.inference_mode():
+        got = SiluAndMul()(x)
+    gate, up = x.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_native_ops_refuse_other_dtypes():
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native.silu_and_mul_cpu(x.data_ptr(), x.data_ptr(), 2, 2, native.DTYPE_CODES[torch.float64])
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native.rms_norm_cpu(x.data_ptr(), 0, x.data_ptr(), x.data_ptr(), 2, 4, 1e-6, native.DTYPE_CODES[torch.float64])
