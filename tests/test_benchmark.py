@@ -214,6 +214,8 @@ def test_vs_reference(tmp_path, memgen_reasoner_dir):
     (["--memgen", "somewhere", "--latents", "4"], "cannot be combined with --memgen"),
     (["--budget", "-1"], "must be >= 0"),
     (["--time-budget", "-1"], "--time-budget must be >= 0"),
+    (["--prompt-tokens", "-1"], "--prompt-tokens must be >= 0"),
+    (["--config", "small", "--model", "x"], "--config small runs its own small model"),
 ])
 def test_bad_options_exit_2(argv, message, tmp_path, capsys):
     rc, data = bench(tmp_path, *argv)
@@ -236,3 +238,30 @@ def test_free_cores():
     assert report.free_cores(2, 0.6) == 1 and report.free_cores(2, 1.4) == 1
     assert report.free_cores(2, 5.0) == 1          # never 0
     assert report.free_cores(16, 3.2) == 13
+
+
+def test_long_prompts_reach_the_asked_length(tokenizer):
+    from memgen.benchmark.timing import make_prompts
+
+    short = make_prompts(tokenizer, 6)
+    long = make_prompts(tokenizer, 6, min_tokens=120)
+    assert all(len(p) >= 120 for p in long) and all(len(p) < 150 for p in long)   # a context of 8-word steps
+    assert len({tuple(p) for p in long}) == 6                 # no two alike (no prefix-cache shortcut)
+    assert all(len(s) < 120 for s in short)
+    assert make_prompts(tokenizer, 6, min_tokens=1) == short
+
+
+def test_small_config_model(tmp_path, monkeypatch):
+    """--config small: issue 17's shape, built once into the cache and loaded from it after."""
+    import json as _json
+
+    from memgen.benchmark import small_model
+
+    monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path))
+    first = small_model.small_model_dir()
+    config = _json.loads((first / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["vocab_size"] == small_model.VOCAB_SIZE
+    assert {k: config[k] for k in small_model.SHAPE} == small_model.SHAPE
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert small_model.small_model_dir() == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [small_model.NAME]   # no temp dir left behind

@@ -11,6 +11,7 @@ way the reference does (random_checkpoint) and the output says so.
     memgen bench                                   # latency: 70 s on a 2-core CPU at load 3 (budget 100 s)
     memgen bench --mode overhead                   # issue 4 benchmark 1: batch 8, 384 tokens
     memgen bench --mode vs-reference --max-tokens 128
+    memgen bench --config small --mode vs-hf        # issue 17's small model: the engine's overhead shows
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from memgen.model_options import add_model_arguments
 
 DEFAULT_OUTPUT_DIR = "memgen-bench-results"   # under the cwd: the user's folder, never the checkout's bench/results
 
+CONFIGS = ("default", "small")
 MODES = ("latency", "throughput", "overhead", "vs-reference", "vs-hf", "serve")
 
 # per mode: batch sizes, output lengths, iterations (each overridable)
@@ -45,6 +47,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "memgen.hf (target >= 20x); vs-hf: plain engine vs HF generate "
                         "(runs bench/bench_engine_vs_hf.py); serve: --batch-sizes concurrent streaming "
                         "clients against `memgen serve` beside offline generate (TTFT, TPOT, throughput)")
+    p.add_argument("--config", choices=CONFIGS, default="default",
+                   help="default: --model (the packaged SmolLM2 unless given); small: issue 17's small random "
+                        "Qwen2-shaped model (hidden 512, 6 layers, 4/2 heads, 320 tokens, float32), built offline "
+                        "once into the cache: cheap GEMMs, so the engine's own overhead shows")
     add_model_arguments(p, memgen_help="MemGen checkpoint directory (default: MemGen parts initialised as "
                                         "the reference does)", seed_help="engine seed and random-init seed")
     g = p.add_argument_group("random MemGen init (only without --memgen)")
@@ -62,6 +68,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, nargs="+", default=None,
                    help="output lengths (EOS ignored); default per mode: "
                         + ", ".join(f"{m} {d[1]}" for m, d in MODE_DEFAULTS.items()))
+    g.add_argument("--prompt-tokens", type=int, default=0,
+                   help="at least this many tokens per prompt: a context passage before each question "
+                        "(e.g. 180 for GSM8K-like prompts; default 0: the bare questions)")
     g.add_argument("--num-prompts", type=int, default=16, help="throughput: requests submitted at once (default 16)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--iterations", type=int, default=None,
@@ -101,7 +110,9 @@ def check_args(args) -> None:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {bad}")
-    for name, low in (("iterations", 1), ("reference_iterations", 1), ("num_prompts", 1), ("warmup_tokens", 0)):
+    if args.config == "small" and args.model is not None:
+        raise ValueError("--config small runs its own small model: drop --model (or use --config default)")
+    for name, low in (("prompt_tokens", 0), ("iterations", 1), ("reference_iterations", 1), ("num_prompts", 1), ("warmup_tokens", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
@@ -137,6 +148,11 @@ def run_bench_from_args(args) -> int:
 
     from .report import free_cores, load_average, usable_cores
 
+    if args.config == "small":
+        from .small_model import small_model_dir
+
+        args.model = str(small_model_dir())
+        print(f"memgen bench: --config small: {args.model}", flush=True)
     args.threads_from_load = args.threads is None and resolve_device(args.device).type == "cpu"
     if args.threads_from_load:
         load = load_average()

@@ -57,7 +57,7 @@ def _both_sides(args, batch_sizes: list[int], max_len: int):
 
     model_dir = Path(resolve_model_dir(args.model))
     src = memory_source(args, model_dir)
-    prompts = make_prompts(prompt_tokenizer(model_dir), max(batch_sizes))
+    prompts = make_prompts(prompt_tokenizer(model_dir), max(batch_sizes), args.prompt_tokens)
     mml = needed_model_len(src.checkpoint, max(map(len, prompts)), max_len)   # KV pool sized for the workload
     print("memgen bench: loading the engine with memory off and on ...", flush=True)
     off = build_llm(args, model_dir, None, max(batch_sizes), mml)
@@ -228,7 +228,7 @@ def run_vs_reference(args) -> int:
     model_dir = Path(resolve_model_dir(args.model))
     src = memory_source(args, model_dir)
     batches, n = sorted(set(args.batch_sizes)), max(args.max_tokens)
-    prompts = make_prompts(prompt_tokenizer(model_dir), max(batches))
+    prompts = make_prompts(prompt_tokenizer(model_dir), max(batches), args.prompt_tokens)
     on = build_llm(args, model_dir, src.checkpoint, max(batches),
                    needed_model_len(src.checkpoint, max(map(len, prompts)), n))
     print("memgen bench: loading the HF reference (memgen.hf) ...", flush=True)

@@ -34,18 +34,32 @@ QUESTIONS = [  # GSM8K-style, different lengths, as MemGen is evaluated on math 
 ]
 
 
-def make_prompts(tokenizer, n: int) -> list[list[int]]:
+# words a long prompt's context is cut from (--prompt-tokens)
+CONTEXT_WORDS = ("We add the numbers, then we check the result. The quick brown fox jumps over the lazy dog. "
+                 "Each step is written down, and the answer is checked against the question.").split()
+
+
+def make_prompts(tokenizer, n: int, min_tokens: int = 0) -> list[list[int]]:
     """n chat-formatted prompts (one user turn each) as token ids; the list of
-    questions is cycled with a suffix so that no two prompts are identical."""
+    questions is cycled with a suffix so that no two prompts are identical. With
+    `min_tokens`, each question follows a context passage long enough that the
+    prompt has at least that many tokens (GSM8K-like lengths)."""
+    def encode(content: str) -> list[int]:
+        msgs = [{"role": "user", "content": content}]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(content)["input_ids"])
+
     prompts = []
     for i in range(n):
         q = QUESTIONS[i % len(QUESTIONS)] + (f" (variant {i // len(QUESTIONS)})" if i >= len(QUESTIONS) else "")
-        msgs = [{"role": "user", "content": q}]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        else:
-            prompts.append(list(tokenizer(q)["input_ids"]))
+        ids, words = encode(q), 0
+        while len(ids) < min_tokens:
+            words += 8
+            context = " ".join((CONTEXT_WORDS * (1 + words // len(CONTEXT_WORDS)))[i % 5: i % 5 + words])
+            ids = encode(f"Context: {context}\nQuestion: {q}")
+        prompts.append(ids)
     return prompts
 
 
