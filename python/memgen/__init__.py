@@ -6,12 +6,13 @@ light submodules (memgen.sources, the CLI's --help) do not pay for torch."""
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "LatentPolicy", "PolicyContext",
-           "SAMPLE", "Insert", "Feed", "__version__"]
+           "SAMPLE", "WAIT", "Insert", "Feed", "StreamSpec", "__version__"]
 
 _EXPORTS = {"LLM": "memgen.llm", "SamplingParams": "memgen.sampling_params", "RequestOutput": "memgen.outputs",
             "CompletionOutput": "memgen.outputs", "LatentPolicy": "memgen.latent_policy",
             "PolicyContext": "memgen.latent_policy", "SAMPLE": "memgen.latent_policy",
-            "Insert": "memgen.latent_policy", "Feed": "memgen.latent_policy"}
+            "Insert": "memgen.latent_policy", "Feed": "memgen.latent_policy", "WAIT": "memgen.latent_policy",
+            "StreamSpec": "memgen.latent_policy"}
 
 
 def __getattr__(name: str):

@@ -6,14 +6,26 @@ A user subclasses LatentPolicy and passes an instance in
 `SamplingParams(latent_policy=...)`. The engine makes one copy per request
 (`new_request`, copy.copy by default) and calls, on that copy:
 
-    on_start(ctx)                 once, before the first on_hidden
+    on_start(ctx)                 once, before the request's first forward
     on_hidden(ctx, hidden) -> a   whenever the reasoner has caught up: `hidden` is
                                   the post-final-norm hidden state [H] of its last
                                   position; the action `a` says what comes next:
         SAMPLE                    sample the next token from these logits
         Insert(embeddings)        append K embedding-valued positions ([K, H]), no token
         Feed(token_ids)           append forced input tokens (not outputs)
+        WAIT                      not yet: the extra streams asked to compute (below)
+                                  do so first, then on_hidden is called again
     on_token(ctx, token_id)       after every sampled token (the last one included)
+    on_stream(ctx, name, hidden)  an extra stream computed what the policy asked
+
+Extra streams: a policy class may declare `streams` (StreamSpec: a name, a LoRA
+adapter, an input projection, which reasoner positions it follows). Every
+request of the policy then has those KV streams beside the reasoner; the engine
+mirrors the reasoner's positions into them and computes them only when asked:
+`ctx.streams[name].compute(scratch=rows)` catches a stream up and, optionally,
+runs embedding rows whose K/V are never kept; the rows' hidden states come back
+in on_stream, before the next on_hidden. They ride in the same forward as every
+other row; the engine keeps paging, prefix caching and preemption.
 
 An Insert or Feed of k positions happens only if they and the token they
 precede fit in max_model_len; otherwise the request ends there with
@@ -47,6 +59,63 @@ class _Sample:
 
 
 SAMPLE = _Sample()
+
+
+class _Wait:
+    """The action WAIT: R has caught up, but the streams asked to compute go first;
+    on_hidden is called again (with the same hidden state) once they delivered."""
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "WAIT"
+
+    def __reduce__(self):
+        return (_Wait, ())
+
+
+WAIT = _Wait()
+
+
+class StreamSpec:
+    """An extra KV stream that every request of a policy holds beside the reasoner.
+
+    name              the key of ctx.streams and of on_stream ("R" is the reasoner's)
+    adapter           None (the base weights) or a LoRA adapter on the reasoner's base:
+                      a `memgen.checkpoint.LoraWeights` (PEFT module paths)
+    input_projection  None, or a function [N, H] -> [N, H_stream] applied to the
+                      reasoner's input embeddings of the stream's token positions and
+                      to the rows it mirrors from Inserts
+    follow            "all": the stream receives every reasoner position (tokens, fed
+                      tokens, inserted rows); "tokens": token positions only
+    skip_token_ids    token ids the stream never receives (e.g. pad tokens)
+
+    The stream shares the reasoner's forward (its rows are batched with every other
+    row; the base weights are read once). The engine keeps its KV blocks, prefix-cache
+    keys and preemption like the reasoner's.
+    """
+    __slots__ = ("adapter", "follow", "input_projection", "name", "skip_token_ids")
+
+    def __init__(self, name: str, adapter: Any = None, input_projection: Any = None, follow: str = "all",
+                 skip_token_ids: Sequence[int] = ()):
+        if not isinstance(name, str) or not name or name == "R":
+            raise ValueError(f"StreamSpec: name must be a non-empty str other than 'R' (the reasoner), got {name!r}")
+        if follow not in ("all", "tokens"):
+            raise ValueError(f"StreamSpec {name!r}: follow must be 'all' or 'tokens', got {follow!r}")
+        if input_projection is not None and not callable(input_projection):
+            raise TypeError(f"StreamSpec {name!r}: input_projection must be callable or None")
+        self.name = name
+        self.adapter = adapter
+        self.input_projection = input_projection
+        self.follow = follow
+        self.skip_token_ids = frozenset(int(t) for t in skip_token_ids)
+
+    def __repr__(self) -> str:
+        return f"StreamSpec({self.name!r}, follow={self.follow!r})"
 
 
 class Insert:
@@ -90,8 +159,15 @@ class PolicyContext:
       hidden_size, vocab_size, dtype, device
       generator         the request's seeded torch.Generator (also the sampler's)
       request_index     the request's index in the engine (0, 1, ...)
+      params            the request's SamplingParams
+      finished          True in the on_token of the token that ended the request
+      streams           name -> the request's extra streams (StreamSpec), each with
+                        compute(scratch=None), follow, num_positions, num_pending,
+                        last_hidden (see the guide)
       embed(token_ids)  the reasoner's input embeddings, [K, H]
       logits(hidden)    the LM head: [H] -> [V], [N, H] -> [N, V]
+      finish()          end the request before its next token, finish_reason "length"
+                        (a policy out of room for what it must insert)
     """
 
     def __init__(self, seq, runtime):
@@ -145,6 +221,24 @@ class PolicyContext:
     def request_index(self) -> int:
         return self._seq.request_index
 
+    @property
+    def params(self):
+        """The request's SamplingParams (read them, do not change them)."""
+        return self._seq.params
+
+    @property
+    def finished(self) -> bool:
+        return self._seq.is_finished
+
+    @property
+    def streams(self):
+        """name -> the request's extra streams (engine.policy.StreamHandle)."""
+        return self._seq.latent.handles
+
+    def finish(self) -> None:
+        """End the request before its next token, with finish_reason "length"."""
+        self._runtime.finish(self._seq)
+
     def embed(self, token_ids):
         """The reasoner's input embeddings of `token_ids` (ints or a 1-D tensor), [K, H]."""
         return self._runtime.embed(token_ids)
@@ -160,14 +254,15 @@ class LatentPolicy:
     Per-request state: the engine calls `new_request` once per request (each of
     n completions too) and the hooks on what it returns. The default is a
     shallow copy with a fresh `record` list, so set mutable per-request state in
-    `on_start` (or override `new_request`). Both run inside the engine's step,
-    just before the request's first on_hidden. Hooks run on the engine's
-    thread, between forwards; `hidden` is valid during the call (clone it to
+    `on_start` (or override `new_request`). Both run at the start of the first
+    engine step after the request arrived. Hooks run on the engine's thread,
+    between forwards; `hidden` is valid during the call (clone it to
     keep it; an Insert of it is copied by the engine). An error raised by any
     of them propagates out of generate(), which takes its requests out.
     """
 
     record: list   # per-token record: returned as `policy_record` on the outputs
+    streams: tuple[StreamSpec, ...] = ()   # extra KV streams of every request (class or instance)
 
     def new_request(self, prompt_token_ids: list[int]) -> LatentPolicy:
         """The policy object of one request (default: copy.copy(self), fresh record)."""
@@ -176,13 +271,21 @@ class LatentPolicy:
         return policy
 
     def on_start(self, ctx: PolicyContext) -> None:
-        """Once per request, right after new_request and before the first on_hidden
-        (the prompt has been computed by then)."""
+        """Once per request, right after new_request, before the request's first
+        forward: streams asked to compute here ride along with the prompt."""
 
     def on_hidden(self, ctx: PolicyContext, hidden):
         """The reasoner caught up; `hidden` is its last position's post-norm state [H].
-        Return SAMPLE, Insert(embeddings) or Feed(token_ids)."""
+        Return SAMPLE, Insert(embeddings), Feed(token_ids), or WAIT (after asking a
+        stream to compute)."""
         return SAMPLE
 
     def on_token(self, ctx: PolicyContext, token_id: int) -> None:
-        """A token was sampled (it is already the last of ctx.output_token_ids)."""
+        """A token was sampled (it is already the last of ctx.output_token_ids, and the
+        streams that follow the reasoner hold it)."""
+
+    def on_stream(self, ctx: PolicyContext, name: str, hidden) -> None:
+        """Stream `name` computed what `ctx.streams[name].compute(...)` asked: `hidden` is
+        the post-norm states of the scratch rows ([K, H_stream]) when rows were given,
+        else of the stream's last position ([H_stream]). Called before the on_hidden
+        that waits for it."""

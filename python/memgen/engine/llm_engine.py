@@ -12,20 +12,22 @@ import torch
 from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.cuda_graph import build_decode_graphs
+from memgen.engine.extra_streams import StreamBinder
 from memgen.engine.memgen_setup import BASE_POOL, SCRATCH_SLACK_BLOCKS, MemGenPlan, MemGenSetup, Pool
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.policy import LatentRuntime, PlainPolicy, RequestPolicy, StepHidden
 from memgen.engine.scheduler import Scheduler
-from memgen.engine.sequence import Sequence, Stream
-from memgen.layers.sampler import Sampler, SamplingBatch
+from memgen.engine.sequence import Sequence
 from memgen.layers.backend import select_backend
-from memgen.memory.controller import ADAPTER_IDS, MemGenController
+from memgen.layers.sampler import Sampler, SamplingBatch
+from memgen.memory.controller import MemGenPolicy
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BUDGET_GB = 1.0
 DEFAULT_GPU_KV_FRACTION = 0.8     # of the free memory after loading the weights
-LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a MemGen checkpoint yet (MemGen is not "
-                      "ported onto the LatentPolicy API): load the model without memgen=... to use a latent policy")
+LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a MemGen checkpoint: a request runs "
+                      "one latent policy, and on an LLM(memgen=...) that is MemGen's; load the model without "
+                      "memgen=... to use your own")
 
 
 class LLMEngine:
@@ -44,21 +46,26 @@ class LLMEngine:
         base = Pool(BASE_POOL, 0, self.model_runner)
         self.pools = [base]
         self.memgen_plan: MemGenPlan | None = None
-        self.memory: MemGenController | None = None    # MemGen's policy, None for a plain LLM
+        self.memory: MemGenPolicy | None = None    # MemGen's LatentPolicy, None for a plain LLM
+        self.stream_binder = StreamBinder(self.model_runner, dtype, device)   # where policies' streams run
         if memgen is not None:
             self.memgen_setup = memgen
             self.memgen_version = 0   # bumped by each weight update: W/T prefix-cache keys carry it
             lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else device.type != "cuda"
             self.memgen_plan = memgen.build(self.model_runner, dtype, device, self.max_model_len, config.block_size,
-                                            follow=not lazy)
+                                            self.stream_binder, follow=not lazy)
             base.num_streams = self.memgen_plan.streams_in_base
             self.pools += self.memgen_plan.extra_pools
-            self.memory = self.memgen_plan.controller
-        # requests with a memgen.LatentPolicy run under the plain policy (not yet with MemGen)
-        self.policy: RequestPolicy = (self.memory if self.memory is not None
-                                      else PlainPolicy(LatentRuntime(self.model_runner, self.max_model_len)))
-        self._after_sample = getattr(self.policy, "after_sample", None)   # optional hook: every sampled token
-        # the plain policy's unfinished LatentPolicy requests (empty, and never filled, under MemGen)
+            self.memory = self.memgen_plan.policy
+        # one policy for every request: MemGen's requests run its LatentPolicy (the default)
+        self.policy: RequestPolicy = PlainPolicy(LatentRuntime(self.model_runner, self.max_model_len),
+                                                 self.stream_binder, default=self.memory)
+        # optional hooks, taken once (a wrapper policy may lack them)
+        self._after_sample = getattr(self.policy, "after_sample", None)   # every sampled token
+        self._before_schedule = getattr(self.policy, "before_schedule", None)
+        self._finish_latent = getattr(self.policy, "finish_latent", None)
+        self._close_finished = getattr(self.policy, "close_finished", None)
+        # the policy's unfinished LatentPolicy requests
         self._latent_requests: dict = getattr(self.policy, "latent_requests", {})
         self.block_managers = {}
         for pool in self.pools:   # in index order: the scheduler numbers its managers so
@@ -112,12 +119,7 @@ class LLMEngine:
         generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
-        if self.memory is not None:
-            for name, ids in self.memory.stream_contents(prompt_token_ids).items():
-                pool = self.memgen_plan.pool_of_stream[name]
-                seq.streams[name] = Stream(name, ids, pool=pool, cache_salt=(name, self.memgen_version),
-                                           adapter_id=ADAPTER_IDS[name])
-        self.policy.start(seq)
+        self.policy.start(seq)      # a LatentPolicy's extra streams are added here
         self.scheduler.add(seq)
         return seq
 
@@ -132,6 +134,7 @@ class LLMEngine:
             raise RuntimeError("update_memgen_weights() must run between generate() calls, not during one")
         self.memgen_setup.update(ckpt, self.runners, self.memgen_plan, self.dtype, self.device)
         self.memgen_version += 1
+        self.stream_binder.version = self.memgen_version
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -143,6 +146,8 @@ class LLMEngine:
         forward -> mark computed -> policy.after_forward -> sample -> stop
         checks -> policy.after_sample (if it has one) -> policy.after_tokens
         (engine/policy.py)."""
+        if self._before_schedule is not None:
+            self._before_schedule()     # new requests' policies start (on_start) here
         out = self.scheduler.schedule()
         if not out.num_chunks:
             if out.preempted:
@@ -201,7 +206,7 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq, reason)
         if self._latent_requests:
-            self.policy.finish_latent(seq)
+            self._finish_latent(seq)
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished requests (a generate() call that raised): their blocks go
@@ -209,8 +214,8 @@ class LLMEngine:
         self.scheduler.abort(seqs)
         if self._latent_requests:
             for seq in seqs:
-                self.policy.finish_latent(seq)
-            self.policy.close_finished()
+                self._finish_latent(seq)
+            self._close_finished()
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -1,5 +1,6 @@
 """Assemble MemGen inside an engine: where the weaver and trigger run, their
-LoRA adapters, and the controller that drives them.
+LoRA adapters, and the policy that drives them (memory.controller.MemGenPolicy,
+a memgen.LatentPolicy whose two extra streams are bound here).
 
 W and T share the reasoner's model (and KV pool) when their base checkpoint is
 the reasoner's: the base weights are read once per step and each adapter's
@@ -14,13 +15,13 @@ from pathlib import Path
 import torch
 
 from memgen.checkpoint import MemGenCheckpoint, validate
+from memgen.engine.extra_streams import BASE_POOL, StreamBinder
 from memgen.engine.model_runner import ModelRunner
 from memgen.layers.lora import install_lora
-from memgen.memory.controller import ADAPTER_IDS, REASONER, TRIGGER, WEAVER, MemGenController
+from memgen.memory.controller import ADAPTER_IDS, REASONER, TRIGGER, WEAVER, MemGenPolicy
 from memgen.memory.delimiters import build_delimiter_table
 from memgen.memory.parts import MemGenParts
 
-BASE_POOL = "base"
 # One block of slack per stream in a pool shared by several streams, and one block of
 # positions for a weaver on its own model: room for the weaver's scratch queries, kept
 # from before the room rule (memory.controller._apply_decision) bounded them by
@@ -41,11 +42,11 @@ class Pool:
 @dataclass
 class MemGenPlan:
     """What MemGen adds to an engine: pools for weaver/trigger checkpoints other
-    than the reasoner's, the pool of each stream, and the controller (its policy)."""
+    than the reasoner's, the pool of each stream, and the policy of its requests."""
     extra_pools: list[Pool]
     pool_of_stream: dict[str, str]
     streams_in_base: int
-    controller: MemGenController
+    policy: MemGenPolicy
 
 
 @dataclass
@@ -58,12 +59,14 @@ class MemGenSetup:
     trigger_config: object = None
 
     def build(self, base: ModelRunner, dtype: torch.dtype, device: torch.device, max_model_len: int,
-              block_size: int, follow: bool = False) -> MemGenPlan:
+              block_size: int, binder: StreamBinder, follow: bool = False) -> MemGenPlan:
         """Runners for separate checkpoints (pools numbered after the base's 0), the
-        adapters installed on the model each role runs on, and the controller."""
+        adapters installed on the model each role runs on, and the policy, whose
+        streams `binder` maps onto those pools and adapters."""
         ckpt = self.ckpt
         extra: list[Pool] = []
         pool_of_stream = {REASONER: BASE_POOL}
+        runner_of = {TRIGGER: base}
         streams_in_base = 1
         roles = [(WEAVER, self.weaver_dir, self.weaver_config, ckpt.weaver_lora)]
         if ckpt.settings.trigger_active:  # an inactive trigger never runs: no model, no KV
@@ -81,12 +84,15 @@ class MemGenSetup:
                 extra.append(Pool(name, 1 + len(extra), runner))
                 pool_of_stream[name] = name
             install_lora(runner.model, ADAPTER_IDS[name], lora, dtype, device)
+            runner_of[name] = runner
         parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
         table = build_delimiter_table(self.tokenizer, base.hf_config.vocab_size)
-        controller = MemGenController(parts, table, self.tokenizer, self.tokenizer.pad_token_id,
-                                      base.model.model.embed_tokens, max_model_len, backend=base.attn_backend,
-                                      follow=follow)
-        return MemGenPlan(extra, pool_of_stream, streams_in_base, controller)
+        policy = MemGenPolicy(parts, table, self.tokenizer, self.tokenizer.pad_token_id, backend=base.attn_backend,
+                              follow=follow)
+        for spec in policy.streams:
+            binder.bind(spec, pool_of_stream[spec.name], ADAPTER_IDS[spec.name],
+                        int(runner_of[spec.name].hf_config.hidden_size))
+        return MemGenPlan(extra, pool_of_stream, streams_in_base, policy)
 
     def update(self, ckpt: MemGenCheckpoint, runners: dict[str, ModelRunner], plan: MemGenPlan,
                dtype: torch.dtype, device: torch.device) -> None:
@@ -107,7 +113,7 @@ class MemGenSetup:
         install_lora(runners[pools[WEAVER]].model, ADAPTER_IDS[WEAVER], ckpt.weaver_lora, dtype, device)
         if ckpt.settings.trigger_active:
             install_lora(runners[pools[TRIGGER]].model, ADAPTER_IDS[TRIGGER], ckpt.trigger_lora, dtype, device)
-        plan.controller.parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
+        plan.policy.parts = MemGenParts.from_checkpoint(ckpt, dtype, device)
         self.ckpt = ckpt
 
 

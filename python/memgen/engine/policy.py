@@ -5,13 +5,14 @@ A step is one order for every model (LLMEngine.step):
              -> stop checks -> policy.after_tokens (the sequences that go on)
 The policy decides which sequences sample now and from which hidden row, and
 what happens between tokens (an optional `after_sample` sees every sampled
-token, those that end a request included); MemGen's is
-`memory.controller.MemGenController` (it also adds streams and inserts latents). A plain LLM's policy is the
-trivial case below: a sequence samples when its reasoner chunk completes.
-It also runs the requests that carry a `memgen.LatentPolicy`
-(SamplingParams.latent_policy): for them it asks the policy what follows each
-catch-up (sample, insert embedding rows, feed tokens) and applies the room
-rule. Requests without one take the path they always took.
+token, those that end a request included; an optional `before_schedule` runs
+first in every step). There is one: `PlainPolicy` below. A request without a
+`memgen.LatentPolicy` samples when its reasoner chunk completes. A request with
+one (SamplingParams.latent_policy, or the engine's default policy: MemGen's,
+memory/controller.py) is asked what follows each catch-up (sample, insert
+embedding rows, feed tokens, wait for its extra streams), and its extra
+streams (StreamSpec) are mirrored, computed when asked and delivered here.
+Requests without one take the path they always took.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Protocol
 
 import torch
 
-from memgen.latent_policy import SAMPLE, Feed, Insert, LatentPolicy, PolicyContext
+from memgen.engine.sequence import REASONER, Stream
+from memgen.latent_policy import SAMPLE, WAIT, Feed, Insert, LatentPolicy, PolicyContext
 
 
 class StepHidden:
@@ -68,12 +70,14 @@ class RequestPolicy(Protocol):
         here with "length"."""
 
     # optional: after_sample(seqs, token_ids) -> None, every sampled token (those that
-    # end their request too), after they are appended and the stop checks ran
+    # end their request too), after they are appended and the stop checks ran;
+    # before_schedule() -> None, first in every step
 
 
 class LatentRuntime:
     """What a LatentPolicy's context reaches of the engine: the reasoner's input
-    embeddings and LM head, and the sizes the actions are checked against."""
+    embeddings and LM head, the sizes the actions are checked against, and the
+    list of requests a policy ended (ctx.finish)."""
 
     def __init__(self, runner, max_model_len: int):
         self.runner = runner
@@ -82,6 +86,7 @@ class LatentRuntime:
         self.hidden_size = int(runner.hf_config.hidden_size)
         self.vocab_size = int(runner.hf_config.vocab_size)
         self._embed_tokens = runner.model.model.embed_tokens
+        self.ending: list = []      # sequences a policy ended, not yet handed to the engine
 
     @torch.inference_mode()
     def embed(self, token_ids) -> torch.Tensor:
@@ -95,6 +100,12 @@ class LatentRuntime:
         if hidden.dim() == 1:
             return self.runner.compute_logits(hidden.unsqueeze(0))[0]
         return self.runner.compute_logits(hidden)
+
+    def finish(self, seq) -> None:
+        state = seq.latent
+        if state is not None and not state.ending and not seq.is_finished:
+            state.ending = True
+            self.ending.append(seq)
 
     def embeddings_of(self, action: Insert, policy) -> torch.Tensor:
         """An Insert's rows, checked, as a fresh [K, H] tensor of the model's dtype and device."""
@@ -125,14 +136,96 @@ class LatentRuntime:
         return ids
 
 
+class _Ask:
+    """One outstanding `compute()` of a stream: how many scratch rows, and their
+    hidden states as they come (position after the kept ones -> row)."""
+    __slots__ = ("num_scratch", "rows")
+
+    def __init__(self, num_scratch: int):
+        self.num_scratch = num_scratch
+        self.rows: dict[int, torch.Tensor] = {}
+
+
+class StreamHandle:
+    """`ctx.streams[name]`: one extra stream of a request, as its policy sees it.
+    It never exposes a block: the engine pages, caches and preempts the stream."""
+    __slots__ = ("_request", "_stream", "name", "spec", "width")
+
+    def __init__(self, request: LatentRequest, stream: Stream, spec, width: int):
+        self._request, self._stream = request, stream
+        self.name, self.spec, self.width = stream.name, spec, width
+
+    @property
+    def num_positions(self) -> int:
+        """Positions the stream holds (scratch rows not counted)."""
+        return self._stream.num_tokens - self._stream.num_scratch
+
+    @property
+    def num_pending(self) -> int:
+        """Positions held but not computed yet (scratch rows not counted)."""
+        return max(self.num_positions - self._stream.num_computed_tokens, 0)
+
+    @property
+    def last_hidden(self) -> torch.Tensor | None:
+        """The post-norm state of the last position, [H_stream], when it is computed
+        (None while positions are pending, or before the stream first computed)."""
+        found = self._request.last_hidden.get(self.name)
+        n = self.num_positions
+        if found is None or found[0] != n - 1 or self._stream.num_computed_tokens < n:
+            return None
+        return found[1]
+
+    @property
+    def follow(self) -> bool:
+        """True: the stream computes its new positions in every step beside the
+        reasoner's (decode-shaped steps; on_stream only when asked). False (the
+        default): it computes only when asked, catching up in one chunk."""
+        return self.name in self._request.following
+
+    @follow.setter
+    def follow(self, value: bool) -> None:
+        following = self._request.following
+        if bool(value) != (self.name in following):
+            following.add(self.name) if value else following.discard(self.name)
+            self._request.update_due()
+
+    def compute(self, scratch: torch.Tensor | None = None) -> None:
+        """Catch the stream up, and run `scratch` ([K, H_stream] input rows at the
+        positions after its last one, their K/V never kept) if given. The hidden
+        states come back in on_stream(ctx, name, hidden), before the next on_hidden."""
+        request, stream = self._request, self._stream
+        if self.name in request.asks:
+            raise RuntimeError(f"stream {self.name!r} was already asked to compute: wait for its on_stream")
+        if scratch is None:
+            if self.num_pending == 0:
+                raise ValueError(f"stream {self.name!r} has nothing to compute: its last position's state is "
+                                 "ctx.streams[name].last_hidden")
+            request.asks[self.name] = _Ask(0)
+        else:
+            if not isinstance(scratch, torch.Tensor) or scratch.dim() != 2 or scratch.shape[0] == 0 \
+                    or scratch.shape[1] != self.width:
+                shape = tuple(scratch.shape) if isinstance(scratch, torch.Tensor) else type(scratch).__name__
+                raise ValueError(f"stream {self.name!r}: scratch rows must be a tensor of shape "
+                                 f"[K >= 1, {self.width}], got {shape}")
+            k = scratch.shape[0]
+            stream.num_scratch = k
+            stream.append_embeds(scratch.detach(), hash_keys=False)   # never cached: no key
+            request.asks[self.name] = _Ask(k)
+        request.update_due()
+
+    def __repr__(self) -> str:
+        return f"StreamHandle({self.name!r}, positions={self.num_positions}, pending={self.num_pending})"
+
+
 class LatentRequest:
     """The engine's state of one request that carries a LatentPolicy (seq.latent).
-    The request's own policy is made (new_request, on_start) just before its first
-    on_hidden, inside a step: an error there, as in any hook, ends the generate()
-    call, which takes its requests out. When the request finishes, `close()` keeps
-    its record and counts as plain data and lets the policy go (the engine's native
-    step may still name the sequence)."""
-    __slots__ = ("_record", "ctx", "num_fed", "num_inserted", "policy", "template")
+    The request's own policy is made (new_request, on_start) at the start of the
+    first step after it arrived, inside the step: an error there, as in any hook,
+    ends the generate() call, which takes its requests out. When the request
+    finishes, `close()` keeps its record and counts as plain data and lets the
+    policy go (the engine's native step may still name the sequence)."""
+    __slots__ = ("_record", "asks", "ctx", "ending", "followers", "following", "handles", "last_hidden",
+                 "num_fed", "num_inserted", "policy", "r_hidden", "template")
 
     def __init__(self, template: LatentPolicy, ctx: PolicyContext):
         self.template = template              # the user's instance (never run)
@@ -141,6 +234,22 @@ class LatentRequest:
         self.num_inserted = 0     # embedding positions inserted
         self.num_fed = 0          # forced tokens fed
         self._record: list | None = None      # set by close()
+        self.handles: dict[str, StreamHandle] = {}    # ctx.streams
+        self.followers: list[tuple[Stream, object]] = []   # (stream, its StreamSpec)
+        self.asks: dict[str, _Ask] = {}       # stream name -> outstanding compute()
+        self.following: set[str] = set()      # streams computing in every step
+        self.last_hidden: dict[str, tuple[int, torch.Tensor]] = {}   # stream -> (position, state)
+        self.r_hidden: torch.Tensor | None = None   # R caught up, on_hidden waits for the asks
+        self.ending = False       # a policy ended it (ctx.finish); the engine finishes it
+
+    def add_stream(self, stream: Stream, spec, width: int) -> None:
+        self.handles[stream.name] = StreamHandle(self, stream, spec, width)
+        self.followers.append((stream, spec))
+
+    def update_due(self) -> None:
+        """R may always catch up; a stream when asked or following."""
+        seq = self.ctx._seq
+        seq.due_streams = {REASONER, *self.asks, *self.following}
 
     def begin(self) -> None:
         template = self.template
@@ -153,6 +262,51 @@ class LatentRequest:
         self.policy = policy
         policy.on_start(self.ctx)
 
+    # ---- the reasoner's positions, mirrored into the streams that follow it --------
+    def mirror_tokens(self, token_ids: list[int]) -> None:
+        for stream, spec in self.followers:
+            skip = spec.skip_token_ids
+            ids = [t for t in token_ids if t not in skip] if skip else token_ids
+            if ids:
+                stream.append_tokens(ids) if len(ids) > 1 else stream.append_token(ids[0])
+
+    def mirror_rows(self, rows: torch.Tensor) -> None:
+        for stream, spec in self.followers:
+            if spec.follow == "all":
+                project = spec.input_projection
+                stream.append_embeds(project(rows) if project is not None else rows)
+
+    # ---- a stream's chunk was computed ------------------------------------------------
+    def stream_computed(self, chunk, rows: torch.Tensor) -> torch.Tensor | None:
+        """Keep the state of the stream's last kept position; returns what an
+        outstanding ask delivers once complete (scratch rows are cut off then)."""
+        stream = chunk.stream
+        name = stream.name
+        kept = stream.num_tokens - stream.num_scratch
+        if chunk.start < kept <= chunk.end:
+            self.last_hidden[name] = (kept - 1, rows[kept - 1 - chunk.start])
+        ask = self.asks.get(name)
+        if ask is None or not chunk.completes:
+            if ask is not None and ask.num_scratch:
+                self._collect(ask, chunk, rows, kept)
+            return None
+        if ask.num_scratch:
+            self._collect(ask, chunk, rows, kept)
+            if len(ask.rows) < ask.num_scratch:
+                return None
+            out = torch.stack([ask.rows[j] for j in range(ask.num_scratch)])
+            stream.drop_scratch()     # the chunks are marked computed: their slots are reused later
+        else:
+            out = rows[-1]
+        del self.asks[name]
+        self.update_due()
+        return out
+
+    @staticmethod
+    def _collect(ask: _Ask, chunk, rows: torch.Tensor, kept: int) -> None:
+        for pos in range(max(chunk.start, kept), chunk.end):
+            ask.rows[pos - kept] = rows[pos - chunk.start]
+
     @property
     def record(self) -> list:
         """The policy's record (a copy once the request finished)."""
@@ -164,55 +318,92 @@ class LatentRequest:
         if self._record is None:
             self._record = list(self.policy.record) if self.policy is not None else []
             self.policy = self.ctx = self.template = None
+            self.handles, self.followers, self.asks, self.last_hidden, self.r_hidden = {}, [], {}, {}, None
 
 
 class PlainPolicy:
-    """A plain LLM: sample whenever the reasoner has caught up. Requests with a
-    LatentPolicy ask it first (`runtime` is needed for them)."""
+    """The engine's one policy: sample whenever the reasoner has caught up. Requests
+    with a LatentPolicy (their own, or the engine's `default`: MemGen's) ask it
+    first (`runtime` and `binder` are needed for them)."""
 
-    def __init__(self, runtime: LatentRuntime | None = None):
+    def __init__(self, runtime: LatentRuntime | None = None, binder=None, default: LatentPolicy | None = None):
         self.runtime = runtime
+        self.binder = binder          # engine.extra_streams.StreamBinder: where extra streams run
+        self.default = default        # the policy of requests that carry none (MemGen's), or None
         # seq_id -> the unfinished requests with a LatentPolicy (the engine calls finish_latent)
         self.latent_requests: dict[int, LatentRequest] = {}
         self._finished: list[tuple[int, LatentRequest]] = []   # finished in this step
+        self._unbegun: list[LatentRequest] = []               # new_request/on_start still due
 
     def start(self, seq) -> None:
         template = seq.params.latent_policy
-        if template is None:
-            return
+        if template is not None:
+            # the sequence keeps no reference to the user's policy once it finished (close()):
+            # plain data only (the native step may name a sequence after it finished)
+            params = copy.copy(seq.params)
+            params.latent_policy = None
+            seq.params = params
+        else:
+            template = self.default
+            if template is None:
+                return
         if self.runtime is None:
             raise ValueError("this engine's policy was built without a LatentRuntime: it cannot run latent policies")
         state = LatentRequest(template, PolicyContext(seq, self.runtime))
-        # the sequence keeps no reference to the user's policy once it finished (close()):
-        # plain data only (the native step may name a sequence after it finished)
-        params = copy.copy(seq.params)
-        params.latent_policy = None
-        seq.params = params
+        for spec in template.streams:
+            if spec.name in seq.streams:
+                raise ValueError(f"{type(template).__name__}: two streams are named {spec.name!r}")
+            binding = self.binder.binding(spec)
+            stream = self.binder.create(spec, seq.prompt_token_ids)
+            seq.streams[spec.name] = stream
+            state.add_stream(stream, spec, binding.width)
         seq.latent = state
+        seq.due_streams = {REASONER}
         self.latent_requests[seq.seq_id] = state
+        self._unbegun.append(state)
+
+    def before_schedule(self) -> None:
+        """new_request + on_start of the requests that arrived since the last step:
+        inside the step (an error ends the generate() call), before their first forward
+        (streams asked to compute in on_start ride along with the prompt)."""
+        unbegun = self._unbegun
+        while unbegun:
+            state = unbegun.pop(0)
+            if state.template is not None:    # not aborted meanwhile
+                state.begin()
+                if state.template is self.default:
+                    state.ctx._seq.memgen = state.policy   # MemGen's state, read by the outputs and serve
 
     def after_forward(self, chunks, hidden: StepHidden) -> tuple[list, torch.Tensor | None, list]:
-        due = [i for i, c in enumerate(chunks) if c.completes]
-        if not due:
-            return [], None, []
         if not self.latent_requests:
+            due = [i for i, c in enumerate(chunks) if c.completes]
+            if not due:
+                return [], None, []
             return [chunks[i].seq for i in due], hidden.last_rows(due), []
-        return self._latent_after_forward(chunks, hidden, due)
+        return self._latent_after_forward(chunks, hidden)
 
     def after_sample(self, seqs, token_ids: list[int]) -> None:
-        """Every sampled token, once appended (the one that ended a request too):
-        on_token. Then the requests that finished in this step let their policies go."""
+        """Every sampled token, once appended (the one that ended a request too): the
+        streams that follow the reasoner get it, then on_token. Then the requests that
+        finished in this step let their policies go."""
         if not self.latent_requests and not self._finished:
             return
         finished = dict(self._finished)
+        requests = self.latent_requests
         for seq, token_id in zip(seqs, token_ids):
-            state = self.latent_requests.get(seq.seq_id) or finished.get(seq.seq_id)
+            state = requests.get(seq.seq_id)
+            if state is not None:
+                if state.followers:
+                    state.mirror_tokens((token_id,))
+            else:
+                state = finished.get(seq.seq_id)
             if state is not None and state.policy is not None:
                 state.policy.on_token(state.ctx, token_id)
         self.close_finished()
 
     def after_tokens(self, seqs, token_ids: list[int]) -> list:
-        return []
+        """The requests a policy ended in on_token (ctx.finish)."""
+        return self._drain_ending()
 
     # ---- requests with a LatentPolicy ----------------------------------------------
     def finish_latent(self, seq) -> None:
@@ -227,23 +418,72 @@ class PlainPolicy:
             state.close()
         self._finished.clear()
 
-    def _latent_after_forward(self, chunks, hidden: StepHidden, due: list[int]):
-        """Ask each due request's policy what follows; SAMPLE rows are returned, Insert
-        and Feed are appended to the reasoner (the room rule decides if they fit)."""
-        sample, ended = [], []
-        runtime = self.runtime
-        for i in due:
-            seq = chunks[i].seq
-            state = self.latent_requests.get(seq.seq_id)
+    def _drain_ending(self) -> list:
+        if self.runtime is None or not self.runtime.ending:
+            return []
+        ending = [seq for seq in self.runtime.ending if not seq.is_finished]
+        self.runtime.ending.clear()
+        return ending
+
+    def _latent_after_forward(self, chunks, hidden: StepHidden):
+        """Deliver what the extra streams computed (on_stream), then ask each request
+        whose reasoner has caught up, with nothing asked outstanding, what follows
+        (on_hidden): SAMPLE rows are returned, Insert and Feed are appended to the
+        reasoner and the streams that follow it (the room rule decides if they fit),
+        WAIT keeps the reasoner's state until the asked streams delivered."""
+        requests = self.latent_requests
+        plain: list[int] = []                      # chunk indices of requests without a policy
+        caught_up: list[tuple[LatentRequest, int]] = []
+        delivered: list[tuple[LatentRequest, str, torch.Tensor]] = []
+        for i, chunk in enumerate(chunks):
+            state = requests.get(chunk.seq.seq_id)
             if state is None:
-                sample.append(i)
+                if chunk.completes:
+                    plain.append(i)
+            elif chunk.stream.name == REASONER:
+                if chunk.completes:
+                    caught_up.append((state, i))
+            else:
+                out = state.stream_computed(chunk, hidden.chunk(i))
+                if out is not None:
+                    delivered.append((state, chunk.stream.name, out))
+        for state, name, out in delivered:
+            if state.policy is not None and not state.ending:
+                state.policy.on_stream(state.ctx, name, out)
+        # those whose reasoner caught up now, then those waiting on what was delivered
+        turns: list[tuple[LatentRequest, int | None]] = list(caught_up)
+        if delivered:
+            now = {id(s) for s, _ in caught_up}
+            for state, _, _ in delivered:
+                if id(state) not in now and state.r_hidden is not None:
+                    now.add(id(state))
+                    turns.append((state, None))
+        sample: list[tuple] = [(chunks[i].seq, i) for i in plain]
+        ended = []
+        runtime = self.runtime
+        for state, i in turns:
+            if state.policy is None or state.ending:
                 continue
-            if state.policy is None:
-                state.begin()      # new_request + on_start, before the first on_hidden
-            action = state.policy.on_hidden(state.ctx, hidden.last(i))
+            row = hidden.last(i) if i is not None else state.r_hidden
+            if state.asks:                       # on_hidden waits for the streams asked to compute
+                if i is not None:
+                    state.r_hidden = row.clone()
+                continue
+            action = state.policy.on_hidden(state.ctx, row)
+            if state.ending:                     # the policy ended the request (ctx.finish)
+                continue
             if action is SAMPLE:
-                sample.append(i)
+                state.r_hidden = None
+                sample.append((state.ctx._seq, i if i is not None else row))
                 continue
+            if action is WAIT:
+                if not state.asks:
+                    raise ValueError(f"{type(state.policy).__name__}.on_hidden returned WAIT but no stream was "
+                                     "asked to compute (ctx.streams[name].compute(...))")
+                if i is not None:
+                    state.r_hidden = row.clone()
+                continue
+            seq = state.ctx._seq
             if isinstance(action, Insert):
                 rows = runtime.embeddings_of(action, state.policy)
                 k = rows.shape[0]
@@ -251,8 +491,9 @@ class PlainPolicy:
                 ids = runtime.tokens_of(action, state.policy)
                 k = len(ids)
             else:
-                raise TypeError(f"{type(state.policy).__name__}.on_hidden must return SAMPLE, Insert(...) or "
-                                f"Feed(...), got {action!r}")
+                raise TypeError(f"{type(state.policy).__name__}.on_hidden must return SAMPLE, Insert(...), "
+                                f"Feed(...) or WAIT, got {action!r}")
+            state.r_hidden = None
             # The room rule (as MemGen's): k positions go in only if they and the token
             # they precede fit in max_model_len; otherwise the request ends here ("length").
             if seq.reasoner.num_tokens + k + 1 > runtime.max_model_len:
@@ -260,10 +501,17 @@ class PlainPolicy:
                 state.close()     # no more calls: it ends before its next token
             elif isinstance(action, Insert):
                 seq.reasoner.append_embeds(rows)
+                state.mirror_rows(rows)
                 state.num_inserted += k
             else:
                 seq.reasoner.append_tokens(ids)
+                state.mirror_tokens(ids)
                 state.num_fed += k
+        ended += self._drain_ending()
         if not sample:
             return [], None, ended
-        return [chunks[i].seq for i in sample], hidden.last_rows(sample), ended
+        seqs = [seq for seq, _ in sample]
+        where = [w for _, w in sample]
+        if all(isinstance(w, int) for w in where):
+            return seqs, hidden.last_rows(where), ended
+        return seqs, torch.stack([hidden.last(w) if isinstance(w, int) else w for w in where]), ended

@@ -1,6 +1,7 @@
 """Per-request state: one `Sequence` per request, holding one `Stream` per KV
-stream. A plain LLM has only the reasoner stream "R"; MemGen adds "W" (weaver)
-and "T" (trigger), each with its own positions, block table and computed count.
+stream. A plain LLM has only the reasoner stream "R"; a LatentPolicy may add
+extra streams (MemGen's: "W" weaver, "T" trigger), each with its own positions,
+block table and computed count.
 
 The scheduler and block manager change these objects; the model runner only
 reads them. A stream's positions are token ids, or embedding vectors (latents)
@@ -118,7 +119,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, prompt_token_ids)}
         self._due_streams: set[str] | None = None   # streams to compute now (None: every stream)
-        self.memgen: Any = None                    # MemGen state (memory.controller), None for a plain LLM
+        self.memgen: Any = None                    # MemGen's policy of this request (memory.controller), or None
+        self.latent: Any = None                    # engine/policy.LatentRequest, with a LatentPolicy
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache
         self.arrival_time = time.perf_counter()
