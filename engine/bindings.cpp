@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "cpu_attention.h"
+#include "cpu_gemm.h"
 #include "cpu_ops.h"
 #include "runtime.h"
 
@@ -311,4 +312,18 @@ NB_MODULE(_native, m) {
                                static_cast<AttnDtype>(dtype));
           },
           "silu(gate) * up of a contiguous [rows, 2 * width] gate-up output (engine/cpu_ops.h).");
+    m.def("packed_size", &packed_size, "floats the packed form of a [K, N] matrix takes (engine/cpu_gemm.h)");
+    m.def("pack_weight",
+          [](uintptr_t w_t, int64_t K, int64_t N, uintptr_t packed) {
+              pack_weight(reinterpret_cast<const float*>(w_t), K, N, reinterpret_cast<float*>(packed));
+          },
+          "pack W^T ([K, N] row-major float32) into 16-column panels (engine/cpu_gemm.h)");
+    m.def("packed_linear",
+          [](uintptr_t x, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t bias, uintptr_t y,
+             int num_threads) {
+              packed_linear(reinterpret_cast<const float*>(x), M, K, reinterpret_cast<const float*>(packed), N,
+                            reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), num_threads);
+          },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
 }

@@ -79,3 +79,59 @@ def test_native_ops_refuse_other_dtypes():
         native.silu_and_mul_cpu(x.data_ptr(), x.data_ptr(), 2, 2, native.DTYPE_CODES[torch.float64])
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         native.rms_norm_cpu(x.data_ptr(), 0, x.data_ptr(), x.data_ptr(), 2, 4, 1e-6, native.DTYPE_CODES[torch.float64])
+
+
+# ---- the packed CPU linear (engine/cpu_gemm.cpp) ----------------------------------------
+def _linear(in_features, out_features, bias, seed=0):
+    from memgen.layers.linear import Linear
+
+    g = torch.Generator().manual_seed(seed)
+    layer = Linear(in_features, out_features, bias=bias)
+    layer.weight.data.copy_(torch.randn(out_features, in_features, generator=g))
+    if bias:
+        layer.bias.data.copy_(torch.randn(out_features, generator=g))
+    return layer, g
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 17, 64])
+@pytest.mark.parametrize("in_features,out_features,bias", [(64, 48, True), (37, 21, False), (512, 1000, True)])
+def test_packed_linear_equals_f_linear(rows, in_features, out_features, bias):
+    layer, g = _linear(in_features, out_features, bias)
+    w, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+    assert layer.pack_for_cpu() and layer.packed
+    x = torch.randn(rows, in_features, generator=g)
+    with torch.inference_mode():
+        got = layer(x)
+        got_strided = layer(torch.randn(in_features, rows, generator=g).t())   # a non-contiguous input
+    want = F.linear(x, w, b)
+    assert got.shape == (rows, out_features)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert got_strided.shape == (rows, out_features)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_linear_splits_panels_across_threads(threads):
+    layer, g = _linear(1024, 1040, True)            # 65 panels: uneven split, a padded last panel
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.pack_for_cpu()
+    x = torch.randn(48, 1024, generator=g)          # enough work for a second thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-3)
+
+
+def test_packing_applies_to_cpu_float32_only_and_is_final():
+    from memgen.layers.linear import Linear, pack_linears_for_cpu
+
+    model = torch.nn.Sequential(Linear(8, 4), Linear(8, 4).double(), Linear(8, 4).to(torch.bfloat16))
+    assert pack_linears_for_cpu(model) == 1 and [m.packed for m in model] == [True, False, False]
+    assert pack_linears_for_cpu(model) == 1                       # idempotent
+    with pytest.raises(RuntimeError, match="load weights before packing"):
+        model[0].load_part("", torch.zeros(4, 8))
+    with pytest.raises(RuntimeError, match="outside autograd"):
+        model[0](torch.zeros(2, 8))                               # grad mode: the kernel has no backward

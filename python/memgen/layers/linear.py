@@ -36,10 +36,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, start).t(), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(start), requires_grad=False) if bias else None
         self.lora: Callable[[torch.Tensor, torch.Tensor, "Linear"], torch.Tensor] | None = None
+        self.packed = False   # True: `weight` holds W in the native CPU kernel's panels (pack_for_cpu)
 
     def load_part(self, name: str, tensor: torch.Tensor, is_bias: bool = False) -> None:
         """Copy one HF sub-projection (e.g. 'k' of a packed QKV) into its slice."""
         param = self.bias if is_bias else self.weight
+        if self.packed and not is_bias:
+            raise RuntimeError("this layer's weight is packed for the CPU kernel: load weights before packing")
         if param is None:
             raise ValueError(f"checkpoint has a bias for a projection built without one ({name!r})")
         dst = param.data[self.output_slices[name]]
@@ -47,11 +50,46 @@ class Linear(nn.Module):
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(tensor)
 
+    def pack_for_cpu(self) -> bool:
+        """On the CPU in float32, store W in the native kernel's 16-column panels
+        (engine/cpu_gemm.h): the packed copy replaces the plain one, so W is held once.
+        Returns whether the layer is packed."""
+        if self.packed:
+            return True
+        w = self.weight
+        if native.packed_linear is None or w.device.type != "cpu" or w.dtype != torch.float32:
+            return False
+        w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
+        packed = torch.empty(native.packed_size(self.in_features, self.out_features), dtype=torch.float32)
+        native.pack_weight(w_t.data_ptr(), self.in_features, self.out_features, packed.data_ptr())
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.packed = True
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed:
+            y = self._packed_linear(x)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
             y = self.lora(x, y, self)
         return y
+
+
+    def _packed_linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] != self.in_features or torch.is_grad_enabled():
+            raise RuntimeError(f"a packed Linear takes float32 [N, {self.in_features}] inputs outside autograd, "
+                               f"got {str(x.dtype).replace('torch.', '')} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = x.new_empty(x.shape[0], self.out_features)
+        native.packed_linear(x.data_ptr(), x.shape[0], self.in_features, self.weight.data_ptr(), self.out_features,
+                             0 if self.bias is None else self.bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def pack_linears_for_cpu(model: nn.Module) -> int:
+    """Pack every Linear of a CPU float32 model for the native kernel; returns how many."""
+    return sum(m.pack_for_cpu() for m in model.modules() if isinstance(m, Linear))
 
 
 class SiluAndMul(nn.Module):

@@ -21,6 +21,9 @@ def native_op(name: str):
 paged_attention_cpu = native_op("paged_attention_cpu")
 rms_norm_cpu = native_op("rms_norm_cpu")
 silu_and_mul_cpu = native_op("silu_and_mul_cpu")
+packed_linear = native_op("packed_linear")   # engine/cpu_gemm.h, with pack_weight and packed_size
+pack_weight = native_op("pack_weight")
+packed_size = native_op("packed_size")
 
 
 def fused_ok(*tensors: torch.Tensor) -> bool:

@@ -1,0 +1,127 @@
+// See cpu_gemm.h.
+#include "cpu_gemm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include <omp.h>
+
+namespace memgen {
+namespace {
+
+constexpr int64_t kPanel = 16;   // columns per panel: one AVX-512 register, two AVX2 ones
+typedef float v16 __attribute__((vector_size(64)));
+
+// MR rows x one panel: acc[m] = bias + sum_k x[m, k] * panel[k, :]
+template <int MR>
+inline __attribute__((always_inline)) void tile(const float* x, int64_t K, const float* panel, const float* bias16,
+                                                float* y, int64_t ldy, int64_t cols) {
+    v16 acc[MR];
+    v16 b;
+    std::memcpy(&b, bias16, sizeof b);
+    for (int m = 0; m < MR; ++m) acc[m] = b;
+    const float* p = panel;
+    for (int64_t k = 0; k < K; ++k, p += kPanel) {
+        v16 w;
+        std::memcpy(&w, p, sizeof w);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) acc[m] += x[m * K + k] * w;
+    }
+    for (int m = 0; m < MR; ++m) {
+        if (cols == kPanel) std::memcpy(y + m * ldy, &acc[m], sizeof(v16));
+        else std::memcpy(y + m * ldy, &acc[m], cols * sizeof(float));   // the padded last panel
+    }
+}
+
+// The panels [p0, p1) for all rows, in row tiles of `big` rows (as many accumulators as
+// the instruction set has registers for), then 4, then 1.
+template <int big>
+inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int64_t K, const float* packed,
+                                                  int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+        alignas(64) float bias16[kPanel] = {};
+        if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
+        const float* panel = packed + p * K * kPanel;
+        int64_t m = 0;
+        for (; m + big <= M; m += big) tile<big>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+        for (; m + 4 <= M; m += 4) tile<4>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+        for (; m < M; ++m) tile<1>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+    }
+}
+
+// One body per instruction set, picked at run time (never -march=native: the wheel
+// runs on any x86-64). AVX-512 holds 8 rows of accumulators in its 32 registers;
+// AVX2 splits a panel into two registers, so 4 rows fill its 16.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("avx512f,avx512vl,fma"))) void panels_avx512(const float* x, int64_t M, int64_t K,
+                                                                    const float* packed, int64_t N,
+                                                                    const float* bias, float* y, int64_t p0,
+                                                                    int64_t p1) {
+    panels<8>(x, M, K, packed, N, bias, y, p0, p1);
+}
+__attribute__((target("avx2,fma"))) void panels_avx2(const float* x, int64_t M, int64_t K, const float* packed,
+                                                     int64_t N, const float* bias, float* y, int64_t p0,
+                                                     int64_t p1) {
+    panels<4>(x, M, K, packed, N, bias, y, p0, p1);
+}
+#define MEMGEN_GEMM_DISPATCH 1
+#endif
+void panels_baseline(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
+                     float* y, int64_t p0, int64_t p1) {
+    panels<4>(x, M, K, packed, N, bias, y, p0, p1);
+}
+
+using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,
+                          int64_t);
+
+PanelsFn pick_panels() {
+#ifdef MEMGEN_GEMM_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return panels_avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return panels_avx2;
+#endif
+    return panels_baseline;
+}
+
+// Below this many multiply-adds a second thread costs more than it saves.
+constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+
+}  // namespace
+
+int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+
+void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed) {
+    if (K < 1 || N < 1) throw std::invalid_argument("pack_weight: empty matrix");
+    for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+        const int64_t cols = std::min(kPanel, N - n0);
+        float* panel = packed + n0 * K;
+        for (int64_t k = 0; k < K; ++k) {
+            std::memcpy(panel + k * kPanel, w_t + k * N + n0, cols * sizeof(float));
+            std::fill(panel + k * kPanel + cols, panel + (k + 1) * kPanel, 0.0f);
+        }
+    }
+}
+
+void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
+                   float* y, int num_threads) {
+    if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear: bad sizes");
+    static const PanelsFn run = pick_panels();
+    const int64_t num_panels = (N + kPanel - 1) / kPanel;
+    const int threads = (int)std::max<int64_t>(
+        1, std::min<int64_t>({num_threads, num_panels, M * K * N / kWorkPerThread}));
+    if (threads == 1) {
+        run(x, M, K, packed, N, bias, y, 0, num_panels);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        // contiguous ranges of panels: each thread streams its own part of W
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t p0 = num_panels * t / n, p1 = num_panels * (t + 1) / n;
+        run(x, M, K, packed, N, bias, y, p0, p1);
+    }
+}
+
+}  // namespace memgen

@@ -1,0 +1,24 @@
+// The CPU linear layer of float32 models: y = x W^T + b with W prepacked once at load
+// into 16-column panels, [ceil(N/16)][K][16] (the last panel zero-padded). A panel is
+// read front to back; a register tile of up to 8 rows x 16 columns runs down K with
+// one FMA per row per k. MKL repacks W on every call, which at a decode step's few
+// rows costs as much as the multiply: this is ~1.8x faster at 1-64 rows (bench in
+// engine/README or docs), and W is stored once (the packed copy replaces it).
+#pragma once
+
+#include <cstdint>
+
+namespace memgen {
+
+// Number of floats the packed form of a [K, N] matrix takes.
+int64_t packed_size(int64_t K, int64_t N);
+
+// w_t: W^T as stored, [K, N] row-major (Linear keeps [in, out] contiguous).
+void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed);
+
+// x [M, K] row-major, y [M, N] row-major, bias [N] or null. `num_threads` > 1 splits
+// the panels across OpenMP threads when the work is large enough to pay for it.
+void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
+                   float* y, int num_threads);
+
+}  // namespace memgen
