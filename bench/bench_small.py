@@ -63,10 +63,13 @@ def prompts_of(tok, n: int, words: int) -> list[list[int]]:
     return out
 
 
+CPU_TIMES: dict[str, list[float]] = {}   # process CPU seconds of every timed run, by name (less hit by other jobs)
+
+
 def timed(fn):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - cpu, result
 
 
 def best_of(runs: dict[str, list[float]]) -> dict[str, float]:
@@ -74,31 +77,68 @@ def best_of(runs: dict[str, list[float]]) -> dict[str, float]:
 
 
 def alternate(repeats: int, **fns) -> tuple[dict[str, list[float]], dict]:
-    """Run each function `repeats` times, interleaved; keep every time and the last result."""
+    """Run each function `repeats` times, interleaved; keep every time (wall; CPU in
+    CPU_TIMES) and the last result."""
     times, results = {k: [] for k in fns}, {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t, results[name] = timed(fn)
+            t, cpu, results[name] = timed(fn)
             times[name].append(round(t, 3))
+            CPU_TIMES.setdefault(name, []).append(round(cpu, 3))
     return times, results
 
 
-def linear_floor(llm, rows: int, steps: int) -> float:
-    """The model's linear layers and LM head alone, `steps` times at `rows` rows: the
-    GEMMs a decode step cannot avoid, with the engine's own weight tensors."""
-    from memgen.layers.linear import Linear
+def cpu_ratio(a: str, b: str) -> float:
+    """best CPU time of run `a` / of run `b` (this section's runs: CPU_TIMES is cleared per section)"""
+    return round(min(CPU_TIMES[a]) / min(CPU_TIMES[b]), 2)
 
-    model = llm.engine.model_runner.model
-    layers = [(m.weight, m.bias) for m in model.modules() if isinstance(m, Linear)]
-    if model.lm_head is None:   # tied head
-        layers.append((model.model.embed_tokens.weight, None))
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w, _ in layers}
+
+_FLOOR_CALLS: dict = {}
+
+
+def linear_floor(llm, rows: int, steps: int, mkl: bool = False) -> float:
+    """The model's linear layers and LM head alone, `steps` times at `rows` rows: the
+    GEMMs a decode step cannot avoid. Default: the engine's own layers (on CPU float32
+    the native kernel on packed weights); mkl=True: torch's F.linear (MKL) on the same
+    weights in their plain layout, as HF runs them. The calls are built once, untimed."""
+    key = (id(llm), rows, mkl)
+    if key not in _FLOOR_CALLS:
+        _FLOOR_CALLS[key] = floor_calls(llm, rows, mkl)
+    calls = _FLOOR_CALLS[key]
     with torch.inference_mode():
         start = time.perf_counter()
         for _ in range(steps):
-            for w, b in layers:
-                torch.nn.functional.linear(xs[w.shape[1]], w, b)
+            for call in calls:
+                call()
         return time.perf_counter() - start
+
+
+def floor_calls(llm, rows: int, mkl: bool) -> list:
+    from memgen.layers.linear import Linear
+
+    model = llm.engine.model_runner.model
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    xs = {m.in_features: torch.randn(rows, m.in_features) for m in mods}
+    if mkl:
+        plain = [(unpacked(m), m.bias) for m in mods]
+        if model.lm_head is None:   # tied head
+            plain.append((model.model.embed_tokens.weight, None))
+        calls = [lambda w=w, b=b: torch.nn.functional.linear(xs[w.shape[1]], w, b) for w, b in plain]
+    else:
+        calls = [lambda m=m: m(xs[m.in_features]) for m in mods]
+        if model.lm_head is None:
+            calls.append(lambda: model.compute_logits(xs[model.hidden_size]))
+    return calls
+
+
+def unpacked(m) -> torch.Tensor:
+    """A Linear's weight as [out, in] (a view of [in, out] contiguous, as the engine
+    stores it unpacked), undoing the CPU kernel's panels when packed."""
+    if not m.packed:
+        return m.weight
+    k, n = m.in_features, m.out_features
+    w_t = m.weight.detach().view(-1, k, 16).permute(1, 0, 2).reshape(k, -1)[:, :n].contiguous()
+    return w_t.t()
 
 
 def count_steps(llm, prompts, params) -> int:
@@ -154,22 +194,29 @@ def main(argv=None) -> int:
 
         plain.generate(short[:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)   # warm-up
         times, res = alternate(args.repeats, engine=lambda: plain.generate(short, params, use_tqdm=False),
-                               hf=run_hf, floor=lambda: linear_floor(plain, BATCH, args.tokens))
+                               hf=run_hf, floor=lambda: linear_floor(plain, BATCH, args.tokens),
+                               floor_mkl=lambda: linear_floor(plain, BATCH, args.tokens, mkl=True))
         best = best_of(times)
         engine_tokens = [o.token_ids for o in res["engine"]]
-        result["plain"] = {"times_s": times, "engine_vs_hf": round(best["hf"] / best["engine"], 2),
+        result["plain"] = {"times_s": times, "cpu_s": dict(CPU_TIMES),
+                           "engine_vs_hf": round(best["hf"] / best["engine"], 2),
+                           "engine_vs_hf_cpu": cpu_ratio("hf", "engine"),
+                           "engine_vs_linear_floor_cpu": cpu_ratio("engine", "floor"),
                            "engine_vs_linear_floor": round(best["engine"] / best["floor"], 2),
                            "hf_vs_linear_floor": round(best["hf"] / best["floor"], 2),
+                           "hf_vs_mkl_linear_floor": round(best["hf"] / best["floor_mkl"], 2),
                            "tokens_equal_hf": engine_tokens == res["hf"]}
         print("plain:", result["plain"], flush=True)
 
         # ---- memory on vs off ------------------------------------------------------------------
+        CPU_TIMES.clear()
         times, res = alternate(args.repeats, on=lambda: memgen.generate(short, params, use_tqdm=False),
                                off=lambda: plain.generate(short, params, use_tqdm=False))
         best = best_of(times)
         insertions = sum(o.metrics["num_insertions"] for o in res["on"])
         steps_on, steps_off = count_steps(memgen, short, params), count_steps(plain, short, params)
-        result["memory"] = {"times_s": times, "on_vs_off": round(best["on"] / best["off"], 2),
+        result["memory"] = {"times_s": times, "cpu_s": dict(CPU_TIMES), "on_vs_off": round(best["on"] / best["off"], 2),
+                            "on_vs_off_cpu": cpu_ratio("on", "off"),
                             "insertions": insertions, "steps_on": steps_on, "steps_off": steps_off,
                             "extra_steps_per_insertion": round((steps_on - steps_off) / max(insertions, 1), 2),
                             "pools": list(memgen.engine.runners)}
@@ -189,6 +236,7 @@ def main(argv=None) -> int:
                     with torch.inference_mode():
                         return ref.generate(ids, mask, max_new_tokens=args.tokens)
 
+                CPU_TIMES.clear()
                 times, res = alternate(args.repeats, engine=lambda p=prompts: memgen.generate(p, params, use_tqdm=False),
                                        reference=run_ref)
                 best = best_of(times)
@@ -198,6 +246,7 @@ def main(argv=None) -> int:
                 result["reference"][name] = {"prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
                                              "times_s": times, "engine_vs_reference": round(
                                                  best["reference"] / best["engine"], 2),
+                                             "engine_vs_reference_cpu": cpu_ratio("reference", "engine"),
                                              "tokens_and_masks_equal": same}
                 print(f"reference ({name}):", result["reference"][name], flush=True)
     result["machine"]["load_average"] = {"start": load_start, "end": os.getloadavg()}
