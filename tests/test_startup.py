@@ -13,7 +13,7 @@ import pytest
 from memgen.chat_render import render_chat_template
 from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
 from memgen.model_config import FAMILY_DEFAULTS, FAMILY_REQUIRED, READ_FIELDS, REQUIRED_FIELDS, ModelConfig, \
-    load_model_config
+    hf_linear_shapes, load_model_config
 from memgen.tokenizer import LightTokenizer, load_tokenizer
 
 MISSING = object()
@@ -43,12 +43,21 @@ def _assert_same_fields(ours, theirs):
         assert getattr(ours, field, MISSING) == getattr(theirs, field, MISSING), field
 
 
+def _assert_same_linear_shapes(raw: dict):
+    """MemGen's checkpoint checks list the base model's nn.Linear modules: computed
+    from the config, they must be what transformers' model holds."""
+    from memgen.checkpoint.validate import _linear_shapes
+    assert hf_linear_shapes(raw) == dict(_linear_shapes(json.dumps(raw, sort_keys=True)))
+
+
 # ---- config.json -----------------------------------------------------------------------------
 def test_config_of_each_tiny_family_equals_transformers(tiny_model_dir):
     ours = load_model_config(tiny_model_dir)
     assert isinstance(ours, ModelConfig)
     _assert_same_fields(ours, _hf_config(tiny_model_dir))
     assert ours.to_dict() == json.loads((tiny_model_dir / "config.json").read_text())
+    _assert_same_linear_shapes(ours.to_dict())
+    _assert_same_linear_shapes(_hf_config(tiny_model_dir).to_dict())   # as memgen.hf passes its configs
 
 
 @pytest.mark.slow
@@ -56,6 +65,7 @@ def test_packaged_config_equals_transformers(packaged_dir):
     ours = load_model_config(packaged_dir)
     assert isinstance(ours, ModelConfig)
     _assert_same_fields(ours, _hf_config(packaged_dir))
+    _assert_same_linear_shapes(ours.to_dict())
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_DEFAULTS))
@@ -77,6 +87,7 @@ def test_minimal_config_gets_transformers_defaults(tmp_path, family, rope):
     ours = load_model_config(tmp_path)
     assert isinstance(ours, ModelConfig)
     _assert_same_fields(ours, _hf_config(tmp_path))
+    _assert_same_linear_shapes(raw)
 
 
 @pytest.mark.parametrize("change", [
@@ -97,6 +108,7 @@ def test_configs_the_fast_path_does_not_read_go_to_transformers(tmp_path, llama_
 
     config = load_model_config(tmp_path)
     assert isinstance(config, PretrainedConfig)
+    assert hf_linear_shapes(raw) is None
 
 
 def test_unreadable_config_raises_as_before(tmp_path):
@@ -280,8 +292,8 @@ def test_chat_template_errors_and_sandbox():
 
 # ---- what a run imports -----------------------------------------------------------------------
 def _modules_after(code: str) -> list[str]:
-    probe = (code + "\nimport sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & "
-             "{'transformers', 'triton', 'jinja2', 'peft', 'gguf'}))")
+    probe = (code + "\nimport sys\nprint(sorted(({m.split('.')[0] for m in sys.modules} | set(sys.modules)) & "
+             "{'transformers', 'triton', 'jinja2', 'peft', 'gguf', 'torch._dynamo'}))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"'))
@@ -301,3 +313,15 @@ def test_plain_run_on_a_tiny_model_loads_no_transformers(llama_dir):
             f"llm.generate('Hello world', p, use_tqdm=False)\n"
             f"llm.chat([{{'role': 'user', 'content': 'Hi'}}], p, use_tqdm=False)")
     assert _modules_after(code) == ["jinja2"]   # for the chat template
+
+
+@pytest.mark.slow
+def test_memgen_run_on_the_packaged_model_loads_no_transformers(packaged_dir):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "smollm2-arith"
+    code = (f"from memgen import LLM, SamplingParams\n"
+            f"llm = LLM(memgen={str(demo)!r})\n"
+            f"llm.chat([{{'role': 'user', 'content': 'What is 12 + 30?'}}], SamplingParams(max_tokens=4), "
+            f"use_tqdm=False)")
+    assert "transformers" not in _modules_after(code)

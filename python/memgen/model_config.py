@@ -76,6 +76,26 @@ def load_model_config(model_dir: str | Path):
     return config
 
 
+def hf_linear_shapes(raw: dict) -> dict[str, tuple[int, int]] | None:
+    """Every nn.Linear of transformers' causal LM for this config.json dict: module
+    path -> (in_features, out_features), as MemGen's checkpoint checks match LoRA
+    targets against it; None where the fast path does not read the config (then
+    transformers builds the model on the meta device to list them)."""
+    if not isinstance(raw, dict) or fast_config_refusal(raw) is not None:
+        return None
+    config = ModelConfig(raw)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hidden, inter = config.hidden_size, config.intermediate_size
+    per_layer = {"self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv_heads * head_dim),
+                 "self_attn.v_proj": (hidden, kv_heads * head_dim), "self_attn.o_proj": (heads * head_dim, hidden),
+                 "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}
+    shapes = {f"model.layers.{i}.{name}": shape for i in range(config.num_hidden_layers)
+              for name, shape in per_layer.items()}
+    shapes["lm_head"] = (hidden, config.vocab_size)   # a module even when its weight is tied
+    return shapes
+
+
 def fast_config_refusal(raw: dict) -> str | None:
     """Why this config.json needs transformers (None: the fast path reads it)."""
     family = raw.get("model_type")

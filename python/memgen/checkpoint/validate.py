@@ -39,8 +39,16 @@ def _linear_shapes(config_json: str) -> dict[str, tuple[int, int]]:
 
 def base_linear_shapes(config) -> dict[str, tuple[int, int]]:
     """Every nn.Linear of the causal LM that `config` describes: module path ->
-    (in_features, out_features). Built on the meta device (no memory, no weights)."""
-    return dict(_linear_shapes(json.dumps(_as_dict(config), sort_keys=True, default=str)))
+    (in_features, out_features). Computed from the config for the families
+    memgen.model_config reads (no transformers import at startup), else built by
+    transformers on the meta device (no memory, no weights)."""
+    from memgen.model_config import hf_linear_shapes
+
+    config = _as_dict(config)
+    shapes = hf_linear_shapes(config)
+    if shapes is not None:
+        return shapes
+    return dict(_linear_shapes(json.dumps(config, sort_keys=True, default=str)))
 
 
 def matches_target(module_path: str, target_modules) -> bool:
