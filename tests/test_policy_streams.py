@@ -70,7 +70,9 @@ def _with_lora(model, lora: LoraWeights):
     return model
 
 
-def _weave_hf(base, aux_model, prompt, project, queries, readout):
+def _weave_hf(base, aux_model, prompt, project, queries, readout, latents_log=None):
+    """The weave as an HF loop: (tokens, record); `latents_log`, a list, gets every
+    inserted [K, H] block (for checks finer than the tokens)."""
     import inspect
 
     from transformers import DynamicCache
@@ -92,6 +94,8 @@ def _weave_hf(base, aux_model, prompt, project, queries, readout):
             states = run(a_dec, a_cache, torch.cat([pending, queries]))[-K:]
             a_cache.crop(-K)                                 # the queries' K/V are never kept
             latents = states @ readout
+            if latents_log is not None:
+                latents_log.append(latents.clone())
             pending = project(latents)
             return run(r_dec, r_cache, latents)[-1]
 

@@ -19,7 +19,8 @@ A user subclasses LatentPolicy and passes an instance in
     on_stream(ctx, name, hidden)  an extra stream computed what the policy asked
 
 Extra streams: a policy class may declare `streams` (StreamSpec: a name, a LoRA
-adapter, an input projection, which reasoner positions it follows). Every
+adapter, an input projection, which reasoner positions it follows, and the model
+it runs on: the reasoner's base or one named in `LLM(stream_models=...)`). Every
 request of the policy then has those KV streams beside the reasoner; the engine
 mirrors the reasoner's positions into them and computes them only when asked:
 `ctx.streams[name].compute(scratch=rows)` catches a stream up and, optionally,
@@ -85,23 +86,27 @@ class StreamSpec:
     """An extra KV stream that every request of a policy holds beside the reasoner.
 
     name              the key of ctx.streams and of on_stream ("R" is the reasoner's)
-    adapter           None (the base weights) or a LoRA adapter on the reasoner's base:
+    adapter           None (the base weights) or a LoRA adapter on the model it runs on:
                       a `memgen.checkpoint.LoraWeights` (PEFT module paths)
     input_projection  None, or a function [N, H] -> [N, H_stream] applied to the
                       reasoner's input embeddings of the stream's token positions and
-                      to the rows it mirrors from Inserts
+                      to the rows it mirrors from Inserts (H_stream: the width of the
+                      model it runs on)
     follow            "all": the stream receives every reasoner position (tokens, fed
                       tokens, inserted rows); "tokens": token positions only
     skip_token_ids    token ids the stream never receives (e.g. pad tokens)
+    model             None: the reasoner's base; else the name of a model the LLM was
+                      built with, `LLM(..., stream_models={name: path})`
 
-    The stream shares the reasoner's forward (its rows are batched with every other
-    row; the base weights are read once). The engine keeps its KV blocks, prefix-cache
-    keys and preemption like the reasoner's.
+    On the reasoner's base the stream shares the reasoner's forward (its rows are
+    batched with every other row; the base weights are read once); on another model,
+    its rows are batched with the other streams on that model, in the same step. The
+    engine keeps its KV blocks, prefix-cache keys and preemption like the reasoner's.
     """
-    __slots__ = ("adapter", "follow", "input_projection", "name", "skip_token_ids")
+    __slots__ = ("adapter", "follow", "input_projection", "model", "name", "skip_token_ids")
 
     def __init__(self, name: str, adapter: Any = None, input_projection: Any = None, follow: str = "all",
-                 skip_token_ids: Sequence[int] = ()):
+                 skip_token_ids: Sequence[int] = (), model: str | None = None):
         if not isinstance(name, str) or not name or name == "R":
             raise ValueError(f"StreamSpec: name must be a non-empty str other than 'R' (the reasoner), got {name!r}")
         if follow not in ("all", "tokens"):
@@ -112,10 +117,15 @@ class StreamSpec:
         self.adapter = adapter
         self.input_projection = input_projection
         self.follow = follow
+        if model is not None and (not isinstance(model, str) or not model):
+            raise TypeError(f"StreamSpec {name!r}: model must be None (the reasoner's base) or the name of a model "
+                            f"given in LLM(stream_models={{name: path}}), got {model!r}")
         self.skip_token_ids = frozenset(int(t) for t in skip_token_ids)
+        self.model = model
 
     def __repr__(self) -> str:
-        return f"StreamSpec({self.name!r}, follow={self.follow!r})"
+        on = "" if self.model is None else f", model={self.model!r}"
+        return f"StreamSpec({self.name!r}, follow={self.follow!r}{on})"
 
 
 class Insert:

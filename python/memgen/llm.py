@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from memgen.config import EngineConfig, resolve_device, resolve_dtype
+from memgen.engine.extra_streams import resolve_stream_models
 from memgen.engine.llm_engine import LLMEngine
 from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.engine.sequence import Sequence
@@ -26,10 +27,14 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, memgen: str | os.PathLike | None = None,
                  weaver_model: str | os.PathLike | None = None, trigger_model: str | os.PathLike | None = None,
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                 reference_compat: bool = False, **engine_options):
+                 reference_compat: bool = False, stream_models: dict | None = None, **engine_options):
         if memgen is None and (weaver_model is not None or trigger_model is not None):
             raise ValueError("weaver_model and trigger_model apply only to a MemGen checkpoint (memgen=...); "
                              "leave them None for a plain LLM")
+        if memgen is not None and stream_models:
+            raise ValueError("stream_models are for the streams of your own latent policies, which an "
+                             "LLM(memgen=...) does not run (its requests run MemGen's); MemGen's own streams "
+                             "take weaver_model / trigger_model")
         unknown = set(engine_options) - EngineConfig.field_names()
         if unknown:
             raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; engine options are "
@@ -58,9 +63,12 @@ class LLM:
                              f"max_position_embeddings={max_positions}; use at most {max_positions}")
         self.config = config
         self.memgen = None if memgen is None else self._load_memgen(memgen, weaver_model, trigger_model)
+        # models a StreamSpec(model=name) runs on, checked before anything loads
+        models = None if stream_models is None else resolve_stream_models(
+            stream_models, self.model_dir, self.hf_config, config.max_model_len)
         self.engine = LLMEngine(self.model_dir, self.hf_config, config, self.dtype, self.device,
                                 _eos_token_ids(self.tokenizer, self.hf_config), memgen=self.memgen,
-                                detokenize=self._detokenize)
+                                detokenize=self._detokenize, stream_models=models)
 
     def _load_memgen(self, memgen, weaver_model, trigger_model) -> MemGenSetup:
         """A checkpoint directory (either layout) or a MemGenCheckpoint; bases
@@ -234,6 +242,8 @@ class LLM:
         if params.latent_policy is not None and self.memgen is not None:
             from memgen.engine.llm_engine import LATENT_WITH_MEMGEN
             raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
+        if params.latent_policy is not None:
+            self.engine.policy.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model
         # latents are inserted only if they and the token they precede fit in max_model_len
         k = self.memgen.ckpt.settings.prompt_latents_len if self.memgen is not None else 0
         if k and len(ids) + k + 1 > self.max_model_len:

@@ -3,20 +3,94 @@ KV cache), which LoRA adapter id, which prefix-cache salt, and how their token
 positions enter the model. One binding per StreamSpec object, made once per
 engine: MemGen's are bound by its set-up (engine/memgen_setup.py, on the
 reasoner's base or on their own checkpoints); a user's spec is bound the first
-time a request carries it, on the reasoner's base, its adapter installed under
-a fresh adapter id."""
+time a request carries it, its adapter installed under a fresh adapter id, on
+the reasoner's base or on the model its `model=` names: one of the models the
+LLM was built with (`LLM(stream_models={name: path})`, each a pool of its own,
+or the base pool when the directory holds the reasoner's weights)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from memgen.engine.model_runner import ModelRunner
 from memgen.engine.sequence import Stream
 from memgen.latent_policy import StreamSpec
 from memgen.layers.lora import install_lora
 
 BASE_POOL = "base"
+# One block of slack per stream in a pool shared by several streams, and one block of
+# positions for a stream on its own model: room for its scratch rows past max_model_len.
+# Named once here; the engine sizes its pools with it.
+SCRATCH_SLACK_BLOCKS = 1
+
+
+@dataclass
+class Pool:
+    """One model and its KV pool. `index` is the pool's number everywhere a chunk
+    names its pool (the scheduler's block managers, batch assembly)."""
+    name: str
+    index: int
+    runner: ModelRunner
+    num_streams: int = 1      # streams of one sequence that live in this pool
+
+
+def open_pool(name: str, index: int, model_dir: Path, hf_config, base: ModelRunner, max_model_len: int,
+              block_size: int) -> Pool:
+    """A model of its own beside the reasoner's (its KV cache is allocated by the
+    engine with every pool's): same dtype, device and attention backend."""
+    max_position = max_model_len + SCRATCH_SLACK_BLOCKS * block_size
+    runner = ModelRunner(model_dir, hf_config, base.dtype, base.device, max_position, block_size,
+                         attn_backend=base.attn_backend)
+    return Pool(name, index, runner)
+
+
+@dataclass
+class StreamModel:
+    """A model declared by `LLM(stream_models={name: path})`, resolved: its directory and
+    config, or `shares`, the pool of an earlier model (or the reasoner's) with the same
+    weights, which runs its streams in that pool's forward."""
+    name: str
+    model_dir: Path
+    config: object
+    shares: str | None = None
+
+
+def resolve_stream_models(stream_models, reasoner_dir: Path, reasoner_config, max_model_len: int) -> list[StreamModel]:
+    """Check `LLM(stream_models=...)` before anything loads: names, directories, supported
+    architectures, room for max_model_len positions."""
+    from memgen.model_config import load_model_config
+    from memgen.sources import resolve_model_dir, same_model
+
+    if not isinstance(stream_models, dict):
+        raise TypeError(f"stream_models must be a dict of name -> model directory, got {type(stream_models).__name__}")
+    resolved: list[StreamModel] = []
+    for name, path in stream_models.items():
+        if not isinstance(name, str) or not name or name == BASE_POOL:
+            raise ValueError(f"stream_models: a model's name must be a non-empty str other than {BASE_POOL!r} "
+                             f"(StreamSpec(model=None) is the reasoner's base), got {name!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"stream_models[{name!r}] must be a model directory (str or os.PathLike), "
+                            f"got {type(path).__name__}")
+        model_dir = Path(resolve_model_dir(path))
+        try:
+            config = load_model_config(model_dir)
+        except ValueError as err:     # an unsupported architecture, said with the model's name
+            raise ValueError(f"stream_models[{name!r}] ({model_dir}): {err}") from err
+        positions = int(getattr(config, "max_position_embeddings", max_model_len))
+        if positions < max_model_len:
+            raise ValueError(f"stream_models[{name!r}] holds at most {positions} positions "
+                             f"(max_position_embeddings) but max_model_len is {max_model_len}: a stream holds "
+                             "as many positions as the reasoner; lower max_model_len")
+        shares = BASE_POOL if same_model(model_dir, reasoner_dir) else None
+        for earlier in resolved:
+            if shares is None and earlier.shares is None and same_model(model_dir, earlier.model_dir):
+                shares = earlier.name     # one model loaded once, one forward for both names
+        resolved.append(StreamModel(name, model_dir, config, shares))
+    return resolved
 
 
 @dataclass
@@ -24,6 +98,7 @@ class StreamBinding:
     spec: StreamSpec
     pool: str                       # the pool's name (the scheduler maps it to its index)
     adapter_id: int                 # -1: the base weights
+    project: Callable[[torch.Tensor], torch.Tensor] | None   # the spec's input projection, width-checked
     token_input: Callable[[torch.Tensor], torch.Tensor] | None   # ids -> input rows (projected embeddings)
     width: int                      # the hidden size of the model it runs on
 
@@ -35,31 +110,96 @@ class StreamBinder:
         self.version = 0            # weight updates bump it: cache entries of old weights are never hit
         self._bindings: dict[int, StreamBinding] = {}   # id(spec) -> binding (it holds the spec alive)
         self._used_adapter_ids: set[int] = set()
+        self._models: dict[str, tuple[str, ModelRunner]] = {}   # StreamSpec.model -> (pool, runner)
+
+    def open_models(self, models: list[StreamModel], first_index: int, max_model_len: int,
+                    block_size: int) -> list[Pool]:
+        """The pools of the declared stream models (numbered from `first_index`); a model
+        with the reasoner's weights, or an earlier one's, runs in that one's pool."""
+        pools: list[Pool] = []
+        for model in models:
+            if model.shares is not None:
+                self._models[model.name] = (BASE_POOL, self.base_runner) if model.shares == BASE_POOL \
+                    else self._models[model.shares]
+                continue
+            pool = open_pool(model.name, first_index + len(pools), model.model_dir, model.config,
+                             self.base_runner, max_model_len, block_size)
+            pools.append(pool)
+            self._models[model.name] = (pool.name, pool.runner)
+        return pools
 
     def bind(self, spec: StreamSpec, pool: str, adapter_id: int, width: int) -> None:
         """An explicit binding (MemGen's streams: their adapters are installed by the set-up)."""
         self._used_adapter_ids.add(adapter_id)
-        self._bindings[id(spec)] = StreamBinding(spec, pool, adapter_id, self._token_input(spec), width)
+        project = self._checked_projection(spec, width)
+        self._bindings[id(spec)] = StreamBinding(spec, pool, adapter_id, project, self._token_input(project), width)
 
     def binding(self, spec: StreamSpec) -> StreamBinding:
         found = self._bindings.get(id(spec))
         if found is None:
             if not isinstance(spec, StreamSpec):
                 raise TypeError(f"a policy's streams must be memgen.StreamSpec objects, got {type(spec).__name__}")
+            pool, runner = self._model_of(spec)
+            width = int(runner.hf_config.hidden_size)
             adapter_id = -1
             if spec.adapter is not None:
                 adapter_id = max(self._used_adapter_ids, default=-1) + 1
-                install_lora(self.base_runner.model, adapter_id, spec.adapter, self.dtype, self.device)
+                install_lora(runner.model, adapter_id, spec.adapter, self.dtype, self.device)
                 self._used_adapter_ids.add(adapter_id)
-            width = int(self.base_runner.hf_config.hidden_size)
-            found = StreamBinding(spec, BASE_POOL, adapter_id, self._token_input(spec), width)
+            project = self._checked_projection(spec, width)
+            found = StreamBinding(spec, pool, adapter_id, project, self._token_input(project), width)
             self._bindings[id(spec)] = found
         return found
 
-    def _token_input(self, spec: StreamSpec):
-        """One function per spec: the batch assembly makes one call per step for all of
-        its rows, whatever the number of requests."""
+    def _model_of(self, spec: StreamSpec) -> tuple[str, ModelRunner]:
+        """The pool and runner a user's spec runs on, checked against what its inputs need."""
+        if spec.model is None:
+            return BASE_POOL, self.base_runner
+        found = self._models.get(spec.model)
+        if found is None:
+            declared = sorted(self._models)
+            raise ValueError(f"StreamSpec {spec.name!r} runs on model {spec.model!r}, which this LLM was not built "
+                             f"with (declared: {declared or 'none'}): LLM(..., stream_models={{{spec.model!r}: "
+                             "path}) loads it")
+        config, base = found[1].hf_config, self.base_runner.hf_config
+        if spec.input_projection is None:
+            # without a projection its tokens go through the model's own embedding table,
+            # and the rows of Inserts it follows enter as they are (at the reasoner's width)
+            if spec.follow == "all" and config.hidden_size != base.hidden_size:
+                raise ValueError(
+                    f"StreamSpec {spec.name!r} follows every reasoner position (follow='all'), Inserts included, "
+                    f"on model {spec.model!r} of hidden size {config.hidden_size}, but the reasoner's is "
+                    f"{base.hidden_size}: give it an input_projection [N, {base.hidden_size}] -> "
+                    f"[N, {config.hidden_size}], or follow='tokens'")
+            if config.vocab_size < base.vocab_size:
+                raise ValueError(
+                    f"StreamSpec {spec.name!r} on model {spec.model!r} reads the reasoner's token ids with that "
+                    f"model's embedding table of {config.vocab_size} rows, fewer than the reasoner's vocabulary "
+                    f"({base.vocab_size}): give it an input_projection of the reasoner's embeddings")
+        return found
+
+    @staticmethod
+    def _checked_projection(spec: StreamSpec, width: int):
+        """The spec's input projection, its output checked against the stream's width (a
+        wrong width would otherwise fail deep inside the forward)."""
         project = spec.input_projection
+        if project is None:
+            return None
+
+        def checked(rows: torch.Tensor) -> torch.Tensor:
+            out = project(rows)
+            if not isinstance(out, torch.Tensor) or out.shape != (rows.shape[0], width):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"StreamSpec {spec.name!r}: input_projection must map [N, {rows.shape[-1]}] to "
+                                 f"[N, {width}] (the hidden size of the model it runs on), got {shape} "
+                                 f"for N = {rows.shape[0]}")
+            return out
+        return checked
+
+    def _token_input(self, project):
+        """One function per spec: the batch assembly makes one call per step for all of
+        its rows, whatever the number of requests. The reasoner's embeddings, projected
+        (to the stream model's width when it runs on another model)."""
         if project is None:
             return None
         embed = self.base_runner.model.model.embed_tokens

@@ -12,7 +12,7 @@ import torch
 from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.cuda_graph import build_decode_graphs
-from memgen.engine.extra_streams import StreamBinder
+from memgen.engine.extra_streams import StreamBinder, StreamModel
 from memgen.engine.memgen_setup import BASE_POOL, SCRATCH_SLACK_BLOCKS, MemGenPlan, MemGenSetup, Pool
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.policy import LatentRuntime, PlainPolicy, RequestPolicy, StepHidden
@@ -33,7 +33,7 @@ LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a Me
 class LLMEngine:
     def __init__(self, model_dir: Path, hf_config, config: EngineConfig, dtype: torch.dtype,
                  device: torch.device, eos_token_ids: frozenset[int], memgen: MemGenSetup | None = None,
-                 detokenize=None):
+                 detokenize=None, stream_models: list[StreamModel] | None = None):
         self.config, self.dtype, self.device = config, dtype, device
         self.detokenize = detokenize    # token ids -> text, for stop strings (LLM passes its tokenizer's)
         self.hf_config = hf_config
@@ -57,6 +57,9 @@ class LLMEngine:
             base.num_streams = self.memgen_plan.streams_in_base
             self.pools += self.memgen_plan.extra_pools
             self.memory = self.memgen_plan.policy
+        if stream_models:   # models a user's StreamSpec(model=name) runs on: each its own pool
+            self.pools += self.stream_binder.open_models(stream_models, len(self.pools), self.max_model_len,
+                                                         config.block_size)
         # one policy for every request: MemGen's requests run its LatentPolicy (the default)
         self.policy: RequestPolicy = PlainPolicy(LatentRuntime(self.model_runner, self.max_model_len),
                                                  self.stream_binder, default=self.memory)

@@ -15,28 +15,14 @@ from pathlib import Path
 import torch
 
 from memgen.checkpoint import MemGenCheckpoint, validate
-from memgen.engine.extra_streams import BASE_POOL, StreamBinder
+from memgen.engine.extra_streams import BASE_POOL, SCRATCH_SLACK_BLOCKS, Pool, StreamBinder, open_pool
 from memgen.engine.model_runner import ModelRunner
 from memgen.layers.lora import install_lora
 from memgen.memory.controller import ADAPTER_IDS, REASONER, TRIGGER, WEAVER, MemGenPolicy
 from memgen.memory.delimiters import build_delimiter_table
 from memgen.memory.parts import MemGenParts
 
-# One block of slack per stream in a pool shared by several streams, and one block of
-# positions for a weaver on its own model: room for the weaver's scratch queries, kept
-# from before the room rule (memory.controller._apply_decision) bounded them by
-# max_model_len. Named once here; the engine sizes its pools with it.
-SCRATCH_SLACK_BLOCKS = 1
-
-
-@dataclass
-class Pool:
-    """One model and its KV pool. `index` is the pool's number everywhere a chunk
-    names its pool (the scheduler's block managers, batch assembly)."""
-    name: str
-    index: int
-    runner: ModelRunner
-    num_streams: int = 1      # streams of one sequence that live in this pool
+__all__ = ["BASE_POOL", "SCRATCH_SLACK_BLOCKS", "MemGenPlan", "MemGenSetup", "Pool", "check_memgen_fits"]
 
 
 @dataclass
@@ -78,11 +64,9 @@ class MemGenSetup:
                 runner, pool_of_stream[name] = base, BASE_POOL
                 streams_in_base += 1
             else:
-                max_position = max_model_len + SCRATCH_SLACK_BLOCKS * block_size
-                runner = ModelRunner(model_dir, config, dtype, device, max_position, block_size,
-                                     attn_backend=base.attn_backend)
-                extra.append(Pool(name, 1 + len(extra), runner))
-                pool_of_stream[name] = name
+                pool = open_pool(name, 1 + len(extra), model_dir, config, base, max_model_len, block_size)
+                extra.append(pool)
+                runner, pool_of_stream[name] = pool.runner, name
             install_lora(runner.model, ADAPTER_IDS[name], lora, dtype, device)
             runner_of[name] = runner
         parts = MemGenParts.from_checkpoint(ckpt, dtype, device)

@@ -117,8 +117,11 @@ class LatentRuntime:
         if rows.dim() == 1:
             rows = rows.unsqueeze(0)
         if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] != self.hidden_size:
+            # the likely slip: a stream on another model hands back states at that model's width
+            hint = (f" (the reasoner's hidden size is {self.hidden_size}: project the states of a stream on "
+                    "another model back to it first)" if rows.dim() == 2 and rows.shape[0] else "")
             raise ValueError(f"{name}: Insert takes embeddings of shape [K >= 1, {self.hidden_size}], got "
-                             f"{tuple(action.embeddings.shape)}")
+                             f"{tuple(action.embeddings.shape)}{hint}")
         rows = rows.detach().to(device=self.device, dtype=self.dtype, copy=True)
         if not bool(torch.isfinite(rows).all()):
             raise ValueError(f"{name}: Insert got non-finite embeddings")
@@ -235,16 +238,17 @@ class LatentRequest:
         self.num_fed = 0          # forced tokens fed
         self._record: list | None = None      # set by close()
         self.handles: dict[str, StreamHandle] = {}    # ctx.streams
-        self.followers: list[tuple[Stream, object]] = []   # (stream, its StreamSpec)
+        self.followers: list[tuple[Stream, object]] = []   # (stream, its binding: spec, checked projection)
         self.asks: dict[str, _Ask] = {}       # stream name -> outstanding compute()
         self.following: set[str] = set()      # streams computing in every step
         self.last_hidden: dict[str, tuple[int, torch.Tensor]] = {}   # stream -> (position, state)
         self.r_hidden: torch.Tensor | None = None   # R caught up, on_hidden waits for the asks
         self.ending = False       # a policy ended it (ctx.finish); the engine finishes it
 
-    def add_stream(self, stream: Stream, spec, width: int) -> None:
-        self.handles[stream.name] = StreamHandle(self, stream, spec, width)
-        self.followers.append((stream, spec))
+    def add_stream(self, stream: Stream, binding) -> None:
+        """`binding`: engine.extra_streams.StreamBinding, where the stream runs."""
+        self.handles[stream.name] = StreamHandle(self, stream, binding.spec, binding.width)
+        self.followers.append((stream, binding))
 
     def update_due(self) -> None:
         """R may always catch up; a stream when asked or following."""
@@ -264,16 +268,16 @@ class LatentRequest:
 
     # ---- the reasoner's positions, mirrored into the streams that follow it --------
     def mirror_tokens(self, token_ids: list[int]) -> None:
-        for stream, spec in self.followers:
-            skip = spec.skip_token_ids
+        for stream, binding in self.followers:
+            skip = binding.spec.skip_token_ids
             ids = [t for t in token_ids if t not in skip] if skip else token_ids
             if ids:
                 stream.append_tokens(ids) if len(ids) > 1 else stream.append_token(ids[0])
 
     def mirror_rows(self, rows: torch.Tensor) -> None:
-        for stream, spec in self.followers:
-            if spec.follow == "all":
-                project = spec.input_projection
+        for stream, binding in self.followers:
+            if binding.spec.follow == "all":
+                project = binding.project
                 stream.append_embeds(project(rows) if project is not None else rows)
 
     # ---- a stream's chunk was computed ------------------------------------------------
@@ -350,17 +354,25 @@ class PlainPolicy:
         if self.runtime is None:
             raise ValueError("this engine's policy was built without a LatentRuntime: it cannot run latent policies")
         state = LatentRequest(template, PolicyContext(seq, self.runtime))
-        for spec in template.streams:
-            if spec.name in seq.streams:
-                raise ValueError(f"{type(template).__name__}: two streams are named {spec.name!r}")
-            binding = self.binder.binding(spec)
-            stream = self.binder.create(spec, seq.prompt_token_ids)
-            seq.streams[spec.name] = stream
-            state.add_stream(stream, spec, binding.width)
+        for binding in self.bind_streams(template):
+            stream = self.binder.create(binding.spec, seq.prompt_token_ids)
+            seq.streams[binding.spec.name] = stream
+            state.add_stream(stream, binding)
         seq.latent = state
         seq.due_streams = {REASONER}
         self.latent_requests[seq.seq_id] = state
         self._unbegun.append(state)
+
+    def bind_streams(self, template: LatentPolicy) -> list:
+        """Where each of a policy's streams runs (engine.extra_streams.StreamBinding):
+        LLM checks a call's policies with it before any of its requests enters."""
+        bindings, names = [], {REASONER}
+        for spec in template.streams:
+            if getattr(spec, "name", None) in names:
+                raise ValueError(f"{type(template).__name__}: two streams are named {spec.name!r}")
+            bindings.append(self.binder.binding(spec))
+            names.add(spec.name)
+        return bindings
 
     def before_schedule(self) -> None:
         """new_request + on_start of the requests that arrived since the last step:
