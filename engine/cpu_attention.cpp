@@ -196,9 +196,10 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
 }
 
 // The per-item entry points, compiled for several instruction sets and picked at run
-// time (never -march=native: the wheel must run on any x86-64).
+// time (never -march=native: the wheel must run on any x86-64). x86-64-v3 is AVX2 with
+// FMA (a plain "avx2" clone has no FMA); v4 adds AVX-512.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define MEMGEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MEMGEN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MEMGEN_CLONES
 #endif

@@ -45,8 +45,9 @@ inline float vexp(float x) {
     return p;
 }
 
+// one body per instruction set, picked at run time (x86-64-v3: AVX2 + FMA; v4: AVX-512)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define MEMGEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MEMGEN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MEMGEN_CLONES
 #endif
