@@ -318,6 +318,11 @@ NB_MODULE(_native, m) {
               pack_weight(reinterpret_cast<const float*>(w_t), K, N, reinterpret_cast<float*>(packed));
           },
           "pack W^T ([K, N] row-major float32) into 16-column panels (engine/cpu_gemm.h)");
+    m.def("pack_rows",
+          [](uintptr_t w, int64_t rows, int64_t K, int64_t N, int64_t col0, uintptr_t packed) {
+              pack_rows(reinterpret_cast<const float*>(w), rows, K, N, col0, reinterpret_cast<float*>(packed));
+          },
+          "write W's rows [col0, col0 + rows) ([rows, K] row-major float32) into a packed [K, N] matrix");
     m.def("packed_linear",
           [](uintptr_t x, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t bias, uintptr_t y,
              int num_threads) {

@@ -104,6 +104,16 @@ void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed) {
     }
 }
 
+void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0, float* packed) {
+    if (rows < 0 || K < 1 || col0 < 0 || col0 + rows > N) throw std::invalid_argument("pack_rows: rows outside W");
+    for (int64_t n = 0; n < rows; ++n) {
+        const int64_t col = col0 + n;
+        float* dst = packed + col / kPanel * K * kPanel + col % kPanel;
+        const float* src = w + n * K;
+        for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = src[k];
+    }
+}
+
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads) {
     if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear: bad sizes");

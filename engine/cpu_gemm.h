@@ -16,6 +16,11 @@ int64_t packed_size(int64_t K, int64_t N);
 // w_t: W^T as stored, [K, N] row-major (Linear keeps [in, out] contiguous).
 void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed);
 
+// Writes rows [col0, col0 + rows) of W (w: [rows, K] row-major, as HF stores a
+// projection or a slice of a packed one) into a packed [K, N] matrix: loads straight
+// into the panels, no plain copy first.
+void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0, float* packed);
+
 // x [M, K] row-major, y [M, N] row-major, bias [N] or null. `num_threads` > 1 splits
 // the panels across OpenMP threads when the work is large enough to pay for it.
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,

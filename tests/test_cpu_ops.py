@@ -125,13 +125,34 @@ def test_packed_linear_splits_panels_across_threads(threads):
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-3)
 
 
-def test_packing_applies_to_cpu_float32_only_and_is_final():
+def test_packing_applies_to_cpu_float32_only():
     from memgen.layers.linear import Linear, pack_linears_for_cpu
 
     model = torch.nn.Sequential(Linear(8, 4), Linear(8, 4).double(), Linear(8, 4).to(torch.bfloat16))
     assert pack_linears_for_cpu(model) == 1 and [m.packed for m in model] == [True, False, False]
     assert pack_linears_for_cpu(model) == 1                       # idempotent
-    with pytest.raises(RuntimeError, match="load weights before packing"):
-        model[0].load_part("", torch.zeros(4, 8))
     with pytest.raises(RuntimeError, match="outside autograd"):
         model[0](torch.zeros(2, 8))                               # grad mode: the kernel has no backward
+
+
+def test_weights_load_straight_into_the_panels():
+    """Packed before loading (as load_model does): each HF part lands in its panel
+    columns, mid-panel starts and the padded last panel included."""
+    from memgen.layers.linear import Linear
+
+    g = torch.Generator().manual_seed(3)
+    parts = {"q": 24, "k": 8, "v": 13}                  # 45 columns: parts start mid-panel, a padded last panel
+    layer = Linear(20, parts, bias=True)
+    layer.pack_for_cpu(keep_values=False)
+    hf = {name: torch.randn(n, 20, generator=g, dtype=torch.float64) for name, n in parts.items()}   # cast on load
+    bias = {name: torch.randn(n, generator=g) for name, n in parts.items()}
+    for name in parts:
+        layer.load_part(name, hf[name])
+        layer.load_part(name, bias[name], is_bias=True)
+    with pytest.raises(ValueError, match="expected \\(8, 20\\)"):
+        layer.load_part("k", torch.zeros(8, 21))
+    x = torch.randn(5, 20, generator=g)
+    with torch.inference_mode():
+        got = layer(x)
+    want = F.linear(x, torch.cat(list(hf.values())).float(), torch.cat(list(bias.values())))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,6 @@ from memgen._native import StepCore
 from memgen.engine.input_batch import InputBuffers, ModelInput, build_model_input
 from memgen.layers.backend import TorchBackend
 from memgen.layers.context import forward_context
-from memgen.layers.linear import pack_linears_for_cpu
 from memgen.models import DecoderForCausalLM, load_model
 
 
@@ -21,9 +20,6 @@ class ModelRunner:
         self.dtype, self.device, self.block_size = dtype, device, block_size
         self.hf_config = hf_config
         self.model: DecoderForCausalLM = load_model(model_dir, dtype, device, max_position, hf_config)
-        # float32 on the CPU: the linears run the native kernel on prepacked weights
-        # (engine/cpu_gemm.h: ~1.8x MKL at a decode step's few rows)
-        pack_linears_for_cpu(self.model)
         self.attn_backend = attn_backend or TorchBackend()
         self.num_kv_blocks = 0
         self.input_buffers = InputBuffers(device)

@@ -39,29 +39,39 @@ class Linear(nn.Module):
         self.packed = False   # True: `weight` holds W in the native CPU kernel's panels (pack_for_cpu)
 
     def load_part(self, name: str, tensor: torch.Tensor, is_bias: bool = False) -> None:
-        """Copy one HF sub-projection (e.g. 'k' of a packed QKV) into its slice."""
+        """Copy one HF sub-projection (e.g. 'k' of a packed QKV; '' for a whole
+        projection) into its slice; straight into the panels when packed."""
         param = self.bias if is_bias else self.weight
-        if self.packed and not is_bias:
-            raise RuntimeError("this layer's weight is packed for the CPU kernel: load weights before packing")
         if param is None:
             raise ValueError(f"checkpoint has a bias for a projection built without one ({name!r})")
-        dst = param.data[self.output_slices[name]]
-        if tuple(dst.shape) != tuple(tensor.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        part = self.output_slices[name]
+        want = (part.stop - part.start,) if is_bias else (part.stop - part.start, self.in_features)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {want}")
+        if self.packed and not is_bias:
+            rows = tensor.to(torch.float32).contiguous()
+            native.pack_rows(rows.data_ptr(), want[0], self.in_features, self.out_features, part.start,
+                             self.weight.data_ptr())
+            return
+        param.data[part].copy_(tensor)
 
-    def pack_for_cpu(self) -> bool:
-        """On the CPU in float32, store W in the native kernel's 16-column panels
-        (engine/cpu_gemm.h): the packed copy replaces the plain one, so W is held once.
-        Returns whether the layer is packed."""
+    def pack_for_cpu(self, keep_values: bool = True) -> bool:
+        """On the CPU in float32, hold W in the native kernel's 16-column panels
+        (engine/cpu_gemm.h) instead of the plain layout, so that W is stored once.
+        keep_values=False before loading (load_part then writes straight into the
+        panels); else the current weight is repacked. Returns whether it is packed."""
         if self.packed:
             return True
         w = self.weight
         if native.packed_linear is None or w.device.type != "cpu" or w.dtype != torch.float32:
             return False
-        w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
-        packed = torch.empty(native.packed_size(self.in_features, self.out_features), dtype=torch.float32)
-        native.pack_weight(w_t.data_ptr(), self.in_features, self.out_features, packed.data_ptr())
+        k, n = self.in_features, self.out_features
+        packed = torch.empty(native.packed_size(k, n), dtype=torch.float32)
+        if n % 16:   # the last panel's padding columns must be zeros (they are multiplied, then dropped)
+            packed.view(-1, k, 16)[-1, :, n % 16:] = 0
+        if keep_values:
+            w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
+            native.pack_weight(w_t.data_ptr(), k, n, packed.data_ptr())
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.packed = True
         return True
@@ -87,9 +97,9 @@ class Linear(nn.Module):
         return y
 
 
-def pack_linears_for_cpu(model: nn.Module) -> int:
+def pack_linears_for_cpu(model: nn.Module, keep_values: bool = True) -> int:
     """Pack every Linear of a CPU float32 model for the native kernel; returns how many."""
-    return sum(m.pack_for_cpu() for m in model.modules() if isinstance(m, Linear))
+    return sum(m.pack_for_cpu(keep_values) for m in model.modules() if isinstance(m, Linear))
 
 
 class SiluAndMul(nn.Module):

@@ -23,6 +23,7 @@ rms_norm_cpu = native_op("rms_norm_cpu")
 silu_and_mul_cpu = native_op("silu_and_mul_cpu")
 packed_linear = native_op("packed_linear")   # engine/cpu_gemm.h, with pack_weight and packed_size
 pack_weight = native_op("pack_weight")
+pack_rows = native_op("pack_rows")
 packed_size = native_op("packed_size")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memgen.layers.linear import Linear
+
 # HF sub-projection -> (packed module, part name)
 _PACKED = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -64,6 +66,14 @@ def _load_one(name: str, tensor: torch.Tensor, params, modules, loaded: set, fil
     param = params.get(name)
     if param is None:
         raise ValueError(f"{file}: tensor {name!r} has no place in this model")
+    module = modules.get(module_name)
+    if isinstance(module, Linear):   # its own copy: the weight may be held in CPU panels
+        try:
+            module.load_part(next(iter(module.output_slices)), tensor.to(param.dtype), is_bias=kind == "bias")
+        except ValueError as e:
+            raise ValueError(f"{file}: tensor {name!r}: {e}") from e
+        loaded.add(name)
+        return
     if tuple(param.shape) != tuple(tensor.shape):
         raise ValueError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
     param.data.copy_(tensor)
