@@ -114,3 +114,20 @@ def test_missing_weights_and_unsupported_arch(tmp_path, qwen2_dir):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError):
         LLM(other)
+
+
+@pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("qwen3", {}), ("llama", {}),
+                                            ("llama", {"attention_bias": True, "mlp_bias": True})])
+def test_weight_bytes_counts_what_the_decoder_holds(arch, overrides):
+    """models.footprint counts parameters from the config (the inactive trigger's log
+    line); it must equal the decoder's own parameters, bias, q/k norm and tied head included."""
+    import fixtures
+
+    from memgen.models.decoder import DecoderForCausalLM
+    from memgen.models.footprint import weight_bytes
+
+    config = fixtures.tiny_config(arch, 320, hidden_size=64, num_layers=3, **overrides)
+    model = DecoderForCausalLM(config, 16, torch.float32)
+    want = sum(p.numel() for p in model.parameters()) * 4
+    assert weight_bytes(config, torch.float32) == want
+    assert weight_bytes(config, torch.bfloat16) == want // 2

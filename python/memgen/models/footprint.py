@@ -6,14 +6,23 @@ import torch
 
 
 def weight_bytes(hf_config, dtype: torch.dtype) -> int:
-    """Bytes of the engine decoder's parameters for `hf_config` in `dtype`
-    (built on the meta device; a tied head counts once)."""
-    from memgen.models.decoder import DecoderForCausalLM
+    """Bytes of the engine decoder's parameters for `hf_config` in `dtype` (a tied
+    head counts once), counted from the config: building the decoder, even on the
+    meta device, imports torch._dynamo (~2 s) for a log line."""
+    from memgen.models.decoder import arch_spec
 
-    with torch.device("meta"):
-        model = DecoderForCausalLM(hf_config, 1, dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in model.parameters()) * itemsize
+    spec = arch_spec(hf_config)
+    hidden, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer = (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter   # q/k/v, o, gate/up/down
+             + spec.qkv_bias * (q + 2 * kv) + spec.o_bias * hidden + spec.mlp_bias * (2 * inter + hidden)
+             + 2 * hidden + spec.qk_norm * 2 * head_dim)                  # the two norms, q/k norms
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    total = hf_config.num_hidden_layers * layer + vocab * hidden * (1 if tied else 2) + hidden
+    return total * torch.empty((), dtype=dtype).element_size()
 
 
 def inactive_trigger_note(trigger_config, trigger_dir, dtype: torch.dtype) -> str:
