@@ -312,6 +312,7 @@ NB_MODULE(_native, m) {
                                static_cast<AttnDtype>(dtype));
           },
           "silu(gate) * up of a contiguous [rows, 2 * width] gate-up output (engine/cpu_ops.h).");
+    m.def("linear_isa", &linear_isa, "the instruction set the packed CPU linear runs (engine/cpu_gemm.h)");
     m.def("packed_size", &packed_size, "floats the packed form of a [K, N] matrix takes (engine/cpu_gemm.h)");
     m.def("pack_weight",
           [](uintptr_t w_t, int64_t K, int64_t N, uintptr_t packed) {

@@ -2,8 +2,10 @@
 #include "cpu_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include <omp.h>
 
@@ -76,19 +78,41 @@ void panels_baseline(const float* x, int64_t M, int64_t K, const float* packed, 
 using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,
                           int64_t);
 
+// The best body this CPU runs; MEMGEN_CPU_ISA=avx2|baseline asks for a lower one (tests
+// run every body on one machine; an unknown or unsupported value is ignored).
 PanelsFn pick_panels() {
+    const char* asked = std::getenv("MEMGEN_CPU_ISA");
+    const std::string cap = asked != nullptr ? asked : "";
+    if (cap == "baseline") return panels_baseline;
 #ifdef MEMGEN_GEMM_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return panels_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return panels_avx2;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+        return panels_avx512;
+    if (avx2) return panels_avx2;
 #endif
     return panels_baseline;
+}
+
+PanelsFn chosen_panels() {
+    static const PanelsFn run = pick_panels();
+    return run;
 }
 
 // Below this many multiply-adds a second thread costs more than it saves.
 constexpr int64_t kWorkPerThread = int64_t(1) << 21;
 
 }  // namespace
+
+const char* linear_isa() {
+    const PanelsFn run = chosen_panels();
+#ifdef MEMGEN_GEMM_DISPATCH
+    if (run == panels_avx512) return "avx512";
+    if (run == panels_avx2) return "avx2";
+#endif
+    (void)run;
+    return "baseline";
+}
 
 int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * K; }
 
@@ -117,7 +141,7 @@ void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0,
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads) {
     if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear: bad sizes");
-    static const PanelsFn run = pick_panels();
+    const PanelsFn run = chosen_panels();
     const int64_t num_panels = (N + kPanel - 1) / kPanel;
     const int threads = (int)std::max<int64_t>(
         1, std::min<int64_t>({num_threads, num_panels, M * K * N / kWorkPerThread}));

@@ -10,6 +10,10 @@
 
 namespace memgen {
 
+// The instruction set packed_linear runs: "avx512", "avx2" or "baseline" (picked once;
+// MEMGEN_CPU_ISA=avx2|baseline caps it).
+const char* linear_isa();
+
 // Number of floats the packed form of a [K, N] matrix takes.
 int64_t packed_size(int64_t K, int64_t N);
 

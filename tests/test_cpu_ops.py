@@ -156,3 +156,29 @@ def test_weights_load_straight_into_the_panels():
         got = layer(x)
     want = F.linear(x, torch.cat(list(hf.values())).float(), torch.cat(list(bias.values())))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_packed_linear_lower_instruction_sets(isa):
+    """The AVX2 and baseline bodies (what a Zen 3 or an older x86-64 runs), forced on
+    this machine through MEMGEN_CPU_ISA, equal F.linear too."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torch.nn.functional as F\n"
+            "from memgen.layers import native\n"
+            "from memgen.layers.linear import Linear\n"
+            "torch.manual_seed(0)\n"
+            "layer = Linear(70, 45, bias=True)\n"
+            "w = torch.randn(45, 70); b = torch.randn(45)\n"
+            "layer.weight.data.copy_(w); layer.bias.data.copy_(b); layer.pack_for_cpu()\n"
+            "for rows in (1, 3, 8, 13):\n"
+            "    x = torch.randn(rows, 70)\n"
+            "    with torch.inference_mode():\n"
+            "        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)\n"
+            "print(native.native_op('linear_isa')())\n")
+    env = {**__import__("os").environ, "MEMGEN_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ran = out.stdout.split()[-1]
+    assert ran == isa or (isa == "avx2" and ran == "baseline")   # a CPU without AVX2 falls back
