@@ -43,42 +43,36 @@ from collections.abc import Sequence
 from typing import Any
 
 
-class _Sample:
-    """The action SAMPLE: sample the next token from the logits of `hidden`."""
-    _instance = None
+class _Marker:
+    """A named action without arguments: one instance per subclass (`is` compares it),
+    and a copy or a pickle gives that instance back."""
+    _instances: dict[type, "_Marker"] = {}
+    name = ""
 
     def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+        if cls not in _Marker._instances:
+            _Marker._instances[cls] = super().__new__(cls)
+        return _Marker._instances[cls]
 
     def __repr__(self) -> str:
-        return "SAMPLE"
+        return self.name
 
     def __reduce__(self):
-        return (_Sample, ())
+        return (type(self), ())
+
+
+class _Sample(_Marker):
+    """The action SAMPLE: sample the next token from the logits of `hidden`."""
+    name = "SAMPLE"
+
+
+class _Wait(_Marker):
+    """The action WAIT: R has caught up, but the streams asked to compute go first;
+    on_hidden is called again (with the same hidden state) once they delivered."""
+    name = "WAIT"
 
 
 SAMPLE = _Sample()
-
-
-class _Wait:
-    """The action WAIT: R has caught up, but the streams asked to compute go first;
-    on_hidden is called again (with the same hidden state) once they delivered."""
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "WAIT"
-
-    def __reduce__(self):
-        return (_Wait, ())
-
-
 WAIT = _Wait()
 
 
