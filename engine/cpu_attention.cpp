@@ -1,5 +1,6 @@
 // See cpu_attention.h.
 #include "cpu_attention.h"
+#include "cpu_math.h"
 
 #include <omp.h>
 
@@ -17,48 +18,17 @@ namespace {
 
 struct BF16 { uint16_t bits; };
 
-inline float to_acc(BF16 x, float) {
-    uint32_t u = uint32_t(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
+inline float to_acc(BF16 x, float) { return bf16_to_float(x.bits); }
 inline float to_acc(float x, float) { return x; }
 inline double to_acc(double x, double) { return x; }
 
 inline void store(float* dst, float x) { *dst = x; }
 inline void store(double* dst, double x) { *dst = x; }
-inline void store(BF16* dst, float x) {  // round to nearest even, as torch does
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { dst->bits = uint16_t((u >> 16) | 0x40); return; }  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    dst->bits = uint16_t(u >> 16);
-}
+inline void store(BF16* dst, float x) { dst->bits = float_to_bf16(x); }
 
-// exp for the softmax's float path, written so that the compiler vectorizes the loop
-// around it (std::exp is a scalar call per element, which alone cost as much as the
-// dot products here). Cody-Waite reduction x = n*ln2 + r, |r| <= ln2/2, and e^r's Taylor
-// polynomial of degree 7: within 1.3 ulp of exp on [-87, 0] (checked against double exp
-// at every float there), the softmax's range (x = s - max).
-inline float softmax_exp(float x) {
-    x = std::max(x, -87.0f);
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest (1.5 * 2^23)
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-    float p = 1.98412698e-4f;
-    p = p * r + 1.38888889e-3f;
-    p = p * r + 8.33333333e-3f;
-    p = p * r + 4.16666667e-2f;
-    p = p * r + 1.66666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits;
-    std::memcpy(&bits, &p, sizeof bits);
-    bits += int32_t(n) << 23;   // * 2^n (n >= -126 here: no denormal results)
-    std::memcpy(&p, &bits, sizeof p);
-    return p;
-}
+// the softmax's exp: vexp for float (std::exp is a scalar call per element, which
+// alone cost as much as the dot products here); float64 keeps the reference's exp
+inline float softmax_exp(float x) { return vexp(x); }
 inline double softmax_exp(double x) { return std::exp(x); }   // float64: the reference's exp
 
 // Asks for the next block's rows ahead of use: a step's weights have pushed the KV

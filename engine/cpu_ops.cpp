@@ -1,5 +1,6 @@
 // See cpu_ops.h.
 #include "cpu_ops.h"
+#include "cpu_math.h"
 
 #include <cmath>
 #include <cstring>
@@ -8,42 +9,7 @@
 namespace memgen {
 namespace {
 
-inline float bf16_to_float(uint16_t bits) {
-    uint32_t u = uint32_t(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline uint16_t float_to_bf16(float x) {   // round to nearest even, as torch does
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);   // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
 inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
-
-// e^x for |x| <= 87, written so that loops around it vectorize (std::exp is a scalar
-// call per element): x = n*ln2 + r and e^r's Taylor polynomial of degree 7
-// (within 1.3 ulp of exp; engine/cpu_attention.cpp's softmax uses the same).
-inline float vexp(float x) {
-    x = std::min(std::max(x, -87.0f), 87.0f);
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round to nearest
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-    float p = 1.98412698e-4f;
-    p = p * r + 1.38888889e-3f;
-    p = p * r + 8.33333333e-3f;
-    p = p * r + 4.16666667e-2f;
-    p = p * r + 1.66666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits;
-    std::memcpy(&bits, &p, sizeof bits);
-    bits += int32_t(n) << 23;
-    std::memcpy(&p, &bits, sizeof p);
-    return p;
-}
 
 // one body per instruction set, picked at run time (x86-64-v3: AVX2 + FMA; v4: AVX-512)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
