@@ -88,6 +88,19 @@ def test_native_cpu_attention_equals_the_reference(context_lens, query_lens, dty
     torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("head_dim", [8, 12, 20])
+def test_native_cpu_attention_float32_head_sizes(head_dim):
+    """float32 dot products run four keys at a time in 8-wide vectors where head_dim is a
+    multiple of 8, and one by one otherwise: both equal the reference."""
+    q, k, v, k_cache, v_cache, ctx = _step([23, 9, 40], [1, 9, 5], head_dim=head_dim)
+    backend = TorchBackend()
+    ctx.attn_metadata = backend.prepare(ctx)
+    got = backend.forward(q, k, v, k_cache, v_cache, ctx, scale=0.3)
+    want = paged_prefill_attention_ref(q.double(), k_cache.double(), v_cache.double(), ctx.cu_seqlens_q,
+                                       ctx.context_lens, ctx.block_tables, 0.3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_native_cpu_attention_refuses_a_bad_block_table():
     q, k, v, k_cache, v_cache, ctx = _step([9], [1])
     ctx.block_tables[0, 1] = k_cache.shape[0] + 5        # past the cache
