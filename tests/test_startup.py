@@ -3,6 +3,7 @@ config.json and tokenizer.json themselves and must give exactly what transformer
 AutoConfig / AutoTokenizer give for everything memgen uses; what they do not
 understand goes to transformers. And `import memgen` / a plain run import none of it."""
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -327,3 +328,15 @@ def test_memgen_run_on_the_packaged_model_loads_no_transformers(packaged_dir):
     loaded = _modules_after(code)
     assert "transformers" not in loaded
     assert "torch._dynamo" not in loaded   # the inactive trigger's log line counts weights from the config
+
+
+def test_memgen_asks_torch_for_huge_pages_unless_told_not_to():
+    """THP_MEM_ALLOC_ENABLE=1 by default (large CPU tensors on transparent huge pages);
+    a user's own setting wins."""
+    probe = "import os, memgen; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "1", out.stderr
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, timeout=120)
+    assert out.stdout.strip() == "0", out.stderr
