@@ -148,22 +148,27 @@ def _run(llm, prompts, parts, follow=False):
     return [(o.token_ids, o.policy_record) for o in outs], outs
 
 
-def test_a_weaving_policy_matches_the_hf_loop_batched(llama_dir, case):
-    prompts, parts, expected = case
-    llm = LLM(llama_dir, dtype="float64")
-    got, outs = _run(llm, prompts, parts)
+def check_weaving_run(llm, prompts, expected, got, outs, rerun) -> None:
+    """A weaving run equals the HF loop's, is not trivial (weaves after the prompt's
+    happened and changed the tokens), counts its latent positions, and `rerun()` on the
+    warm prefix cache gives the same (the stream's blocks are keyed apart from R's)."""
     assert got == expected
-    # not trivial: weaves after the prompt's happened, and they changed the tokens
     assert sum(sum(r) for _, r in expected) > len(prompts)
     plain = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                                                         ignore_eos=True), use_tqdm=False)]
     assert [t for t, _ in got] != plain
     for out, (_, record) in zip(outs, expected):
         assert out.metrics["num_latent_positions"] == K * sum(record)
-    # again on the warm prefix cache (the stream's blocks are keyed apart from the reasoner's)
-    again, outs = _run(llm, prompts, parts)
+    again, outs = rerun()
     assert again == expected
     assert sum(o.metrics["num_cached_prompt_tokens"] for o in outs) > 0
+
+
+def test_a_weaving_policy_matches_the_hf_loop_batched(llama_dir, case):
+    prompts, parts, expected = case
+    llm = LLM(llama_dir, dtype="float64")
+    got, outs = _run(llm, prompts, parts)
+    check_weaving_run(llm, prompts, expected, got, outs, lambda: _run(llm, prompts, parts))
     assert not llm.engine.policy.latent_requests
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
