@@ -93,52 +93,12 @@ def cpu_ratio(a: str, b: str) -> float:
     return round(min(CPU_TIMES[a]) / min(CPU_TIMES[b]), 2)
 
 
-_FLOOR_CALLS: dict = {}
-
-
 def linear_floor(llm, rows: int, steps: int, mkl: bool = False) -> float:
-    """The model's linear layers and LM head alone, `steps` times at `rows` rows: the
-    GEMMs a decode step cannot avoid. Default: the engine's own layers (on CPU float32
-    the native kernel on packed weights); mkl=True: torch's F.linear (MKL) on the same
-    weights in their plain layout, as HF runs them. The calls are built once, untimed."""
-    key = (id(llm), rows, mkl)
-    if key not in _FLOOR_CALLS:
-        _FLOOR_CALLS[key] = floor_calls(llm, rows, mkl)
-    calls = _FLOOR_CALLS[key]
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for _ in range(steps):
-            for call in calls:
-                call()
-        return time.perf_counter() - start
+    """The model's linear layers and LM head alone (memgen.benchmark.floor): the
+    engine's own kernel, or MKL's F.linear on the same weights (mkl=True)."""
+    from memgen.benchmark.floor import linear_floor_s
 
-
-def floor_calls(llm, rows: int, mkl: bool) -> list:
-    from memgen.layers.linear import Linear
-
-    model = llm.engine.model_runner.model
-    mods = [m for m in model.modules() if isinstance(m, Linear)]
-    xs = {m.in_features: torch.randn(rows, m.in_features) for m in mods}
-    if mkl:
-        plain = [(unpacked(m), m.bias) for m in mods]
-        if model.lm_head is None:   # tied head
-            plain.append((model.model.embed_tokens.weight, None))
-        calls = [lambda w=w, b=b: torch.nn.functional.linear(xs[w.shape[1]], w, b) for w, b in plain]
-    else:
-        calls = [lambda m=m: m(xs[m.in_features]) for m in mods]
-        if model.lm_head is None:
-            calls.append(lambda: model.compute_logits(xs[model.hidden_size]))
-    return calls
-
-
-def unpacked(m) -> torch.Tensor:
-    """A Linear's weight as [out, in] (a view of [in, out] contiguous, as the engine
-    stores it unpacked), undoing the CPU kernel's panels when packed."""
-    if not m.packed:
-        return m.weight
-    k, n = m.in_features, m.out_features
-    w_t = m.weight.detach().view(-1, k, 16).permute(1, 0, 2).reshape(k, -1)[:, :n].contiguous()
-    return w_t.t()
+    return linear_floor_s(llm, rows, steps, mkl)
 
 
 def count_steps(llm, prompts, params) -> int:

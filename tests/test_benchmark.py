@@ -186,6 +186,11 @@ def test_overhead_and_throughput_modes(tmp_path, memgen_reasoner_dir):
     assert t["target_max"] == 1.10 and t["value"] == data["results"][0]["on_over_off"]["latency_s"]
     assert t["met"] == (t["value"] <= 1.10)
     assert not (tmp_path / "overhead_cpu.png").exists()
+    p = data["results"][0]
+    # ignore_eos: 5 tokens = 5 steps off (a short prompt is one prefill chunk); on adds the insertions' steps
+    assert p["steps_off"] == 5 and p["steps_on"] >= p["steps_off"]
+    assert p["linear_floor_s"] > 0 and math.isclose(
+        p["step_vs_linear_floor"], p["memory_off"]["latency_best_s"] / p["linear_floor_s"])
 
     rc, data = bench(tmp_path, "--mode", "throughput", "--model", memgen_reasoner_dir, "--batch-sizes", 2,
                      "--num-prompts", 3, "--max-tokens", 4, "--iterations", 1, "--threads", 1)

@@ -140,6 +140,7 @@ def run_latency(args) -> int:
         ["batch", "tokens", "off s", "on s", "on/off", "TTFT off ms", "TTFT on ms", "TPOT off ms", "TPOT on ms",
          "ITL p50 on", "ITL p99 on", "ins/req", "latents/req", "trig/req"], rows)
     if args.mode == "overhead":
+        _steps_and_floor(points, runs, off)
         worst = max(p["on_over_off"]["latency_s"] for p in points)
         cpu = max(p["on_over_off"].get("cpu_s", float("nan")) for p in points)
         best = max(p["on_over_off"]["latency_best_s"] for p in points)
@@ -149,6 +150,10 @@ def run_latency(args) -> int:
         print(f"memory on/off time: {worst:.3f}x (target <= {OVERHEAD_TARGET}x: "
               f"{'met' if worst <= OVERHEAD_TARGET else 'MISSED'}); best of iterations {best:.3f}x; "
               f"process CPU time on/off {cpu:.3f}x")
+        for p in points:
+            print(f"batch {p['batch_size']}: {p['steps_off']} steps off, {p['steps_on']} on "
+                  f"({p['extra_steps_per_insertion']:.2f} extra per insertion); a memory-off step takes "
+                  f"{p['step_vs_linear_floor']:.2f}x its linear layers alone")
     out = report.write_json(args.output or report.default_output(args.mode, on.device, args.output_dir), result)
     print(f"wrote {out}")
     if args.mode == "latency" and not args.no_plot:
@@ -159,6 +164,22 @@ def run_latency(args) -> int:
         except ImportError:   # a dependency since 0.1.1; an older environment may lack it
             print("memgen bench: matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
     return 0
+
+
+def _steps_and_floor(points: list[dict], runs: dict, off) -> None:
+    """Per point: engine steps on and off, extra steps per insertion, and the memory-off
+    run's best time against its linear layers alone at its rows for as many steps
+    (memgen.benchmark.floor; best of 2)."""
+    from .floor import linear_floor_s
+
+    for p in points:
+        b = p["batch_size"]
+        on_run, off_run = runs[b, "memory_on"][-1], runs[b, "memory_off"][-1]
+        insertions = sum(r.engine_metrics.get("num_insertions", 0) for r in on_run.requests)
+        floor = min(linear_floor_s(off, b, off_run.steps) for _ in range(2))
+        p.update(steps_on=on_run.steps, steps_off=off_run.steps,
+                 extra_steps_per_insertion=(on_run.steps - off_run.steps) / max(insertions, 1),
+                 linear_floor_s=floor, step_vs_linear_floor=p["memory_off"]["latency_best_s"] / floor)
 
 
 # ---- throughput -------------------------------------------------------------------

@@ -81,9 +81,10 @@ class TimedRun:
     wall_s: float
     requests: list[RequestTiming] = field(default_factory=list)
     cpu_s: float = float("nan")     # this process's CPU time: less sensitive to a busy machine than wall time
+    steps: int = 0                  # engine steps the run took
 
     def to_json(self) -> dict:
-        return {"wall_s": round(self.wall_s, 6), "cpu_s": round(self.cpu_s, 6),
+        return {"wall_s": round(self.wall_s, 6), "cpu_s": round(self.cpu_s, 6), "steps": self.steps,
                 "requests": [r.to_json() for r in self.requests]}
 
 
@@ -96,15 +97,17 @@ def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
     cpu_start, start = time.process_time(), time.perf_counter()
     seqs = [engine.add_request(ids, params) for ids in prompts]
     times: list[list[float]] = [[] for _ in seqs]
+    steps = 0
     while engine.has_unfinished():
         engine.step()
+        steps += 1
         now = time.perf_counter() - start
         for t, seq in zip(times, seqs):
             t.extend([now] * (seq.num_output_tokens - len(t)))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     outs = [llm._output([seq]) for seq in seqs]
     return TimedRun(wall, [RequestTiming(t, o.token_ids, o.augmentation, o.metrics) for t, o in zip(times, outs)],
-                    cpu)
+                    cpu, steps)
 
 
 def fits_budget(elapsed_s: float, next_s: float, budget_s: float | None) -> bool:
