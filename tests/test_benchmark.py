@@ -270,3 +270,21 @@ def test_small_config_model(tmp_path, monkeypatch):
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert small_model.small_model_dir() == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [small_model.NAME]   # no temp dir left behind
+
+
+def test_linear_floor_runs_the_base_layers_of_a_memgen_engine(memgen_reasoner_dir):
+    """The floor times the base projections only: a MemGen engine's LoRA hooks need a
+    forward's context, which the floor has none of."""
+    from memgen import LLM
+    from memgen.benchmark.floor import linear_floor_s
+    from memgen.checkpoint import random_checkpoint, save_reference
+    from memgen.models import load_hf_config
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = {"prompt_latents_len": 2, "inference_latents_len": 2, "max_inference_aug_num": 1}
+        save_reference(random_checkpoint(settings, load_hf_config(memgen_reasoner_dir), seed=0), tmp)
+        llm = LLM(memgen_reasoner_dir, memgen=tmp, max_model_len=64)
+        assert any(m.lora is not None for m in llm.engine.model_runner.model.modules() if hasattr(m, "lora"))
+        assert linear_floor_s(llm, 4, 2) > 0 and linear_floor_s(llm, 4, 2, mkl=True) > 0

@@ -40,7 +40,7 @@ def _calls(model, rows: int, mkl: bool) -> list:
         if model.lm_head is None:   # tied head
             plain.append((model.model.embed_tokens.weight, None))
         return [lambda w=w, b=b: torch.nn.functional.linear(xs[w.shape[1]], w, b) for w, b in plain]
-    calls = [lambda m=m: m(xs[m.in_features]) for m in mods]
+    calls = [lambda m=m: m.project(xs[m.in_features]) for m in mods]   # base weights: no LoRA hook
     if model.lm_head is None:
         calls.append(lambda: model.compute_logits(xs[model.hidden_size]))
     return calls

@@ -77,14 +77,14 @@ class Linear(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            y = self._packed_linear(x)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = self.project(x)
         if self.lora is not None:
             y = self.lora(x, y, self)
         return y
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b, without the LoRA hook."""
+        return self._packed_linear(x) if self.packed else F.linear(x, self.weight, self.bias)
 
     def _packed_linear(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] != self.in_features or torch.is_grad_enabled():
