@@ -282,7 +282,8 @@ NB_MODULE(_native, m) {
              uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t cu_seqlens_q,
              uintptr_t context_lens, uintptr_t block_tables, int64_t num_chunks, int64_t max_blocks,
              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
-             double scale, int dtype, int num_threads) {
+             double scale, int dtype, int num_threads, int64_t q_row_stride, int64_t kv_row_stride,
+             uintptr_t rope_cos, uintptr_t rope_sin) {
               if (dtype < 0 || dtype > 2) throw nb::value_error("dtype code must be 0 (f32), 1 (f64) or 2 (bf16)");
               PagedAttentionArgs a{reinterpret_cast<const void*>(k), reinterpret_cast<const void*>(v),
                                    reinterpret_cast<const int64_t*>(slot_mapping), num_store_rows,
@@ -292,7 +293,8 @@ NB_MODULE(_native, m) {
                                    reinterpret_cast<const int64_t*>(context_lens),
                                    reinterpret_cast<const int64_t*>(block_tables), num_chunks, max_blocks,
                                    num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
-                                   static_cast<AttnDtype>(dtype), num_threads};
+                                   static_cast<AttnDtype>(dtype), num_threads, q_row_stride, kv_row_stride,
+                                   reinterpret_cast<const void*>(rope_cos), reinterpret_cast<const void*>(rope_sin)};
               paged_attention_cpu(a);
           },
           nb::call_guard<nb::gil_scoped_release>(),

@@ -58,6 +58,14 @@ inline __attribute__((always_inline)) void dot4(const float* q, const float* k0,
     for (int i = 0; i < 4; ++i) out[i] = all[i] + all[i + 4];
 }
 
+// HF's rotary embedding of one head: out = x*cos + rotate_half(x)*sin (within an ulp of
+// torch's ops, which round each product: here the compiler may fuse one into an FMA).
+inline void rotate(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cos[d] - x[d + half] * sin[d];
+    for (int64_t d = half; d < D; ++d) out[d] = x[d] * cos[d] + x[d - half] * sin[d];
+}
+
 // Asks for the next block's rows ahead of use: a step's weights have pushed the KV
 // cache out of the caches by the time a layer attends, and the hardware prefetcher
 // stops at each 4 KiB page and each jump to another block.
@@ -88,8 +96,18 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     const int64_t slot_stride = a.num_kv_heads * D;
     const int64_t* table = a.block_tables + chunk * a.max_blocks;
     const Acc scale = Acc(a.scale);
+    const int64_t q_stride = a.q_row_stride != 0 ? a.q_row_stride : H * D;
     for (int64_t p = 0; p < pairs; ++p) {
-        const T* q = static_cast<const T*>(a.q) + (row0 * H + p) * D;
+        const int64_t row = row0 + p / H;
+        const T* q = static_cast<const T*>(a.q) + row * q_stride + (p % H) * D;
+        if constexpr (std::is_same_v<T, float>) {
+            if (a.rope_cos != nullptr) {
+                rotate(q, static_cast<const float*>(a.rope_cos) + row * D,
+                       static_cast<const float*>(a.rope_sin) + row * D, D, qs + p * D);
+                for (int64_t d = 0; d < D; ++d) qs[p * D + d] *= scale;
+                continue;
+            }
+        }
         for (int64_t d = 0; d < D; ++d) qs[p * D + d] = to_acc(q[d], Acc()) * scale;
     }
     const int64_t num_keys = last + 1, num_blocks = (num_keys + bs - 1) / bs;
@@ -252,16 +270,26 @@ bool run_all(const PagedAttentionArgs& a, const std::vector<Tile>& tiles, int64_
 
 void store_kv(const PagedAttentionArgs& a) {
     const int64_t elem = a.dtype == AttnDtype::kFloat64 ? 8 : a.dtype == AttnDtype::kFloat32 ? 4 : 2;
-    const int64_t row_bytes = a.num_kv_heads * a.head_dim * elem;
+    const int64_t row = a.num_kv_heads * a.head_dim;   // elements of a slot (and of a contiguous input row)
+    const int64_t stride = a.kv_row_stride != 0 ? a.kv_row_stride : row;
     const int64_t num_slots = a.num_blocks * a.block_size;
+    char* k_cache = static_cast<char*>(const_cast<void*>(a.k_cache));
+    char* v_cache = static_cast<char*>(const_cast<void*>(a.v_cache));
     for (int64_t r = 0; r < a.num_store_rows; ++r) {
         const int64_t slot = a.slot_mapping[r];
         if (slot < 0) continue;
         if (slot >= num_slots) throw std::out_of_range("paged_attention_cpu: a slot is outside the KV cache");
-        std::memcpy(static_cast<char*>(const_cast<void*>(a.k_cache)) + slot * row_bytes,
-                    static_cast<const char*>(a.k) + r * row_bytes, row_bytes);
-        std::memcpy(static_cast<char*>(const_cast<void*>(a.v_cache)) + slot * row_bytes,
-                    static_cast<const char*>(a.v) + r * row_bytes, row_bytes);
+        const char* k = static_cast<const char*>(a.k) + r * stride * elem;
+        if (a.rope_cos != nullptr) {   // float32 (checked by the caller)
+            const float* cos = static_cast<const float*>(a.rope_cos) + r * a.head_dim;
+            const float* sin = static_cast<const float*>(a.rope_sin) + r * a.head_dim;
+            for (int64_t h = 0; h < a.num_kv_heads; ++h)
+                rotate(reinterpret_cast<const float*>(k) + h * a.head_dim, cos, sin, a.head_dim,
+                       reinterpret_cast<float*>(k_cache + slot * row * elem) + h * a.head_dim);
+        } else {
+            std::memcpy(k_cache + slot * row * elem, k, row * elem);
+        }
+        std::memcpy(v_cache + slot * row * elem, static_cast<const char*>(a.v) + r * stride * elem, row * elem);
     }
 }
 
@@ -271,6 +299,9 @@ void paged_attention_cpu(const PagedAttentionArgs& a) {
     if (a.num_chunks < 0 || a.head_dim < 1 || a.block_size < 1 || a.num_kv_heads < 1 ||
         a.num_heads % a.num_kv_heads != 0)
         throw std::invalid_argument("paged_attention_cpu: bad sizes (heads must be a multiple of KV heads)");
+    if ((a.rope_cos != nullptr) != (a.rope_sin != nullptr) ||
+        (a.rope_cos != nullptr && (a.dtype != AttnDtype::kFloat32 || a.head_dim % 2 != 0)))
+        throw std::invalid_argument("paged_attention_cpu: rotary takes cos and sin, float32, an even head size");
     std::vector<Tile> tiles;
     int64_t max_context = 0, work = 0;
     for (int64_t b = 0; b < a.num_chunks; ++b) {

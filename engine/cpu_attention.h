@@ -42,6 +42,15 @@ struct PagedAttentionArgs {
     double scale;
     AttnDtype dtype;
     int num_threads;
+    // Row strides (elements) of q and of k / v, whose heads are contiguous within a
+    // row: views of a packed QKV projection need no copy. 0: contiguous rows.
+    int64_t q_row_stride = 0;
+    int64_t kv_row_stride = 0;
+    // Rotary embedding applied to q and k here (float32 only): per row, cos and sin
+    // [num_rows, head_dim] contiguous, as HF's rotate_half form (x*cos + rot(x)*sin).
+    // null: q and k arrive rotated.
+    const void* rope_cos = nullptr;
+    const void* rope_sin = nullptr;
 };
 
 // Throws std::invalid_argument on inconsistent sizes or a block id out of range.

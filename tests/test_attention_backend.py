@@ -118,3 +118,30 @@ def test_only_the_native_cpu_path_skips_the_zero_fill():
     assert not TorchBackend().reads_only_written_slots(cpu, torch.float16)          # SDPA fallback
     assert not TorchBackend(cpu_attention=False).reads_only_written_slots(cpu, torch.float32)
     assert not TorchBackend().reads_only_written_slots(torch.device("cuda"), torch.float32)
+
+
+def test_native_rotary_on_packed_views_equals_rotating_first():
+    """float32 on the CPU: the native call rotates unrotated q/k views of a packed QKV
+    (strided rows, no copies) as it reads q and stores k; the same as RoPE first."""
+    from memgen.layers.rotary import RotaryEmbedding
+
+    heads, kv_heads, head_dim = 4, 2, 16
+    _, _, _, k_cache, v_cache, ctx = _step([23, 9, 40], [1, 9, 5], num_kv_heads=kv_heads, head_dim=head_dim)
+    g = torch.Generator().manual_seed(5)
+    rows = int(ctx.cu_seqlens_q[-1])
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g)
+    q = qkv[:, :heads * head_dim].view(rows, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(rows, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(rows, kv_heads, head_dim)
+    angle = torch.rand(rows, head_dim // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, dim=-1), torch.cat([angle.sin()] * 2, dim=-1)
+    backend = TorchBackend()
+    assert backend.fuses_rope(q) and not backend.fuses_rope(q.double())
+    ctx.attn_metadata = backend.prepare(ctx)
+    k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
+    got = backend.attend_rotating(q, k, v, k_cache, v_cache, ctx, 0.3, cos, sin)
+    rq, rk = RotaryEmbedding.apply(q, k, cos[:, None], sin[:, None])
+    want = backend.forward(rq, rk, v, k_cache2, v_cache2, ctx, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, k_cache2, rtol=1e-6, atol=1e-6)   # the same rotated keys stored
+    assert torch.equal(v_cache, v_cache2)

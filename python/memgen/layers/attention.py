@@ -23,7 +23,17 @@ class Attention(nn.Module):
     def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend) -> None:
         self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def fuses_rope(self, x: torch.Tensor) -> bool:
+        """Whether the backend rotates q and k itself (forward's `rope`) for inputs like x."""
+        fuses = getattr(self.backend, "fuses_rope", None)
+        return fuses is not None and fuses(x)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """rope=(cos, sin): q and k are unrotated, the backend rotates them (only where
+        fuses_rope(q))."""
         if self.backend is None:
             raise RuntimeError("attention has no KV cache bound: run the model through ModelRunner")
+        if rope is not None:
+            return self.backend.attend_rotating(q, k, v, self.k_cache, self.v_cache, get_context(), self.scale, *rope)
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_context(), self.scale)

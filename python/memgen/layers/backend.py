@@ -94,18 +94,41 @@ class TorchBackend:
             rows = ctx.lora_meta[lora_a.shape[0]] = lora_rows(lora_metadata(ctx.adapter_ids, lora_a.shape[0]))
         add_lora_rows(y, x, lora_a, lora_b, scaling, rows)
 
-    def _attend_native(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
-        """Store this forward's K/V and attend, in one native call (engine/cpu_attention.cpp)."""
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = torch.empty_like(q)
+    def fuses_rope(self, x: torch.Tensor) -> bool:
+        """Whether attend_rotating applies the rotary embedding inside the native call
+        (float32 on the CPU): q and k then arrive unrotated, as views of the packed QKV."""
+        return self._native is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+    def attend_rotating(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, cos: torch.Tensor,
+                        sin: torch.Tensor) -> torch.Tensor:
+        """forward() for unrotated q and k: the native kernel rotates them (HF's
+        rotate_half form) as it reads q and stores k. Only where fuses_rope(q)."""
+        return self._attend_native(q, k, v, k_cache, v_cache, ctx, scale, (cos.contiguous(), sin.contiguous()))
+
+    def _attend_native(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float,
+                       rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Store this forward's K/V and attend, in one native call (engine/cpu_attention.cpp).
+        Rows may be strided (views of a packed QKV): only each row's heads must be contiguous."""
+        q = _heads_contiguous(q)
+        k, v = _heads_contiguous(k), _heads_contiguous(v)
+        if k.stride(0) != v.stride(0):   # one row stride for both
+            k, v = k.contiguous(), v.contiguous()
+        out = q.new_empty(q.shape)
         tables = ctx.block_tables
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        cos, sin = rope if rope is not None else (None, None)
         self._native(k.data_ptr(), v.data_ptr(), ctx.slot_mapping.data_ptr(), k.shape[0], q.data_ptr(),
                      k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), ctx.cu_seqlens_q.data_ptr(),
                      ctx.context_lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1],
                      num_kv_heads, head_dim, block_size, num_blocks, float(scale), native.DTYPE_CODES[q.dtype],
-                     torch.get_num_threads())
+                     torch.get_num_threads(), q.stride(0), k.stride(0), 0 if cos is None else cos.data_ptr(),
+                     0 if sin is None else sin.data_ptr())
         return out
+
+
+def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads, D] as is when each row's heads lie contiguously (any row stride), else a copy."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 class TritonBackend:

@@ -95,6 +95,12 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.split_sizes[0], self.split_sizes[1]
         v = qkv[:, q_size + kv_size:].reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None and self.use_rope and self.attn.fuses_rope(qkv):
+            # the native CPU attention rotates q and k as it reads them: views, no copies
+            q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+            k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+            out = self.attn(q, k, v, rope=(cos.squeeze(1), sin.squeeze(1)))
+            return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
         if self.q_norm is None:
             # q and k are adjacent in the packed output: one [N, Hq + Hk, D] view, rotated at once
             qk = qkv[:, :q_size + kv_size].reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
