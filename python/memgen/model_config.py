@@ -64,7 +64,7 @@ class ModelConfig:
 def load_model_config(model_dir: str | Path):
     """The config the engine builds its decoder from: a `ModelConfig` when the fast
     path applies, else transformers' config (with its errors for bad files)."""
-    raw = _read_json(Path(model_dir) / "config.json")
+    raw = read_json_object(Path(model_dir) / "config.json")
     if raw is None or fast_config_refusal(raw) is not None:
         from memgen.models import load_hf_config
 
@@ -130,7 +130,8 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
+    """A JSON file's top-level object; None when it is missing, unreadable or not an object."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -16,8 +16,9 @@ tests/test_startup.py compares the two on the test tokenizers and the packaged o
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from memgen.model_config import read_json_object
 
 # the tokenizer classes transformers builds straight from tokenizer.json, changing nothing
 PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -60,7 +61,7 @@ def light_tokenizer_refusal(model_dir: Path, config: dict | None, backend) -> st
         return "no readable tokenizer.json"
     if config.get("tokenizer_class") not in PLAIN_CLASSES:
         return f"tokenizer_class {config.get('tokenizer_class')!r} is not one of {PLAIN_CLASSES}"
-    model_type = (_read_json(model_dir / "config.json") or {}).get("model_type")
+    model_type = (read_json_object(model_dir / "config.json") or {}).get("model_type")
     if model_type not in PLAIN_MODEL_TYPES:
         return f"config.json's model_type {model_type!r} is not one of {PLAIN_MODEL_TYPES}"
     unknown = set(config) - HARMLESS_KEYS - set(NAMED_SPECIAL_TOKENS)
@@ -108,7 +109,7 @@ class LightTokenizer:
         transformers must load it."""
         from tokenizers import Tokenizer
 
-        config = _read_json(model_dir / "tokenizer_config.json")
+        config = read_json_object(model_dir / "tokenizer_config.json")
         try:
             backend = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         except Exception:   # missing or unreadable (tokenizers raises its own Exception types)
@@ -249,9 +250,3 @@ def _token_content(value) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
