@@ -10,12 +10,7 @@ from pathlib import Path
 
 import torch
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from memgen.benchmark.small_model import chatml_bpe_tokenizer
 
 _CORPUS = [
     "Hello world, this is a small test. Numbers 1 2 3 4 5 6 7 8 9 0.",
@@ -29,25 +24,7 @@ _CORPUS = [
 def build_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 320):
     """A byte-level BPE tokenizer: pad `<|endoftext|>` (id 0), `<|im_start|>` (1),
     eos `<|im_end|>` (2), left padding, ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-    )
-    hf_tok.chat_template = CHATML_TEMPLATE
+    hf_tok = chatml_bpe_tokenizer(_CORPUS * 4, vocab_size)
     if save_dir is not None:
         hf_tok.save_pretrained(str(save_dir))
     return hf_tok

@@ -44,20 +44,30 @@ def small_model_dir() -> Path:
     return target
 
 
-def build_small_model(out: Path, seed: int = 0) -> Path:
-    import torch
+def chatml_bpe_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `corpus`: pad `<|endoftext|>` (id 0),
+    `<|im_start|>` (1), eos `<|im_end|>` (2), left padding, the ChatML chat template
+    (the tests' tiny models use it too, tests/fixtures.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   padding_side="left")
     tok.chat_template = _CHATML
+    return tok
+
+
+def build_small_model(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = chatml_bpe_tokenizer(_CORPUS * 4, VOCAB_SIZE)
     config = Qwen2Config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False, **SHAPE)
     torch.manual_seed(seed)
