@@ -33,8 +33,8 @@ def _calls(model, rows: int, mkl: bool) -> list:
     mods = [m for m in model.modules() if isinstance(m, Linear)]
     device = model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
+    # keyed by width: the LM head's input is the hidden size, as the QKV projection's
     xs = {m.in_features: torch.randn(rows, m.in_features, device=device, dtype=dtype) for m in mods}
-    xs[model.hidden_size] = torch.randn(rows, model.hidden_size, device=device, dtype=dtype)
     if mkl:
         plain = [(unpacked_weight(m), m.bias) for m in mods]
         if model.lm_head is None:   # tied head

@@ -67,11 +67,11 @@ class Linear(nn.Module):
             return False
         k, n = self.in_features, self.out_features
         packed = torch.empty(native.packed_size(k, n), dtype=torch.float32)
-        if n % 16:   # the last panel's padding columns must be zeros (they are multiplied, then dropped)
-            packed.view(-1, k, 16)[-1, :, n % 16:] = 0
-        if keep_values:
+        if keep_values:   # pack_weight also zeroes the last panel's padding columns
             w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
             native.pack_weight(w_t.data_ptr(), k, n, packed.data_ptr())
+        elif n % 16:      # the padding columns must be zeros (they are multiplied, then dropped)
+            packed.view(-1, k, 16)[-1, :, n % 16:] = 0
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.packed = True
         return True

@@ -19,8 +19,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(residual + x), residual + x): the sum is the
         next residual (written into `residual` in place on the native path)."""
-        if native.rms_norm_cpu is not None and x.dim() == 2 and native.fused_ok(x, self.weight) \
-                and (residual is None or native.fused_ok(residual, x)):
+        if native.rms_norm_cpu is not None and x.dim() == 2 \
+                and native.fused_ok(x, self.weight, *(() if residual is None else (residual,))):
             out = torch.empty_like(x)
             native.rms_norm_cpu(x.data_ptr(), 0 if residual is None else residual.data_ptr(),
                                 self.weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], self.eps,

@@ -100,19 +100,19 @@ class DecoderAttention(nn.Module):
             q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
             k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
             out = self.attn(q, k, v, rope=(cos.squeeze(1), sin.squeeze(1)))
-            return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-        if self.q_norm is None:
-            # q and k are adjacent in the packed output: one [N, Hq + Hk, D] view, rotated at once
-            qk = qkv[:, :q_size + kv_size].reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-            if self.use_rope:
-                qk = RotaryEmbedding.apply_one(qk, cos, sin)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         else:
-            q = self.q_norm(qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim))
-            k = self.k_norm(qkv[:, q_size:q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim))
-            if self.use_rope:
-                q, k = RotaryEmbedding.apply(q, k, cos, sin)
-        out = self.attn(q, k, v)
+            if self.q_norm is None:
+                # q and k are adjacent in the packed output: one [N, Hq + Hk, D] view, rotated at once
+                qk = qkv[:, :q_size + kv_size].reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+                if self.use_rope:
+                    qk = RotaryEmbedding.apply_one(qk, cos, sin)
+                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            else:
+                q = self.q_norm(qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim))
+                k = self.k_norm(qkv[:, q_size:q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim))
+                if self.use_rope:
+                    q, k = RotaryEmbedding.apply(q, k, cos, sin)
+            out = self.attn(q, k, v)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
