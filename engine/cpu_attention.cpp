@@ -66,15 +66,33 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t D
     for (int64_t d = half; d < D; ++d) out[d] = x[d] * cos[d] + x[d - half] * sin[d];
 }
 
-// Asks for the next block's rows ahead of use: a step's weights have pushed the KV
-// cache out of the caches by the time a layer attends, and the hardware prefetcher
-// stops at each 4 KiB page and each jump to another block.
-template <typename T>
-inline void prefetch_rows(const T* rows, int64_t count, int64_t slot_stride) {
-    const char* p = reinterpret_cast<const char*>(rows);
-    const int64_t bytes = count * slot_stride * int64_t(sizeof(T));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-}
+// Asks for the KV rows a tile will read (K's blocks, then V's) ahead of use. A step's
+// weights have pushed the KV cache out of the caches by the time a layer attends, and
+// the hardware prefetcher stops at each jump to another block. The lines are asked for
+// a few at a time, as the work goes: a whole block's worth at once overflows the core's
+// queue of outstanding misses (a cold 8-row decode call at 222 keys: 170 -> 90 us).
+constexpr int64_t kAheadBlocks = 1;
+
+struct KVPrefetcher {
+    const char* k;
+    const char* v;
+    const int64_t* table;
+    int64_t num_blocks, block_bytes, last_bytes;   // bytes of a block, of the last (partly filled) one
+    int64_t next = 0, offset = 0;                  // the next line to ask for: stream block, byte in it
+
+    void lines(int64_t n) {
+        for (; n > 0 && next < 2 * num_blocks; --n) {
+            const int64_t b = next < num_blocks ? next : next - num_blocks;
+            __builtin_prefetch((next < num_blocks ? k : v) + table[b] * block_bytes + offset, 0, 3);
+            offset += 64;
+            if (offset >= (b + 1 == num_blocks ? last_bytes : block_bytes)) ++next, offset = 0;
+        }
+    }
+    // at least up to the start of stream block `block`
+    void until(int64_t block) {
+        while (next < std::min(block, 2 * num_blocks)) lines(1);
+    }
+};
 
 // Up to kTile consecutive query rows of one chunk, all heads: two passes over the keys
 // the rows see (scores, then the softmax-weighted sum of values). A slot's K (or V)
@@ -120,13 +138,15 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     // at a time: four independent sums keep the FMA units busy where one is a latency chain
     const T* k_cache = static_cast<const T*>(a.k_cache);
     const T* v_cache = static_cast<const T*>(a.v_cache);
-    auto keys_in = [&](int64_t b) { return std::min(bs, num_keys - b * bs); };
-    prefetch_rows(k_cache + table[0] * bs * slot_stride, keys_in(0), slot_stride);
+    const int64_t slot_bytes = slot_stride * int64_t(sizeof(T));
+    KVPrefetcher ahead{reinterpret_cast<const char*>(k_cache), reinterpret_cast<const char*>(v_cache), table,
+                       num_blocks, bs * slot_bytes, (num_keys - (num_blocks - 1) * bs) * slot_bytes};
+    // lines to ask for per four keys of one head: a block's lines over its quads, rounded up
+    const int64_t per_quad = (bs * slot_bytes / 64 + rows * H * ((bs + 3) / 4) - 1) / (rows * H * ((bs + 3) / 4)) + 1;
     for (int64_t b = 0; b < num_blocks; ++b) {
         const T* k_block = k_cache + table[b] * bs * slot_stride;
         const int64_t j0 = b * bs;
-        if (b + 1 < num_blocks) prefetch_rows(k_cache + table[b + 1] * bs * slot_stride, keys_in(b + 1), slot_stride);
-        else prefetch_rows(v_cache + table[0] * bs * slot_stride, keys_in(0), slot_stride);
+        ahead.until(b + kAheadBlocks);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t j_end = std::min(j0 + bs, first + r + 1);   // row r sees keys up to its position
             for (int64_t h = 0; h < H && j_end > j0; ++h) {
@@ -138,6 +158,7 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
                     if (D % 8 == 0) {
                         for (; j + 4 <= j_end; j += 4) {
                             const T* k0 = k + (j - j0) * slot_stride;
+                            ahead.lines(per_quad);
                             dot4(q, k0, k0 + slot_stride, k0 + 2 * slot_stride, k0 + 3 * slot_stride, D, s + j);
                         }
                     }
@@ -145,6 +166,7 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
                 for (; j + 4 <= j_end; j += 4) {
                     const T *k0 = k + (j - j0) * slot_stride, *k1 = k0 + slot_stride, *k2 = k1 + slot_stride,
                             *k3 = k2 + slot_stride;
+                    ahead.lines(per_quad);
                     Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
                     for (int64_t d = 0; d < D; ++d) {
@@ -187,7 +209,7 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     for (int64_t b = 0; b < num_blocks; ++b) {
         const T* v_block = v_cache + table[b] * bs * slot_stride;
         const int64_t j0 = b * bs;
-        if (b + 1 < num_blocks) prefetch_rows(v_cache + table[b + 1] * bs * slot_stride, keys_in(b + 1), slot_stride);
+        ahead.until(num_blocks + b + kAheadBlocks);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t j_end = std::min(j0 + bs, first + r + 1);
             for (int64_t h = 0; h < H && j_end > j0; ++h) {
@@ -199,6 +221,7 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
                     const T *v0 = v + (j - j0) * slot_stride, *v1 = v0 + slot_stride, *v2 = v1 + slot_stride,
                             *v3 = v2 + slot_stride;
                     const Acc w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+                    ahead.lines(per_quad);
 #pragma omp simd
                     for (int64_t d = 0; d < D; ++d)
                         o[d] += w0 * to_acc(v0[d], Acc()) + w1 * to_acc(v1[d], Acc()) +

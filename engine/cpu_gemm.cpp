@@ -15,8 +15,17 @@ namespace {
 constexpr int64_t kPanel = 16;   // columns per panel: one AVX-512 register, two AVX2 ones
 typedef float v16 __attribute__((vector_size(64)));
 
-// MR rows x one panel: acc[m] = bias + sum_k x[m, k] * panel[k, :]
-template <int MR>
+// How far ahead a tile asks for its panel: 128 cache lines (8 KiB). The hardware
+// prefetcher alone leaves a decode step's few rows waiting on DRAM for W (a step's
+// weights do not fit in the last-level cache); asking this far ahead halved the time of
+// the small model's linear layers at 8 rows.
+constexpr int64_t kPrefetchLines = 128;
+
+// MR rows x one panel: acc[m] = bias + sum_k x[m, k] * panel[k, :]. A panel read once
+// (`once`: its only row tile) is fetched non-temporally, so that streaming the weights
+// does not evict what the step keeps (the KV cache, the activations); a panel that more
+// row tiles will read is fetched into the caches.
+template <int MR, bool once>
 inline __attribute__((always_inline)) void tile(const float* x, int64_t K, const float* panel, const float* bias16,
                                                 float* y, int64_t ldy, int64_t cols) {
     v16 acc[MR];
@@ -26,6 +35,7 @@ inline __attribute__((always_inline)) void tile(const float* x, int64_t K, const
     const float* p = panel;
     for (int64_t k = 0; k < K; ++k, p += kPanel) {
         v16 w;
+        __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? 0 : 3);
         std::memcpy(&w, p, sizeof w);
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) acc[m] += x[m * K + k] * w;
@@ -46,10 +56,14 @@ inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int
         alignas(64) float bias16[kPanel] = {};
         if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
         const float* panel = packed + p * K * kPanel;
+        if (M == big) {   // a decode step's rows: one tile, the panel read once
+            tile<big, true>(x, K, panel, bias16, y + n0, N, cols);
+            continue;
+        }
         int64_t m = 0;
-        for (; m + big <= M; m += big) tile<big>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
-        for (; m + 4 <= M; m += 4) tile<4>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
-        for (; m < M; ++m) tile<1>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+        for (; m + big <= M; m += big) tile<big, false>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+        for (; m + 4 <= M; m += 4) tile<4, false>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+        for (; m < M; ++m) tile<1, false>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
     }
 }
 
