@@ -21,49 +21,95 @@ typedef float v16 __attribute__((vector_size(64)));
 // the small model's linear layers at 8 rows.
 constexpr int64_t kPrefetchLines = 128;
 
-// MR rows x one panel: acc[m] = bias + sum_k x[m, k] * panel[k, :]. A panel read once
-// (`once`: its only row tile) is fetched non-temporally, so that streaming the weights
-// does not evict what the step keeps (the KV cache, the activations); a panel that more
-// row tiles will read is fetched into the caches.
-template <int MR, bool once>
-inline __attribute__((always_inline)) void tile(const float* x, int64_t K, const float* panel, const float* bias16,
+// MR rows x NP neighbouring panels: acc[j][m] = bias + sum_k x[m, k] * panel_j[k, :],
+// every sum in the order of k (a row's result does not depend on the rows beside it).
+// A panel read once (`once`: its only row tile) is fetched non-temporally, so that
+// streaming the weights does not evict what the step keeps (the KV cache, the
+// activations); a panel that more row tiles will read is fetched into the caches.
+template <int MR, int NP, bool once>
+inline __attribute__((always_inline)) void tile(const float* x, int64_t K, const float* panel, const float* bias,
                                                 float* y, int64_t ldy, int64_t cols) {
-    v16 acc[MR];
-    v16 b;
-    std::memcpy(&b, bias16, sizeof b);
-    for (int m = 0; m < MR; ++m) acc[m] = b;
-    const float* p = panel;
-    for (int64_t k = 0; k < K; ++k, p += kPanel) {
-        v16 w;
-        __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? 0 : 3);
-        std::memcpy(&w, p, sizeof w);
-#pragma GCC unroll 8
-        for (int m = 0; m < MR; ++m) acc[m] += x[m * K + k] * w;
+    v16 acc[NP][MR];
+    for (int j = 0; j < NP; ++j) {
+        v16 b;
+        std::memcpy(&b, bias + j * kPanel, sizeof b);
+        for (int m = 0; m < MR; ++m) acc[j][m] = b;
     }
-    for (int m = 0; m < MR; ++m) {
-        if (cols == kPanel) std::memcpy(y + m * ldy, &acc[m], sizeof(v16));
-        else std::memcpy(y + m * ldy, &acc[m], cols * sizeof(float));   // the padded last panel
+    const int64_t panel_size = K * kPanel;
+    for (int64_t k = 0; k < K; ++k) {
+        v16 w[NP];
+        for (int j = 0; j < NP; ++j) {
+            const float* p = panel + j * panel_size + k * kPanel;
+            __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? 0 : 3);
+            std::memcpy(&w[j], p, sizeof(v16));
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+            const float xm = x[m * K + k];
+            for (int j = 0; j < NP; ++j) acc[j][m] += xm * w[j];
+        }
+    }
+    for (int j = 0; j < NP; ++j) {
+        const int64_t c = std::min<int64_t>(kPanel, cols - j * kPanel);   // the padded last panel: fewer
+        for (int m = 0; m < MR; ++m) {
+            if (c == kPanel) std::memcpy(y + m * ldy + j * kPanel, &acc[j][m], sizeof(v16));
+            else if (c > 0) std::memcpy(y + m * ldy + j * kPanel, &acc[j][m], c * sizeof(float));
+        }
     }
 }
 
-// The panels [p0, p1) for all rows, in row tiles of `big` rows (as many accumulators as
-// the instruction set has registers for), then 4, then 1.
+// The last rows (fewer than a full tile) of NP panels in one pass: one row alone is
+// one chain of dependent FMAs, as slow as a full tile, so a few rows take several
+// panels at once to give the FMA units independent work.
+template <int R, int NP, bool once>
+inline __attribute__((always_inline)) void rest(int64_t rows, const float* x, int64_t K, const float* panel,
+                                                const float* bias, float* y, int64_t ldy, int64_t cols) {
+    if constexpr (R > 0) {
+        if (rows == R) tile<R, NP, once>(x, K, panel, bias, y, ldy, cols);
+        else rest<R - 1, NP, once>(rows, x, K, panel, bias, y, ldy, cols);
+    }
+}
+
+// Rows [m0, M) of NP panels from column n0: the tail of a panel group.
+template <int big, int NP, bool once>
+inline __attribute__((always_inline)) void tail(const float* x, int64_t M, int64_t m0, int64_t K, const float* panel,
+                                                int64_t N, const float* bias, float* y, int64_t n0) {
+    const int64_t cols = std::min<int64_t>(NP * kPanel, N - n0);
+    alignas(64) float bias_cols[NP * kPanel] = {};
+    if (bias != nullptr) std::memcpy(bias_cols, bias + n0, cols * sizeof(float));
+    rest<big, NP, once>(M - m0, x + m0 * K, K, panel, bias_cols, y + m0 * N + n0, N, cols);
+}
+
+// The panels [p0, p1) for all rows, a group of kGroup panels at a time: row tiles of
+// `big` rows (as many accumulators as the instruction set has registers for) panel by
+// panel, then the group's last rows together (4 panels for 1-2 rows, 2 for 3-4).
+constexpr int64_t kGroup = 4;
+
 template <int big>
 inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int64_t K, const float* packed,
                                                   int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
-        alignas(64) float bias16[kPanel] = {};
-        if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
-        const float* panel = packed + p * K * kPanel;
-        if (M == big) {   // a decode step's rows: one tile, the panel read once
-            tile<big, true>(x, K, panel, bias16, y + n0, N, cols);
-            continue;
+    const int64_t full = M / big * big, left = M - full, panel_size = K * kPanel;
+    for (int64_t g = p0; g < p1; g += kGroup) {
+        const int64_t in_group = std::min(kGroup, p1 - g);
+        for (int64_t p = g; p < g + in_group && full > 0; ++p) {
+            const int64_t n0 = p * kPanel;
+            const int64_t cols = std::min(kPanel, N - n0);
+            alignas(64) float bias16[kPanel] = {};
+            if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
+            for (int64_t m = 0; m < full; m += big) {
+                if (M == big) tile<big, 1, true>(x, K, packed + p * panel_size, bias16, y + n0, N, cols);
+                else tile<big, 1, false>(x + m * K, K, packed + p * panel_size, bias16, y + m * N + n0, N, cols);
+            }
         }
-        int64_t m = 0;
-        for (; m + big <= M; m += big) tile<big, false>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
-        for (; m + 4 <= M; m += 4) tile<4, false>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
-        for (; m < M; ++m) tile<1, false>(x + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+        if (left == 0) continue;
+        int64_t p = g;
+        if (full == 0) {   // the panels' only pass, bound by reading W: one stream, read once
+            for (; p < g + in_group; ++p) tail<big, 1, true>(x, M, 0, K, packed + p * panel_size, N, bias, y, p * kPanel);
+        } else {           // the panels are in the cache now: their sums are the bound
+            if (left <= 2) for (; p + 4 <= g + in_group; p += 4) tail<big, 4, false>(x, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
+            if (left <= 4) for (; p + 2 <= g + in_group; p += 2) tail<big, 2, false>(x, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
+            for (; p < g + in_group; ++p) tail<big, 1, false>(x, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
+        }
     }
 }
 

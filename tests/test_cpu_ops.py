@@ -93,20 +93,35 @@ def _linear(in_features, out_features, bias, seed=0):
     return layer, g
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 17, 64])
-@pytest.mark.parametrize("in_features,out_features,bias", [(64, 48, True), (37, 21, False), (512, 1000, True)])
+# rows: whole row tiles, tails of 1-7 rows after them (taken 4 or 2 panels at a time)
+# and alone; out_features: panel groups of 4 with 3, 2 or 1 panels left, a padded last panel
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 10, 12, 14, 17, 64])
+@pytest.mark.parametrize("in_features,out_features,bias", [(64, 48, True), (37, 21, False), (512, 1000, True),
+                                                           (40, 80, True)])
 def test_packed_linear_equals_f_linear(rows, in_features, out_features, bias):
     layer, g = _linear(in_features, out_features, bias)
     w, b = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
     assert layer.pack_for_cpu() and layer.packed
     x = torch.randn(rows, in_features, generator=g)
+    x_t = torch.randn(in_features, rows, generator=g)
     with torch.inference_mode():
         got = layer(x)
-        got_strided = layer(torch.randn(in_features, rows, generator=g).t())   # a non-contiguous input
-    want = F.linear(x, w, b)
-    assert got.shape == (rows, out_features)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    assert got_strided.shape == (rows, out_features)
+        got_strided = layer(x_t.t())   # a non-contiguous input
+    assert got.shape == (rows, out_features) and got_strided.shape == (rows, out_features)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_strided, F.linear(x_t.t(), w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_linear_row_does_not_depend_on_the_rows_beside_it():
+    """Every sum runs in the order of k in every tile shape: a row's output is bit-identical
+    whether it is decoded alone, in a full tile or in a tail beside other rows."""
+    layer, g = _linear(96, 80, True)    # 5 panels: a group of 4 and one left
+    layer.pack_for_cpu()
+    x = torch.randn(21, 96, generator=g)
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(21)])
+        for rows in (2, 3, 5, 8, 9, 11, 13, 16, 21):
+            assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 
 @pytest.mark.parametrize("threads", [1, 2])
