@@ -9,7 +9,9 @@ Measured in one process, runs alternated, best of --repeats:
              the same linear layers run alone at its rows (the floor of a step)
   memory     MemGen (K=8 prompt and inference latents, budget 5, trigger active with
              a head calibrated to insert at about half its consultations) vs plain,
-             all roles on the reasoner's base; steps per insertion
+             all roles on the reasoner's base; steps per insertion; the rows of each
+             run's forwards, and each run against its linear layers at those rows
+             (what MemGen costs beside its extra rows)
   reference  MemGen engine vs memgen.hf (the reference's semantics) with ~26-token
              and 170-200-token prompts; tokens and masks compared
 
@@ -101,15 +103,33 @@ def linear_floor(llm, rows: int, steps: int, mkl: bool = False) -> float:
     return linear_floor_s(llm, rows, steps, mkl)
 
 
-def count_steps(llm, prompts, params) -> int:
+def count_steps(llm, prompts, params, rows: list[int] | None = None) -> int:
+    """Engine steps for the prompts; `rows` collects each forward's rows (all pools)."""
     engine = llm.engine
-    for p in prompts:
-        engine.add_request(p, params)
-    steps = 0
-    while engine.has_unfinished():
-        engine.step()
-        steps += 1
+    runners = [pool.runner for pool in engine.pools]
+    if rows is not None:
+        for runner in runners:
+            runner.forward = lambda inp, f=runner.forward: (rows.append(inp.input_ids.shape[0]), f(inp))[1]
+    try:
+        for p in prompts:
+            engine.add_request(p, params)
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+    finally:
+        for runner in runners:
+            runner.__dict__.pop("forward", None)
     return steps
+
+
+def rows_floor(llm, rows: list[int]) -> float:
+    """The linear floor of a run whose forwards had these row counts: every linear
+    layer at each forward's rows (the LM head too, at all rows: ~1% here)."""
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[r] = counts.get(r, 0) + 1
+    return sum(linear_floor(llm, r, n) for r, n in counts.items())
 
 
 def main(argv=None) -> int:
@@ -174,11 +194,20 @@ def main(argv=None) -> int:
                                off=lambda: plain.generate(short, params, use_tqdm=False))
         best = best_of(times)
         insertions = sum(o.metrics["num_insertions"] for o in res["on"])
-        steps_on, steps_off = count_steps(memgen, short, params), count_steps(plain, short, params)
+        rows_on, rows_off = [], []
+        steps_on, steps_off = count_steps(memgen, short, params, rows_on), count_steps(plain, short, params, rows_off)
+        # MemGen's cost beside its rows: each run against the linear layers at its own forwards' rows
+        floor_on = min(rows_floor(memgen, rows_on) for _ in range(2))
+        floor_off = min(rows_floor(plain, rows_off) for _ in range(2))
         result["memory"] = {"times_s": times, "cpu_s": dict(CPU_TIMES), "on_vs_off": round(best["on"] / best["off"], 2),
                             "on_vs_off_cpu": cpu_ratio("on", "off"),
                             "insertions": insertions, "steps_on": steps_on, "steps_off": steps_off,
                             "extra_steps_per_insertion": round((steps_on - steps_off) / max(insertions, 1), 2),
+                            "rows_on": sum(rows_on), "rows_off": sum(rows_off),
+                            "linear_floor_on_s": round(floor_on, 3), "linear_floor_off_s": round(floor_off, 3),
+                            "floor_on_vs_off": round(floor_on / floor_off, 2),
+                            "on_vs_its_linear_floor": round(best["on"] / floor_on, 2),
+                            "off_vs_its_linear_floor": round(best["off"] / floor_off, 2),
                             "pools": list(memgen.engine.runners)}
         print("memory:", result["memory"], flush=True)
 
