@@ -95,7 +95,7 @@ def _linear(in_features, out_features, bias, seed=0):
 
 # rows: whole row tiles, tails of 1-7 rows after them (taken 4 or 2 panels at a time)
 # and alone; out_features: panel groups of 4 with 3, 2 or 1 panels left, a padded last panel
-@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 10, 12, 14, 17, 64])
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 10, 12, 14, 16, 17, 20, 21, 33, 64])
 @pytest.mark.parametrize("in_features,out_features,bias", [(64, 48, True), (37, 21, False), (512, 1000, True),
                                                            (40, 80, True)])
 def test_packed_linear_equals_f_linear(rows, in_features, out_features, bias):
@@ -120,7 +120,7 @@ def test_packed_linear_row_does_not_depend_on_the_rows_beside_it():
     x = torch.randn(21, 96, generator=g)
     with torch.inference_mode():
         alone = torch.cat([layer(x[i:i + 1]) for i in range(21)])
-        for rows in (2, 3, 5, 8, 9, 11, 13, 16, 21):
+        for rows in (2, 3, 5, 8, 9, 11, 13, 16, 17, 19, 21):
             assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 
@@ -187,7 +187,7 @@ def test_packed_linear_lower_instruction_sets(isa):
             "layer = Linear(70, 45, bias=True)\n"
             "w = torch.randn(45, 70); b = torch.randn(45)\n"
             "layer.weight.data.copy_(w); layer.bias.data.copy_(b); layer.pack_for_cpu()\n"
-            "for rows in (1, 3, 8, 13):\n"
+            "for rows in (1, 3, 5, 6, 8, 13, 17, 22):\n"
             "    x = torch.randn(rows, 70)\n"
             "    with torch.inference_mode():\n"
             "        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)\n"
