@@ -71,7 +71,8 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t D
 // the hardware prefetcher stops at each jump to another block. The lines are asked for
 // a few at a time, as the work goes: a whole block's worth at once overflows the core's
 // queue of outstanding misses (a cold 8-row decode call at 222 keys: 170 -> 90 us).
-constexpr int64_t kAheadBlocks = 1;
+// The pace (a block's lines over its rounds of four keys, plus one line a round) keeps
+// the asking about a block ahead of the reading.
 
 struct KVPrefetcher {
     const char* k;
@@ -141,12 +142,12 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     const int64_t slot_bytes = slot_stride * int64_t(sizeof(T));
     KVPrefetcher ahead{reinterpret_cast<const char*>(k_cache), reinterpret_cast<const char*>(v_cache), table,
                        num_blocks, bs * slot_bytes, (num_keys - (num_blocks - 1) * bs) * slot_bytes};
-    // lines to ask for per four keys of one head: a block's lines over its quads, rounded up
+    // lines to ask for per four keys of one head: a block's lines over its rounds, plus one
     const int64_t per_quad = (bs * slot_bytes / 64 + rows * H * ((bs + 3) / 4) - 1) / (rows * H * ((bs + 3) / 4)) + 1;
     for (int64_t b = 0; b < num_blocks; ++b) {
         const T* k_block = k_cache + table[b] * bs * slot_stride;
         const int64_t j0 = b * bs;
-        ahead.until(b + kAheadBlocks);
+        ahead.until(b + 1);   // this block asked for (a no-op once the pace leads)
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t j_end = std::min(j0 + bs, first + r + 1);   // row r sees keys up to its position
             for (int64_t h = 0; h < H && j_end > j0; ++h) {
@@ -209,7 +210,7 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     for (int64_t b = 0; b < num_blocks; ++b) {
         const T* v_block = v_cache + table[b] * bs * slot_stride;
         const int64_t j0 = b * bs;
-        ahead.until(num_blocks + b + kAheadBlocks);
+        ahead.until(num_blocks + b + 1);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t j_end = std::min(j0 + bs, first + r + 1);
             for (int64_t h = 0; h < H && j_end > j0; ++h) {
