@@ -99,9 +99,15 @@ inline void pack_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp)
     }
 }
 
+// Rows per pass over the panels: a long prefill chunk runs in blocks of rows, so that
+// its packed copy of x stays small (W is streamed once per block, where each panel
+// then serves 256 rows: the sums, not the stream, bound those passes).
+constexpr int64_t kRowBlock = 256;
+
 template <int big>
-inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int64_t K, const float* packed,
-                                                  int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
+inline __attribute__((always_inline)) void row_block(const float* x, int64_t M, int64_t K, const float* packed,
+                                                     int64_t N, const float* bias, float* y, int64_t p0,
+                                                     int64_t p1) {
     const int64_t full = M / big * big, left = M - full, panel_size = K * kPanel;
     std::unique_ptr<float[]> x_tiles(new float[M * K]);
     float* xp = x_tiles.get();
@@ -128,6 +134,13 @@ inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int
             for (; p < g + in_group; ++p) tail<big, 1, false>(xp, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
         }
     }
+}
+
+template <int big>
+inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int64_t K, const float* packed,
+                                                  int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
+    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
+        row_block<big>(x + r0 * K, std::min(kRowBlock, M - r0), K, packed, N, bias, y + r0 * N, p0, p1);
 }
 
 // One body per instruction set, picked at run time (never -march=native: the wheel

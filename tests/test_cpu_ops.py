@@ -93,9 +93,9 @@ def _linear(in_features, out_features, bias, seed=0):
     return layer, g
 
 
-# rows: whole row tiles, tails of 1-7 rows after them (taken 4 or 2 panels at a time)
-# and alone; out_features: panel groups of 4 with 3, 2 or 1 panels left, a padded last panel
-@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 10, 12, 14, 16, 17, 20, 21, 33, 64])
+# rows: whole row tiles, tails of 1-15 rows after them (taken 4 or 2 panels at a time)
+# and alone, a chunk longer than one block of rows (256); out_features: panel groups of 4 with 3, 2 or 1 panels left, a padded last panel
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 10, 12, 14, 16, 17, 20, 21, 33, 64, 300])
 @pytest.mark.parametrize("in_features,out_features,bias", [(64, 48, True), (37, 21, False), (512, 1000, True),
                                                            (40, 80, True)])
 def test_packed_linear_equals_f_linear(rows, in_features, out_features, bias):
@@ -117,10 +117,10 @@ def test_packed_linear_row_does_not_depend_on_the_rows_beside_it():
     whether it is decoded alone, in a full tile or in a tail beside other rows."""
     layer, g = _linear(96, 80, True)    # 5 panels: a group of 4 and one left
     layer.pack_for_cpu()
-    x = torch.randn(21, 96, generator=g)
+    x = torch.randn(270, 96, generator=g)
     with torch.inference_mode():
-        alone = torch.cat([layer(x[i:i + 1]) for i in range(21)])
-        for rows in (2, 3, 5, 8, 9, 11, 13, 16, 17, 19, 21):
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(270)])
+        for rows in (2, 3, 5, 8, 9, 11, 13, 16, 17, 19, 21, 270):
             assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 
