@@ -13,8 +13,10 @@
 namespace memgen {
 namespace {
 
-constexpr int64_t kPanel = 16;   // columns per panel: one AVX-512 register, two AVX2 ones
+constexpr int64_t kPanel = 16;   // columns per panel: one AVX-512 register, two AVX2 ones, four SSE ones
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
 
 // How far ahead a tile asks for its panel: 128 cache lines (8 KiB). The hardware
 // prefetcher alone leaves a decode step's few rows waiting on DRAM for W (a step's
@@ -22,70 +24,87 @@ typedef float v16 __attribute__((vector_size(64)));
 // the small model's linear layers at 8 rows.
 constexpr int64_t kPrefetchLines = 128;
 
+// A body works in vectors V of the instruction set's width: a panel row is kParts<V>
+// of them. (GCC lowers a 64-byte vector through the stack when the target has only
+// 32-byte registers: the AVX2 body ran 5x slower than AVX-512 on one machine.)
+template <typename V>
+constexpr int kParts = int(kPanel * sizeof(float) / sizeof(V));
+template <typename V>
+constexpr int kLanes = int(sizeof(V) / sizeof(float));
+template <typename V>
+constexpr int kRegisters = sizeof(V) == 64 ? 32 : 16;
+
 // MR rows x NP neighbouring panels: acc[j][m] = bias + sum_k x[m, k] * panel_j[k, :],
 // every sum in the order of k (a row's result does not depend on the rows beside it).
 // The rows arrive k-major (xp[k * MR + m], see pack_x): one cache line of x per k.
 // A panel read once (`once`: its only row tile) is fetched non-temporally, so that
 // streaming the weights does not evict what the step keeps (the KV cache, the
 // activations); a panel that more row tiles will read is fetched into the caches.
-template <int MR, int NP, bool once>
+template <typename V, int MR, int NP, bool once>
 inline __attribute__((always_inline)) void tile(const float* xp, int64_t K, const float* panel, const float* bias,
                                                 float* y, int64_t ldy, int64_t cols) {
-    v16 acc[NP][MR];
-    for (int j = 0; j < NP; ++j) {
-        v16 b;
-        std::memcpy(&b, bias + j * kPanel, sizeof b);
-        for (int m = 0; m < MR; ++m) acc[j][m] = b;
-    }
+    constexpr int P = kParts<V>, L = kLanes<V>;
+    V acc[NP][MR][P];
+    for (int j = 0; j < NP; ++j)
+        for (int q = 0; q < P; ++q) {
+            V b;
+            std::memcpy(&b, bias + j * kPanel + q * L, sizeof b);
+            for (int m = 0; m < MR; ++m) acc[j][m][q] = b;
+        }
     const int64_t panel_size = K * kPanel;
     for (int64_t k = 0; k < K; ++k) {
-        v16 w[NP];
+        V w[NP][P];
         for (int j = 0; j < NP; ++j) {
             const float* p = panel + j * panel_size + k * kPanel;
             __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? 0 : 3);
-            std::memcpy(&w[j], p, sizeof(v16));
+            for (int q = 0; q < P; ++q) std::memcpy(&w[j][q], p + q * L, sizeof(V));
         }
 #pragma GCC unroll 16
         for (int m = 0; m < MR; ++m) {
             const float xm = xp[k * MR + m];
-            for (int j = 0; j < NP; ++j) acc[j][m] += xm * w[j];
+            for (int j = 0; j < NP; ++j)
+                for (int q = 0; q < P; ++q) acc[j][m][q] += xm * w[j][q];
         }
     }
-    for (int j = 0; j < NP; ++j) {
-        const int64_t c = std::min<int64_t>(kPanel, cols - j * kPanel);   // the padded last panel: fewer
-        for (int m = 0; m < MR; ++m) {
-            if (c == kPanel) std::memcpy(y + m * ldy + j * kPanel, &acc[j][m], sizeof(v16));
-            else if (c > 0) std::memcpy(y + m * ldy + j * kPanel, &acc[j][m], c * sizeof(float));
+    for (int j = 0; j < NP; ++j)
+        for (int q = 0; q < P; ++q) {
+            // the padded last panel has fewer columns
+            const int64_t c = std::min<int64_t>(L, cols - j * kPanel - q * L);
+            for (int m = 0; m < MR; ++m) {
+                float* dst = y + m * ldy + j * kPanel + q * L;
+                if (c == L) std::memcpy(dst, &acc[j][m][q], sizeof(V));
+                else if (c > 0) std::memcpy(dst, &acc[j][m][q], c * sizeof(float));
+            }
         }
-    }
 }
 
 // The last rows (fewer than a full tile) of NP panels in one pass: one row alone is
 // one chain of dependent FMAs, as slow as a full tile, so a few rows take several
 // panels at once to give the FMA units independent work.
-template <int R, int NP, bool once>
+template <typename V, int R, int NP, bool once>
 inline __attribute__((always_inline)) void rest(int64_t rows, const float* x, int64_t K, const float* panel,
                                                 const float* bias, float* y, int64_t ldy, int64_t cols) {
     if constexpr (R > 0) {
-        if (rows == R) tile<R, NP, once>(x, K, panel, bias, y, ldy, cols);
-        else rest<R - 1, NP, once>(rows, x, K, panel, bias, y, ldy, cols);
+        if (rows == R) tile<V, R, NP, once>(x, K, panel, bias, y, ldy, cols);
+        else rest<V, R - 1, NP, once>(rows, x, K, panel, bias, y, ldy, cols);
     }
 }
 
 // Rows [m0, M) of NP panels from column n0: the tail of a panel group.
-template <int big, int NP, bool once>
+template <typename V, int big, int NP, bool once>
 inline __attribute__((always_inline)) void tail(const float* xp, int64_t M, int64_t m0, int64_t K, const float* panel,
                                                 int64_t N, const float* bias, float* y, int64_t n0) {
     const int64_t cols = std::min<int64_t>(NP * kPanel, N - n0);
     alignas(64) float bias_cols[NP * kPanel] = {};
     if (bias != nullptr) std::memcpy(bias_cols, bias + n0, cols * sizeof(float));
-    rest<big, NP, once>(M - m0, xp + m0 * K, K, panel, bias_cols, y + m0 * N + n0, N, cols);
+    rest<V, big, NP, once>(M - m0, xp + m0 * K, K, panel, bias_cols, y + m0 * N + n0, N, cols);
 }
 
-// The panels [p0, p1) for all rows, a group of kGroup panels at a time: row tiles of
-// `big` rows (as many accumulators as the instruction set has registers for) panel by
-// panel, then the group's last rows together (4 panels for 1-2 rows, 2 for 3-4).
-constexpr int64_t kGroup = 4;
+// Do R rows of NP panels fit in the registers (accumulators and the panels' values)?
+template <typename V>
+constexpr bool fits(int R, int NP) {
+    return (R + 1) * NP * kParts<V> <= kRegisters<V> - 2;
+}
 
 // x's rows in the tiles' order, each tile k-major: a tile then broadcasts its x values
 // from one cache line per k instead of from a pointer per row (16 row pointers spill
@@ -104,7 +123,13 @@ inline void pack_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp)
 // then serves 256 rows: the sums, not the stream, bound those passes).
 constexpr int64_t kRowBlock = 256;
 
-template <int big>
+// The panels [p0, p1) for up to kRowBlock rows, a group of kGroup panels at a time: row
+// tiles of `big` rows (as many accumulators as the registers hold) panel by panel,
+// then the group's last rows together (4 panels for 1-2 rows, 2 for 3-4, where the
+// registers hold them).
+constexpr int64_t kGroup = 4;
+
+template <typename V, int big>
 inline __attribute__((always_inline)) void row_block(const float* x, int64_t M, int64_t K, const float* packed,
                                                      int64_t N, const float* bias, float* y, int64_t p0,
                                                      int64_t p1) {
@@ -120,52 +145,63 @@ inline __attribute__((always_inline)) void row_block(const float* x, int64_t M, 
             alignas(64) float bias16[kPanel] = {};
             if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
             for (int64_t m = 0; m < full; m += big) {
-                if (M == big) tile<big, 1, true>(xp, K, packed + p * panel_size, bias16, y + n0, N, cols);
-                else tile<big, 1, false>(xp + m * K, K, packed + p * panel_size, bias16, y + m * N + n0, N, cols);
+                if (M == big) tile<V, big, 1, true>(xp, K, packed + p * panel_size, bias16, y + n0, N, cols);
+                else tile<V, big, 1, false>(xp + m * K, K, packed + p * panel_size, bias16, y + m * N + n0, N, cols);
             }
         }
         if (left == 0) continue;
         int64_t p = g;
+        const float* at = packed + p * panel_size;
         if (full == 0) {   // the panels' only pass, bound by reading W: one stream, read once
-            for (; p < g + in_group; ++p) tail<big, 1, true>(xp, M, 0, K, packed + p * panel_size, N, bias, y, p * kPanel);
-        } else {           // the panels are in the cache now: their sums are the bound
-            if (left <= 2) for (; p + 4 <= g + in_group; p += 4) tail<big, 4, false>(xp, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
-            if (left <= 4) for (; p + 2 <= g + in_group; p += 2) tail<big, 2, false>(xp, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
-            for (; p < g + in_group; ++p) tail<big, 1, false>(xp, M, full, K, packed + p * panel_size, N, bias, y, p * kPanel);
+            for (; p < g + in_group; ++p, at += panel_size) tail<V, big, 1, true>(xp, M, 0, K, at, N, bias, y, p * kPanel);
+            continue;
         }
+        // the panels are in the cache now: their sums are the bound
+        if constexpr (fits<V>(2, 4)) {
+            if (left <= 2)
+                for (; p + 4 <= g + in_group; p += 4, at += 4 * panel_size)
+                    tail<V, big, 4, false>(xp, M, full, K, at, N, bias, y, p * kPanel);
+        }
+        if constexpr (fits<V>(4, 2)) {
+            if (left <= 4)
+                for (; p + 2 <= g + in_group; p += 2, at += 2 * panel_size)
+                    tail<V, big, 2, false>(xp, M, full, K, at, N, bias, y, p * kPanel);
+        }
+        for (; p < g + in_group; ++p, at += panel_size) tail<V, big, 1, false>(xp, M, full, K, at, N, bias, y, p * kPanel);
     }
 }
 
-template <int big>
+template <typename V, int big>
 inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int64_t K, const float* packed,
                                                   int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
-        row_block<big>(x + r0 * K, std::min(kRowBlock, M - r0), K, packed, N, bias, y + r0 * N, p0, p1);
+        row_block<V, big>(x + r0 * K, std::min(kRowBlock, M - r0), K, packed, N, bias, y + r0 * N, p0, p1);
 }
 
 // One body per instruction set, picked at run time (never -march=native: the wheel
 // runs on any x86-64). AVX-512 holds 16 rows of accumulators in its 32 registers: a
 // 9-16-row step (decode rows and a catch-up chunk) reads W once, its sums overlapping
 // the stream (16 rows: 3.0 -> 2.6 ms for the small model's layers, where two passes of
-// 8 rows each waited on the stream or on the sums); AVX2 splits a panel into two
-// registers, so 4 rows fill its 16.
+// 8 rows each waited on the stream or on the sums). AVX2 splits a panel row into two
+// registers, so 6 rows fill its 16 (with the panel's two and a broadcast); the SSE2
+// baseline into four, 2 rows.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target("avx512f,avx512vl,fma"))) void panels_avx512(const float* x, int64_t M, int64_t K,
                                                                     const float* packed, int64_t N,
                                                                     const float* bias, float* y, int64_t p0,
                                                                     int64_t p1) {
-    panels<16>(x, M, K, packed, N, bias, y, p0, p1);
+    panels<v16, 16>(x, M, K, packed, N, bias, y, p0, p1);
 }
 __attribute__((target("avx2,fma"))) void panels_avx2(const float* x, int64_t M, int64_t K, const float* packed,
                                                      int64_t N, const float* bias, float* y, int64_t p0,
                                                      int64_t p1) {
-    panels<4>(x, M, K, packed, N, bias, y, p0, p1);
+    panels<v8, 6>(x, M, K, packed, N, bias, y, p0, p1);
 }
 #define MEMGEN_GEMM_DISPATCH 1
 #endif
 void panels_baseline(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                      float* y, int64_t p0, int64_t p1) {
-    panels<4>(x, M, K, packed, N, bias, y, p0, p1);
+    panels<v4, 2>(x, M, K, packed, N, bias, y, p0, p1);
 }
 
 using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,

@@ -190,7 +190,9 @@ def test_packed_linear_lower_instruction_sets(isa):
             "for rows in (1, 3, 5, 6, 8, 13, 17, 22):\n"
             "    x = torch.randn(rows, 70)\n"
             "    with torch.inference_mode():\n"
-            "        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)\n"
+            "        got = layer(x)\n"
+            "        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)\n"
+            "        assert torch.equal(got, torch.cat([layer(x[i:i + 1]) for i in range(rows)]))\n"
             "print(native.native_op('linear_isa')())\n")
     env = {**__import__("os").environ, "MEMGEN_CPU_ISA": isa}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
