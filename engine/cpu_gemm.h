@@ -1,7 +1,7 @@
 // The CPU linear layer of float32 models: y = x W^T + b with W prepacked once at load
 // into 16-column panels, [ceil(N/16)][K][16] (the last panel zero-padded). A panel is
 // read front to back, asked for 8 KiB ahead; a register tile of up to 16 rows (AVX-512;
-// 4 with AVX2) x 16 columns runs down K with one FMA per row per k, its rows of x
+// 6 with AVX2, 2 with SSE2) x 16 columns runs down K with one FMA per row per k, its rows of x
 // packed k-major. MKL repacks W on every call, which at a decode step's few rows costs
 // as much as the multiply: this is ~1.8x faster at 1-64 rows before prefetching, ~3.5x
 // with it at 8 rows (bench/README.md, "The small model"), and W is stored once (the
