@@ -4,8 +4,6 @@ enters the engine; bad input raises ValueError / TypeError saying what would
 be right."""
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import numbers
 import os
@@ -170,8 +168,7 @@ class LLM:
         text = IncrementalText(self._detokenize, params.stop)
         try:
             while not seq.is_finished:
-                with existing_objects_unscanned():
-                    engine.step()
+                engine.step()
                 piece = text.update(seq.output_token_ids)
                 if piece:
                     yield piece
@@ -273,15 +270,14 @@ class LLM:
         bar = tqdm(total=len(flat), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         start, num_tokens, last_update = time.perf_counter(), 0, 0.0
         try:
-            with existing_objects_unscanned():
-                while engine.has_unfinished():
-                    finished, n = engine.step()
-                    num_tokens += n
-                    now = time.perf_counter()
-                    if finished or now - last_update > 0.5:
-                        bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
-                        bar.update(len(finished))
-                        last_update = now
+            while engine.has_unfinished():
+                finished, n = engine.step()
+                num_tokens += n
+                now = time.perf_counter()
+                if finished or now - last_update > 0.5:
+                    bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
+                    bar.update(len(finished))
+                    last_update = now
         except BaseException:
             # an error or Ctrl-C mid-call: nothing of this call stays in the engine
             engine.abort(flat)
@@ -390,16 +386,3 @@ def _eos_token_ids(tokenizer, hf_config) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
-
-
-@contextlib.contextmanager
-def existing_objects_unscanned():
-    """Keeps the objects that exist now (the model, the tokenizer, the caller's) out of
-    the garbage collector's scans for the block (gc.freeze, undone after). The steps'
-    own short-lived objects are still collected; rescanning the rest cost a small
-    model's decode run 3-5% of its time."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()

@@ -19,7 +19,6 @@ import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from memgen.llm import existing_objects_unscanned
 from memgen.outputs import NOT_CONSULTED, CompletionOutput
 from memgen.sampling_params import SamplingParams
 from memgen.serve.errors import APIError, internal, overloaded
@@ -157,8 +156,7 @@ class EngineLoop:
                         break
                     pending, self._pending, self._pending_seqs = self._pending, [], 0
                     aborts, self._aborts = self._aborts, []
-                with existing_objects_unscanned():   # the collector skips the model's objects
-                    self._iterate(pending, aborts)
+                self._iterate(pending, aborts)
         except BaseException as e:  # the loop itself broke: fail everything, report unhealthy
             self.error = f"{type(e).__name__}: {e}"
             log.error("memgen engine loop died:\n%s", traceback.format_exc())
