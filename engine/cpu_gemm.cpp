@@ -82,11 +82,11 @@ inline __attribute__((always_inline)) void tile(const float* xp, int64_t K, cons
 // one chain of dependent FMAs, as slow as a full tile, so a few rows take several
 // panels at once to give the FMA units independent work.
 template <typename V, int R, int NP, bool once>
-inline __attribute__((always_inline)) void rest(int64_t rows, const float* x, int64_t K, const float* panel,
+inline __attribute__((always_inline)) void rest(int64_t rows, const float* xp, int64_t K, const float* panel,
                                                 const float* bias, float* y, int64_t ldy, int64_t cols) {
     if constexpr (R > 0) {
-        if (rows == R) tile<V, R, NP, once>(x, K, panel, bias, y, ldy, cols);
-        else rest<V, R - 1, NP, once>(rows, x, K, panel, bias, y, ldy, cols);
+        if (rows == R) tile<V, R, NP, once>(xp, K, panel, bias, y, ldy, cols);
+        else rest<V, R - 1, NP, once>(rows, xp, K, panel, bias, y, ldy, cols);
     }
 }
 
@@ -144,9 +144,10 @@ inline __attribute__((always_inline)) void row_block(const float* x, int64_t M, 
             const int64_t cols = std::min(kPanel, N - n0);
             alignas(64) float bias16[kPanel] = {};
             if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
+            const float* panel = packed + p * panel_size;
             for (int64_t m = 0; m < full; m += big) {
-                if (M == big) tile<V, big, 1, true>(xp, K, packed + p * panel_size, bias16, y + n0, N, cols);
-                else tile<V, big, 1, false>(xp + m * K, K, packed + p * panel_size, bias16, y + m * N + n0, N, cols);
+                if (M == big) tile<V, big, 1, true>(xp, K, panel, bias16, y + n0, N, cols);   // the only tile
+                else tile<V, big, 1, false>(xp + m * K, K, panel, bias16, y + m * N + n0, N, cols);
             }
         }
         if (left == 0) continue;
