@@ -103,13 +103,19 @@ def linear_floor(llm, rows: int, steps: int, mkl: bool = False) -> float:
     return linear_floor_s(llm, rows, steps, mkl)
 
 
-def count_steps(llm, prompts, params, rows: list[int] | None = None) -> int:
+def count_steps(llm, prompts, params, rows: list[int]) -> int:
     """Engine steps for the prompts; `rows` collects each forward's rows (all pools)."""
     engine = llm.engine
     runners = [pool.runner for pool in engine.pools]
-    if rows is not None:
-        for runner in runners:
-            runner.forward = lambda inp, f=runner.forward: (rows.append(inp.input_ids.shape[0]), f(inp))[1]
+
+    def recording(forward):
+        def run(inp):
+            rows.append(inp.input_ids.shape[0])
+            return forward(inp)
+        return run
+
+    for runner in runners:
+        runner.forward = recording(runner.forward)   # an instance attribute over the method
     try:
         for p in prompts:
             engine.add_request(p, params)
@@ -119,7 +125,7 @@ def count_steps(llm, prompts, params, rows: list[int] | None = None) -> int:
             steps += 1
     finally:
         for runner in runners:
-            runner.__dict__.pop("forward", None)
+            del runner.forward
     return steps
 
 
