@@ -27,8 +27,8 @@ def test_build_backend_is_scikit_build_core_with_nanobind():
 def test_every_source_folder_is_mapped():
     mapping = _mapping()
     assert mapping == {"memgen": "python/memgen", "memgen/kernels": "kernels"}
-    for folder in mapping.values():
-        assert (ROOT / folder / "__init__.py").is_file(), folder
+    # memgen is a regular package; memgen.kernels a namespace folder (see the last test)
+    assert (ROOT / "python/memgen/__init__.py").is_file()
     # no package folder outside the mapped ones (it would not be shipped)
     mapped = [ROOT / f for f in mapping.values()]
     for init in list((ROOT / "python").rglob("__init__.py")) + list((ROOT / "kernels").rglob("__init__.py")):
@@ -56,9 +56,48 @@ def test_native_module_is_built_into_the_package():
 def test_installed_package_holds_every_subpackage():
     for name, folder in _mapping().items():
         base = name.replace("/", ".")
+        assert importlib.util.find_spec(base) is not None, f"{base} is not installed"
         for init in (ROOT / folder).rglob("__init__.py"):
             if "__pycache__" in init.parts:
                 continue
             rel = init.parent.relative_to(ROOT / folder)
             module = ".".join([base, *rel.parts])
             assert importlib.util.find_spec(module) is not None, f"{module} is not installed"
+    for source in (ROOT / "kernels").glob("*.py"):
+        assert importlib.util.find_spec(f"memgen.kernels.{source.stem}") is not None, source
+
+
+# A script run from the checkout root has the root first on sys.path (`python -m pytest`,
+# `python -c`, `python my_script.py` in the root): no top-level folder may shadow an
+# installed package there. transformers >= 5.2x imports the PyPI package `kernels`, which
+# the checkout's `kernels/` (a namespace folder, shipped as `memgen.kernels`) must not hide.
+_FROM_ROOT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+hf = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.tensor([[3, 4, 5]])
+hf_next = int(hf(ids).logits[0, -1].argmax())
+
+import memgen.kernels.reference, memgen.kernels.lora
+from memgen import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", seed=0)
+out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+assert out[0].token_ids[0] == hf_next, (out[0].token_ids, hf_next)
+
+import importlib.util, os
+spec = importlib.util.find_spec("kernels")
+ours = os.path.realpath("kernels")
+assert spec is None or spec.origin is None or os.path.realpath(os.path.dirname(spec.origin)) != ours, spec
+print("FROM-ROOT-OK")
+"""
+
+
+def test_checkout_root_shadows_no_installed_package(qwen2_dir):
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/__init__.py makes the root shadow PyPI's kernels"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    proc = subprocess.run([sys.executable, "-c", _FROM_ROOT, str(qwen2_dir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "FROM-ROOT-OK" in proc.stdout, proc.stderr[-3000:]
