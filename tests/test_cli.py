@@ -171,3 +171,42 @@ def test_llm_stream_pieces_add_up(qwen2_dir):
     assert all(m.num_free_blocks == m.num_blocks for m in llm.engine.block_managers.values())
     with pytest.raises(ValueError, match="n=2"):
         next(llm.stream("Hi", SamplingParams(n=2)))
+
+
+# every subcommand that builds an LLM, with the arguments it needs to get that far
+_DEVICE_COMMANDS = [["generate", "Hi"], ["chat", "--message", "Hi"], ["eval", "in.jsonl"], ["serve"], ["bench"]]
+
+
+@pytest.mark.parametrize("argv", _DEVICE_COMMANDS, ids=lambda a: a[0])
+def test_unavailable_or_unknown_device_is_one_line_and_exit_2(argv, capsys, monkeypatch):
+    """--device cuda without CUDA (and --device tpu) is one line on stderr and exit
+    2, before any model loads, in every subcommand that takes --device."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"memgen {argv[0]}: error: --device cuda: CUDA is not available") and "--device cpu" in err
+    for bad in ("tpu", "cuda:x"):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--device", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"unknown device '{bad}'" in err and err.startswith(f"memgen {argv[0]}: error:")
+
+
+def test_device_spelling_is_checked_without_torch():
+    from memgen.model_options import check_device, parse_device
+
+    assert parse_device("CUDA:1") == "cuda:1" and parse_device(" auto ") == "auto"
+    check_device("cpu")
+    check_device("auto")
+    with pytest.raises(ValueError, match="unknown device"):
+        check_device("gpu")
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "Hi", "--attention-backend", "flash"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'flash'" in err and "memgen generate --help" in err

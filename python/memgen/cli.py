@@ -12,7 +12,18 @@ import importlib
 import json
 import sys
 
-from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
+from memgen.model_options import (
+    add_engine_arguments, add_model_arguments, check_device, engine_option_kwargs, llm_kwargs,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error: a bad option value prints what is
+    wrong and where the options are listed, not the whole usage (twenty lines for
+    generate), like every other error the user can fix; exit status 2 as argparse."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,7 +220,7 @@ def _add_init_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from memgen import __version__
 
-    parser = argparse.ArgumentParser(prog="memgen", description="Fast, exact inference for MemGen models.")
+    parser = _Parser(prog="memgen", description="Fast, exact inference for MemGen models.")
     parser.add_argument("--version", action="version", version=f"memgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -265,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)   # one line, before any model loads (every command with --device)
         return args.func(args)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         print(f"memgen {args.command}: error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 DEFAULT_MEMGEN_HELP = "MemGen checkpoint directory (default: plain LLM)"
 
@@ -22,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFA
     g.add_argument("--trigger-model", default=None, help="trigger base model directory (default: --model)")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | float64 | "
                                                    "bfloat16 | float16")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--device", type=parse_device, default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--reference-compat", action="store_true",
                    help="reproduce the reference loader, which drops the trained LoRA weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
@@ -31,6 +32,45 @@ def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFA
                    help="no CUDA graphs for decode steps (by default they are captured on CUDA with Triton)")
     if seed_help is not None:
         g.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def parse_device(text: str) -> str:
+    """The --device type: 'auto', 'cpu', 'cuda' or 'cuda:N' (any case), lowercased.
+    Checks only the spelling, without importing torch; `check_device` checks
+    that the machine has it."""
+    try:
+        return _device_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _device_name(text: str) -> str:
+    name = str(text).strip().lower()
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"unknown device {str(text)!r}: use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def check_device(device: str) -> None:
+    """ValueError (one line, for the CLI's exit 2) when `device` names a CUDA
+    device this machine does not have. 'auto' and 'cpu' always exist, and are
+    answered without importing torch."""
+    name = _device_name(device)
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu "
+                         "(or auto)")
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
