@@ -210,3 +210,40 @@ def test_argparse_errors_are_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'flash'" in err and "memgen generate --help" in err
+
+
+def _stdin(monkeypatch, data: bytes):
+    import io
+
+    stream = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="strict")
+    stream.isatty = lambda: False
+    monkeypatch.setattr("sys.stdin", stream)
+
+
+def test_invalid_utf8_prompt_is_one_line_naming_the_byte(capsys, monkeypatch):
+    """Invalid UTF-8 in argv (decoded with surrogateescape) or on stdin: exit 2 and
+    one line naming the text and the first bad byte, before any model loads."""
+    bad = b"ab\xffc".decode("utf-8", "surrogateescape")
+    cases = [(["generate", bad], "the prompt is not valid UTF-8 (byte 0xff at byte offset 2)"),
+             (["generate", "fine", bad], "prompt 2 is not valid UTF-8 (byte 0xff at byte offset 2)"),
+             (["generate", "fine", "--stop", bad], "the --stop text is not valid UTF-8"),
+             (["chat", "--message", "caf" + b"\xe9".decode("utf-8", "surrogateescape")],
+              "the --message text is not valid UTF-8 (byte 0xe9 at byte offset 3)"),
+             (["chat", "--message", "Hi", "--system", bad], "the --system prompt is not valid UTF-8")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "TextInputSequence" not in err, err
+    _stdin(monkeypatch, "é ".encode() + b"\xc3(")   # a truncated 2-byte sequence after 3 valid bytes
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("memgen generate: error: the prompt on stdin is not valid UTF-8 (byte 0xc3 at byte offset 3); "
+                   "pass UTF-8 text (e.g. convert it with iconv -t UTF-8)\n")
+
+
+def test_chat_session_skips_an_invalid_utf8_line(qwen2_dir, capsys, monkeypatch):
+    _stdin(monkeypatch, b"\xff bad\nHi\n\n")
+    assert main(["chat", "--model", str(qwen2_dir), "--max-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "that message is not valid UTF-8 (byte 0xff at byte offset 0)" in err and "type it again" in err
+    assert err.count("2 tokens") == 1     # the good line was answered

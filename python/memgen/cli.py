@@ -45,6 +45,41 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=0.0)
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text` unchanged if it is valid UTF-8; else ValueError naming `what` and the
+    first bad byte. Python decodes argv (and stdin in a C/POSIX locale) with
+    surrogateescape, which keeps an undecodable byte as a lone surrogate that the
+    tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as e:
+        offset = len(text[: e.start].encode("utf-8"))
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+    raise ValueError(f"{what} is not valid UTF-8 ({byte} at byte offset {offset}); pass UTF-8 text "
+                     "(e.g. convert it with iconv -t UTF-8)")
+
+
+def _read_stdin(what: str) -> str:
+    """All of stdin as text, decoded as UTF-8 (ValueError at the first bad byte)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:   # a text stream (tests, embedding): its own decoding already ran
+        return _utf8(sys.stdin.read(), what)
+    data = buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start}); "
+                         "pass UTF-8 text (e.g. convert it with iconv -t UTF-8)") from None
+
+
+def _check_text_options(args) -> None:
+    """The texts every generating command takes besides its prompts."""
+    for i, stop in enumerate(args.stop or (), start=1):
+        _utf8(stop, f"--stop text {i}" if len(args.stop) > 1 else "the --stop text")
+
+
 def _build_llm(args):
     from memgen import LLM
 
@@ -89,7 +124,12 @@ def cmd_generate(args) -> int:
         print("memgen generate: no prompt given: pass one or more prompts as arguments, or pipe one on stdin "
               "(e.g. echo 'Hello' | memgen generate)", file=sys.stderr)
         return 2
-    prompts = args.prompt or [sys.stdin.read()]
+    if args.prompt:
+        prompts = [_utf8(p, f"prompt {i}" if len(args.prompt) > 1 else "the prompt")
+                   for i, p in enumerate(args.prompt, start=1)]
+    else:
+        prompts = [_read_stdin("the prompt on stdin")]
+    _check_text_options(args)
     llm = _build_llm(args)
     params = _sampling_params(args)
     if args.chat:
@@ -118,6 +158,13 @@ def _stream_reply(llm, messages, params) -> str:
 
 
 def cmd_chat(args) -> int:
+    if args.message is not None:
+        _utf8(args.message, "the --message text")
+    if args.system is not None:
+        _utf8(args.system, "the --system prompt")
+    _check_text_options(args)
+    if not args.message and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")   # a bad byte in a typed line: say so, go on
     llm = _build_llm(args)
     params = _sampling_params(args)
     if params.n != 1:
@@ -138,6 +185,11 @@ def cmd_chat(args) -> int:
             break
         if not line.strip():
             break
+        try:
+            _utf8(line, "that message")
+        except ValueError as e:
+            print(f"memgen chat: {e}; type it again", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         history.append({"role": "assistant", "content": _stream_reply(llm, history, params)})
     return 0
