@@ -247,3 +247,22 @@ def test_chat_session_skips_an_invalid_utf8_line(qwen2_dir, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "that message is not valid UTF-8 (byte 0xff at byte offset 0)" in err and "type it again" in err
     assert err.count("2 tokens") == 1     # the good line was answered
+
+
+def test_eval_without_a_valid_record_exits_2(qwen2_dir, tmp_path, capsys):
+    """An empty input, a blank one, or one whose every line is invalid is an
+    error (exit 2, one line), not a run that reports records: 0/0 and exits 0."""
+    cases = {"empty.jsonl": ("", "holds no record: it is empty"),
+             "blank.jsonl": ("\n  \n", "holds no record: it is empty"),
+             "one_bad.jsonl": ('{"answer": 1}\n', "holds no valid record: its one line is invalid; the first: "),
+             "bad.jsonl": ('not json\n{"prompt": ""}\n\n[1]\n', "holds no valid record: all 3 lines are invalid; "
+                                                                "the first: ")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        out = tmp_path / f"{name}.out.jsonl"
+        assert main(["eval", str(path), "-o", str(out), "--model", str(qwen2_dir), "--no-progress"]) == 2, name
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and message in captured.err, captured.err
+        assert captured.err.startswith(f"memgen eval: error: {path} ") and "records:" not in captured.out
+        assert not out.exists()    # stopped before the output was taken

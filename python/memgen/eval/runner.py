@@ -500,6 +500,21 @@ def print_summary(summary: dict[str, Any], stream=None) -> None:
     print(f"output: {summary['output']}", file=stream)
 
 
+def check_input(cfg: EvalConfig) -> None:
+    """Before the model loads: the first bad line with --strict, and a ValueError
+    when the input holds no valid record (an empty file, or every line invalid),
+    which would otherwise end as a successful run over nothing."""
+    read = read_records(cfg.input, task=cfg.task, strict=cfg.strict)
+    if read.records:
+        return
+    if not read.errors:
+        raise ValueError(f"{cfg.input} holds no record: it is empty or blank (expected one JSON object per line "
+                         'with "prompt" or "messages")')
+    n = len(read.errors)
+    raise ValueError(f"{cfg.input} holds no valid record: {'its one line is' if n == 1 else f'all {n} lines are'} "
+                     f"invalid; the first: {read.errors[0]}")
+
+
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """`memgen eval`: 0 on success; 2 (one line on stderr, as the CLI's other
     commands) on bad input, a missing file, or an output another run holds."""
@@ -522,8 +537,8 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
 
             check_before_loading(cfg)        # schema, split and retriever, before the model loads
         # say so before the model loads (open_run checks again under the output's lock)
-        if cfg.strict and cfg.dataset is None:
-            read_records(cfg.input, task=cfg.task, strict=True)
+        if cfg.dataset is None:
+            check_input(cfg)
         if not cfg.overwrite and Path(cfg.output).is_file() and os.path.getsize(cfg.output):
             check_settings(cfg, run_settings(cfg, llm_kwargs))
         if args.ray:
