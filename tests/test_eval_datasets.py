@@ -196,6 +196,155 @@ def test_gpqa_csv_as_published(tmp_path):
     assert record.id == "recA1" and record.data == gpqa.build(GPQA_ROW, "recA1", 0)
 
 
+# ---- --gpqa-order reference: the reference's global-random draw ----------------------------
+GPQA_COLUMNS = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                "Incorrect Answer 3", "Explanation", "Record ID", "Subdomain"]     # a subset of the HF CSVs'
+
+
+def _gpqa_rows(tag, n):
+    return [{"Pre-Revision Question": "old", "Question": f" {tag} question {i}? ", "Correct Answer": f"right {i}",
+             "Incorrect Answer 1": f"wrong a{i}", "Incorrect Answer 2": f"wrong b{i}",
+             "Incorrect Answer 3": f" wrong c{i}", "Explanation": f"because {i}. ", "Record ID": f"{tag}{i}",
+             "Subdomain": "Physics"} for i in range(n)]
+
+
+def _write_gpqa_csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=GPQA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _reference_gpqa_expected(main_rows, diamond_rows, run_seed=42):
+    """What the reference's builder makes of the diamond rows, by its call sequence:
+    main.py seeds Python's global random once; the builder then maps its preprocess,
+    one random.shuffle(list(range(4))) per row, over gpqa_main's train and valid
+    rows (how numpy splits them does not matter: only their number), then over
+    gpqa_diamond in file order. Candidate 0 is the correct answer."""
+    import random
+
+    saved = random.getstate()
+    try:
+        random.seed(run_seed)
+        for _ in main_rows:
+            random.shuffle(list(range(4)))
+        expected = []
+        for row in diamond_rows:
+            indices = list(range(4))
+            random.shuffle(indices)
+            candidates = [row[k].strip() for k in ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                                   "Incorrect Answer 3")]
+            options = "".join(f"{'ABCD'[pos]}. {candidates[k]}\n" for pos, k in enumerate(indices))
+            letter = "ABCD"[indices.index(0)]
+            prompt = ("Solve the problem with proper reasoning, and make sure to put the FINAL CHOICE inside "
+                      "\\boxed{}.Question: " + row["Question"].strip()
+                      + "\n\nPlease choose one of the following options:\n" + options + "\n")
+            solution = row["Explanation"].strip() + f"\n\nTherefore, the final answer is \\boxed{{{letter}}}"
+            expected.append((indices, prompt, solution))
+        return expected
+    finally:
+        random.setstate(saved)
+
+
+def _memgen_default_order(run_seed, record_id):
+    """memgen's own order (the default), written out: random.Random(sha256 of
+    "gpqa-options", the run seed and the id) shuffles [0, 1, 2, 3]."""
+    import hashlib
+    import random
+
+    digest = hashlib.sha256(f"gpqa-options\x00{run_seed}\x00{record_id}".encode()).digest()
+    order = [0, 1, 2, 3]
+    random.Random(int.from_bytes(digest[:8], "little")).shuffle(order)
+    return order
+
+
+def test_gpqa_reference_order_replays_the_reference_draw(tmp_path, capsys):
+    from memgen.eval.dataset_runner import load_dataset_records
+
+    main_rows, diamond_rows = _gpqa_rows("main", 448), _gpqa_rows("dia", 12)
+    _write_gpqa_csv(tmp_path / "gpqa_main.csv", main_rows)
+    diamond = _write_gpqa_csv(tmp_path / "gpqa_diamond.csv", diamond_rows)
+    expected = _reference_gpqa_expected(main_rows, diamond_rows)
+
+    records = load_dataset_records(config(diamond, "gpqa", gpqa_order="reference")).records
+    assert [r.id for r in records] == [f"dia{i}" for i in range(12)]
+    assert [r.data["messages"] for r in records] == [[{"role": "user", "content": p}] for _, p, _ in expected]
+    assert [r.data["solution"] for r in records] == [s for _, _, s in expected]
+    assert [r.data["gpqa"]["order"] for r in records] == [o for o, _, _ in expected]
+    assert [r.data["gpqa"]["reference_draw"] for r in records] == list(range(448, 460))
+    assert capsys.readouterr().err == ""              # a complete gpqa_main: nothing to say
+
+    # the default is memgen's own order, unchanged, and differs from the reference's
+    default = load_dataset_records(config(diamond, "gpqa")).records
+    assert [r.data["gpqa"]["order"] for r in default] == [_memgen_default_order(0, r.id) for r in default]
+    assert [r.data for r in default] == [gpqa.build(row, row["Record ID"], 0) for row in diamond_rows]
+    assert sum(r.data["gpqa"]["order"] != o for r, (o, _, _) in zip(default, expected)) >= 6
+
+    # --prompts-only through the CLI, and another run.seed
+    out = tmp_path / "prompts.jsonl"
+    assert main(["eval", str(diamond), "--dataset", "gpqa", "--prompts-only", "--gpqa-order", "reference",
+                 "-o", str(out)]) == 0
+    assert [json.loads(x)["messages"][0]["content"] for x in out.read_text().splitlines()] == \
+        [p for _, p, _ in expected]
+    seven = load_dataset_records(config(diamond, "gpqa", gpqa_order="reference:7")).records
+    assert [r.data["gpqa"]["order"] for r in seven] == \
+        [o for o, _, _ in _reference_gpqa_expected(main_rows, diamond_rows, run_seed=7)]
+
+
+def test_gpqa_reference_order_counts_the_main_rows(tmp_path, capsys):
+    from memgen.eval.dataset_runner import load_dataset_records
+
+    diamond_rows = _gpqa_rows("dia", 12)
+    orders = lambda recs: [r.data["gpqa"]["order"] for r in recs]    # noqa: E731
+    # no gpqa_main beside the input: the published 448 rows are assumed, and said
+    alone = _write_gpqa_csv(tmp_path / "gpqa_diamond.csv", diamond_rows)
+    assert orders(load_dataset_records(config(alone, "gpqa", gpqa_order="reference")).records) == \
+        [o for o, _, _ in _reference_gpqa_expected(range(448), diamond_rows)]
+    assert "assuming the published gpqa_main (448 rows)" in capsys.readouterr().err
+    # an incomplete gpqa_main (save_to_disk layout here): its row count decides, with a warning
+    sub = tmp_path / "short"
+    sub.mkdir()
+    short_main = _gpqa_rows("main", 447)
+    _save_to_disk(sub / "gpqa_main", {"train": short_main})
+    diamond = _write_gpqa_csv(sub / "gpqa_diamond.csv", diamond_rows)
+    got = orders(load_dataset_records(config(diamond, "gpqa", gpqa_order="reference")).records)
+    assert got == [o for o, _, _ in _reference_gpqa_expected(short_main, diamond_rows)]
+    assert got != [o for o, _, _ in _reference_gpqa_expected(range(448), diamond_rows)]
+    assert "has 447 rows, the published gpqa_main 448" in capsys.readouterr().err
+
+
+def test_gpqa_with_order_is_the_protocols_prompt():
+    from memgen.eval.dataset_runner import gpqa_with_order
+
+    for seed in range(6):
+        data = gpqa.build(GPQA_ROW, "recA1", seed)
+        rebuilt = gpqa_with_order(GPQA_ROW, data["gpqa"]["order"])
+        assert (rebuilt["messages"], rebuilt["solution"], rebuilt["gpqa"]["correct"]) == \
+            (data["messages"], data["solution"], data["gpqa"]["correct"])
+
+
+def test_gpqa_order_flag_errors_and_settings(tmp_path, capsys):
+    from memgen.eval.runner import run_settings
+
+    main_csv = _write_gpqa_csv(tmp_path / "gpqa_main.csv", _gpqa_rows("main", 3))
+    diamond = _write_gpqa_csv(tmp_path / "gpqa_diamond.csv", _gpqa_rows("dia", 2))
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    for argv, message in [
+        ([str(gsm), "--dataset", "gsm8k", "--gpqa-order", "reference"], "applies to --dataset gpqa"),
+        ([str(diamond), "--dataset", "gpqa", "--gpqa-order", "shuffled"], "expected memgen, reference"),
+        ([str(diamond), "--dataset", "gpqa", "--gpqa-order", "reference:x"], "expected memgen, reference"),
+        ([str(main_csv), "--dataset", "gpqa", "--gpqa-order", "reference"], "is gpqa_main"),
+    ]:
+        assert main(["eval", *argv, "--prompts-only"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert run_settings(config(diamond, "gpqa", gpqa_order="reference"))["gpqa_order"] == "reference"
+    assert "gpqa_order" not in run_settings(config(diamond, "gpqa"))     # older outputs still resume
+
+
 def test_rows_that_do_not_fit_the_schema(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GSM8K_ROWS[0], {"question": "no answer"}])
     assert main(["eval", str(bad), "--dataset", "gsm8k", "--prompts-only", "--strict"]) == 2

@@ -1,12 +1,27 @@
 """`memgen eval --dataset NAME`: records from an original dataset file (its
 published schema), generated from MemGen-template prompts and scored with the
 dataset's reference reward; `--prompts-only` writes the prompts without loading
-a model. The output records, resume and summary are the runner's."""
+a model. The output records, resume and summary are the runner's.
+
+GPQA's option order (`--gpqa-order`): "memgen" (the default) seeds each record's
+shuffle from the run seed and its id (protocols/gpqa.py); "reference" replays the
+reference's draw. Its builder (data/gpqa/builder.py) shuffles each row's four
+options with one `random.shuffle` of [0, 1, 2, 3] on Python's global `random`,
+inside `datasets.map`, after main.py's `random.seed(run.seed)` (42 in
+configs/latent_memory/gpqa.yaml) and nothing else drawn from it: first every
+gpqa_main row (its train and valid parts, 404 + 44; numpy decides which rows go
+where, which does not matter here since the shuffles depend only on how many came
+before), then the gpqa_diamond rows in file order. A shuffle of four items
+consumes the generator the same way whatever the items are, so diamond row k
+(from 0) gets the shuffle number main_rows + k of `random.Random(run.seed)`.
+"""
 from __future__ import annotations
 
 import functools
 import json
+import random
 import sys
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -20,6 +35,11 @@ def load_dataset_records(cfg) -> ReadResult:
     not fit its schema is an InputError (raised at once with `cfg.strict`)."""
     protocol = get_protocol(cfg.dataset)
     rows = read_rows(cfg.input, cfg.split, protocol.default_split)
+    kind, order_seed = parse_gpqa_order(getattr(cfg, "gpqa_order", "memgen"))
+    reference_orders = None
+    if protocol.name == "gpqa" and kind == "reference":
+        main_rows = gpqa_main_row_count(cfg.input)
+        reference_orders = gpqa_reference_orders(order_seed, main_rows, len(rows))
     out = ReadResult()
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
@@ -35,6 +55,10 @@ def load_dataset_records(cfg) -> ReadResult:
             if key in seen:
                 raise ValueError(f"duplicate id {rid!r} (first in row {seen[key]})")
             data = protocol.build(row, rid, cfg.seed)
+            if reference_orders is not None:
+                data = gpqa_with_order(row, reference_orders[index])
+                data["gpqa"].update(order_source="reference", reference_seed=order_seed,
+                                    reference_draw=main_rows + index)
             seen[key] = row_no
             out.records.append(Record(rid, row_no, data, protocol.name))
         except ValueError as e:
@@ -43,6 +67,94 @@ def load_dataset_records(cfg) -> ReadResult:
                 raise err from None
             out.errors.append(err)
     return out
+
+
+GPQA_REFERENCE_SEED = 42        # run.seed of the reference's configs/latent_memory/gpqa.yaml
+GPQA_MAIN_ROWS = 448            # the published gpqa_main (the reference's train 404 + valid 44)
+
+
+def parse_gpqa_order(value: str) -> tuple[str, int | None]:
+    """`--gpqa-order`: "memgen" -> ("memgen", None); "reference" -> ("reference", 42);
+    "reference:N" (a reference run with run.seed=N) -> ("reference", N)."""
+    kind, sep, seed = str(value).partition(":")
+    if kind == "memgen" and not sep:
+        return kind, None
+    if kind == "reference":
+        if not sep:
+            return kind, GPQA_REFERENCE_SEED
+        try:
+            return kind, int(seed)
+        except ValueError:
+            pass
+    raise ValueError(f"--gpqa-order {value!r}: expected memgen, reference or reference:SEED")
+
+
+def gpqa_reference_orders(run_seed: int, main_rows: int, rows: int) -> list[list[int]]:
+    """The option order the reference gives each of `rows` diamond rows: one shuffle
+    of [0, 1, 2, 3] per gpqa_main row, then one per diamond row, from Python's
+    `random` seeded with `run_seed` (see the module docstring)."""
+    rng = random.Random(run_seed)
+    for _ in range(main_rows):
+        rng.shuffle([0, 1, 2, 3])
+    orders = []
+    for _ in range(rows):
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+_GPQA_MAIN_NAMES = ("gpqa_main.csv", "gpqa_main.parquet", "gpqa_main.jsonl", "gpqa_main.json", "gpqa_main")
+
+
+def find_gpqa_main(input_path: str | Path) -> Path | None:
+    """gpqa_main beside the diamond INPUT: INPUT's name with "diamond" -> "main", else
+    gpqa_main.csv / .parquet / .jsonl / .json or a gpqa_main save_to_disk directory."""
+    path = Path(input_path)
+    names = ([path.name.replace("diamond", "main")] if "diamond" in path.name else []) + list(_GPQA_MAIN_NAMES)
+    for name in names:
+        candidate = path.parent / name
+        if candidate.exists():
+            if candidate.resolve() == path.resolve():
+                raise ValueError(f"--gpqa-order reference replays the reference's test split, gpqa_diamond; "
+                                 f"{path} is gpqa_main (the reference's train and valid rows)")
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def gpqa_main_row_count(input_path: str) -> int:
+    """How many shuffles the reference draws before the diamond rows: the rows of the
+    gpqa_main found beside INPUT, else the published 448 (said once on stderr, as is
+    a main file of another size)."""
+    main = find_gpqa_main(input_path)
+    if main is None:
+        print(f"memgen eval: --gpqa-order reference: no gpqa_main beside {input_path}; assuming the published "
+              f"gpqa_main ({GPQA_MAIN_ROWS} rows) was drawn before the diamond rows", file=sys.stderr)
+        return GPQA_MAIN_ROWS
+    count = len(read_rows(main, None, "train"))
+    if count != GPQA_MAIN_ROWS:
+        print(f"memgen eval: --gpqa-order reference: {main} has {count} rows, the published gpqa_main "
+              f"{GPQA_MAIN_ROWS}; the option orders follow the reference as if it had read this file",
+              file=sys.stderr)
+    return count
+
+
+def gpqa_with_order(row: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """A GPQA record with its options in `order` (candidate indices by position,
+    the correct answer being candidate 0): the prompt and label protocols/gpqa.py
+    builds, with this order in place of its seeded one."""
+    from memgen.eval.protocols import gpqa, text_field
+
+    question, correct, wrong1, wrong2, wrong3, explanation = (text_field(row, f).strip() for f in gpqa.FIELDS)
+    letters, answer_letter = gpqa.lettered_options([correct, wrong1, wrong2, wrong3], order)
+    body = question + "\n\nPlease choose one of the following options:\n"
+    for text, letter in sorted(letters.items(), key=lambda item: item[1]):
+        body += f"{letter}. {text}\n"
+    prompt = gpqa.INSTRUCTION + "Question: " + body + "\n"
+    solution = explanation + f"\n\nTherefore, the final answer is \\boxed{{{answer_letter}}}"
+    return {"messages": [{"role": "user", "content": prompt}], "solution": solution,
+            "gpqa": {"order": list(order), "correct": answer_letter}}
 
 
 def check_before_loading(cfg) -> None:

@@ -60,6 +60,7 @@ class EvalConfig:
     retriever: str = "http://127.0.0.1:8001/retrieve"   # triviaqa: the reference's URL, or a JSONL corpus
     retrieval_topk: int = 3
     max_turns: int = 5
+    gpqa_order: str = "memgen"        # gpqa: "memgen" (seeded per record) | "reference" | "reference:SEED"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -77,6 +78,12 @@ class EvalConfig:
                 raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(DATASETS)}")
             if self.task is not None:
                 raise ValueError("--task applies to a plain JSONL input; --dataset scores with its own reward")
+        if self.gpqa_order != "memgen":
+            from memgen.eval.dataset_runner import parse_gpqa_order
+
+            parse_gpqa_order(self.gpqa_order)
+            if self.dataset != "gpqa":
+                raise ValueError("--gpqa-order applies to --dataset gpqa")
         if self.retrieval_topk < 1 or self.max_turns < 1:
             raise ValueError("retrieval_topk and max_turns must be >= 1")
 
@@ -117,6 +124,8 @@ def run_settings(cfg: EvalConfig, llm_kwargs: dict[str, Any] | None = None) -> d
     if cfg.dataset is not None:
         fields += _DATASET_FIELDS + (_SEARCH_FIELDS if cfg.dataset == "triviaqa" else ())
     settings = {name: getattr(cfg, name) for name in fields}
+    if cfg.dataset == "gpqa" and cfg.gpqa_order != "memgen":    # (outputs from before it still resume)
+        settings["gpqa_order"] = cfg.gpqa_order
     if cfg.dataset == "triviaqa" and not cfg.retriever.startswith(("http://", "https://")):
         settings["retriever"] = os.path.abspath(os.path.expanduser(cfg.retriever))
     for key, value in sorted((llm_kwargs or {}).items()):
@@ -442,6 +451,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "or a JSONL corpus for a local BM25 index")
     d.add_argument("--retrieval-topk", type=int, default=3, help="documents per search (reference: 3)")
     d.add_argument("--max-turns", type=int, default=5, help="triviaqa turns per episode (reference: 5)")
+    d.add_argument("--gpqa-order", default="memgen", metavar="{memgen,reference,reference:SEED}",
+                   help="gpqa option order: memgen (default) seeds each record's shuffle from --seed and its id; "
+                        "reference replays the reference's random.seed(42) draw (gpqa_main's 448 rows, then "
+                        "INPUT = gpqa_diamond in published order; see docs/API.md)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default 256; 1024 with --dataset")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -483,7 +496,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         strict=args.strict, limit=args.limit, code_timeout=args.code_timeout,
         progress=not args.no_progress, overwrite=args.overwrite, dataset=dataset,
         split=getattr(args, "split", None), retriever=getattr(args, "retriever", EvalConfig.retriever),
-        retrieval_topk=getattr(args, "retrieval_topk", 3), max_turns=getattr(args, "max_turns", 5))
+        retrieval_topk=getattr(args, "retrieval_topk", 3), max_turns=getattr(args, "max_turns", 5),
+        gpqa_order=getattr(args, "gpqa_order", "memgen"))
 
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:
