@@ -38,12 +38,12 @@ def test_user_errors_exit_2_with_one_line(qwen2_dir, tmp_path, capsys):
 def test_convert_both_directions(memgen_ckpt_dir, tmp_path, capsys):
     export = tmp_path / "export"
     back = tmp_path / "back"
-    assert main(["convert", str(memgen_ckpt_dir), str(export), "--to", "safetensors",
-                 "--weaver-base", "some/weaver"]) == 0
+    assert main(["convert", str(memgen_ckpt_dir), str(export), "--format", "safetensors",
+                 "--weaver-model", "some/weaver"]) == 0
     assert (export / "memgen_config.json").is_file()
     ckpt = load_checkpoint(export)
     assert ckpt.weaver_base == "some/weaver"
-    assert main(["convert", str(export), str(back), "--to", "reference"]) == 0
+    assert main(["convert", str(export), str(back), "--format", "reference"]) == 0
     original, restored = load_checkpoint(memgen_ckpt_dir), load_checkpoint(back)
     for name in ("weaver", "trigger_head", "reasoner_to_weaver", "weaver_to_reasoner"):
         a, b = getattr(original, name), getattr(restored, name)
@@ -266,3 +266,79 @@ def test_eval_without_a_valid_record_exits_2(qwen2_dir, tmp_path, capsys):
         assert captured.err.count("\n") == 1 and message in captured.err, captured.err
         assert captured.err.startswith(f"memgen eval: error: {path} ") and "records:" not in captured.out
         assert not out.exists()    # stopped before the output was taken
+
+
+def _parse(argv):
+    from memgen.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_one_flag_name_per_concept_old_names_are_hidden_deprecated_aliases(capsys):
+    """The canonical names parse; each old name sets the same option, says once on
+    stderr which name to use, and is not in --help."""
+    from memgen.benchmark import check_args
+
+    args = _parse(["init", "out"])
+    assert (args.init_seed, args.trigger_active, args.format, args.budget) == (0, False, "reference", 5)
+    assert (args.prompt_latents, args.inference_latents) == (8, 8)
+    args = _parse(["init", "out", "--init-seed", "7", "--trigger-active", "--format", "safetensors"])
+    assert (args.init_seed, args.trigger_active, args.format) == (7, True, "safetensors")
+    assert _parse(["init", "out", "--trigger-active", "--no-trigger-active"]).trigger_active is False
+    assert capsys.readouterr().err == ""
+    bench = _parse(["bench"])
+    check_args(bench)
+    assert (bench.prompt_latents, bench.inference_latents, bench.budget, bench.trigger_active) == (8, 8, 5, True)
+    bench = _parse(["bench", "--prompt-latents", "3", "--inference-latents", "2", "--no-trigger-active"])
+    check_args(bench)
+    assert (bench.prompt_latents, bench.inference_latents, bench.trigger_active) == (3, 2, False)
+    convert = _parse(["convert", "a", "b"])
+    assert (convert.format, convert.weaver_model, convert.trigger_model) == ("safetensors", None, None)
+    assert capsys.readouterr().err == ""
+
+    old = [  # argv, what it sets, the deprecation line
+        (["init", "out", "--seed", "7"], {"init_seed": 7}, "memgen init: --seed is deprecated; use --init-seed"),
+        (["init", "out", "--trigger-active", "--trigger-inactive"], {"trigger_active": False},
+         "memgen init: --trigger-inactive is deprecated; use --no-trigger-active"),
+        (["bench", "--latents", "3"], {"prompt_latents": 3, "inference_latents": 3},
+         "memgen bench: --latents is deprecated; use --prompt-latents and --inference-latents"),
+        (["bench", "--trigger-inactive"], {"trigger_active": False},
+         "memgen bench: --trigger-inactive is deprecated; use --no-trigger-active"),
+        (["convert", "a", "b", "--to", "reference"], {"format": "reference"},
+         "memgen convert: --to is deprecated; use --format"),
+        (["convert", "a", "b", "--weaver-base", "w"], {"weaver_model": "w"},
+         "memgen convert: --weaver-base is deprecated; use --weaver-model"),
+        (["convert", "a", "b", "--trigger-base", "t"], {"trigger_model": "t"},
+         "memgen convert: --trigger-base is deprecated; use --trigger-model"),
+    ]
+    for argv, want, line in old:
+        args = _parse(argv)
+        assert {k: getattr(args, k) for k in want} == want, argv
+        assert capsys.readouterr().err == line + "\n"
+    with pytest.raises(SystemExit):
+        _parse(["convert", "a", "b", "--to", "gguf"])
+    capsys.readouterr()
+    for command, names in (("init", ["--seed", "--trigger-inactive"]),
+                           ("bench", ["--latents", "--trigger-inactive"]),
+                           ("convert", ["--to", "--weaver-base", "--trigger-base"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert not [n for n in names if f"{n} " in out or f"{n}\n" in out or f"{n}," in out], (command, out)
+
+
+def test_bench_random_init_uses_both_latent_counts(memgen_reasoner_dir, capsys):
+    from memgen.benchmark import check_args
+    from memgen.benchmark.build import memory_source
+
+    args = _parse(["bench", "--prompt-latents", "3", "--inference-latents", "2", "--budget", "1",
+                   "--no-trigger-active"])
+    check_args(args)
+    s = memory_source(args, memgen_reasoner_dir).checkpoint.settings
+    assert (s.prompt_latents_len, s.inference_latents_len, s.max_inference_aug_num, s.trigger_active) == \
+           (3, 2, 1, False)
+    assert "K=3 prompt / 2 inference latents" in capsys.readouterr().out
+    for argv in (["--memgen", "ckpt", "--no-trigger-active"], ["--memgen", "ckpt", "--latents", "4"]):
+        args = _parse(["bench", *argv])
+        with pytest.raises(ValueError, match="cannot be combined with --memgen"):
+            check_args(args)

@@ -12,6 +12,9 @@ import importlib
 import json
 import sys
 
+from memgen.checkpoint_options import (
+    FORMATS, add_deprecated_alias, add_format_argument, add_fresh_checkpoint_arguments,
+)
 from memgen.model_options import (
     add_engine_arguments, add_model_arguments, check_device, engine_option_kwargs, llm_kwargs,
 )
@@ -201,14 +204,14 @@ def cmd_init(args) -> int:
     options = InitOptions(prompt_latents=args.prompt_latents, inference_latents=args.inference_latents,
                           budget=args.budget, trigger_active=args.trigger_active, lora_r=args.lora_r,
                           lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                          lora_dropout=args.lora_dropout, seed=args.seed)
+                          lora_dropout=args.lora_dropout, seed=args.init_seed)
     out, ckpt = init_checkpoint(args.output_dir, args.model, options, weaver_model=args.weaver_model,
                                 trigger_model=args.trigger_model, layout=args.format, overwrite=args.overwrite)
     s = ckpt.settings
     print(f"wrote a fresh MemGen checkpoint ({args.format} layout) to {out}: K={s.prompt_latents_len} prompt / "
           f"{s.inference_latents_len} inference latents, budget {s.max_inference_aug_num}, trigger "
           f"{'active' if s.trigger_active else 'inactive'}, LoRA r={args.lora_r} alpha={args.lora_alpha:g} on "
-          f"{','.join(args.lora_targets)}, seed {args.seed}")
+          f"{','.join(args.lora_targets)}, init seed {args.init_seed}")
     bases = "".join(f" --{role}-model {m}" for role, m in (("weaver", args.weaver_model), ("trigger", args.trigger_model))
                     if m is not None and args.format == "reference")
     model = f" --model {args.model}" if args.model else ""
@@ -225,12 +228,12 @@ def cmd_convert(args) -> int:
     ckpt = load_checkpoint(args.src)
     if args.dtype is not None:
         ckpt = cast_checkpoint(ckpt, getattr(torch, args.dtype))
-    if args.weaver_base:
-        ckpt.weaver_base = args.weaver_base
-    if args.trigger_base:
-        ckpt.trigger_base = args.trigger_base
-    out = save_reference(ckpt, args.dst) if args.to == "reference" else save_export(ckpt, args.dst)
-    print(f"wrote {args.to} checkpoint to {out}")
+    if args.weaver_model:
+        ckpt.weaver_base = args.weaver_model
+    if args.trigger_model:
+        ckpt.trigger_base = args.trigger_model
+    out = save_reference(ckpt, args.dst) if args.format == "reference" else save_export(ckpt, args.dst)
+    print(f"wrote {args.format} checkpoint to {out}")
     return 0
 
 
@@ -246,25 +249,11 @@ def _add_init_parser(sub) -> None:
     p.add_argument("--weaver-model", default=None, help="weaver base model (default: --model)")
     p.add_argument("--trigger-model", default=None, help="trigger base model (default: --model)")
     g = p.add_argument_group("MemGen settings (the reference config's fields)")
-    g.add_argument("--prompt-latents", type=int, default=8, help="K latents inserted after the prompt (default 8)")
-    g.add_argument("--inference-latents", type=int, default=8,
-                   help="K latents per insertion during decoding (default 8)")
-    g.add_argument("--budget", type=int, default=5,
-                   help="max inference insertions per request, max_inference_aug_num (default 5)")
-    t = g.add_mutually_exclusive_group()
-    t.add_argument("--trigger-active", dest="trigger_active", action="store_true", default=False,
-                   help="the trigger head decides at each delimiter (untrained: about random)")
-    t.add_argument("--trigger-inactive", dest="trigger_active", action="store_false",
-                   help="insert at every delimiter until the budget is spent (default, as the reference YAMLs)")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the weaver and trigger (default 16)")
-    g.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default 32)")
-    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"],
-                   help="module names the LoRAs adapt (default: q_proj v_proj)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="recorded for training (default 0.1)")
-    g.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    p.add_argument("--format", choices=["reference", "safetensors"], default="reference",
-                   help="reference (default): the reference's save_pretrained layout; safetensors: this "
-                        "project's export, which also records --weaver-model / --trigger-model")
+    add_fresh_checkpoint_arguments(g, trigger_default=False,
+                                   trigger_why="a fresh trigger is untrained, as in the reference YAMLs")
+    add_deprecated_alias(g, "--trigger-inactive", "--no-trigger-active", "trigger_active", value=False)
+    add_deprecated_alias(g, "--seed", "--init-seed", "init_seed", type=int)
+    add_format_argument(p, default="reference")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     p.set_defaults(func=cmd_init)
 
@@ -299,10 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a MemGen checkpoint between layouts")
     p.add_argument("src", help="checkpoint directory (reference layout or safetensors export)")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--to", choices=["reference", "safetensors"], default="safetensors",
-                   help="reference: the reference's save_pretrained layout; safetensors: this project's export")
-    p.add_argument("--weaver-base", default=None, help="record the weaver's base checkpoint")
-    p.add_argument("--trigger-base", default=None, help="record the trigger's base checkpoint")
+    add_format_argument(p, default="safetensors")
+    add_deprecated_alias(p, "--to", "--format", "format", choices=FORMATS)
+    p.add_argument("--weaver-model", default=None, metavar="DIR",
+                   help="record this as the weaver's base model (default: keep the recorded one)")
+    p.add_argument("--trigger-model", default=None, metavar="DIR",
+                   help="record this as the trigger's base model (default: keep the recorded one)")
+    add_deprecated_alias(p, "--weaver-base", "--weaver-model", "weaver_model")
+    add_deprecated_alias(p, "--trigger-base", "--trigger-model", "trigger_model")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
                    help="store every tensor in this dtype (default: as they are; float16 halves a float32 file)")
     p.set_defaults(func=cmd_convert)

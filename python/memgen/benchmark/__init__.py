@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from memgen.checkpoint_options import (
+    add_deprecated_alias, add_fresh_checkpoint_arguments, fill_fresh_checkpoint_defaults,
+)
 from memgen.model_options import add_model_arguments
 
 DEFAULT_OUTPUT_DIR = "memgen-bench-results"   # under the cwd: the user's folder, never the checkout's bench/results
@@ -34,7 +37,6 @@ MODE_DEFAULTS = {
     "vs-hf": ([1, 16], [128], 2),
     "serve": ([1, 8, 32], [64], 1),      # batch sizes: concurrent clients (memgen.serve.loadtest)
 }
-DEFAULT_LATENTS, DEFAULT_BUDGET = 8, 5
 DEFAULT_TIME_BUDGET = 100.0   # seconds: the default run ends within 2 minutes even on a loaded 2-core machine
 
 
@@ -54,11 +56,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, memgen_help="MemGen checkpoint directory (default: MemGen parts initialised as "
                                         "the reference does)", seed_help="engine seed and random-init seed")
     g = p.add_argument_group("random MemGen init (only without --memgen)")
-    g.add_argument("--latents", type=int, default=None, help=f"K, prompt and inference latents (default {DEFAULT_LATENTS})")
-    g.add_argument("--budget", type=int, default=None,
-                   help=f"max inference insertions per request (default {DEFAULT_BUDGET})")
-    g.add_argument("--trigger-inactive", action="store_true", default=None,
-                   help="insert at every delimiter until the budget is spent (default: trigger active)")
+    add_fresh_checkpoint_arguments(g, trigger_default=True, trigger_why="bench measures the trigger's cost",
+                                   lora=False, init_seed=False, defer_defaults=True)
+    add_deprecated_alias(g, "--latents", "--prompt-latents and --inference-latents",
+                         ("prompt_latents", "inference_latents"), type=int, metavar="N")
+    add_deprecated_alias(g, "--trigger-inactive", "--no-trigger-active", "trigger_active", value=False)
     g.add_argument("--always-insert", action="store_true", default=None,
                    help="set the random trigger head to always insert: the worst case for memory on")
     g = p.add_argument_group("workload")
@@ -119,20 +121,16 @@ def check_args(args) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    random_init = {"--latents": args.latents, "--budget": args.budget,
-                   "--trigger-inactive": args.trigger_inactive, "--always-insert": args.always_insert}
-    if args.memgen is not None:
-        given = [k for k, v in random_init.items() if v is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} configure the random MemGen init and cannot be combined with "
-                             "--memgen (the checkpoint carries its own settings)")
-    args.latents = DEFAULT_LATENTS if args.latents is None else args.latents
-    args.budget = DEFAULT_BUDGET if args.budget is None else args.budget
-    args.trigger_inactive = bool(args.trigger_inactive)
+    given = fill_fresh_checkpoint_defaults(args, trigger_default=True)
+    if args.always_insert is not None:
+        given.append("--always-insert")
+    if args.memgen is not None and given:
+        raise ValueError(f"{', '.join(given)} configure the random MemGen init and cannot be combined with "
+                         "--memgen (the checkpoint carries its own settings)")
     args.always_insert = bool(args.always_insert)
-    if args.latents < 0 or args.budget < 0:
-        raise ValueError(f"--latents and --budget must be >= 0, got {args.latents} and {args.budget}")
-
+    for name in ("prompt_latents", "inference_latents", "budget"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 def run_bench_from_args(args) -> int:
     try:

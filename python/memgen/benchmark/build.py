@@ -29,8 +29,8 @@ def memory_source(args, model_dir: Path) -> MemorySource:
         desc = {"source": str(args.memgen), "settings": ckpt.settings.to_dict(),
                 "reference_compat": args.reference_compat}
     else:
-        settings = MemGenSettings(prompt_latents_len=args.latents, inference_latents_len=args.latents,
-                                  trigger_active=not args.trigger_inactive, max_prompt_aug_num=1,
+        settings = MemGenSettings(prompt_latents_len=args.prompt_latents, inference_latents_len=args.inference_latents,
+                                  trigger_active=args.trigger_active, max_prompt_aug_num=1,
                                   max_inference_aug_num=args.budget,
                                   weaver_lora_config=dict(DEFAULT_LORA_CONFIG),
                                   trigger_lora_config=dict(DEFAULT_LORA_CONFIG))
@@ -51,8 +51,8 @@ def memory_source(args, model_dir: Path) -> MemorySource:
         desc = {"source": "random_checkpoint", "seed": args.seed, "note": note,
                 "settings": settings.to_dict()}
         print(f"memgen bench: no --memgen given: initialised the MemGen parts the way the reference does "
-              f"(K={args.latents} latents, budget {args.budget}, trigger "
-              f"{'inactive' if args.trigger_inactive else 'active'}, LoRA r=16 alpha=32 on q/v, seed {args.seed})"
+              f"(K={args.prompt_latents} prompt / {args.inference_latents} inference latents, budget {args.budget}, "
+              f"trigger {'active' if args.trigger_active else 'inactive'}, LoRA r=16 alpha=32 on q/v, seed {args.seed})"
               + (", trigger forced to always insert" if args.always_insert else ""), flush=True)
     return MemorySource(ckpt, desc)
 
