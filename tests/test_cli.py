@@ -342,3 +342,50 @@ def test_bench_random_init_uses_both_latent_counts(memgen_reasoner_dir, capsys):
         args = _parse(["bench", *argv])
         with pytest.raises(ValueError, match="cannot be combined with --memgen"):
             check_args(args)
+
+
+def _subparsers():
+    import argparse
+
+    from memgen.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_help_states_defaults_and_speaks_of_the_users_concepts(capsys):
+    """Every option of every subcommand (train has its own owner and tests) has a
+    help text, and each option that takes a value says its default: added by
+    the formatter, or in words where a number would not say it (None, auto)."""
+    import argparse
+    import re
+
+    for name, sub in _subparsers().items():
+        if name == "train":
+            continue
+        formatter = sub.formatter_class(prog=sub.prog)
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert (action.help or "").strip(), (name, action.option_strings)
+            if action.nargs != 0:
+                text = formatter._get_help_string(action) % {"default": action.default}
+                assert "default" in text.lower(), (name, action.option_strings, text)
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert not re.search(r"\bissues?\b", out, re.IGNORECASE), (name, out)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert re.search(r"--max-tokens MAX_TOKENS\s+most tokens to generate \(default: 256\)", capsys.readouterr().out)
+
+
+def test_chat_does_not_offer_generate_only_options(capsys):
+    subs = _subparsers()
+    assert "--n" in subs["generate"]._option_string_actions
+    assert "--n" not in subs["chat"]._option_string_actions
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--message", "Hi", "--n", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("memgen chat: error:") and "--n" in err

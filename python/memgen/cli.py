@@ -16,7 +16,7 @@ from memgen.checkpoint_options import (
     FORMATS, add_deprecated_alias, add_format_argument, add_fresh_checkpoint_arguments,
 )
 from memgen.model_options import (
-    add_engine_arguments, add_model_arguments, check_device, engine_option_kwargs, llm_kwargs,
+    HelpFormatter, add_engine_arguments, add_model_arguments, check_device, engine_option_kwargs, llm_kwargs,
 )
 
 
@@ -29,23 +29,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def _add_sampling_arguments(p: argparse.ArgumentParser, *, several: bool) -> None:
+    """The sampling options; `several`: --n (completions per prompt), generate only."""
     g = p.add_argument_group("sampling (vLLM's meanings)")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
-    g.add_argument("--n", type=int, default=1, help="completions per prompt (generate)")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
+    g.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0: all)")
+    g.add_argument("--sample-seed", type=int, default=None,
+                   help="per-request sampling seed (default: derived from --seed and the request's position)")
+    if several:
+        g.add_argument("--n", type=int, default=1, help="completions per prompt")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop before this text (repeatable; not included in the output)")
+                   help="stop before this text (repeatable; not included in the output; default: none)")
     g.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop before this many tokens")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (up to --max-tokens)")
     g.add_argument("--logprobs", type=int, default=None, metavar="K",
-                   help="top-K log-probabilities per token (in --json output)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+                   help="top-K log-probabilities per token, in --json output (default: none)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = none")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="0 = none")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="0 = none")
 
 
 def _utf8(text: str, what: str) -> str:
@@ -93,7 +96,7 @@ def _sampling_params(args):
     from memgen import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.sample_seed, n=args.n, stop=args.stop,
+                          top_k=args.top_k, seed=args.sample_seed, n=getattr(args, "n", 1), stop=args.stop,
                           min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty)
@@ -170,8 +173,6 @@ def cmd_chat(args) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")   # a bad byte in a typed line: say so, go on
     llm = _build_llm(args)
     params = _sampling_params(args)
-    if params.n != 1:
-        raise ValueError("memgen chat makes one reply per turn: --n must be 1")
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.message:  # one turn, non-interactive
         messages = history + [{"role": "user", "content": args.message}]
@@ -238,7 +239,8 @@ def cmd_convert(args) -> int:
 
 
 def _add_init_parser(sub) -> None:
-    p = sub.add_parser("init", help="write a fresh MemGen checkpoint on a base model",
+    p = sub.add_parser("init", formatter_class=HelpFormatter,
+                       help="write a fresh MemGen checkpoint on a base model",
                        description="Write a fresh MemGen checkpoint (weaver, trigger, projections, LoRAs) on a "
                                    "base model, initialised as the reference does: query latents N(0,1), LoRA B "
                                    "zero (the adapters start as no-ops), nn.Linear defaults elsewhere. "
@@ -261,31 +263,34 @@ def _add_init_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from memgen import __version__
 
-    parser = _Parser(prog="memgen", description="Fast, exact inference for MemGen models.")
+    parser = _Parser(prog="memgen", formatter_class=HelpFormatter,
+                     description="Fast, exact inference for MemGen models.")
     parser.add_argument("--version", action="version", version=f"memgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="complete raw-text prompts")
+    p = sub.add_parser("generate", formatter_class=HelpFormatter, help="complete raw-text prompts")
     p.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per output")
     add_model_arguments(p)
     add_engine_arguments(p)
-    _add_sampling_arguments(p)
+    _add_sampling_arguments(p, several=True)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat with the model (interactive, or one --message)")
-    p.add_argument("--message", default=None, help="one user message; omit for an interactive session")
-    p.add_argument("--system", default=None, help="system prompt")
+    p = sub.add_parser("chat", formatter_class=HelpFormatter,
+                       help="chat with the model (interactive, or one --message)")
+    p.add_argument("--message", default=None,
+                   help="one user message, answered non-interactively (default: an interactive session)")
+    p.add_argument("--system", default=None, help="system prompt (default: none)")
     p.add_argument("--json", action="store_true", help="print the reply as one JSON object (no streaming)")
     add_model_arguments(p)
     add_engine_arguments(p)
-    _add_sampling_arguments(p)
+    _add_sampling_arguments(p, several=False)
     p.set_defaults(func=cmd_chat)
 
     _add_init_parser(sub)
 
-    p = sub.add_parser("convert", help="convert a MemGen checkpoint between layouts")
+    p = sub.add_parser("convert", formatter_class=HelpFormatter, help="convert a MemGen checkpoint between layouts")
     p.add_argument("src", help="checkpoint directory (reference layout or safetensors export)")
     p.add_argument("dst", help="output directory")
     add_format_argument(p, default="safetensors")
@@ -312,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
          "add_serve_arguments", "run_serve_from_args"),
     ):
         commands = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, formatter_class=HelpFormatter, help=help_text)
         getattr(commands, add)(p)
         p.set_defaults(func=getattr(commands, run))
     return parser

@@ -7,7 +7,20 @@ import argparse
 import json
 import re
 
-DEFAULT_MEMGEN_HELP = "MemGen checkpoint directory (default: plain LLM)"
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it
+    in words (a default of None, 'auto' or a list reads better so): '(default:
+    %(default)s)' is added to options that take a value, not to on/off flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS)
+                or "default" in help.lower()):
+            return help
+        return help + " (default: %(default)s)"
+
+
+DEFAULT_MEMGEN_HELP = "MemGen checkpoint directory (default: none, a plain LLM)"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFAULT_MEMGEN_HELP,
@@ -96,17 +109,18 @@ ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "bloc
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's sizes (generate, chat, eval, serve), and --engine-arg for any other keyword."""
     e = parser.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once (default 32)")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once (default: 32)")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence, latents included (default: min(model's positions, 4096))")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="rows per step (default 4096)")
-    e.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default 16)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token rows per engine step (default: 4096)")
+    e.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default: 16)")
     e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (default: auto)")
     e.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size in GiB (default: auto)")
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="do not reuse cached prompt blocks across requests")
     e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other LLM(...) keyword, VALUE parsed as JSON when it parses (repeatable)")
+                   help="any other LLM(...) keyword, VALUE parsed as JSON when it parses "
+                        "(repeatable; default: none)")
 
 
 def engine_option_kwargs(args: argparse.Namespace) -> dict:

@@ -9,9 +9,9 @@ counts (`ignore_eos`). Without --memgen the MemGen parts are initialised the
 way the reference does (random_checkpoint) and the output says so.
 
     memgen bench                                   # latency: 70 s on a 2-core CPU at load 3 (budget 100 s)
-    memgen bench --mode overhead                   # issue 4 benchmark 1: batch 8, 384 tokens
+    memgen bench --mode overhead                   # memory on vs off at batch 8, 384 tokens
     memgen bench --mode vs-reference --max-tokens 128
-    memgen bench --config small --mode vs-hf        # issue 17's small model: the engine's overhead shows
+    memgen bench --config small --mode vs-hf        # a small model: the engine's own overhead shows
 """
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="latency",
                    help="latency (default): memory on vs off across batch sizes and output lengths; "
                         "throughput: many requests, continuous batching; overhead: memory on vs off at one "
-                        "config (issue 4: batch 8, 384 tokens, target <= 1.10x); vs-reference: engine vs "
-                        "memgen.hf (target >= 20x); vs-hf: plain engine vs HF generate "
-                        "(runs bench/bench_engine_vs_hf.py); serve: --batch-sizes concurrent streaming "
+                        "config (batch 8, 384 tokens; the target is at most 1.10x); vs-reference: engine vs "
+                        "memgen.hf, the HF reference implementation (target >= 20x); vs-hf: plain engine vs HF "
+                        "generate (runs bench/bench_engine_vs_hf.py); serve: --batch-sizes concurrent streaming "
                         "clients against `memgen serve` beside offline generate (TTFT, TPOT, throughput)")
     p.add_argument("--config", choices=CONFIGS, default="default",
-                   help="default: --model (the packaged SmolLM2 unless given); small: issue 17's small random "
+                   help="default: --model (the packaged SmolLM2 unless given); small: a small random "
                         "Qwen2-shaped model (hidden 512, 6 layers, 4/2 heads, 320 tokens, float32), built offline "
                         "once into the cache: cheap GEMMs, so the engine's own overhead shows")
     add_model_arguments(p, memgen_help="MemGen checkpoint directory (default: MemGen parts initialised as "
@@ -73,8 +73,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-tokens", type=int, default=0,
                    help="at least this many tokens per prompt: a context passage before each question "
                         "(e.g. 180 for GSM8K-like prompts; default 0: the bare questions)")
-    g.add_argument("--num-prompts", type=int, default=16, help="throughput: requests submitted at once (default 16)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--num-prompts", type=int, default=16, help="throughput: requests submitted at once")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--iterations", type=int, default=None,
                    help="timed runs per point, medians reported (default 3; vs-hf 2)")
     g.add_argument("--time-budget", type=float, default=None,
@@ -82,7 +82,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         f"start (loading included); at least one runs (default {DEFAULT_TIME_BUDGET:g} s for the "
                         f"default latency run, none when --iterations is given; 0: none)")
     g.add_argument("--reference-iterations", type=int, default=1,
-                   help="vs-reference: timed runs of the slow HF reference (default 1)")
+                   help="vs-reference: timed runs of the slow HF reference")
     g.add_argument("--warmup-tokens", type=int, default=8,
                    help="tokens of the untimed warm-up run per engine and batch size (0: none)")
     g.add_argument("--prefix-caching", action="store_true",

@@ -449,22 +449,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--retriever", default="http://127.0.0.1:8001/retrieve",
                    help="triviaqa: a URL speaking the reference's POST /retrieve (default: the reference's), "
                         "or a JSONL corpus for a local BM25 index")
-    d.add_argument("--retrieval-topk", type=int, default=3, help="documents per search (reference: 3)")
-    d.add_argument("--max-turns", type=int, default=5, help="triviaqa turns per episode (reference: 5)")
+    d.add_argument("--retrieval-topk", type=int, default=3, help="documents per search (default: 3, as the reference)")
+    d.add_argument("--max-turns", type=int, default=5, help="triviaqa turns per episode (default: 5, as the reference)")
     d.add_argument("--gpqa-order", default="memgen", metavar="{memgen,reference,reference:SEED}",
                    help="gpqa option order: memgen (default) seeds each record's shuffle from --seed and its id; "
                         "reference replays the reference's random.seed(42) draw (gpqa_main's 448 rows, then "
                         "INPUT = gpqa_diamond in published order; see docs/API.md)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="default 256; 1024 with --dataset")
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="most tokens to generate per record (default: 256; 1024 with --dataset)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each record's seed derives from it and its id")
     parser.add_argument("--batch-size", type=int, default=32, help="records per generate call (a kill loses only the batches being generated: one, "
                              "or one per --ray worker)")
     parser.add_argument("--chat", action="store_true", help="send 'prompt' strings as a single user chat message")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N valid records")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N valid records (default: all)")
     parser.add_argument("--code-timeout", type=float, default=5.0, help="seconds per code-test subprocess")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--ray", action="store_true", help="run through Ray Data, one engine actor per worker")

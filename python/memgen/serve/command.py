@@ -19,14 +19,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_engine_arguments(parser)
     s = parser.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind")
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: --model as given, else the packaged model's name)")
     s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help=f"answer 503 (with Retry-After) while this many sequences wait for admission "
                         f"(default {DEFAULT_MAX_WAITING}; 0 or less: no limit)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's and uvicorn's logging level")
 
 
 def serve_llm_kwargs(args: argparse.Namespace) -> dict:
