@@ -535,3 +535,41 @@ def test_bench_mode_serve(qwen2_dir, tmp_path):
         assert level["ttft_s"]["p50"] > 0
     assert data["offline"]["output_tokens"] == 6 * 4
     assert (out / path.name.replace(".json", ".png")).is_file()
+
+
+# ---- the model id a server answers to -------------------------------------------
+def test_default_model_id_names_the_memgen_checkpoint(memgen_reasoner_dir, memgen_ckpt_dir, tmp_path, monkeypatch):
+    """`memgen serve --memgen DIR` answers to the checkpoint's name, not its base
+    model's (which a plain server of that base reports), and /v1/models lists it;
+    --served-model-name still wins."""
+    import argparse
+
+    from memgen.cli import main
+    from memgen.serve.command import checkpoint_model_id, served_model_name
+
+    def names(**kw):
+        return served_model_name(argparse.Namespace(**{"served_model_name": None, "model": None, "memgen": None,
+                                                       **kw}))
+
+    ckpt_id = Path(memgen_ckpt_dir).resolve().name
+    assert names(model="org/base", memgen=str(memgen_ckpt_dir)) == ckpt_id != names(model="org/base") == "org/base"
+    assert names(model="org/base", memgen=str(memgen_ckpt_dir), served_model_name="mine") == "mine"
+    assert checkpoint_model_id(tmp_path / "runs" / "gsm8k-weaver") == "gsm8k-weaver"
+    assert checkpoint_model_id(tmp_path / "sft-run" / "export") == "sft-run/export"
+    assert checkpoint_model_id(str(tmp_path / "ckpt") + "/") == "ckpt"
+
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--model", str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir),
+                 "--dtype", "float64", "--device", "cpu"]) == 0
+
+    async def ask():
+        async with _asgi_client(apps[0]) as client:
+            listed = (await client.get("/v1/models")).json()["data"]
+            base = await client.post("/v1/completions", json={"model": str(memgen_reasoner_dir), "prompt": "Hi",
+                                                              "max_tokens": 1})
+            return listed, base
+
+    listed, base = asyncio.run(ask())
+    assert [m["id"] for m in listed] == [ckpt_id] and listed[0]["memgen"] == str(memgen_ckpt_dir)
+    assert base.status_code == 404 and _error(base)["code"] == "model_not_found"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
 
@@ -22,7 +24,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind")
     s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: --model as given, else the packaged model's name)")
+                   help="the model id clients send and /v1/models lists (default: with --memgen, the checkpoint "
+                        "directory's name, so a MemGen server and a plain server of its base differ; without, "
+                        "--model as given, else the packaged model's name)")
     s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help=f"answer 503 (with Retry-After) while this many sequences wait for admission "
                         f"(default {DEFAULT_MAX_WAITING}; 0 or less: no limit)")
@@ -35,9 +39,23 @@ def serve_llm_kwargs(args: argparse.Namespace) -> dict:
     return {**llm_kwargs(args), "seed": args.seed, **engine_option_kwargs(args)}
 
 
+def checkpoint_model_id(memgen: str | os.PathLike) -> str:
+    """A MemGen checkpoint's default model id: its directory's name ('gsm8k-weaver'
+    for --memgen runs/gsm8k-weaver/), with the parent's before a bare layout folder
+    ('sft-run/export' for a training run's export/ or reference/)."""
+    path = Path(memgen).expanduser().resolve()
+    if path.name in ("export", "reference") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or str(memgen)
+
+
 def served_model_name(args: argparse.Namespace) -> str:
+    """--served-model-name; else the checkpoint's name for a MemGen server (not
+    its base's: a client must tell them apart); else the base model's."""
     if args.served_model_name:
         return args.served_model_name
+    if args.memgen:
+        return checkpoint_model_id(args.memgen)
     if args.model:
         return args.model
     from memgen.sources import PACKAGED_MODEL
