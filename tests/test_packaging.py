@@ -46,7 +46,7 @@ def test_editable_install_puts_nothing_outside_the_checkout_on_sys_path():
 
 
 def test_native_module_is_built_into_the_package():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "engine" / "CMakeLists.txt").read_text()
     assert re.search(r"nanobind_add_module\(_native\b", cmake)
     assert re.search(r"install\(TARGETS _native .*DESTINATION memgen\)", cmake)
     spec = importlib.util.find_spec("memgen._native")
@@ -101,3 +101,35 @@ def test_checkout_root_shadows_no_installed_package(qwen2_dir):
     proc = subprocess.run([sys.executable, "-c", _FROM_ROOT, str(qwen2_dir)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "FROM-ROOT-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_native_compile_commands_do_not_depend_on_the_build_env(tmp_path):
+    """pip builds in a new isolated env at each `pip install` and scikit-build-core then
+    clears <build>/CMakeCache.txt and <build>/CMakeFiles. Reconfigured from an env at another
+    path, the compile commands must stay the same and no object may live in the cleared
+    folder, or installing an extra recompiles the whole runtime."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    nanobind = importlib.util.find_spec("nanobind")
+    assert nanobind is not None, "the test extra installs nanobind"
+    build = tmp_path / "build"
+    commands = []
+    for env in ("env-a", "env-b"):
+        shutil.copytree(Path(nanobind.origin).parent, tmp_path / env / "nanobind")
+        (build / "CMakeCache.txt").unlink(missing_ok=True)
+        shutil.rmtree(build / "CMakeFiles", ignore_errors=True)
+        proc = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+                               "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / env)}, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        commands.append(json.loads((build / "compile_commands.json").read_text()))
+    assert commands[0] == commands[1]
+    sources = {Path(c["file"]).name for c in commands[0]}
+    assert {"cpu_gemm.cpp", "bindings.cpp", "nb_func.cpp"} <= sources
+    for c in commands[0]:
+        assert "env-a" not in c["command"], c["command"]
+        output = Path(c["directory"]) / c.get("output", c["command"].split(" -o ")[1].split()[0])
+        assert not output.resolve().is_relative_to((build / "CMakeFiles").resolve()), output
