@@ -141,20 +141,10 @@ def gpqa_main_row_count(input_path: str) -> int:
 
 
 def gpqa_with_order(row: dict[str, Any], order: list[int]) -> dict[str, Any]:
-    """A GPQA record with its options in `order` (candidate indices by position,
-    the correct answer being candidate 0): the prompt and label protocols/gpqa.py
-    builds, with this order in place of its seeded one."""
-    from memgen.eval.protocols import gpqa, text_field
+    """A GPQA record with its options in `order` (see protocols/gpqa.py)."""
+    from memgen.eval.protocols import gpqa
 
-    question, correct, wrong1, wrong2, wrong3, explanation = (text_field(row, f).strip() for f in gpqa.FIELDS)
-    letters, answer_letter = gpqa.lettered_options([correct, wrong1, wrong2, wrong3], order)
-    body = question + "\n\nPlease choose one of the following options:\n"
-    for text, letter in sorted(letters.items(), key=lambda item: item[1]):
-        body += f"{letter}. {text}\n"
-    prompt = gpqa.INSTRUCTION + "Question: " + body + "\n"
-    solution = explanation + f"\n\nTherefore, the final answer is \\boxed{{{answer_letter}}}"
-    return {"messages": [{"role": "user", "content": prompt}], "solution": solution,
-            "gpqa": {"order": list(order), "correct": answer_letter}}
+    return gpqa.build_with_order(row, order)
 
 
 def check_before_loading(cfg) -> None:

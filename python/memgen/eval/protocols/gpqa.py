@@ -3,10 +3,11 @@ the reference's data/gpqa/builder.py prompt, options shuffled and lettered A-D,
 scored with the boxed reward against "...the final answer is \\boxed{X}".
 
 The reference shuffles with Python's global `random` inside `datasets.map`, so
-its order depends on everything drawn before (and on the map cache): it cannot
-be replayed. Here each record's shuffle is `random.Random(seed_of(run seed, id))`
-with the same algorithm, recorded per record (`gpqa` field of the output), so a
-run is reproducible and a record's options do not depend on the others.
+its order depends on every row drawn before. By default each record's shuffle
+here is `random.Random(seed_of(run seed, id))` with the same algorithm, recorded
+per record (`gpqa` field of the output), so a run is reproducible and a record's
+options do not depend on the others; `--gpqa-order reference` replays the
+reference's draw instead (eval/dataset_runner.py: gpqa_reference_orders).
 The reference's prompt is a bare string (its ChatML path cannot render it); it is
 sent here as the one user message, as every other dataset's prompt is.
 """
@@ -46,19 +47,26 @@ def lettered_options(candidates: list[str], order: list[int]) -> tuple[dict[str,
 
 def build(row: dict[str, Any], record_id: Any, seed: int) -> dict[str, Any]:
     require(row, "GPQA", *FIELDS)
-    question, correct, wrong1, wrong2, wrong3, explanation = (text_field(row, f).strip() for f in FIELDS)
-    candidates = [correct, wrong1, wrong2, wrong3]
     s = shuffle_seed(seed, record_id)
-    order = list(range(len(candidates)))
+    order = list(range(4))
     random.Random(s).shuffle(order)
-    letters, answer_letter = lettered_options(candidates, order)
+    record = build_with_order(row, order)
+    record["gpqa"]["shuffle_seed"] = s
+    return record
+
+
+def build_with_order(row: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """The record with its options in `order` (candidate indices by position; the
+    correct answer is candidate 0)."""
+    question, correct, wrong1, wrong2, wrong3, explanation = (text_field(row, f).strip() for f in FIELDS)
+    letters, answer_letter = lettered_options([correct, wrong1, wrong2, wrong3], order)
     body = question + "\n\nPlease choose one of the following options:\n"
     for text, letter in sorted(letters.items(), key=lambda item: item[1]):
         body += f"{letter}. {text}\n"
     prompt = INSTRUCTION + "Question: " + body + "\n"
     solution = explanation + f"\n\nTherefore, the final answer is \\boxed{{{answer_letter}}}"
     return {"messages": [{"role": "user", "content": prompt}], "solution": solution,
-            "gpqa": {"shuffle_seed": s, "order": order, "correct": answer_letter}}
+            "gpqa": {"order": list(order), "correct": answer_letter}}
 
 
 def score(completion: str, data: dict[str, Any]) -> Score:
