@@ -11,10 +11,10 @@ THREADS=${THREADS:-1}
 start=$(date +%s)
 python bench/data/make_arith.py --splits                   # seeded: the same files as shipped
 memgen init "$WORK/init" --overwrite --format safetensors \
-    --prompt-latents 8 --inference-latents 8 --budget 2 --trigger-inactive --seed 0
+    --prompt-latents 8 --inference-latents 8 --budget 2 --no-trigger-active --init-seed 0
 rm -rf "$WORK/sft"
 memgen train sft --memgen "$WORK/init" --data bench/data/arith_train.jsonl --output-dir "$WORK/sft" \
     --lr 2e-3 --epochs 1 --batch-size 4 --max-steps 64 --seed 0 --threads "$THREADS" --save-format export
 rm -rf demo/smollm2-arith
-memgen convert "$WORK/sft/export" demo/smollm2-arith --to safetensors --dtype float16
+memgen convert "$WORK/sft/export" demo/smollm2-arith --format safetensors --dtype float16
 echo "demo/train.sh: $(( $(date +%s) - start )) s with $THREADS thread(s)"
