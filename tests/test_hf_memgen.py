@@ -235,3 +235,36 @@ def test_chat_template_matches_chatml(inactive_model, tokenizer):
                     "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nobs<|im_end|>\n"
                     "<|im_start|>assistant\n")
     assert ours.startswith(tokenizer.apply_chat_template(msgs[:2], tokenize=False))
+
+
+def test_float64_checkpoint_loads_without_rounding(memgen_ckpt_dir, memgen_reasoner_dir):
+    """A float64 checkpoint whose values are not float32 numbers comes back
+    bit for bit from to_checkpoint(), and every parameter is float64: the
+    projections, trigger head and LayerNorms are built in the checkpoint's
+    dtype (a float32 module would round the copied weights)."""
+    import dataclasses
+
+    from memgen.checkpoint import cast_checkpoint
+
+    ckpt = cast_checkpoint(load_checkpoint(memgen_ckpt_dir), torch.float64)
+    g = torch.Generator().manual_seed(0)
+
+    def nudge(d):
+        return {k: v * (1 + 1e-9 * torch.randn(v.shape, generator=g, dtype=torch.float64)) for k, v in d.items()}
+
+    ckpt = dataclasses.replace(ckpt, weaver=nudge(ckpt.weaver), trigger_head=nudge(ckpt.trigger_head),
+                               reasoner_to_weaver=nudge(ckpt.reasoner_to_weaver),
+                               weaver_to_reasoner=nudge(ckpt.weaver_to_reasoner))
+    assert not torch.equal(ckpt.trigger_head["weight"].float().double(), ckpt.trigger_head["weight"])
+    model = HFMemGenModel.from_checkpoint(ckpt, memgen_reasoner_dir, dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    back = model.to_checkpoint()
+    for group in ("weaver", "trigger_head", "reasoner_to_weaver", "weaver_to_reasoner"):
+        for k, v in getattr(ckpt, group).items():
+            assert torch.equal(getattr(back, group)[k], v), (group, k)
+    for role in ("weaver_lora", "trigger_lora"):
+        for module, (a, b) in getattr(ckpt, role).layers.items():
+            assert torch.equal(getattr(back, role).layers[module][0], a)
+            assert torch.equal(getattr(back, role).layers[module][1], b)
+    ids, mask = encode_prompts(model.tokenizer, PROMPTS[:1])
+    assert model.trigger_logits(ids).dtype == torch.float64

@@ -82,8 +82,10 @@ def _param(t: Tensor) -> nn.Parameter:
 
 
 def _linear(d: dict[str, Tensor]) -> nn.Linear:
+    """An nn.Linear built in the checkpoint tensors' dtype: a float32 module
+    would round float64 weights on the copy (then .to(float64) cannot undo it)."""
     out_f, in_f = d["weight"].shape
-    layer = nn.Linear(in_f, out_f)
+    layer = nn.Linear(in_f, out_f, dtype=d["weight"].dtype)
     with torch.no_grad():
         layer.weight.copy_(d["weight"])
         layer.bias.copy_(d["bias"])
@@ -91,7 +93,8 @@ def _linear(d: dict[str, Tensor]) -> nn.Linear:
 
 
 def _layer_norm(w: dict[str, Tensor], prefix: str) -> nn.LayerNorm:
-    ln = nn.LayerNorm(w[f"{prefix}.weight"].shape[0])  # eps 1e-5, as the reference
+    # eps 1e-5, as the reference; in the checkpoint's dtype, for the reason _linear gives
+    ln = nn.LayerNorm(w[f"{prefix}.weight"].shape[0], dtype=w[f"{prefix}.weight"].dtype)
     with torch.no_grad():
         ln.weight.copy_(w[f"{prefix}.weight"])
         ln.bias.copy_(w[f"{prefix}.bias"])
@@ -226,7 +229,7 @@ class HFMemGenModel(nn.Module):
         positions from that mask's cumsum. Inactive: constant [0, 1]."""
         n = input_ids.shape[0]
         if not self.settings.trigger_active:
-            logits = torch.zeros(n, 2, device=input_ids.device)
+            logits = torch.zeros(n, 2, device=input_ids.device, dtype=self.trigger_head.weight.dtype)
             logits[:, 1] = 1.0
             return logits
         mask = (input_ids != self.tokenizer.pad_token_id).long()
