@@ -52,8 +52,22 @@ def cast_checkpoint(ckpt: MemGenCheckpoint, dtype: torch.dtype) -> MemGenCheckpo
                                trigger_lora=cast_lora(ckpt.trigger_lora))
 
 
+def training_output_checkpoint(path: Path) -> Path:
+    """`memgen train --output-dir OUT` writes its checkpoint to OUT/export and/or
+    OUT/reference; OUT itself then holds neither layout. Given such a folder,
+    the checkpoint inside it (export first), so `--memgen OUT` works; any other
+    folder is returned as it is."""
+    if (path / "memgen_config.json").is_file() or (path / "config.json").is_file():
+        return path
+    for inner, marker in (("export", "memgen_config.json"), ("reference", "config.json")):
+        if (path / inner / marker).is_file():
+            return path / inner
+    return path
+
+
 def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenCheckpoint:
-    """Load a MemGen checkpoint directory in either layout. Its internal shapes
+    """Load a MemGen checkpoint directory in either layout (or the output folder
+    of `memgen train`, whose export/ or reference/ it reads). Its internal shapes
     are validated (validate() with the base configs checks the rest).
     reference_compat=True reproduces the reference loader, which drops the LoRA
     weights (all lora_B zero); off by default."""
@@ -62,6 +76,7 @@ def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenC
         raise missing(path, "MemGen checkpoint directory not found")
     if not path.is_dir():
         raise ValueError(f"{path}: a MemGen checkpoint is a directory, got a file")
+    path = training_output_checkpoint(path)
     if (path / "memgen_config.json").is_file():
         ckpt = load_export(path)
     elif (path / "config.json").is_file():
@@ -69,7 +84,7 @@ def load_checkpoint(path: str | Path, reference_compat: bool = False) -> MemGenC
     else:
         raise missing(path / "config.json",
                       f"{path} holds neither memgen_config.json (export layout) nor config.json "
-                      "(reference layout); missing")
+                      "(reference layout), nor a memgen train output's export/ or reference/; missing")
     try:
         validate(ckpt)
     except ValueError as e:
