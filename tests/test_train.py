@@ -124,12 +124,53 @@ def test_lr_never_zero_on_a_step_and_matches_transformers_after_warmup():
         make_scheduler(opt, "step", 1, 0.1)
 
 
-def test_parse_chat_example_rejects_conversations():
-    with pytest.raises(ValueError, match="conversational"):
-        parse_chat_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
+CONVERSATION = [{"role": "system", "content": "Search, then answer."},
+                {"role": "user", "content": "Who wrote Hamlet?"},
+                {"role": "assistant", "content": "<think> I should look. </think>\n<search> Hamlet author </search>"},
+                {"role": "user", "content": "<observation> Hamlet is a play by Shakespeare. </observation>"},
+                {"role": "assistant", "content": "<think> Found it. </think>\n<answer> Shakespeare </answer>"}]
+
+
+def test_conversations_learn_every_assistant_turn(chat_tokenizer):
+    """The messages form of a conversation supervises each assistant block
+    (content, <|im_end|>, newline), never its header, the system or user
+    turns; the prompt/completion form learns the completion only."""
+    tok = chat_tokenizer
+    ex = parse_chat_example({"messages": CONVERSATION})
+    assert ex.all_assistant_turns and ex.num_assistant_turns == 2
+    enc = encode_example(tok, ex)
+    assert enc.input_ids == tok(tok.apply_chat_template(CONVERSATION, tokenize=False),
+                                add_special_tokens=False)["input_ids"]
+    from memgen.train.conversation import supervised_runs
+
+    runs = supervised_runs(enc.labels)
+    assert [tok.decode(enc.input_ids[s:e]) for s, e in runs] == [m["content"] + "<|im_end|>\n"
+                                                                 for m in CONVERSATION if m["role"] == "assistant"]
+    assert all(enc.labels[s:e] == enc.input_ids[s:e] for s, e in runs)
+    assert sum(e - s for s, e in runs) == sum(t != -100 for t in enc.labels)
+    # the same conversation given as prompt + completion learns the completion only
+    pc = parse_chat_example({"prompt": CONVERSATION[:-1], "completion": CONVERSATION[-1]["content"]})
+    assert not pc.all_assistant_turns
+    pc_enc = encode_example(tok, pc)
+    assert pc_enc.input_ids == enc.input_ids and supervised_runs(pc_enc.labels) == runs[-1:]
     with pytest.raises(ValueError, match="assistant"):
         parse_chat_example({"messages": [{"role": "user", "content": "a"}]})
+
+
+def test_agentbank_rows_become_the_reference_layout():
+    from memgen.train.agentbank import SEARCH_SYSTEM_PROMPT
+
+    row = {"conversations": [
+        {"from": "human", "value": "Who wrote Hamlet?"},
+        {"from": "gpt", "value": "Thought: I should look.\nAction: search[Hamlet author]"},
+        {"from": "human", "value": "Observation: Hamlet is a play by Shakespeare.\nmore"},
+        {"from": "gpt", "value": "Thought: Found it.\nFinal Answer: Shakespeare"}]}
+    ex = parse_chat_example(row)
+    assert ex.messages == [{"role": "system", "content": SEARCH_SYSTEM_PROMPT}] + CONVERSATION[1:]
+    assert SEARCH_SYSTEM_PROMPT.startswith("Answer the given question. You must conduct reasoning inside <think>")
+    assert SEARCH_SYSTEM_PROMPT.endswith("For example, <answer> Beijing </answer>.")
+    with pytest.raises(ValueError, match="human"):
+        parse_chat_example({"conversations": [{"from": "bot", "value": "x"}]})
 
 
 # ------------------------------------------------------- hand-computed maths
@@ -235,7 +276,7 @@ def test_grpo_step_with_engine_rollouts_then_sync(role, tmp_path, tokenizer, mem
             if d != -100:
                 logits = model.trigger_logits(torch.tensor([r.prompt_ids + r.completion_ids[:j]]))
                 want.append(torch.log_softmax(logits[0], -1)[d])
-        assert torch.allclose(got, torch.stack(want).float(), atol=1e-6)
+        assert got.dtype == torch.float64 and torch.allclose(got, torch.stack(want), rtol=0, atol=1e-12)
 
     history = trainer.train()
     assert len(history) == 1 and history[0]["num_trained_rows"] > 0
@@ -292,6 +333,9 @@ def test_cli_short_sft_run_on_shipped_data_changes_the_weights(steps, tmp_path, 
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == steps and all(r["lr"] > 0 for r in log)
     before, after = load_checkpoint(memgen_ckpt_dir), load_checkpoint(out / "export")
+    # the output folder itself loads (its export/ is found inside it)
+    direct = load_checkpoint(out)
+    assert torch.equal(direct.weaver["prompt_query_latents"], after.weaver["prompt_query_latents"])
     assert not torch.equal(before.weaver["prompt_query_latents"], after.weaver["prompt_query_latents"])
     assert not torch.equal(before.weaver_to_reasoner["weight"], after.weaver_to_reasoner["weight"])
     assert any(not torch.equal(b, after.weaver_lora.layers[m][1]) for m, (_, b) in before.weaver_lora.layers.items())
@@ -332,10 +376,47 @@ def test_cli_sft_and_trigger_grpo(tmp_path, memgen_ckpt_dir, memgen_reasoner_dir
     grpo_data = tmp_path / "grpo.jsonl"
     grpo_data.write_text("\n".join(json.dumps(r) for r in RECORDS))
     args = parser.parse_args(["trigger-grpo", "--data", str(grpo_data), "--output-dir", str(tmp_path / "grpo"),
-                              "--model", str(memgen_reasoner_dir), "--memgen", str(out / "export"),
+                              "--model", str(memgen_reasoner_dir), "--memgen", str(out),
                               "--max-steps", "1", "--num-generations", "2", "--max-completion-length", "8",
                               "--save-format", "export", "--quiet"])
     assert run_train_from_args(args) == 0
     summary = json.loads((tmp_path / "grpo" / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["final"]["num_rollouts"] == 2
     assert summary["checkpoints"] == [str(tmp_path / "grpo" / "export")]
+
+
+def test_cli_conversational_sft_reference_compat_shows_steps_and_loads_from_its_folder(
+        tmp_path, capsys, memgen_ckpt_dir, memgen_reasoner_dir):
+    """Multi-turn rows (the reference's TriviaQA layout, raw AgentBank rows
+    too) train with --reference-compat and --max-prompt-aug; the run prints
+    its total optimizer steps and a progress bar; the output folder loads
+    with --memgen directly (reference layout only here)."""
+    from memgen.checkpoint import load_checkpoint
+    from memgen.cli import main
+
+    data = tmp_path / "conv.jsonl"
+    raw = {"conversations": [{"from": "human", "value": "Who wrote Hamlet?"},
+                             {"from": "gpt", "value": "Thought: I should look.\nAction: search[Hamlet author]"},
+                             {"from": "human", "value": "Observation: Hamlet is a play by Shakespeare."},
+                             {"from": "gpt", "value": "Thought: Found it.\nFinal Answer: Shakespeare"}]}
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps(raw) + "\n")
+    out = tmp_path / "conv"
+    rc = main(["train", "sft", "--data", str(data), "--output-dir", str(out), "--model", str(memgen_reasoner_dir),
+               "--memgen", str(memgen_ckpt_dir), "--epochs", "2", "--batch-size", "1", "--grad-accum", "2",
+               "--max-prompt-aug", "1", "--reference-compat", "--save-format", "reference"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "memgen train: 2 optimizer steps (2 examples, 4 assistant turns, batch 1 x 2)" in err
+    assert "2/2" in err and "loss=" in err          # the bar's last state
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert log[0]["lr"] == 0.0                      # compat: transformers' warm-up starts at 0
+    assert not (out / "export").exists()
+    ckpt = load_checkpoint(out)
+    assert ckpt.settings.max_prompt_aug_num == 1
+    assert not torch.equal(ckpt.weaver["prompt_query_latents"],
+                           load_checkpoint(memgen_ckpt_dir).weaver["prompt_query_latents"])
+    # an unrelated empty folder is still refused with the usual message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="export/ or reference/"):
+        load_checkpoint(tmp_path / "empty")

@@ -7,7 +7,12 @@ engine and the new weights pushed into it after every optimizer step.
     train_sft(model, examples, SFTConfig())
     llm = LLM(model=reasoner_dir, memgen=model.to_checkpoint())
     GRPOTrainer(model, llm, records, GRPOConfig(role="trigger")).train()
-    save_checkpoint(model, "out")          # out/reference + out/export
+    save_checkpoint(model, "out")          # out/reference + out/export; LLM(memgen="out") loads it
+
+SFTConfig(reference_compat=True) / GRPOConfig(reference_compat=True) reproduce
+the reference trainers' losses and gradients exactly; the defaults depart from
+them where docs/training.md says why. Conversations (several assistant turns)
+train turn by turn as the reference does (conversation.py).
 
 CLI: `memgen train {sft,weaver-grpo,trigger-grpo}` (cli.py).
 """
@@ -15,12 +20,15 @@ CLI: `memgen train {sft,weaver-grpo,trigger-grpo}` (cli.py).
 # only train/cli.py, not torch (which the modules below import at the top).
 _EXPORTS = {
     "common": ("freeze_for", "save_checkpoint", "trainable_parameters"),
+    "agentbank": ("agentbank_messages",),
+    "conversation": ("Segment", "row_segments", "supervised_runs"),
     "data": ("ChatExample", "EncodedExample", "encode_example", "encode_prompt", "mask_assistant_header",
              "parse_chat_example", "read_chat_jsonl"),
-    "grpo": ("GRPOConfig", "GRPOTrainer", "group_advantages", "grpo_loss", "insertion_rates", "reference_rate",
-             "trigger_logprobs", "trigger_penalty", "weaver_logprobs"),
+    "grpo": ("GRPOConfig", "GRPOTrainer", "PolicyRow", "group_advantages", "grpo_loss", "insertion_rates",
+             "policy_loss_backward", "policy_rows", "reference_rate", "trigger_logprobs", "trigger_penalty",
+             "weaver_logprobs"),
     "rollout": ("Rollout", "sample_groups", "score_rollouts", "task_reward"),
-    "sft": ("SFTConfig", "train_sft"),
+    "sft": ("SFTConfig", "accumulate_step", "plan_batch", "train_sft"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -8,7 +8,8 @@ functions under its `train` subcommand:
 Writes to --output-dir: the final checkpoint (reference layout in reference/,
 safetensors export in export/, per --save-format), step-N/ checkpoints with
 --save-every, train_log.jsonl (one line per optimizer step) and
-train_summary.json.
+train_summary.json. `--memgen OUTPUT_DIR` loads the final checkpoint from the
+folder itself (load_checkpoint finds export/ or reference/ in it).
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inference-latents", type=int, default=8, help="K inference latents")
     g.add_argument("--max-inference-aug", type=int, default=None,
                    help="insertion budget (default: the checkpoint's; 5 when fresh)")
+    g.add_argument("--max-prompt-aug", type=int, default=None,
+                   help="sft on conversations: assistant turns trained per row, a random subset when a row has "
+                        "more (the reference's max_prompt_aug_num; its TriviaQA scripts use 8; default: the "
+                        "checkpoint's; 1 when fresh)")
     g.add_argument("--trigger-active", action="store_true",
                    help="use the trained trigger (always on for trigger-grpo)")
     g.add_argument("--lora-r", type=int, default=16)
@@ -68,6 +73,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
+    g.add_argument("--reference-compat", action="store_true",
+                   help="reproduce the reference trainers' losses exactly: sft sums the gradients of the "
+                        "--grad-accum batches, weaver-grpo trains on the EOS copies after each rollout's first "
+                        "EOS, trigger-grpo ignores --trigger-temperature in its log-probs, the first warm-up "
+                        "step's lr is 0 (docs/training.md lists each departure and its effect)")
 
     g = p.add_argument_group("sft")
     g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")
@@ -97,7 +107,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--save-format", default="both", choices=["reference", "export", "both"])
     g.add_argument("--save-every", type=int, default=None, help="also save every N optimizer steps")
-    g.add_argument("--quiet", action="store_true", help="no per-step line on stderr")
+    g.add_argument("--quiet", action="store_true", help="no progress bar on stderr (train_log.jsonl still gets "
+                   "every step)")
 
 
 def _load_model(args):
@@ -125,6 +136,8 @@ def _load_model(args):
     changes = {}
     if args.max_inference_aug is not None:
         changes["max_inference_aug_num"] = args.max_inference_aug
+    if getattr(args, "max_prompt_aug", None) is not None:
+        changes["max_prompt_aug_num"] = args.max_prompt_aug
     if args.trigger_active or args.mode == "trigger-grpo":
         changes["trigger_active"] = True
     if changes:
@@ -144,19 +157,16 @@ def _load_model(args):
 
 
 def _logger(args, out_dir: Path, save):
-    log = open(out_dir / "train_log.jsonl", "a", encoding="utf-8")
+    """The per-step callback (progress.StepLogger: total steps, a bar with loss
+    and ETA, train_log.jsonl) with --save-every checkpoints; (callback, closer)."""
+    from .progress import StepLogger
 
-    def on_step(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if not args.quiet:
-            extra = (f" reward {record['reward_mean']:.3f} ins {record['insertion_rate']:.2f}"
-                     if "reward_mean" in record else "")
-            print(f"step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.2e}{extra}", file=sys.stderr)
+    def periodic_save(record: dict) -> None:
         if args.save_every and record["step"] % args.save_every == 0:
             save(out_dir / f"step-{record['step']}")
 
-    return on_step, log
+    on_step = StepLogger(out_dir / "train_log.jsonl", quiet=args.quiet, on_record=periodic_save)
+    return on_step, on_step
 
 
 def run_train_from_args(args: argparse.Namespace) -> int:
@@ -195,19 +205,25 @@ def run_train_from_args(args: argparse.Namespace) -> int:
                "checkpoints": [str(p) for p in written], "args": {k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (str, int, float, bool, type(None)))}}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"memgen train: {len(history)} steps; checkpoint in {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(f"memgen train: {len(history)} steps; checkpoint in {', '.join(str(p) for p in written)} "
+          f"(load it with --memgen {out_dir})", file=sys.stderr)
     return 0
 
 
 def _run_sft(args, model, examples, on_step) -> list[dict]:
+    from .conversation import supervised_runs
     from .data import encode_example
-    from .sft import SFTConfig, train_sft
+    from .sft import SFTConfig, num_sft_steps, train_sft, trainable_examples
 
     examples = [encode_example(model.tokenizer, e, args.max_length) for e in examples]
     config = SFTConfig(learning_rate=args.lr, epochs=args.epochs or 2, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
-                       seed=args.seed)
+                       seed=args.seed, reference_compat=getattr(args, "reference_compat", False))
+    usable = trainable_examples(examples)
+    turns = sum(len(supervised_runs(e.labels)) for e in usable)
+    on_step.start(num_sft_steps(len(usable), config),
+                  f"{len(usable)} examples, {turns} assistant turns, batch {config.batch_size} x {config.grad_accum}")
     return train_sft(model, examples, config, on_step=on_step)
 
 
@@ -231,10 +247,14 @@ def _run_grpo(args, model, reasoner, weaver, trigger, on_step) -> list[dict]:
                         max_grad_norm=args.max_grad_norm, loss_type=args.loss_type, epsilon=args.epsilon,
                         epsilon_high=args.epsilon_high, num_iterations=args.num_iterations,
                         penalty_lambda=0.0 if args.no_penalty else args.penalty_lambda,
-                        penalty_form=args.penalty_form, seed=args.seed)
+                        penalty_form=args.penalty_form, seed=args.seed,
+                        reference_compat=getattr(args, "reference_compat", False))
     llm = LLM(model=str(reasoner), memgen=model.to_checkpoint(), weaver_model=weaver, trigger_model=trigger,
               dtype=args.dtype, device=args.device)
-    return GRPOTrainer(model, llm, records, config).train(on_step=on_step)
+    trainer = GRPOTrainer(model, llm, records, config)
+    on_step.start(trainer.num_steps, f"{len(records)} prompts x {config.num_generations} rollouts, "
+                                     f"{config.prompts_per_step} prompt(s) per step")
+    return trainer.train(on_step=on_step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ROLES = ("weaver", "trigger")
 SAVE_FORMATS = ("reference", "export", "both")
@@ -42,21 +42,42 @@ def freeze_for(model, role: str) -> dict[str, nn.Parameter]:
     return params
 
 
+def no_decay(name: str) -> bool:
+    """True for a parameter AdamW should not decay: biases and LayerNorm
+    weights, the names transformers' Trainer exempts (get_decay_parameter_names)."""
+    return name.endswith("bias") or "_ln." in name or "layernorm" in name or "norm." in name
+
+
 def make_optimizer(params, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW with the HF Trainer's defaults (betas 0.9/0.999, eps 1e-8)."""
+    """AdamW with the HF Trainer's defaults (betas 0.9/0.999, eps 1e-8). Given
+    a name -> parameter dict, biases and LayerNorm weights are not decayed, as
+    the Trainer does (this matters only when weight_decay > 0)."""
+    if isinstance(params, dict):
+        groups = [{"params": [p for n, p in params.items() if not no_decay(n)], "weight_decay": weight_decay},
+                  {"params": [p for n, p in params.items() if no_decay(n)], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
     return torch.optim.AdamW(list(params), lr=learning_rate, weight_decay=weight_decay)
 
 
-def lr_factor(kind: str, step: int, num_steps: int, warmup: int) -> float:
+def loss_logits(logits: Tensor) -> Tensor:
+    """Logits in the dtype a loss is computed in: their own when float32 or
+    float64 (a float64 run stays float64 end to end), float32 for lower
+    precisions (a bf16 log-softmax over a large vocabulary loses ~3 digits)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def lr_factor(kind: str, step: int, num_steps: int, warmup: int, reference_compat: bool = False) -> float:
     """The learning-rate multiplier of optimizer step `step` (0-based).
 
     transformers' curves, with one change: its warm-up gives step 0 a factor
     of 0, so a run of 1 or 2 steps (or the first step of any run) would change
     nothing. Here warm-up step s gets (s + 1) / (warmup + 1): never 0, rising
     to the full rate. After warm-up, cosine and linear decay as transformers'
-    do, and stay > 0 on every step of the run (they reach 0 only after it)."""
+    do, and stay > 0 on every step of the run (they reach 0 only after it).
+    reference_compat=True gives transformers' warm-up s / warmup (0 at step 0),
+    what the reference's Trainer runs."""
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup if reference_compat else (step + 1) / (warmup + 1)
     if kind == "constant":
         return 1.0
     progress = (step - warmup) / max(1, num_steps - warmup)
@@ -67,12 +88,13 @@ def lr_factor(kind: str, step: int, num_steps: int, warmup: int) -> float:
     raise ValueError(f"lr scheduler must be cosine, linear or constant, got {kind!r}")
 
 
-def make_scheduler(optimizer, kind: str, num_steps: int, warmup_ratio: float):
+def make_scheduler(optimizer, kind: str, num_steps: int, warmup_ratio: float, reference_compat: bool = False):
     """A LambdaLR over `lr_factor`; warmup = ceil(ratio * steps) as the HF Trainer computes it."""
     if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"lr scheduler must be cosine, linear or constant, got {kind!r}")
     warmup = math.ceil(warmup_ratio * num_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(kind, step, num_steps, warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(kind, step, num_steps, warmup, reference_compat))
 
 
 def clip_and_step(params, optimizer, scheduler, max_grad_norm: float | None) -> float:

@@ -11,15 +11,23 @@ and the trailing newline. Running example (ChatML, one user turn):
     -100 ......................................|  -100 (header) .............| supervised ................
 The first supervised token is MemGen's prompt insertion point.
 
-SFT input lines (JSONL), one assistant turn to learn:
+SFT input lines (JSONL):
     {"messages": [{"role": "user", ...}, ..., {"role": "assistant", "content": "..."}]}
     {"prompt": [...messages...] | "text", "completion": [{"role": "assistant", ...}] | "text"}
     {"messages" | "prompt" | "question": ..., "answer": "42"}     # an eval record (bench/data/*.jsonl)
-The last form has no assistant text: the assistant turn is the answer put in
+    {"conversations": [{"from": "human" | "gpt", "value": ...}, ...]}   # a raw AgentBank row (agentbank.py)
+The third form has no assistant text: the assistant turn is the answer put in
 `answer_template` ("The answer is \\boxed{42}." by default, what the boxed
 scorer of `memgen eval` reads), so the same file trains and evaluates.
-Multi-turn conversational SFT (spec §3.2) is not supported: an assistant turn
-before the completion is rejected.
+
+Conversations (spec §3.2). In the "messages" form EVERY assistant turn is
+learned, as TRL's assistant-only loss on the reference's template does: the
+conversation is tokenized once, and each assistant block's content, its
+`<|im_end|>` and newline are supervised (system, user and observation turns
+are not). A row with several assistant turns trains through the
+conversational forward (conversation.py). In the "prompt" + "completion" form
+only the completion is learned, whatever the prompt holds (TRL's
+prompt-completion semantics).
 """
 from __future__ import annotations
 
@@ -38,6 +46,18 @@ class ChatExample:
     prompt: list[dict]           # messages before the completion
     completion: str              # the assistant's content to learn
     id: str | int | None = None
+    # True: the assistant turns inside `prompt` are learned too (a conversation, the "messages"
+    # form); False: only `completion` is (the "prompt" + "completion" form)
+    all_assistant_turns: bool = False
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.prompt + [{"role": "assistant", "content": self.completion}]
+
+    @property
+    def num_assistant_turns(self) -> int:
+        """Assistant turns that are learned."""
+        return 1 + (sum(m["role"] == "assistant" for m in self.prompt) if self.all_assistant_turns else 0)
 
 
 @dataclass
@@ -75,6 +95,11 @@ def parse_chat_example(obj: dict, where: str = "example", answer_template: str =
     """One JSON object in any accepted form (module docstring) -> ChatExample."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj and "messages" not in obj:
+        from .agentbank import agentbank_messages
+
+        obj = {**obj, "messages": agentbank_messages(obj["conversations"], where)}
+    all_turns = False
     ends_with_assistant = (isinstance(obj.get("messages"), list) and obj["messages"]
                            and isinstance(obj["messages"][-1], dict)
                            and obj["messages"][-1].get("role") == "assistant")
@@ -94,6 +119,7 @@ def parse_chat_example(obj: dict, where: str = "example", answer_template: str =
             raise ValueError(f"{where}: the last message must be the assistant turn to learn "
                              "(or give a separate \"completion\", or an \"answer\")")
         prompt, comp = msgs[:-1], msgs[-1]["content"]
+        all_turns = True
     elif "answer" in obj and any(k in obj for k in ("messages", "prompt", "question")):
         key = next(k for k in ("messages", "prompt", "question") if k in obj)
         prompt = _messages(obj[key], f"{where} {key}")
@@ -103,10 +129,7 @@ def parse_chat_example(obj: dict, where: str = "example", answer_template: str =
                          "\"completion\", or \"messages\"/\"prompt\"/\"question\" + \"answer\"")
     if not prompt:
         raise ValueError(f"{where}: the prompt has no messages")
-    if any(m["role"] == "assistant" for m in prompt):
-        raise ValueError(f"{where}: an assistant turn inside the prompt means conversational SFT "
-                         "(spec §3.2), which memgen.train does not support")
-    return ChatExample(prompt=prompt, completion=comp, id=obj.get("id"))
+    return ChatExample(prompt=prompt, completion=comp, id=obj.get("id"), all_assistant_turns=all_turns)
 
 
 def read_chat_jsonl(path: str | os.PathLike, answer_template: str = ANSWER_TEMPLATE) -> list[ChatExample]:
@@ -132,19 +155,32 @@ def mask_assistant_header(input_ids: list[int], labels: list[int], header_ids: l
     return out
 
 
+def _prefix_tokens(tokenizer, messages: list[dict], full_ids: list[int]) -> int:
+    """Token count of template(messages), checked to be a prefix of full_ids."""
+    if not messages:
+        return 0
+    ids = _tokens(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+    if full_ids[:len(ids)] != ids:
+        raise ValueError("the chat template renders (or tokenizes) an earlier part of the conversation "
+                         "differently inside the whole conversation")
+    return len(ids)
+
+
 def encode_example(tokenizer, example: ChatExample, max_length: int | None = None) -> EncodedExample:
     """(input_ids, labels) with the reference's masking (module docstring).
     The tokenizer must carry MemGen's chat template (HFMemGenModel.tokenizer
-    does). Truncated on the right to max_length, as TRL does."""
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        example.prompt + [{"role": "assistant", "content": example.completion}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently inside the full conversation")
-    prompt_ids, ids = _tokens(tokenizer, prompt_text), _tokens(tokenizer, full_text)
-    if ids[:len(prompt_ids)] != prompt_ids:
-        raise ValueError("the prompt's tokens are not a prefix of the conversation's tokens")
-    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+    does). The conversation is tokenized once; each learned assistant block
+    is the span between template(messages[:i]) and template(messages[:i+1]).
+    Truncated on the right to max_length, as TRL does."""
+    messages = example.messages
+    ids = _tokens(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+    labels = [IGNORE] * len(ids)
+    learned = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if example.all_assistant_turns \
+        else [len(messages) - 1]
+    for i in learned:
+        start = _prefix_tokens(tokenizer, messages[:i], ids)
+        end = _prefix_tokens(tokenizer, messages[:i + 1], ids)
+        labels[start:end] = ids[start:end]
     labels = mask_assistant_header(ids, labels, _tokens(tokenizer, ASSISTANT_HEADER))
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]

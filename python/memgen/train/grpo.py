@@ -23,10 +23,27 @@ Log-probabilities:
     the rollout's own points when the trigger is inactive (every reference
     config); with an active trigger the two may differ (the reference's choice).
   - trigger: one trigger forward over prompt + completion, logits / trigger
-    temperature, at the rollout's decision positions: decision j (before
-    completion token j) reads position P - 1 + j. The mask is `ids != pad`,
-    the mask the trigger saw while deciding (the reference trainer uses the
-    prompt/completion masks instead, which differ only where pad == eos).
+    temperature (the temperature the decisions were sampled at), at the
+    rollout's decision positions: decision j (before completion token j)
+    reads position P - 1 + j. The mask is `ids != pad`, the mask the trigger
+    saw while deciding (the reference trainer uses the prompt/completion
+    masks instead, which differ only where pad == eos).
+
+reference_compat=True reproduces the reference trainers' losses
+(docs/training.md has the table of departures and their measured effects):
+  - weaver: the reference pads a generation batch's completions to its
+    longest with EOS (not pad) after each one's first EOS, builds the mask as
+    `ids != pad` over prompt and completion, and uses it as the completion
+    mask, the attention mask and the labels: it trains on those EOS copies
+    and counts them in the loss's denominator. Here the copies reach the
+    longest completion of the step's rollouts (the reference's generation
+    batch at its released batch size: one prompt's group). By default the
+    completion ends at its first EOS: what follows is no text the policy
+    produced, and training it to repeat EOS is wrong.
+  - trigger: log-probs from the raw trigger logits (the reference ignores the
+    trigger temperature; the same at the released 1.0) under the reference's
+    mask: all ones over the prompt and the completion up to its first EOS.
+  - the first warm-up step's learning rate is 0, as transformers' schedule.
 
 The reward-adaptive penalty (paper Eq. 8-9, absent from the reference code,
 spec §0.5; on by default for trigger GRPO). The objective is
@@ -56,7 +73,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .common import ROLES, clip_and_step, freeze_for, make_optimizer, make_scheduler
+from .common import ROLES, clip_and_step, freeze_for, loss_logits, make_optimizer, make_scheduler
 from .data import ASSISTANT_HEADER, IGNORE, encode_prompt, mask_assistant_header
 from .rollout import Rollout, RewardFn, sample_groups, score_rollouts, task_reward
 
@@ -87,6 +104,7 @@ class GRPOConfig:
     penalty_lambda: float = 0.1          # trigger GRPO; 0 turns the penalty off
     penalty_form: str = "rate"
     seed: int = 42
+    reference_compat: bool = False       # the reference trainers' losses (module docstring)
 
     def validate(self) -> None:
         if self.role not in ROLES:
@@ -177,42 +195,152 @@ def grpo_loss(logps: list[Tensor], old_logps: list[Tensor], advantages: Tensor, 
                for w, lp, old, a in zip(weights, logps, old_logps, advantages))
 
 
-# ------------------------------------------------------------- log-probs
+# ------------------------------------------------------------- scored rows
+@dataclass
+class PolicyRow:
+    """One rollout as the loss scores it: the ids one forward runs over, its
+    attention mask (None: all ones), the prompt length, and per completion
+    position the target (the token for the weaver, the decision for the
+    trigger; IGNORE where nothing is scored)."""
+    input_ids: list[int]
+    attention_mask: list[int] | None
+    prompt_len: int
+    targets: list[int]
+
+    @property
+    def num_valid(self) -> int:
+        return sum(1 for t in self.targets if t != IGNORE)
+
+
+def weaver_row(prompt_ids: list[int], completion_ids: list[int], header_ids: list[int] | None = None,
+               reference_width: int | None = None, eos: int | None = None, pad: int | None = None) -> PolicyRow:
+    """The weaver's scored row. Default: the completion as rolled out (ending
+    at its first EOS), every token scored but "<|im_start|>assistant\\n" runs
+    (the reference's forward masks them). With reference_width (reference
+    compat): the reference's row, EOS after the first EOS up to
+    reference_width tokens, mask `ids != pad`, scored where the mask is 1."""
+    completion = list(completion_ids)
+    mask = None
+    if reference_width is not None:
+        if eos is None or pad is None:
+            raise ValueError("the reference's row needs the eos and pad ids")
+        if eos in completion:
+            completion = completion[:completion.index(eos) + 1]
+            completion += [eos] * (reference_width - len(completion))
+        ids = list(prompt_ids) + completion
+        mask = [int(t != pad) for t in ids]
+        targets = [t if m else IGNORE for t, m in zip(completion, mask[len(prompt_ids):])]
+    else:
+        ids = list(prompt_ids) + completion
+        targets = completion
+    labels = [IGNORE] * len(prompt_ids) + targets
+    if header_ids:
+        labels = mask_assistant_header(ids, labels, header_ids)
+    return PolicyRow(ids, mask, len(prompt_ids), labels[len(prompt_ids):])
+
+
+def trigger_row(prompt_ids: list[int], completion_ids: list[int], augmentation: list[int], pad: int | None,
+                reference_mask: bool = False) -> PolicyRow:
+    """The trigger's scored row: decisions as targets. Mask `ids != pad` (what
+    the trigger saw while deciding), or all ones with reference_mask (the
+    reference trainer's prompt mask ++ completion mask up to the first EOS;
+    a rollout ends at its first EOS)."""
+    ids = list(prompt_ids) + list(completion_ids)
+    mask = None if reference_mask or pad is None else [int(t != pad) for t in ids]
+    return PolicyRow(ids, mask, len(prompt_ids), list(augmentation))
+
+
+def _mask_tensor(row: PolicyRow, device) -> Tensor:
+    if row.attention_mask is None:
+        return torch.ones(len(row.input_ids), dtype=torch.long, device=device)
+    return torch.tensor(row.attention_mask, dtype=torch.long, device=device)
+
+
+def weaver_row_logprobs(model, row: PolicyRow, temperature: float = 1.0) -> Tensor:
+    """Log-probs of the row's scored completion tokens under the
+    weaver-augmented reasoner (sft_forward), logits / temperature."""
+    device = model.device
+    p = row.prompt_len
+    ids = torch.tensor(row.input_ids, device=device)
+    labels = torch.tensor([IGNORE] * p + row.targets, device=device)
+    out = model.sft_forward(ids, labels, _mask_tensor(row, device))
+    logits = loss_logits(out.logits[p - 1:-1]) / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[p:, None]).squeeze(-1)
+    return logp[labels[p:] != IGNORE]
+
+
+def trigger_row_logprobs(model, row: PolicyRow, temperature: float | None = 1.0) -> Tensor:
+    """Log-probs of the row's trigger decisions from one trigger forward over
+    prompt + completion: decision j reads position P-1+j. temperature None:
+    the raw logits (reference compat)."""
+    from memgen.hf import positions_from_mask
+
+    device = model.device
+    ids = torch.tensor([row.input_ids], device=device)
+    mask = _mask_tensor(row, device)[None]
+    hidden = model.trigger(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                           output_hidden_states=True).hidden_states[-1][0]
+    p, n = row.prompt_len, len(row.targets)
+    logits = loss_logits(model.trigger_head(hidden[p - 1:p - 1 + n]))
+    if temperature is not None:
+        logits = logits / temperature
+    decisions = torch.tensor(row.targets, device=device)
+    taken = decisions != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[taken].gather(-1, decisions[taken][:, None]).squeeze(-1)
+
+
 def weaver_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
                     header_ids: list[int] | None = None) -> Tensor:
     """Log-probs of the supervised completion tokens under the weaver-augmented
     reasoner (sft_forward), logits / temperature."""
-    ids = list(prompt_ids) + list(completion_ids)
-    labels = [IGNORE] * len(prompt_ids) + list(completion_ids)
-    if header_ids:
-        labels = mask_assistant_header(ids, labels, header_ids)
-    device = model.device
-    out = model.sft_forward(torch.tensor(ids, device=device), torch.tensor(labels, device=device))
-    p = len(prompt_ids)
-    logits = out.logits[p - 1:-1].float() / temperature
-    target = torch.tensor(completion_ids, device=device)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).squeeze(-1)
-    keep = torch.tensor(labels[p:], device=device) != IGNORE
-    return logp[keep]
+    return weaver_row_logprobs(model, weaver_row(prompt_ids, completion_ids, header_ids), temperature)
 
 
 def trigger_logprobs(model, prompt_ids: list[int], completion_ids: list[int], augmentation: list[int],
-                     temperature: float = 1.0) -> Tensor:
+                     temperature: float | None = 1.0, reference_mask: bool = False) -> Tensor:
     """Log-probs of the rollout's trigger decisions (entries != -100), from one
     trigger forward over prompt + completion; decision j reads position P-1+j."""
-    from memgen.hf import positions_from_mask
+    row = trigger_row(prompt_ids, completion_ids, augmentation, model.tokenizer.pad_token_id, reference_mask)
+    return trigger_row_logprobs(model, row, temperature)
 
-    device = model.device
-    ids = torch.tensor([list(prompt_ids) + list(completion_ids)], device=device)
-    mask = (ids != model.tokenizer.pad_token_id).long()
-    hidden = model.trigger(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                           output_hidden_states=True).hidden_states[-1][0]
-    p, n = len(prompt_ids), len(augmentation)
-    logits = model.trigger_head(hidden[p - 1:p - 1 + n]).float() / temperature
-    decisions = torch.tensor(augmentation, device=device)
-    taken = decisions != IGNORE
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp[taken].gather(-1, decisions[taken][:, None]).squeeze(-1)
+
+def policy_rows(model, rollouts: list[Rollout], config: GRPOConfig, header_ids: list[int]) -> list[PolicyRow]:
+    """The scored rows of a step's rollouts for config.role (and reference_compat)."""
+    tok = model.tokenizer
+    if config.role == "trigger":
+        return [trigger_row(r.prompt_ids, r.completion_ids, r.augmentation, tok.pad_token_id,
+                            config.reference_compat) for r in rollouts]
+    width = max(len(r.completion_ids) for r in rollouts) if config.reference_compat else None
+    return [weaver_row(r.prompt_ids, r.completion_ids, header_ids, width, tok.eos_token_id, tok.pad_token_id)
+            for r in rollouts]
+
+
+def row_logprobs(model, row: PolicyRow, config: GRPOConfig) -> Tensor:
+    if config.role == "weaver":
+        return weaver_row_logprobs(model, row, config.temperature)
+    return trigger_row_logprobs(model, row, None if config.reference_compat else config.trigger_temperature)
+
+
+def policy_loss_backward(model, rows: list[PolicyRow], advantages: Tensor, config: GRPOConfig,
+                         old: dict[int, Tensor] | None = None) -> float:
+    """Back-propagate the step's clipped-surrogate loss one row at a time
+    (gradients add into .grad); returns its value. old: row index -> the
+    log-probs the rollouts were scored under (default: the current ones
+    detached, so every ratio is 1, as TRL with num_iterations == 1)."""
+    weights = row_weights([r.num_valid for r in rows], config.loss_type, config.max_completion_length)
+    eps_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
+    total = 0.0
+    for i, row in enumerate(rows):
+        advantage = float(advantages[i])
+        if advantage == 0.0 or row.num_valid == 0:   # contributes exactly zero loss and gradient
+            continue
+        logp = row_logprobs(model, row, config)
+        ref = (old or {}).get(i, logp.detach())
+        loss = weights[i] * surrogate(logp, ref, advantage, config.epsilon, eps_high).sum()
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 # ------------------------------------------------------------------ trainer
@@ -239,10 +367,10 @@ class GRPOTrainer:
         self.model, self.llm, self.records = model, llm, list(records)
         self.reward_fn = reward_fn or task_reward(task)
         self.params = freeze_for(model, self.config.role)
-        self.optimizer = make_optimizer(self.params.values(), self.config.learning_rate, self.config.weight_decay)
+        self.optimizer = make_optimizer(self.params, self.config.learning_rate, self.config.weight_decay)
         self.num_steps = self._num_steps()
         self.scheduler = make_scheduler(self.optimizer, self.config.lr_scheduler, self.num_steps,
-                                        self.config.warmup_ratio)
+                                        self.config.warmup_ratio, self.config.reference_compat)
         self.header_ids = list(model.tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
         self.step_count = 0
 
@@ -250,19 +378,6 @@ class GRPOTrainer:
         c = self.config
         steps = c.epochs * math.ceil(len(self.records) / c.prompts_per_step)
         return min(steps, c.max_steps) if c.max_steps else steps
-
-    def _logprobs(self, r: Rollout) -> Tensor:
-        c = self.config
-        if c.role == "weaver":
-            return weaver_logprobs(self.model, r.prompt_ids, r.completion_ids, c.temperature, self.header_ids)
-        return trigger_logprobs(self.model, r.prompt_ids, r.completion_ids, r.augmentation, c.trigger_temperature)
-
-    def _num_valid(self, r: Rollout) -> int:
-        if self.config.role == "trigger":
-            return r.num_decisions
-        labels = mask_assistant_header(r.prompt_ids + r.completion_ids,
-                                       [IGNORE] * len(r.prompt_ids) + r.completion_ids, self.header_ids)
-        return sum(1 for t in labels[len(r.prompt_ids):] if t != IGNORE)
 
     def rollouts(self, records: list[dict]) -> list[Rollout]:
         c = self.config
@@ -288,29 +403,19 @@ class GRPOTrainer:
             shaped = rewards - penalty
         advantages = group_advantages(shaped, c.num_generations, c.advantage_eps)
 
-        valid = [self._num_valid(r) for r in rollouts]
-        weights = row_weights(valid, c.loss_type, c.max_completion_length)
-        # a zero advantage (or nothing to score) contributes exactly zero loss and gradient
-        active = [i for i, a in enumerate(advantages.tolist()) if a != 0.0 and valid[i] > 0]
-        eps_high = c.epsilon if c.epsilon_high is None else c.epsilon_high
+        rows = policy_rows(self.model, rollouts, c, self.header_ids)
         old: dict[int, Tensor] = {}
         if c.num_iterations > 1:
             with torch.no_grad():
-                old = {i: self._logprobs(rollouts[i]) for i in active}
+                old = {i: row_logprobs(self.model, row, c) for i, row in enumerate(rows)
+                       if float(advantages[i]) != 0.0 and row.num_valid > 0}
 
         lr = self.scheduler.get_last_lr()[0]
         self.model.train()
         losses, norms = [], []
         try:
             for _ in range(c.num_iterations):
-                loss_value = 0.0
-                for i in active:
-                    logp = self._logprobs(rollouts[i])
-                    ref = old.get(i, logp.detach())
-                    loss = weights[i] * surrogate(logp, ref, float(advantages[i]), c.epsilon, eps_high).sum()
-                    loss.backward()
-                    loss_value += float(loss.detach())
-                losses.append(loss_value)
+                losses.append(policy_loss_backward(self.model, rows, advantages, c, old))
                 norms.append(clip_and_step(self.params.values(), self.optimizer, self.scheduler, c.max_grad_norm))
         finally:
             self.model.eval()
@@ -324,7 +429,8 @@ class GRPOTrainer:
             "shaped_reward_mean": float(shaped.mean()), "penalty_mean": float(penalty.mean()),
             "reference_rate": p_bar, "insertion_rate": float(rates.mean()),
             "completion_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
-            "num_rollouts": len(rollouts), "num_trained_rows": len(active),
+            "num_rollouts": len(rollouts),
+            "num_trained_rows": sum(1 for i, r in enumerate(rows) if float(advantages[i]) != 0.0 and r.num_valid > 0),
             "rollout_seconds": rollout_s, "seconds": time.perf_counter() - start,
         }
 

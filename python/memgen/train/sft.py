@@ -1,20 +1,33 @@
-"""Weaver SFT on `memgen.hf.HFMemGenModel.sft_forward` (spec §3.1).
+"""Weaver SFT on `memgen.hf.HFMemGenModel.sft_forward` (spec §3.1, §3.2).
 
 A plain AdamW loop rather than the transformers Trainer: `sft_forward` takes
 one unpadded row at a time (its insertion points and latent blocks differ per
 row), so a Trainer would need a custom collator, a compute_loss override and
-a no-op batching layer, and GRPO below needs engine rollouts and a weight push
+a no-op batching layer, and GRPO needs engine rollouts and a weight push
 after every step, which the Trainer's loop has no place for. The loop keeps
-the Trainer's semantics where they matter: AdamW, cosine schedule with warmup
-ceil(0.1 * steps), grad-norm clipping at 1.0, gradient accumulation. One
-departure: the first warm-up step's learning rate is not 0 (common.lr_factor),
-so a run of 1 or 2 steps changes the weights.
+what matters of the reference's Trainer: AdamW, cosine schedule with warm-up
+ceil(0.1 * steps), grad-norm clipping at 1.0, gradient accumulation.
 
-Loss per optimizer step, as the reference computes it for a batch (its
-`forward` concatenates the rows and takes one token-mean cross-entropy):
-    loss(batch) = sum over rows and supervised tokens of CE / supervised tokens in the batch
-averaged over `grad_accum` batches. Rows are run and back-propagated one at a
-time, so memory holds one row's graph.
+A batch's loss is the reference's: its rows' forwards (one per row, or one per
+chosen assistant turn of a conversation: conversation.py) and one token mean
+of the cross-entropy over all their supervised tokens. Rows are run and
+back-propagated one forward at a time, so memory holds one forward's graph.
+
+One optimizer step is `grad_accum` batches. Its loss (docs/training.md):
+  default:   the token mean over the whole step,
+                 sum of CE over the step's supervised tokens / their number,
+             so accumulating A batches of B rows trains exactly as one batch
+             of A*B rows would (what accumulation is for);
+  reference_compat=True: the SUM of the batches' token means. The reference
+             runs transformers' Trainer on `MemGenModel.forward(**kwargs)`:
+             a forward that takes **kwargs makes the Trainer pass
+             num_items_in_batch and not divide each batch's loss by the
+             accumulation steps, and the forward ignores it and returns its
+             batch's token mean, so the step's gradient is the sum of the
+             batches' gradients (A times the mean's at equal batch losses).
+With grad_accum = 1 the two are the same. reference_compat also gives the
+first warm-up step a learning rate of 0 as transformers does (by default it
+is not 0, so a run of 1 or 2 steps trains: common.lr_factor).
 """
 from __future__ import annotations
 
@@ -26,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from .common import clip_and_step, freeze_for, make_optimizer, make_scheduler
+from .common import clip_and_step, freeze_for, loss_logits, make_optimizer, make_scheduler
+from .conversation import Segment, row_segments
 from .data import IGNORE, EncodedExample
 
 
@@ -43,6 +57,7 @@ class SFTConfig:
     max_steps: int | None = None     # stop early after this many optimizer steps
     shuffle: bool = True
     seed: int = 42
+    reference_compat: bool = False   # the reference's step semantics (module docstring)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -56,21 +71,58 @@ class SFTConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
 
+def trainable_examples(examples: list[EncodedExample]) -> list[EncodedExample]:
+    """The examples with a supervised token to learn (after truncation)."""
+    return [e for e in examples if sum(t != IGNORE for t in e.labels[1:]) > 0]
+
+
 def num_sft_steps(num_examples: int, config: SFTConfig) -> int:
     per_step = config.batch_size * config.grad_accum
     steps = config.epochs * math.ceil(num_examples / per_step)
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
+def segment_loss_sum(model, segment: Segment) -> torch.Tensor:
+    """Summed shifted cross-entropy over one forward's supervised tokens, in
+    the logits' dtype (float32 for lower precisions: common.loss_logits)."""
+    ids = torch.tensor(segment.input_ids, device=model.device)
+    labels = torch.tensor(segment.labels, device=model.device)
+    logits = model.sft_forward(ids, labels).logits
+    return torch.nn.functional.cross_entropy(loss_logits(logits[:-1]), labels[1:], ignore_index=IGNORE,
+                                             reduction="sum")
+
+
 def row_loss_sum(model, example: EncodedExample) -> tuple[torch.Tensor, int]:
-    """(summed shifted cross-entropy over the row's supervised tokens, their count)."""
-    ids = torch.tensor(example.input_ids, device=model.device)
-    labels = torch.tensor(example.labels, device=model.device)
-    out = model.sft_forward(ids, labels)
-    n = int((labels[1:] != IGNORE).sum())
-    ce = torch.nn.functional.cross_entropy(out.logits[:-1].float(), labels[1:], ignore_index=IGNORE,
-                                           reduction="sum")
-    return ce, n
+    """(summed shifted cross-entropy over a one-turn row's supervised tokens, their count)."""
+    segment = Segment(list(example.input_ids), list(example.labels))
+    return segment_loss_sum(model, segment), segment.num_supervised
+
+
+def plan_batch(model, batch: list[EncodedExample], rng: random.Random) -> list[Segment]:
+    """The forwards of one batch, its conversations' turns drawn now, in row
+    order (the reference draws them in its forward, in the same order)."""
+    max_turns = model.settings.max_prompt_aug_num
+    return [seg for example in batch for seg in row_segments(example, max_turns, rng)]
+
+
+def accumulate_step(model, batches: list[list[Segment]], reference_compat: bool = False) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's batches; gradients add
+    into .grad. Returns (the step's loss as defined in the module docstring,
+    supervised tokens)."""
+    counts = [sum(s.num_supervised for s in batch) for batch in batches]
+    total = sum(counts)
+    loss = 0.0
+    for batch, count in zip(batches, counts):
+        if count == 0:
+            continue
+        scale = count if reference_compat else total
+        for segment in batch:
+            if segment.num_supervised == 0:
+                continue
+            ce = segment_loss_sum(model, segment)
+            (ce / scale).backward()
+            loss += float(ce.detach()) / scale
+    return loss, total
 
 
 def train_sft(model, examples: list[EncodedExample], config: SFTConfig | None = None,
@@ -81,14 +133,15 @@ def train_sft(model, examples: list[EncodedExample], config: SFTConfig | None = 
     engine with `llm.update_memgen_weights(model.to_checkpoint())`)."""
     config = config or SFTConfig()
     config.validate()
-    examples = [e for e in examples if sum(t != IGNORE for t in e.labels[1:]) > 0]
+    examples = trainable_examples(examples)
     if not examples:
         raise ValueError("no example has a supervised token after truncation")
     params = freeze_for(model, "weaver")
-    optimizer = make_optimizer(params.values(), config.learning_rate, config.weight_decay)
+    optimizer = make_optimizer(params, config.learning_rate, config.weight_decay)
     total = num_sft_steps(len(examples), config)
-    scheduler = make_scheduler(optimizer, config.lr_scheduler, total, config.warmup_ratio)
+    scheduler = make_scheduler(optimizer, config.lr_scheduler, total, config.warmup_ratio, config.reference_compat)
     rng = random.Random(config.seed)
+    turn_rng = random.Random(config.seed + 1)   # conversations' turns, apart from the shuffle's stream
     torch.manual_seed(config.seed)   # LoRA dropout
 
     def batches():
@@ -104,24 +157,19 @@ def train_sft(model, examples: list[EncodedExample], config: SFTConfig | None = 
     try:
         stream = batches()
         for step in range(1, total + 1):
-            start, losses, tokens = time.perf_counter(), [], 0
+            start = time.perf_counter()
+            step_batches = []
             for _ in range(config.grad_accum):
                 batch = next(stream, None)
                 if batch is None:
                     break
-                n_batch = sum(sum(t != IGNORE for t in e.labels[1:]) for e in batch)
-                batch_loss = 0.0
-                for example in batch:
-                    ce, _ = row_loss_sum(model, example)
-                    (ce / (n_batch * config.grad_accum)).backward()
-                    batch_loss += float(ce.detach())
-                losses.append(batch_loss / n_batch)
-                tokens += n_batch
-            if not losses:
+                step_batches.append(plan_batch(model, batch, turn_rng))
+            if not step_batches:
                 break
+            loss, tokens = accumulate_step(model, step_batches, config.reference_compat)
             lr = scheduler.get_last_lr()[0]
             norm = clip_and_step(params.values(), optimizer, scheduler, config.max_grad_norm)
-            record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": norm,
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                       "tokens": tokens, "seconds": time.perf_counter() - start}
             history.append(record)
             if on_step is not None:
