@@ -29,8 +29,8 @@ in on_stream, before the next on_hidden. They ride in the same forward as every
 other row; the engine keeps paging, prefix caching and preemption.
 
 An Insert or Feed of k positions happens only if they and the token they
-precede fit in max_model_len; otherwise the request ends there with
-finish_reason "length" (the engine's room rule). Whatever the policy holds in
+precede fit in max_model_len (`has_room`, the room rule, offered as `ctx.room_for(k)`);
+otherwise the request ends there with finish_reason "length". Whatever the policy holds in
 its `record` list comes back as `policy_record` on the request's output.
 
 This module imports no torch: SamplingParams (and the CLI) import it.
@@ -74,6 +74,12 @@ class _Wait(_Marker):
 
 SAMPLE = _Sample()
 WAIT = _Wait()
+
+
+def has_room(num_positions: int, k: int, max_model_len: int) -> bool:
+    """The room rule, the one place it is written: k more positions go in only if they
+    and the token they precede fit in max_model_len (which counts every position)."""
+    return num_positions + k + 1 <= max_model_len
 
 
 class StreamSpec:
@@ -170,6 +176,7 @@ class PolicyContext:
                         last_hidden (see the guide)
       embed(token_ids)  the reasoner's input embeddings, [K, H]
       logits(hidden)    the LM head: [H] -> [V], [N, H] -> [N, V]
+      room_for(k)       whether k positions and the token they precede still fit (the room rule)
       finish()          end the request before its next token, finish_reason "length"
                         (a policy out of room for what it must insert)
     """
@@ -238,6 +245,10 @@ class PolicyContext:
     def streams(self):
         """name -> the request's extra streams (engine.policy.StreamHandle)."""
         return self._seq.latent.handles
+
+    def room_for(self, k: int) -> bool:
+        """Whether k more positions and the token they precede fit in max_model_len."""
+        return has_room(self._seq.reasoner.num_tokens, k, self._runtime.max_model_len)
 
     def finish(self) -> None:
         """End the request before its next token, with finish_reason "length"."""

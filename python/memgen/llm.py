@@ -17,6 +17,7 @@ from memgen.engine.extra_streams import resolve_stream_models
 from memgen.engine.llm_engine import LLMEngine
 from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.engine.sequence import Sequence
+from memgen.latent_policy import has_room
 from memgen.outputs import NOT_CONSULTED, CompletionOutput, RequestOutput
 from memgen.sampling_params import SamplingParams
 
@@ -244,9 +245,8 @@ class LLM:
             raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
         if params.latent_policy is not None:
             self.engine.policy.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model
-        # latents are inserted only if they and the token they precede fit in max_model_len
         k = self.memgen.ckpt.settings.prompt_latents_len if self.memgen is not None else 0
-        if k and len(ids) + k + 1 > self.max_model_len:
+        if k and not has_room(len(ids), k, self.max_model_len):   # the room rule, for the prompt latents
             raise ValueError(f"prompt {index} has {len(ids)} tokens: with MemGen's {k} prompt latents and the first "
                              f"token it needs {len(ids) + k + 1} positions, more than max_model_len="
                              f"{self.max_model_len}; shorten it or raise max_model_len")

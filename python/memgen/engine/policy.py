@@ -506,9 +506,7 @@ class PlainPolicy:
                 raise TypeError(f"{type(state.policy).__name__}.on_hidden must return SAMPLE, Insert(...), "
                                 f"Feed(...) or WAIT, got {action!r}")
             state.r_hidden = None
-            # The room rule (as MemGen's): k positions go in only if they and the token
-            # they precede fit in max_model_len; otherwise the request ends here ("length").
-            if seq.reasoner.num_tokens + k + 1 > runtime.max_model_len:
+            if not state.ctx.room_for(k):     # the room rule: out of room, it ends here ("length")
                 ended.append(seq)
                 state.close()     # no more calls: it ends before its next token
             elif isinstance(action, Insert):

@@ -235,11 +235,9 @@ class MemGenPolicy(LatentPolicy):
         self.deciding = False
         ctx = self._ctx
         k = self.parts.num_latents(self.kind) if decision == INSERT else 0
-        # The room rule, decided here once: K latents are inserted only if they and the
-        # token they precede fit in max_model_len (which counts every position). When
-        # they do not, the request ends ("length") before that token: the decision is
-        # not recorded (the mask has one entry per output token), nor counted anywhere.
-        if k and ctx.num_positions + k + 1 > ctx.max_model_len:
+        # Out of room (ctx.room_for, the engine's rule) the request ends ("length") before that
+        # token: the decision is not recorded (one mask entry per output token), nor counted.
+        if k and not ctx.room_for(k):
             ctx.finish()
             return
         self.record.append(decision)
