@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "LatentPolicy", "PolicyContext",
-           "SAMPLE", "WAIT", "Insert", "Feed", "StreamSpec", "__version__"]
+           "SAMPLE", "WAIT", "Insert", "Feed", "StreamSpec", "StructuredOutputsParams", "__version__"]
 
 _EXPORTS = {"LLM": "memgen.llm", "SamplingParams": "memgen.sampling_params", "RequestOutput": "memgen.outputs",
             "CompletionOutput": "memgen.outputs", "LatentPolicy": "memgen.latent_policy",
             "PolicyContext": "memgen.latent_policy", "SAMPLE": "memgen.latent_policy",
             "Insert": "memgen.latent_policy", "Feed": "memgen.latent_policy", "WAIT": "memgen.latent_policy",
-            "StreamSpec": "memgen.latent_policy"}
+            "StreamSpec": "memgen.latent_policy", "StructuredOutputsParams": "memgen.structured.params"}
 
 
 def __getattr__(name: str):

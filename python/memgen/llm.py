@@ -231,7 +231,18 @@ class LLM:
                     raise ValueError(f"stop token id {t} is outside the vocabulary [0, {self.vocab_size})")
             if p.logprobs is not None and p.logprobs > self.vocab_size:
                 raise ValueError(f"logprobs={p.logprobs} exceeds the vocabulary size {self.vocab_size}")
+            if p.structured_outputs is not None:   # compiled (and cached) now, off the engine's step
+                self.structured_outputs().compile(p.structured_outputs)
         return params
+
+    def structured_outputs(self):
+        """This LLM's memgen.structured.backend.StructuredOutputs (made on first use;
+        the engine masks the rows of constrained requests with it)."""
+        if self.engine.structured is None:
+            from memgen.structured.backend import StructuredOutputs
+
+            self.engine.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.engine.eos_token_ids)
+        return self.engine.structured
 
     def _check_request(self, ids: list[int], params: SamplingParams, index: int) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

@@ -32,6 +32,9 @@ class SamplingParams:
     # a memgen.LatentPolicy (docs/latent-policies.md): a per-request hook that may insert embedding
     # rows or forced tokens between tokens; the engine runs a copy per request (new_request)
     latent_policy: LatentPolicy | None = None
+    # vLLM's: a memgen.StructuredOutputsParams (json | regex | choice | grammar); the sampled
+    # tokens follow it, latent positions are not constrained (memgen/structured/)
+    structured_outputs: "StructuredOutputsParams | None" = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +87,8 @@ class SamplingParams:
         if self.latent_policy is not None and not isinstance(self.latent_policy, LatentPolicy):
             raise TypeError(f"latent_policy must be a memgen.LatentPolicy (an instance of a subclass) or None, "
                             f"got {type(self.latent_policy).__name__}")
+        if self.structured_outputs is not None:
+            _check_structured(self)
 
     @property
     def has_penalties(self) -> bool:
@@ -96,6 +101,20 @@ class SamplingParams:
         if seed is not None and i > 0:
             seed = (seed * 1_000_003 + i) & 0x7FFF_FFFF_FFFF_FFFF
         return dataclasses.replace(self, n=1, seed=seed)
+
+
+def _check_structured(params: SamplingParams) -> None:
+    from memgen.structured.params import StructuredOutputsParams
+
+    so = params.structured_outputs
+    if isinstance(so, dict):     # vLLM's request-field shape
+        params.structured_outputs = so = StructuredOutputsParams.from_dict(so)
+    if not isinstance(so, StructuredOutputsParams):
+        raise TypeError(f"structured_outputs must be a memgen.StructuredOutputsParams or None, got {type(so).__name__}")
+    so.validate()
+    if params.min_tokens:
+        raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides where the "
+                         "output may end (leave min_tokens at 0)")
 
 
 def _int(name: str, value, minimum: int | None = None, hint: str = "") -> None:

@@ -83,6 +83,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self._num_requests = 0
+        # memgen.structured.backend.StructuredOutputs, set by LLM on first use (None: no request
+        # ever carried structured_outputs); it masks constrained rows at sampled positions only
+        self.structured = None
 
     def _num_kv_blocks(self, runner: ModelRunner, num_streams: int) -> int:
         """KV blocks for one pool; `num_streams` streams per sequence live in it."""
@@ -122,6 +125,8 @@ class LLMEngine:
         generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
+        if params.structured_outputs is not None:
+            self.structured.add(seq)    # its grammar matcher (seq.grammar)
         self.policy.start(seq)      # a LatentPolicy's extra streams are added here
         self.scheduler.add(seq)
         return seq
@@ -164,11 +169,17 @@ class LLMEngine:
         if not seqs:
             return finished, 0
         logits = self.model_runner.compute_logits(due_hidden)
+        structured = self.structured
+        if structured is not None:
+            logits = structured.mask(seqs, logits)     # constrained rows only
         sampled = self.sampler(logits, _sampling_batch(seqs))
+        if structured is not None:
+            structured.accept(seqs, sampled.token_ids)
         going_on, tokens = [], []
         for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
             seq.append_token(token, lp)
-            if token in seq.stop_token_ids or self._hit_stop_string(seq):
+            if token in seq.stop_token_ids or self._hit_stop_string(seq) or \
+                    (structured is not None and structured.done(seq)):
                 finished += self._finish_all([seq], "stop")
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
                 finished += self._finish_all([seq], "length")
