@@ -48,10 +48,6 @@ struct PyStepCore : StepCore {
             chunk_objs.emplace_back(running_seqs.at(cs[i].seq), std::move(stream));
         }
     }
-    void add_chunk_obj(nb::handle seq, StreamCore& stream, nb::handle stream_obj, int64_t start, int64_t n) {
-        add_chunk(-1, &stream, start, n);
-        chunk_objs.emplace_back(nb::borrow(seq), nb::borrow(stream_obj));
-    }
     bool admit_seq(nb::handle seq, nb::tuple streams) {
         SeqStreams cores;
         cores.reserve(streams.size());
@@ -239,9 +235,6 @@ NB_MODULE(_native, m) {
             for (const Chunk& ch : c.chunks()) n += ch.num_tokens;
             return n;
         })
-        .def("add_chunk", [](PyStepCore& c, nb::handle seq, StreamCore& stream, int64_t start, int64_t n) {
-            c.add_chunk_obj(seq, stream, nb::find(&stream), start, n);
-        }, "seq"_a.none(), "stream"_a, "start"_a, "num_tokens"_a)
         .def("admit", &PyStepCore::admit_seq, "seq"_a, "streams"_a,
              "Admit a waiting sequence (streams: its streams, a tuple): blocks and chunks for its due "
              "streams from their cached prefixes on, under the budget. Atomic: True (it joins the running "

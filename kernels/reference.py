@@ -40,15 +40,17 @@ def _check_kv_store(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def store_kvcache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Torch reference of `store_kvcache` (same arguments, same in-place effect)."""
-    _check_kv_store(key, value, k_cache, v_cache, slot_mapping)
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key[valid].to(k_cache.dtype)
-    v_cache[blocks, offsets] = value[valid].to(v_cache.dtype)
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, rows=None, check: bool = True) -> None:
+    """Torch reference of `store_kvcache` (same arguments, same in-place effect), and the
+    torch backend's KV store. `rows`: the rows to store (an index tensor, or slice(None) for
+    all) when the caller found them once for every layer; None: those whose slot is >= 0."""
+    if check:
+        _check_kv_store(key, value, k_cache, v_cache, slot_mapping)
+    if rows is None:
+        rows = (slot_mapping >= 0).nonzero().squeeze(1)
+    slots = slot_mapping[rows].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[rows].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[rows].to(v_cache.dtype))
 
 # ----------------------------------------------------------------------------- latent_injection
 def _check_latent_injection(token_ids, latent_index, embed_weight, latents, out, floats=_ANY_FLOAT) -> None:

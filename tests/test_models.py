@@ -72,9 +72,9 @@ def test_embedding_inputs_equal_token_inputs(qwen2_dir):
     embed = runner.model.model.embed_tokens.weight
 
     def run(stream):
-        manager.allocate(stream, stream.num_tokens)
         step = StepCore([manager])
-        step.add_chunk(None, stream, 0, stream.num_tokens)
+        step.begin(stream.num_tokens)
+        assert step.admit(stream, (stream,))        # blocks and one chunk of every position
         inp = runner.prepare(step)
         hidden = runner.forward(inp)
         manager.free(stream)

@@ -88,8 +88,9 @@ class InputBuffers:
         return self._views
 
 def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, block_size: int,
-                      device: torch.device, dtype: torch.dtype) -> ModelInput:
-    """The model input for the step's chunks of one pool (-1: every chunk)."""
+                      device: torch.device, dtype: torch.dtype, backend=None) -> ModelInput:
+    """The model input for the step's chunks of one pool (-1: every chunk); its context
+    complete with `backend` and the backend's metadata (made here, read-only after)."""
     if buffers._copied is not None:   # the last step's copies still read the pinned buffers
         buffers._copied.synchronize()
         buffers._copied = None
@@ -110,8 +111,8 @@ def build_model_input(step: StepCore, pool_index: int, buffers: InputBuffers, bl
     ctx = ForwardContext(
         cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, slot_mapping=slot_mapping, block_tables=block_tables,
         max_seqlen_q=res.max_seqlen_q, max_seqlen_k=res.max_seqlen_k, block_size=block_size,
-        adapter_ids=adapter_ids if res.has_adapters else None,
-    )
+        adapter_ids=adapter_ids if res.has_adapters else None, backend=backend)
+    ctx.attn_metadata = None if backend is None else backend.prepare(ctx)
     return ModelInput(input_ids, positions, latents, latent_index, ctx, last_rows)
 
 

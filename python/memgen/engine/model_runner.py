@@ -47,15 +47,14 @@ class ModelRunner:
     def prepare(self, step: StepCore, pool_index: int = -1) -> ModelInput:
         """The model input of a step's chunks (those of `pool_index`; -1: all). The
         integer tensors are views of this runner's buffers: valid until its next prepare()."""
-        return build_model_input(step, pool_index, self.input_buffers, self.block_size, self.device, self.dtype)
+        return build_model_input(step, pool_index, self.input_buffers, self.block_size, self.device, self.dtype,
+                                 self.attn_backend)
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> torch.Tensor:
-        """Post-final-norm hidden states of every row, [N, H]."""
+        """Post-final-norm hidden states of every row, [N, H] (`inp` from prepare(): read only)."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(inp):
             return self.decode_graphs.run(inp)
-        inp.context.backend = self.attn_backend
-        inp.context.attn_metadata = self.attn_backend.prepare(inp.context)
         with forward_context(inp.context):
             return self.model(inp.input_ids, inp.positions, inp.latents, inp.latent_index)
 

@@ -139,10 +139,6 @@ class Sequence:
         for name, stream in self.streams.items():
             stream.due = names is None or name in names
 
-    def streams_to_run(self) -> list[Stream]:
-        """The streams whose pending positions the scheduler may compute now."""
-        return [s for s in self.streams.values() if s.due]
-
     @property
     def reasoner(self) -> Stream:
         return self.streams[REASONER]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from memgen.kernels.reference import (SDPAGroup, add_lora_rows, inject_latents_ref, lora_metadata, lora_rows,
-                                     sdpa_attend, sdpa_groups, trigger_decisions_ref)
+                                     sdpa_attend, sdpa_groups, store_kvcache_ref, trigger_decisions_ref)
 from memgen.layers import native
 from memgen.layers.context import ForwardContext
 
@@ -29,8 +29,10 @@ from memgen.layers.context import ForwardContext
 @dataclass
 class SDPAMetadata:
     groups: list[SDPAGroup]
-    store_index: torch.Tensor | None  # rows whose K/V are stored (None: all rows)
-    native: bool = False              # attend with the native CPU kernel instead of the groups
+    store_index: torch.Tensor | slice | None  # rows whose K/V are stored (slice(None): all rows)
+    native: tuple | None = None       # the native CPU kernel's (slot_mapping, cu_seqlens_q, context_lens,
+                                      # block_tables), contiguous: it attends instead of the groups
+    sdpa: SDPAMetadata | None = None  # native, for a dtype the kernel does not take: SDPA's, made on first use
 
 
 class TorchBackend:
@@ -57,10 +59,9 @@ class TorchBackend:
     def prepare(self, ctx: ForwardContext) -> SDPAMetadata:
         if self._native is not None and ctx.slot_mapping.device.type == "cpu":
             # the native call stores K/V itself (slot -1 skipped): nothing else to prepare
-            ctx.cu_seqlens_q, ctx.context_lens = ctx.cu_seqlens_q.contiguous(), ctx.context_lens.contiguous()
-            ctx.block_tables, ctx.slot_mapping = ctx.block_tables.contiguous(), ctx.slot_mapping.contiguous()
-            return SDPAMetadata([], None, native=True)
-        store_index = None
+            return SDPAMetadata([], None, native=tuple(t.contiguous() for t in (
+                ctx.slot_mapping, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables)))
+        store_index = slice(None)
         if bool((ctx.slot_mapping < 0).any()):
             store_index = (ctx.slot_mapping >= 0).nonzero().squeeze(1)
         groups = sdpa_groups(ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, ctx.block_size,
@@ -71,18 +72,11 @@ class TorchBackend:
         meta: SDPAMetadata = ctx.attn_metadata
         if meta.native and q.dtype in native.DTYPE_CODES:
             return self._attend_native(q, k, v, k_cache, v_cache, ctx, scale)
-        if meta.native:   # a dtype the native kernel does not take (float16): SDPA
-            ctx.attn_metadata = meta = TorchBackend(cpu_attention=False).prepare(ctx)
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        slots = ctx.slot_mapping
-        if meta.store_index is not None:
-            slots, k, v = slots[meta.store_index], k[meta.store_index], v[meta.store_index]
-        k_flat.index_copy_(0, slots, k)
-        v_flat.index_copy_(0, slots, v)
+        if meta.native:   # a dtype the native kernel does not take (float16): SDPA, the metadata's own
+            meta.sdpa = meta.sdpa or TorchBackend(cpu_attention=False).prepare(ctx)
+            meta = meta.sdpa
+        store_kvcache_ref(k, v, k_cache, v_cache, ctx.slot_mapping, meta.store_index, check=False)
         return sdpa_attend(q, k_cache, v_cache, meta.groups, scale)
-
 
     @staticmethod
     def add_lora(y, x, lora_a, lora_b, scaling, ctx: ForwardContext) -> None:
@@ -114,12 +108,12 @@ class TorchBackend:
         if k.stride(0) != v.stride(0):   # one row stride for both
             k, v = k.contiguous(), v.contiguous()
         out = q.new_empty(q.shape)
-        tables = ctx.block_tables
+        slots, cu_seqlens_q, context_lens, tables = ctx.attn_metadata.native
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         cos, sin = rope if rope is not None else (None, None)
-        self._native(k.data_ptr(), v.data_ptr(), ctx.slot_mapping.data_ptr(), k.shape[0], q.data_ptr(),
-                     k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), ctx.cu_seqlens_q.data_ptr(),
-                     ctx.context_lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1],
+        self._native(k.data_ptr(), v.data_ptr(), slots.data_ptr(), k.shape[0], q.data_ptr(),
+                     k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), cu_seqlens_q.data_ptr(),
+                     context_lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], q.shape[1],
                      num_kv_heads, head_dim, block_size, num_blocks, float(scale), native.DTYPE_CODES[q.dtype],
                      torch.get_num_threads(), q.stride(0), k.stride(0), 0 if cos is None else cos.data_ptr(),
                      0 if sin is None else sin.data_ptr())
