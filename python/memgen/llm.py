@@ -16,9 +16,8 @@ from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.extra_streams import resolve_stream_models
 from memgen.engine.llm_engine import LLMEngine
 from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
-from memgen.engine.sequence import Sequence
 from memgen.latent_policy import has_room
-from memgen.outputs import NOT_CONSULTED, CompletionOutput, RequestOutput
+from memgen.outputs import OutputBuilder, RequestOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -164,19 +163,19 @@ class LLM:
         if params.n != 1:
             raise ValueError(f"stream() makes one completion; got n={params.n} (use generate() for n > 1)")
         self._check_request(ids, params, 0)
-        engine = self.engine
-        seq = engine.add_request(ids, params)
+        engine, builder = self.engine, OutputBuilder(self.tokenizer)
+        rid = builder.add(engine.add_request(ids, params), ids, params)
         text = IncrementalText(self._detokenize, params.stop)
         try:
-            while not seq.is_finished:
-                engine.step()
-                piece = text.update(seq.output_token_ids)
+            while not builder.finished(rid):
+                builder.update(engine.step())
+                piece = text.update(builder.token_ids(rid))
                 if piece:
                     yield piece
         except BaseException:   # an error, Ctrl-C, or the caller closing the generator
-            engine.abort([seq])
+            engine.abort([rid])
             raise
-        out = self._output([seq])
+        out = builder.request_output([rid])
         rest = text.finish(out.text)
         if rest:
             yield rest
@@ -273,21 +272,23 @@ class LLM:
     def _run(self, token_lists: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm.auto import tqdm
 
-        engine = self.engine
+        engine, builder = self.engine, OutputBuilder(self.tokenizer)
         # n completions per prompt are n engine requests (they share the prompt's cached blocks)
-        seqs = [[engine.add_request(ids, p.for_completion(i)) for i in range(p.n)]
-                for ids, p in zip(token_lists, params)]
-        flat = [seq for group in seqs for seq in group]
+        groups = [[builder.add(engine.add_request(ids, p.for_completion(i)), ids, p, i) for i in range(p.n)]
+                  for ids, p in zip(token_lists, params)]
+        flat = [rid for group in groups for rid in group]
         bar = tqdm(total=len(flat), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         start, num_tokens, last_update = time.perf_counter(), 0, 0.0
         try:
             while engine.has_unfinished():
-                finished, n = engine.step()
-                num_tokens += n
+                outputs = engine.step()
+                builder.update(outputs)
+                num_tokens += sum(len(o.new_token_ids) for o in outputs)
+                finished = sum(o.finished for o in outputs)
                 now = time.perf_counter()
                 if finished or now - last_update > 0.5:
                     bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
-                    bar.update(len(finished))
+                    bar.update(finished)
                     last_update = now
         except BaseException:
             # an error or Ctrl-C mid-call: nothing of this call stays in the engine
@@ -295,59 +296,10 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [self._output(group) for group in seqs]
+        return [builder.request_output(group) for group in groups]
 
     def _detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def _output(self, group: list[Sequence]) -> RequestOutput:
-        completions = [self._completion(i, seq) for i, seq in enumerate(group)]
-        first = completions[0]
-        return RequestOutput(prompt_token_ids=group[0].prompt_token_ids, token_ids=first.token_ids, text=first.text,
-                             augmentation=first.augmentation, logprobs=first.logprobs,
-                             finish_reason=first.finish_reason, metrics=first.metrics, outputs=completions,
-                             policy_record=first.policy_record)
-
-    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
-        text = self._detokenize(seq.output_token_ids)
-        latent = getattr(seq, "latent", None)   # a LatentPolicy's request state (engine/policy.py)
-        if seq.finish_reason == "stop" and seq.params.stop:   # the text ends before the stop string
-            text = text[:min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=len(text))]
-        return CompletionOutput(
-            index=index,
-            token_ids=list(seq.output_token_ids),
-            text=text,
-            augmentation=self._augmentation(seq),
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            metrics={
-                # None when the request ended before its first token (see _check_request)
-                "time_to_first_token_s": (None if seq.first_token_time is None
-                                          else seq.first_token_time - seq.arrival_time),
-                "total_s": seq.finish_time - seq.arrival_time,
-                **self._memory_metrics(seq),
-                **({} if latent is None else {"num_latent_positions": latent.num_inserted,
-                                              "num_fed_tokens": latent.num_fed}),
-                "num_cached_prompt_tokens": seq.num_cached_prompt_tokens,
-                "num_preemptions": seq.num_preemptions,
-            },
-            policy_record=None if latent is None else latent.record,
-        )
-
-    @staticmethod
-    def _augmentation(seq: Sequence) -> list[int]:
-        if seq.memgen is None:
-            return [NOT_CONSULTED] * seq.num_output_tokens
-        return list(seq.memgen.augmentation[:seq.num_output_tokens])
-
-    @staticmethod
-    def _memory_metrics(seq: Sequence) -> dict:
-        state = seq.memgen
-        if state is None:
-            return {"num_insertions": 0, "num_trigger_calls": 0, "num_latent_positions": 0}
-        return {"num_insertions": state.augmentation[:seq.num_output_tokens].count(1),
-                "num_trigger_calls": state.num_trigger_calls,
-                "num_latent_positions": state.num_latent_positions}
 
 
 def _as_prompt_list(prompts) -> list:

@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from memgen.outputs import NOT_CONSULTED
+from memgen.outputs import NOT_CONSULTED, OutputBuilder
 
 QUESTIONS = [  # GSM8K-style, different lengths, as MemGen is evaluated on math word problems
     "What is 12 plus 30?",
@@ -90,22 +90,25 @@ class TimedRun:
 
 def timed_generate(llm, prompts: list[list[int]], params) -> TimedRun:
     """`llm.generate(prompts, params)` with a timestamp per generated token: the
-    same requests, the same engine steps, stepped here (LLM._run's loop)."""
-    engine = llm.engine
+    same requests, the same engine steps, stepped here (LLM.generate's loop), their
+    outputs built by the same OutputBuilder."""
+    engine, builder = llm.engine, OutputBuilder(llm.tokenizer)
     if engine.has_unfinished():
         raise RuntimeError("the engine still has unfinished requests; a timed run needs it idle")
     cpu_start, start = time.process_time(), time.perf_counter()
-    seqs = [engine.add_request(ids, params) for ids in prompts]
-    times: list[list[float]] = [[] for _ in seqs]
+    rids = [builder.add(engine.add_request(ids, params), ids, params) for ids in prompts]
+    times: dict[int, list[float]] = {rid: [] for rid in rids}
     steps = 0
     while engine.has_unfinished():
-        engine.step()
+        outputs = engine.step()
         steps += 1
         now = time.perf_counter() - start
-        for t, seq in zip(times, seqs):
-            t.extend([now] * (seq.num_output_tokens - len(t)))
+        builder.update(outputs)
+        for o in outputs:
+            times[o.request_id].extend([now] * len(o.new_token_ids))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    outs = [llm._output([seq]) for seq in seqs]
+    outs = [builder.request_output([rid]) for rid in rids]
+    times = [times[rid] for rid in rids]
     return TimedRun(wall, [RequestTiming(t, o.token_ids, o.augmentation, o.metrics) for t, o in zip(times, outs)],
                     cpu, steps)
 

@@ -21,6 +21,7 @@ from memgen.engine.sequence import Sequence
 from memgen.layers.backend import select_backend
 from memgen.layers.sampler import Sampler, SamplingBatch
 from memgen.memory.controller import MemGenPolicy
+from memgen.outputs import NOT_CONSULTED, EngineOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BUDGET_GB = 1.0
@@ -83,6 +84,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self._num_requests = 0
+        self._requests: dict[int, Sequence] = {}    # request id -> its sequence, until its last output
         # memgen.structured.backend.StructuredOutputs, set by LLM on first use (None: no request
         # ever carried structured_outputs); it masks constrained rows at sampled positions only
         self.structured = None
@@ -114,8 +116,9 @@ class LLMEngine:
         return num_blocks
 
     # ---- requests -------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Queue a validated request (LLM.generate validates the whole batch first)."""
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Queue a validated request (LLM.generate validates the whole batch first); returns
+        its id, which the outputs of step() and abort() carry."""
         if params.latent_policy is not None and self.memory is not None:
             raise ValueError(LATENT_WITH_MEMGEN)
         index = self._num_requests
@@ -129,7 +132,8 @@ class LLMEngine:
             self.structured.add(seq)    # its grammar matcher (seq.grammar)
         self.policy.start(seq)      # a LatentPolicy's extra streams are added here
         self.scheduler.add(seq)
-        return seq
+        self._requests[index] = seq
+        return index
 
     def update_memgen_weights(self, ckpt) -> None:
         """Push new MemGen weights (e.g. after an optimizer step) into the live
@@ -147,10 +151,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> dict:
+        """Sequences running and waiting, preemptions so far, KV blocks per pool (used, total)."""
+        sched = self.scheduler
+        return {"running": sched.core.num_running, "waiting": len(sched.waiting), "preemptions": sched.num_preemptions,
+                "kv_blocks": {name: (bm.num_blocks - bm.num_free_blocks, bm.num_blocks)
+                              for name, bm in self.block_managers.items()}}
+
     # ---- one step -------------------------------------------------------------
-    def step(self) -> tuple[list[Sequence], int]:
-        """Run one batched forward. Returns the sequences that finished and the
-        number of tokens sampled in this step. One order for every model:
+    def step(self) -> list[EngineOutput]:
+        """Run one batched forward. Returns what happened, as data: one EngineOutput per
+        request that changed (its new token; why it ended). One order for every model:
         forward -> mark computed -> policy.after_forward -> sample -> stop
         checks -> policy.after_sample (if it has one) -> policy.after_tokens
         (engine/policy.py)."""
@@ -159,15 +170,15 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.num_chunks:
             if out.preempted:
-                return [], 0
+                return []
             raise RuntimeError("the scheduler found nothing to run although requests are waiting "
                                f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
         hidden = self._forward(out)
         self.scheduler.postprocess(out)
         seqs, due_hidden, ended = self.policy.after_forward(out.chunks, hidden)
-        finished = self._finish_all(ended, "length")
+        self._finish_all(ended, "length")
         if not seqs:
-            return finished, 0
+            return self._outputs(ended, seqs)
         logits = self.model_runner.compute_logits(due_hidden)
         structured = self.structured
         if structured is not None:
@@ -180,16 +191,32 @@ class LLMEngine:
             seq.append_token(token, lp)
             if token in seq.stop_token_ids or self._hit_stop_string(seq) or \
                     (structured is not None and structured.done(seq)):
-                finished += self._finish_all([seq], "stop")
+                self._finish(seq, "stop")
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
-                finished += self._finish_all([seq], "length")
+                self._finish(seq, "length")
             else:
                 going_on.append(seq)
                 tokens.append(token)
         if self._after_sample is not None:
             self._after_sample(seqs, sampled.token_ids)
-        finished += self._finish_all(self.policy.after_tokens(going_on, tokens), "length")
-        return finished, len(seqs)
+        self._finish_all(self.policy.after_tokens(going_on, tokens), "length")
+        return self._outputs(ended, seqs)
+
+    def _outputs(self, ended: list[Sequence], sampled: list[Sequence]) -> list[EngineOutput]:
+        """The step's news: the requests that ended before sampling, then those that sampled."""
+        return [self._output(seq, False) for seq in ended] + [self._output(seq, True) for seq in sampled]
+
+    def _output(self, seq: Sequence, sampled: bool) -> EngineOutput:
+        n, memgen = seq.num_output_tokens, seq.memgen
+        new = slice(n - 1, n) if sampled else slice(0)
+        out = EngineOutput(seq.request_index, seq.output_token_ids[new],
+                           seq.output_logprobs[new] if seq.params.logprobs is not None else None,
+                           memgen.augmentation[new] if memgen is not None else [NOT_CONSULTED] * sampled)
+        if seq.finish_reason is not None:     # its last output: why it ended, its metrics and record
+            self._requests.pop(seq.request_index, None)
+            out.finish_reason, out.metrics = seq.finish_reason, _metrics(seq)
+            out.policy_record = None if seq.latent is None else seq.latent.record
+        return out
 
     def _forward(self, out) -> StepHidden:
         """One forward per pool (one in all when W and T share the reasoner's base)."""
@@ -211,10 +238,9 @@ class LLMEngine:
         text = self.detokenize(seq.output_token_ids)
         return any(stop in text for stop in stops)
 
-    def _finish_all(self, seqs: list[Sequence], reason: str) -> list[Sequence]:
+    def _finish_all(self, seqs: list[Sequence], reason: str) -> None:
         for seq in seqs:
             self._finish(seq, reason)
-        return list(seqs)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_time = time.perf_counter()
@@ -222,14 +248,29 @@ class LLMEngine:
         if self._latent_requests:
             self._finish_latent(seq)
 
-    def abort(self, seqs: list[Sequence]) -> None:
-        """Drop unfinished requests (a generate() call that raised): their blocks go
-        back to the pools and the engine serves the next call as a fresh one would."""
+    def abort(self, request_ids: list[int]) -> list[EngineOutput]:
+        """Drop requests (a generate() call that raised, a client gone): their blocks go back
+        to the pools and the engine serves the next call as a fresh one would. Returns the
+        last output of each one not yet reported ("abort" unless it had finished)."""
+        seqs = [seq for seq in map(self._requests.get, request_ids) if seq is not None]
         self.scheduler.abort(seqs)
         if self._latent_requests:
             for seq in seqs:
                 self._finish_latent(seq)
             self._close_finished()
+        return [self._output(seq, False) for seq in seqs]
+
+
+def _metrics(seq: Sequence) -> dict:
+    """A request's final metrics (RequestOutput.metrics); times are None where it never got there."""
+    latent, memgen, n = seq.latent, seq.memgen, seq.num_output_tokens
+    return {"time_to_first_token_s": None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            "total_s": None if seq.finish_time is None else seq.finish_time - seq.arrival_time,
+            "num_insertions": 0 if memgen is None else memgen.augmentation[:n].count(1),
+            "num_trigger_calls": 0 if memgen is None else memgen.num_trigger_calls,
+            "num_latent_positions": 0 if latent is None else latent.num_inserted,
+            **({} if latent is None else {"num_fed_tokens": latent.num_fed}),
+            "num_cached_prompt_tokens": seq.num_cached_prompt_tokens, "num_preemptions": seq.num_preemptions}
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -4,9 +4,10 @@ engine (`LLM.engine`) and steps it while any request is unfinished.
 Continuous batching: the HTTP side only queues requests and aborts (under a
 lock) and wakes the thread; before every step the thread admits what arrived
 (`LLMEngine.add_request`) and takes out what was aborted (`LLMEngine.abort`,
-which frees the blocks at once), so new requests join the next step. After the
-step each request's news (new token ids, logprobs, augmentation entries; the
-final `CompletionOutput` of a finished choice) goes to its asyncio queue in one
+which frees the blocks at once), so new requests join the next step. The step's
+outputs (`EngineOutput`s) go into one `OutputBuilder`, as in `LLM.generate`; then
+each request's news (new token ids, logprobs, augmentation entries; the final
+`CompletionOutput` of a finished choice) goes to its asyncio queue in one
 `call_soon_threadsafe` per event loop. Idle, the thread waits on a condition:
 no busy spin. Only this thread touches the engine.
 """
@@ -19,7 +20,7 @@ import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from memgen.outputs import NOT_CONSULTED, CompletionOutput
+from memgen.outputs import CompletionOutput, OutputBuilder
 from memgen.sampling_params import SamplingParams
 from memgen.serve.errors import APIError, internal, overloaded
 from memgen.serve.metrics import ServeMetrics
@@ -57,7 +58,7 @@ class RequestHandle:
         self.num_choices = len(prompts) * params.n
         self.finished = False           # set on the event loop when the last update arrives
         # owned by the engine thread
-        self._seqs: list = []
+        self._rids: list[int] = []      # engine request ids, one per choice
         self._sent: list[int] = []
         self._done: list[bool] = []
         self._aborted = False
@@ -85,6 +86,7 @@ class EngineLoop:
     def __init__(self, llm, metrics: ServeMetrics | None = None, max_waiting: int | None = None):
         self.llm = llm
         self.engine = llm.engine
+        self.builder = OutputBuilder(llm.tokenizer)    # used by the engine thread only
         self.metrics = metrics if metrics is not None else ServeMetrics()
         self.max_waiting = max_waiting
         self._cv = threading.Condition()
@@ -182,8 +184,9 @@ class EngineLoop:
                 deliveries.append((handle, Update(error=internal(f"could not queue the request: {e}"), done=True)))
         if self.engine.has_unfinished():
             try:
-                _, num_tokens = self.engine.step()
-                self.metrics.generation_tokens.inc(num_tokens)
+                outputs = self.engine.step()
+                self.builder.update(outputs)
+                self.metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
             except Exception as e:
                 # an internal error (never a user's: input was validated): the step's requests fail
                 # with a 500, their blocks are freed, and the loop serves the next ones
@@ -201,10 +204,11 @@ class EngineLoop:
         params = handle.params
         for ids in handle.prompts:
             for i in range(params.n):
-                handle._seqs.append(self.engine.add_request(ids, params.for_completion(i)))
+                rid = self.engine.add_request(ids, params.for_completion(i))
+                handle._rids.append(self.builder.add(rid, ids, params, i))
                 self.metrics.prompt_tokens.inc(len(ids))
-        handle._sent = [0] * len(handle._seqs)
-        handle._done = [False] * len(handle._seqs)
+        handle._sent = [0] * len(handle._rids)
+        handle._done = [False] * len(handle._rids)
         self._active.append(handle)
 
     def _abort(self, handle: RequestHandle, reason: str = "abort") -> None:
@@ -213,11 +217,11 @@ class EngineLoop:
         if handle._aborted:
             return
         handle._aborted = True
-        live = [s for s, done in zip(handle._seqs, handle._done) if not done]
+        live = [rid for rid, done in zip(handle._rids, handle._done) if not done]
         if live:
-            self.engine.abort(live)
-            for seq in live:
-                self.metrics.record_sequence(seq, reason)
+            for out in self.engine.abort(live):
+                self.metrics.record_request(out.metrics, len(self.builder.token_ids(out.request_id)), reason)
+        self.builder.forget(handle._rids)
         if handle in self._active:
             self._active.remove(handle)
 
@@ -226,26 +230,28 @@ class EngineLoop:
         out, still = [], []
         for handle in self._active:
             update = Update()
-            for j, seq in enumerate(handle._seqs):
+            for j, rid in enumerate(handle._rids):
                 if handle._done[j]:
                     continue
-                n, sent, finished = seq.num_output_tokens, handle._sent[j], seq.is_finished
+                token_ids, logprobs, augmentation = self.builder.progress(rid)
+                n, sent, finished = len(token_ids), handle._sent[j], self.builder.finished(rid)
                 if not finished and (n == sent or not handle.stream):
                     continue
                 output = None
                 if finished:
                     handle._done[j] = True
-                    output = self.llm._completion(j % handle.params.n, seq)
-                    self.metrics.record_sequence(seq, seq.finish_reason)
+                    output = self.builder.completion(rid)
+                    self.metrics.record_request(output.metrics, n, output.finish_reason)
                 update.choices.append(ChoiceUpdate(
-                    index=j, token_ids=list(seq.output_token_ids[sent:n]),
-                    logprobs=list(seq.output_logprobs[sent:n]) if seq.params.logprobs is not None else None,
-                    augmentation=_augmentation(seq, sent, n), output=output))
+                    index=j, token_ids=token_ids[sent:n], logprobs=None if logprobs is None else logprobs[sent:n],
+                    augmentation=augmentation[sent:n], output=output))
                 handle._sent[j] = n
             update.done = all(handle._done)
             if update.choices:
                 out.append((handle, update))
-            if not update.done:
+            if update.done:
+                self.builder.forget(handle._rids)
+            else:
                 still.append(handle)
         self._active = still
         return out
@@ -261,21 +267,14 @@ class EngineLoop:
                 pass
 
     def _publish_state(self) -> None:
-        sched = self.engine.scheduler
-        self._engine_waiting = len(sched.waiting)
-        self.metrics.preemptions.inc(sched.num_preemptions - self._num_preemptions)
-        self._num_preemptions = sched.num_preemptions
-        blocks = {pool: (bm.num_blocks - bm.num_free_blocks, bm.num_blocks)
-                  for pool, bm in self.engine.block_managers.items()}
-        self.metrics.set_engine_state(sched.core.num_running, self.num_waiting, blocks)
+        stats = self.engine.stats()
+        self._engine_waiting = stats["waiting"]
+        self.metrics.preemptions.inc(stats["preemptions"] - self._num_preemptions)
+        self._num_preemptions = stats["preemptions"]
+        self.metrics.set_engine_state(stats["running"], self.num_waiting, stats["kv_blocks"])
 
 
 def _put_all(items) -> None:
     for queue, update in items:
         queue.put_nowait(update)
 
-
-def _augmentation(seq, start: int, end: int) -> list[int]:
-    if seq.memgen is None:
-        return [NOT_CONSULTED] * (end - start)
-    return list(seq.memgen.augmentation[start:end])

@@ -61,19 +61,18 @@ class ServeMetrics:
         total = sum(t for _, t in blocks.values())
         self.kv_usage.set(sum(u for u, _ in blocks.values()) / total if total else 0.0)
 
-    def record_sequence(self, seq, finish_reason: str) -> None:
-        """A sequence that ended (finished or aborted)."""
+    def record_request(self, metrics: dict, num_tokens: int, finish_reason: str) -> None:
+        """A request (one choice) that ended, finished or aborted: its final metrics
+        (`EngineOutput.metrics`) and how many tokens it generated."""
         self.finished.labels(finish_reason).inc()
-        state = seq.memgen
-        if state is not None:
-            self.insertions.inc(state.augmentation[:seq.num_output_tokens].count(1))
-            self.latent_positions.inc(state.num_latent_positions)
-            self.trigger_calls.inc(state.num_trigger_calls)
-        end = seq.finish_time
-        if end is None:
+        self.insertions.inc(metrics["num_insertions"])
+        self.latent_positions.inc(metrics["num_latent_positions"])
+        self.trigger_calls.inc(metrics["num_trigger_calls"])
+        total, ttft = metrics["total_s"], metrics["time_to_first_token_s"]
+        if total is None:
             return
-        self.e2e.observe(end - seq.arrival_time)
-        if seq.first_token_time is not None:
-            self.ttft.observe(seq.first_token_time - seq.arrival_time)
-            if seq.num_output_tokens > 1:
-                self.tpot.observe((end - seq.first_token_time) / (seq.num_output_tokens - 1))
+        self.e2e.observe(total)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if num_tokens > 1:
+                self.tpot.observe((total - ttft) / (num_tokens - 1))
