@@ -370,9 +370,10 @@ def test_bad_requests_get_400_or_404(server):
         assert e.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError, match="conversation"):
         client.chat.completions.create(model=NAME, messages=[])
-    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):   # tests/test_serve_tools.py has more
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+                                       tools=[{"type": "function", "function": {"name": "f"}}],
+                                       tool_choice={"type": "function", "function": {"name": "g"}})
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="Hi")
     assert e.value.code == "model_not_found" and e.value.param == "model"

@@ -137,11 +137,13 @@ class LLM:
         return self._run(token_lists, params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True, tools: list[dict] | None = None
+             ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them,
-        rendered with the tokenizer's chat template."""
+        rendered with the tokenizer's chat template; `tools`: OpenAI's tool list, rendered
+        into the prompt (memgen.structured.tools; parse the output with parse_tool_calls)."""
         conversations = _as_conversation_list(messages)
-        token_lists = [self._apply_chat_template(c, add_generation_prompt) for c in conversations]
+        token_lists = [self._apply_chat_template(c, add_generation_prompt, tools) for c in conversations]
         return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt=None, sampling_params: SamplingParams | None = None, messages=None):
@@ -254,18 +256,28 @@ class LLM:
             from memgen.engine.llm_engine import LATENT_WITH_MEMGEN
             raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
         if params.latent_policy is not None:
-            self.engine.policy.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model
+            self.engine.runtime.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model
         k = self.memgen.ckpt.settings.prompt_latents_len if self.memgen is not None else 0
         if k and not has_room(len(ids), k, self.max_model_len):   # the room rule, for the prompt latents
             raise ValueError(f"prompt {index} has {len(ids)} tokens: with MemGen's {k} prompt latents and the first "
                              f"token it needs {len(ids) + k + 1} positions, more than max_model_len="
                              f"{self.max_model_len}; shorten it or raise max_model_len")
 
-    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool,
+                             tools: list[dict] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.model_dir} has no chat template; use generate() with raw text")
+        extra = {}
+        if tools is not None or any(m.get("tool_calls") for m in conversation):
+            # tools and tool calls: natively where the template takes them, else folded into turns
+            from memgen.structured.tools import check_messages, check_tools, prepare_conversation
+
+            check_messages(conversation)
+            conversation, tools = prepare_conversation(self.tokenizer.chat_template, conversation,
+                                                       None if tools is None else check_tools(tools))
+            extra = {"tools": tools} if tools else {}
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+                                                  tokenize=False, **extra)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ---- the run --------------------------------------------------------------

@@ -23,6 +23,7 @@ class EngineInput:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    tools: object = None          # memgen.structured.openai_api.ToolPlan of a chat request with tools
 
 
 @contextlib.contextmanager
@@ -52,24 +53,25 @@ def completion_input(llm, req: CompletionRequest) -> EngineInput:
 def chat_input(llm, req: ChatCompletionRequest) -> EngineInput:
     from memgen.llm import _as_conversation_list
 
-    if req.tools:
-        raise bad_request("tools are not supported by memgen; leave them out", "tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise bad_request("tool_choice is not supported by memgen (no tools); leave it out", "tool_choice")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise bad_request("response_format other than {'type': 'text'} is not supported by memgen",
-                          "response_format")
+    from memgen.structured.openai_api import tool_plan
+
+    with user_errors():
+        tools = tool_plan(req)      # tools / tool_choice checked (memgen.structured.tools)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
             req.max_tokens != req.max_completion_tokens:
         raise bad_request("max_tokens and max_completion_tokens disagree; send one of them", "max_tokens")
-    conversation = [{"role": m.role, "content": _content_text(m.content)} for m in req.messages]
+    conversation = [{"role": m.role, "content": _content_text(m.content),
+                     **({"tool_calls": m.tool_calls} if m.tool_calls is not None else {}),
+                     **({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})}
+                    for m in req.messages]
     add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
     with user_errors():
         conversation = _as_conversation_list(conversation)[0]
         try:
-            ids = llm._apply_chat_template(conversation, add_generation_prompt)
+            ids = llm._apply_chat_template(conversation, add_generation_prompt,
+                                           tools.tools if tools is not None else None)
         except Exception as e:   # a template that raises (e.g. roles it does not accept) refuses this input
             if isinstance(e, (ValueError, TypeError)) or type(e).__module__.startswith("jinja2"):
                 raise ValueError(f"the chat template refused the conversation: {e}") from None
@@ -81,8 +83,10 @@ def chat_input(llm, req: ChatCompletionRequest) -> EngineInput:
     # the request with "length" when the positions run out)
     default = max(1, llm.max_model_len - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _sampling_params(llm, req, max_tokens, default, logprobs, [ids])
-    return _engine_input(req, [ids], params)
+    params = _sampling_params(llm, req, max_tokens, default, logprobs, [ids], tools)
+    inp = _engine_input(req, [ids], params)
+    inp.tools = tools
+    return inp
 
 
 def _content_text(content) -> str:
@@ -93,15 +97,25 @@ def _content_text(content) -> str:
     return "".join(part.text for part in content)
 
 
-def _sampling_params(llm, req, max_tokens, default_max_tokens: int, logprobs, prompts) -> SamplingParams:
+def _sampling_params(llm, req, max_tokens, default_max_tokens: int, logprobs, prompts, tools=None) -> SamplingParams:
+    from memgen.structured.openai_api import structured_from_request, tool_constraint
+
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by memgen; leave it out", "logit_bias")
+    with user_errors():
+        # response_format / structured_outputs, or the tools' constraint ("required", a named function)
+        structured = structured_from_request(req)
+        forced = tool_constraint(tools)
+        if forced is not None and structured is not None:
+            raise ValueError("tool_choice 'required' or a named function constrains the output itself: leave "
+                             "response_format and structured_outputs out")
+        structured = forced if forced is not None else structured
     given = dict(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, n=req.n, stop=req.stop, seed=req.seed,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
         top_k=req.top_k, min_tokens=req.min_tokens, repetition_penalty=req.repetition_penalty,
         ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, trigger_sample=req.trigger_sample,
-        trigger_temperature=req.trigger_temperature)
+        trigger_temperature=req.trigger_temperature, structured_outputs=structured)
     kwargs = {k: v for k, v in given.items() if v is not None}
     kwargs.setdefault("max_tokens", default_max_tokens)
     with user_errors():

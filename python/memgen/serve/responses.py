@@ -55,6 +55,7 @@ class ResponseBuilder:
         self.n = inp.params.n
         self.num_choices = len(inp.prompts) * self.n
         self._states: dict[int, _ChoiceState] = {}
+        self._tool_streams: dict = {}     # choice -> memgen.structured.tools.ToolStream (chat with tools)
         self._completion_tokens = 0
 
     # ---- pieces ------------------------------------------------------------------------
@@ -109,8 +110,8 @@ class ResponseBuilder:
     def final(self, outputs: dict[int, CompletionOutput]) -> CompletionResponse | ChatCompletionResponse:
         self._completion_tokens = sum(len(o.token_ids) for o in outputs.values())
         if self.chat:
-            choices = [ChatChoice(index=i, message=AssistantMessage(content=o.text),
-                                  logprobs=self._chat_logprobs(o.token_ids, o.logprobs), finish_reason=o.finish_reason,
+            choices = [ChatChoice(index=i, **self._message(o),
+                                  logprobs=self._chat_logprobs(o.token_ids, o.logprobs),
                                   **self._memgen_fields(o.token_ids, o.augmentation))
                        for i, o in sorted(outputs.items())]
             return ChatCompletionResponse(id=self.id, model=self.model_name, choices=choices, usage=self.usage(),
@@ -120,6 +121,32 @@ class ResponseBuilder:
                                     **self._memgen_fields(o.token_ids, o.augmentation, prompt_index=i))
                    for i, o in sorted(outputs.items())]
         return CompletionResponse(id=self.id, model=self.model_name, choices=choices, usage=self.usage())
+
+    def _message(self, o: CompletionOutput) -> dict:
+        """A finished chat choice's message and finish_reason; with tools, the calls in
+        its text become message.tool_calls and finish_reason "tool_calls" (memgen.structured)."""
+        plain = dict(message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+        if self.inp.tools is None:
+            return plain
+        from memgen.structured.tools import parse_tool_calls
+
+        content, calls = parse_tool_calls(o.text, self.inp.tools.tools, self.inp.tools.tool_choice)
+        if not calls:
+            return plain
+        return dict(message=AssistantMessage(content=content, tool_calls=calls),
+                    finish_reason="tool_calls" if o.finish_reason == "stop" else o.finish_reason)
+
+    def _tool_delta(self, index: int, delta: str, finish: str | None):
+        """A streamed chat choice with tools: (content, delta.tool_calls, finish_reason)."""
+        from memgen.structured.tools import ToolStream
+
+        stream = self._tool_streams.get(index)
+        if stream is None:
+            stream = self._tool_streams[index] = ToolStream(self.inp.tools.tools, self.inp.tools.tool_choice)
+        content, calls = stream.update(delta, final=finish is not None)
+        if finish == "stop" and stream.calls:
+            finish = "tool_calls"
+        return (content if content or not calls else None), (calls or None), finish
 
     # ---- stream chunks -----------------------------------------------------------------
     def first_chunks(self) -> list[str]:
@@ -147,13 +174,16 @@ class ResponseBuilder:
                 self._completion_tokens += len(cu.output.token_ids)
             else:
                 delta = st.text.update(st.token_ids)
+            tool_calls = None
+            if self.chat and self.inp.tools is not None:
+                delta, tool_calls, finish = self._tool_delta(cu.index, delta, finish)
             carries = cu.token_ids and (self.inp.return_token_ids or cu.logprobs is not None)
-            if not (delta or finish or carries):
+            if not (delta or finish or carries or tool_calls):
                 continue
             memgen = self._memgen_fields(cu.token_ids, cu.augmentation, start,
                                          prompt_index=cu.index if first and not self.chat else None)
             if self.chat:
-                choice = ChatStreamChoice(index=cu.index, delta=DeltaMessage(content=delta),
+                choice = ChatStreamChoice(index=cu.index, delta=DeltaMessage(content=delta, tool_calls=tool_calls),
                                           logprobs=self._chat_logprobs(cu.token_ids, cu.logprobs),
                                           finish_reason=finish, **memgen)
                 out.append(sse(ChatCompletionChunk(id=self.id, model=self.model_name, choices=[choice])))

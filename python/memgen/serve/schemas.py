@@ -55,6 +55,8 @@ class _GenerationFields(_Strict):
     return_token_ids: bool | None = None
     trigger_sample: bool | None = None
     trigger_temperature: float | None = None
+    # vLLM's structured outputs ({"json" | "regex" | "choice" | "grammar": ...}; memgen.structured)
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_GenerationFields):
@@ -63,6 +65,7 @@ class CompletionRequest(_GenerationFields):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class TextPart(_Strict):
@@ -74,6 +77,8 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None     # an assistant's calls (memgen.structured.tools)
+    tool_call_id: str | None = None                    # a tool turn's answer to that call
 
 
 class ChatCompletionRequest(_GenerationFields):
@@ -169,7 +174,15 @@ class ChatChoiceLogprobs(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None   # [{"id", "type": "function", "function": {"name", "arguments"}}]
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(_ChoiceWithMemGen):
@@ -200,6 +213,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None   # [{"index", "id"?, "type"?, "function": {...}}]
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
