@@ -120,7 +120,7 @@ def test_continuous_thought_under_preemption_with_prefix_caching(llama_dir, thou
     manager = llm.engine.block_manager
     manager.check_invariants()
     assert manager.num_free_blocks == manager.num_blocks
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
 
 
 # ---- the actions, the room rule, the outputs ---------------------------------------
@@ -217,7 +217,7 @@ def test_records_are_per_request_and_plain_requests_have_none(llm, thought_case)
     assert a.token_ids == b.token_ids == expected[-1]
     assert a.policy_record == b.policy_record and a.policy_record is not b.policy_record
     assert policy.record == template_record   # the template itself is never run
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
 
 
 class Returns(LatentPolicy):
@@ -242,7 +242,7 @@ def test_bad_actions_raise_and_the_engine_serves_on(llm, action, error, match):
         llm.generate([prompt, prompt], [greedy(), greedy(latent_policy=Returns(action))], use_tqdm=False)
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks and not llm.engine.has_unfinished()
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
     assert llm.generate([prompt], greedy(), use_tqdm=False)[0].token_ids == \
         llm.generate([prompt], greedy(latent_policy=LatentPolicy()), use_tqdm=False)[0].token_ids
 
@@ -273,7 +273,7 @@ def test_a_hook_that_raises_ends_the_call_and_nothing_stays(llm, where):
         llm.generate(prompts, params, use_tqdm=False)
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks and not llm.engine.has_unfinished()
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
     assert [o.token_ids for o in llm.generate(prompts, greedy(), use_tqdm=False)] == \
         [o.token_ids for o in llm.generate(prompts, greedy(latent_policy=Raises("nowhere")), use_tqdm=False)]
 

@@ -246,28 +246,19 @@ def test_streams_following_the_reasoner_equal_the_oracle(request, prompt_ids, to
     expected = _oracle(ckpt, memgen_reasoner_dir, weaver, trigger, prompt_ids, tokenizer.eos_token_id)
     t_chunks = {}
 
-    class Recording:
-        """A policy that records T's chunk sizes and defers to MemGen's (engine/policy.py)."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def start(self, seq):
-            self.inner.start(seq)
-
-        def after_forward(self, chunks, hidden):
-            for chunk in chunks:
-                if chunk.stream.name == ctl.TRIGGER:
-                    t_chunks.setdefault(chunk.seq.seq_id, []).append(chunk.end - chunk.start)
-            return self.inner.after_forward(chunks, hidden)
-
-        def after_tokens(self, seqs, token_ids):
-            return self.inner.after_tokens(seqs, token_ids)
-
     _, _, prompts = prompt_ids
     llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger, lazy_memgen_streams=False)
     assert llm.engine.memory.follow
-    llm.engine.policy = Recording(llm.engine.policy)
+    after_forward = llm.engine.runtime.after_forward
+
+    def recording(chunks, hidden):
+        """Records T's chunk sizes, then the latent runtime's own after_forward (engine/policy.py)."""
+        for chunk in chunks:
+            if chunk.stream.name == ctl.TRIGGER:
+                t_chunks.setdefault(chunk.seq.seq_id, []).append(chunk.end - chunk.start)
+        return after_forward(chunks, hidden)
+
+    llm.engine.runtime.after_forward = recording
     _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
     if ckpt.settings.trigger_active:
         later = [n for sizes in t_chunks.values() for n in sizes[1:]]

@@ -92,7 +92,7 @@ def _all_blocks_free(llm):
     for manager in llm.engine.block_managers.values():
         manager.check_invariants()
         assert manager.num_free_blocks == manager.num_blocks
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
 
 
 def test_a_stream_on_another_model_matches_the_hf_loop_batched(llama_dir, wide_weaver_dir, side_case):

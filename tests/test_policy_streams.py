@@ -169,7 +169,7 @@ def test_a_weaving_policy_matches_the_hf_loop_batched(llama_dir, case):
     llm = LLM(llama_dir, dtype="float64")
     got, outs = _run(llm, prompts, parts)
     check_weaving_run(llm, prompts, expected, got, outs, lambda: _run(llm, prompts, parts))
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
 
@@ -198,7 +198,7 @@ def test_a_weaving_policy_under_preemption_with_prefix_caching(llama_dir, case):
     manager = llm.engine.block_manager
     manager.check_invariants()
     assert manager.num_free_blocks == manager.num_blocks
-    assert not llm.engine.policy.latent_requests
+    assert not llm.engine.runtime.latent_requests
 
 
 # ---- what the API refuses -------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The engine loop: requests in, one batched forward per step, sampled tokens
 out. `step()` = schedule -> forward (one per pool) -> mark computed -> the
-policy picks the rows that are due -> sample -> append / stop / free. A plain
-LLM and MemGen differ only in their policy (engine/policy.py)."""
+latent runtime picks the rows that are due -> sample -> append / stop / free. A plain
+LLM and MemGen differ only in their requests' LatentPolicy (engine/policy.py runs them)."""
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from memgen.engine.cuda_graph import build_decode_graphs
 from memgen.engine.extra_streams import StreamBinder, StreamModel
 from memgen.engine.memgen_setup import BASE_POOL, SCRATCH_SLACK_BLOCKS, MemGenPlan, MemGenSetup, Pool
 from memgen.engine.model_runner import ModelRunner
-from memgen.engine.policy import LatentRuntime, PlainPolicy, RequestPolicy, StepHidden
+from memgen.engine.policy import LatentRuntime, StepHidden
 from memgen.engine.scheduler import Scheduler
 from memgen.engine.sequence import Sequence
 from memgen.layers.backend import select_backend
@@ -61,16 +62,8 @@ class LLMEngine:
         if stream_models:   # models a user's StreamSpec(model=name) runs on: each its own pool
             self.pools += self.stream_binder.open_models(stream_models, len(self.pools), self.max_model_len,
                                                          config.block_size)
-        # one policy for every request: MemGen's requests run its LatentPolicy (the default)
-        self.policy: RequestPolicy = PlainPolicy(LatentRuntime(self.model_runner, self.max_model_len),
-                                                 self.stream_binder, default=self.memory)
-        # optional hooks, taken once (a wrapper policy may lack them)
-        self._after_sample = getattr(self.policy, "after_sample", None)   # every sampled token
-        self._before_schedule = getattr(self.policy, "before_schedule", None)
-        self._finish_latent = getattr(self.policy, "finish_latent", None)
-        self._close_finished = getattr(self.policy, "close_finished", None)
-        # the policy's unfinished LatentPolicy requests
-        self._latent_requests: dict = getattr(self.policy, "latent_requests", {})
+        # the runtime of requests with a LatentPolicy (on an LLM(memgen=...): MemGen's, the default)
+        self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder, default=self.memory)
         self.block_managers = {}
         for pool in self.pools:   # in index order: the scheduler numbers its managers so
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
@@ -127,10 +120,14 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + index
         generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        template = params.latent_policy
+        if template is not None:    # the runtime holds the policy; the sequence keeps plain data only
+            params = copy.copy(params)
+            params.latent_policy = None
         seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
         if params.structured_outputs is not None:
             self.structured.add(seq)    # its grammar matcher (seq.grammar)
-        self.policy.start(seq)      # a LatentPolicy's extra streams are added here
+        self.runtime.start(seq, template)      # a LatentPolicy's extra streams are added here
         self.scheduler.add(seq)
         self._requests[index] = seq
         return index
@@ -162,11 +159,9 @@ class LLMEngine:
     def step(self) -> list[EngineOutput]:
         """Run one batched forward. Returns what happened, as data: one EngineOutput per
         request that changed (its new token; why it ended). One order for every model:
-        forward -> mark computed -> policy.after_forward -> sample -> stop
-        checks -> policy.after_sample (if it has one) -> policy.after_tokens
-        (engine/policy.py)."""
-        if self._before_schedule is not None:
-            self._before_schedule()     # new requests' policies start (on_start) here
+        forward -> mark computed -> runtime.after_forward -> sample -> stop
+        checks -> runtime.after_sample -> runtime.ended (engine/policy.py)."""
+        self.runtime.before_schedule()     # new requests' policies start (on_start) here
         out = self.scheduler.schedule()
         if not out.num_chunks:
             if out.preempted:
@@ -175,7 +170,7 @@ class LLMEngine:
                                f"({len(self.scheduler.waiting)} waiting): the KV cache is too small")
         hidden = self._forward(out)
         self.scheduler.postprocess(out)
-        seqs, due_hidden, ended = self.policy.after_forward(out.chunks, hidden)
+        seqs, due_hidden, ended = self.runtime.after_forward(out.chunks, hidden)
         self._finish_all(ended, "length")
         if not seqs:
             return self._outputs(ended, seqs)
@@ -186,7 +181,6 @@ class LLMEngine:
         sampled = self.sampler(logits, _sampling_batch(seqs))
         if structured is not None:
             structured.accept(seqs, sampled.token_ids)
-        going_on, tokens = [], []
         for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
             seq.append_token(token, lp)
             if token in seq.stop_token_ids or self._hit_stop_string(seq) or \
@@ -194,12 +188,8 @@ class LLMEngine:
                 self._finish(seq, "stop")
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
                 self._finish(seq, "length")
-            else:
-                going_on.append(seq)
-                tokens.append(token)
-        if self._after_sample is not None:
-            self._after_sample(seqs, sampled.token_ids)
-        self._finish_all(self.policy.after_tokens(going_on, tokens), "length")
+        self.runtime.after_sample(seqs, sampled.token_ids)
+        self._finish_all(self.runtime.ended(), "length")
         return self._outputs(ended, seqs)
 
     def _outputs(self, ended: list[Sequence], sampled: list[Sequence]) -> list[EngineOutput]:
@@ -243,10 +233,10 @@ class LLMEngine:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """The one way a request ends (abort aside)."""
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq, reason)
-        if self._latent_requests:
-            self._finish_latent(seq)
+        self.runtime.finished(seq)
 
     def abort(self, request_ids: list[int]) -> list[EngineOutput]:
         """Drop requests (a generate() call that raised, a client gone): their blocks go back
@@ -254,10 +244,9 @@ class LLMEngine:
         last output of each one not yet reported ("abort" unless it had finished)."""
         seqs = [seq for seq in map(self._requests.get, request_ids) if seq is not None]
         self.scheduler.abort(seqs)
-        if self._latent_requests:
-            for seq in seqs:
-                self._finish_latent(seq)
-            self._close_finished()
+        for seq in seqs:
+            self.runtime.finished(seq)
+        self.runtime.close_finished()
         return [self._output(seq, False) for seq in seqs]
 
 

@@ -1,23 +1,19 @@
-"""What the engine asks of a request policy, and the plain LLM's policy.
+"""The runtime of latent requests (`LatentRuntime`): what happens between forwards.
 
-A step is one order for every model (LLMEngine.step):
-    schedule -> forward -> mark computed -> policy.after_forward -> sample
-             -> stop checks -> policy.after_tokens (the sequences that go on)
-The policy decides which sequences sample now and from which hidden row, and
-what happens between tokens (an optional `after_sample` sees every sampled
-token, those that end a request included; an optional `before_schedule` runs
-first in every step). There is one: `PlainPolicy` below. A request without a
-`memgen.LatentPolicy` samples when its reasoner chunk completes. A request with
-one (SamplingParams.latent_policy, or the engine's default policy: MemGen's,
-memory/controller.py) is asked what follows each catch-up (sample, insert
-embedding rows, feed tokens, wait for its extra streams), and its extra
-streams (StreamSpec) are mirrored, computed when asked and delivered here.
-Requests without one take the path they always took.
+A step is one order for every model (LLMEngine.step), and these are its hooks:
+    before_schedule -> schedule -> forward -> mark computed -> after_forward -> sample
+                    -> stop checks -> after_sample -> ended (the requests a policy ended)
+`after_forward` decides which sequences sample now and from which hidden row. A
+request without a `memgen.LatentPolicy` samples when its reasoner chunk completes,
+the path it always took. A request with one (SamplingParams.latent_policy, or the
+engine's default: MemGen's, memory/controller.py) is asked what follows each
+catch-up (sample, insert embedding rows, feed tokens, wait for its extra streams),
+and its extra streams (StreamSpec) are mirrored, computed when asked and delivered
+here. A request ends one way: the engine finishes it (LLMEngine._finish) and tells
+the runtime (`finished`); a policy that ends its request (ctx.finish, or out of room)
+only asks for that (`ended`).
 """
 from __future__ import annotations
-
-import copy
-from typing import Protocol
 
 import torch
 
@@ -55,88 +51,6 @@ class StepHidden:
             rows = torch.tensor([self._spans[i][2] - 1 for i in indices], device=hidden.device)
             return hidden.index_select(0, rows)
         return torch.stack([self.last(i) for i in indices])
-
-
-class RequestPolicy(Protocol):
-    def start(self, seq) -> None:
-        """A new request entered the engine (its streams exist)."""
-
-    def after_forward(self, chunks, hidden: StepHidden) -> tuple[list, torch.Tensor | None, list]:
-        """After the step's chunks are marked computed: (the sequences that sample
-        now, their hidden rows [B, H], the sequences that end here with "length")."""
-
-    def after_tokens(self, seqs, token_ids: list[int]) -> list:
-        """After sampling, for the sequences that go on; returns those that end
-        here with "length"."""
-
-    # optional: after_sample(seqs, token_ids) -> None, every sampled token (those that
-    # end their request too), after they are appended and the stop checks ran;
-    # before_schedule() -> None, first in every step
-
-
-class LatentRuntime:
-    """What a LatentPolicy's context reaches of the engine: the reasoner's input
-    embeddings and LM head, the sizes the actions are checked against, and the
-    list of requests a policy ended (ctx.finish)."""
-
-    def __init__(self, runner, max_model_len: int):
-        self.runner = runner
-        self.max_model_len = max_model_len
-        self.dtype, self.device = runner.dtype, runner.device
-        self.hidden_size = int(runner.hf_config.hidden_size)
-        self.vocab_size = int(runner.hf_config.vocab_size)
-        self._embed_tokens = runner.model.model.embed_tokens
-        self.ending: list = []      # sequences a policy ended, not yet handed to the engine
-
-    @torch.inference_mode()
-    def embed(self, token_ids) -> torch.Tensor:
-        ids = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device).reshape(-1)
-        if ids.numel() and not bool(((ids >= 0) & (ids < self.vocab_size)).all()):
-            raise ValueError(f"embed: token ids {ids.tolist()} must lie in the vocabulary [0, {self.vocab_size})")
-        return self._embed_tokens(ids)
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.dim() == 1:
-            return self.runner.compute_logits(hidden.unsqueeze(0))[0]
-        return self.runner.compute_logits(hidden)
-
-    def finish(self, seq) -> None:
-        state = seq.latent
-        if state is not None and not state.ending and not seq.is_finished:
-            state.ending = True
-            self.ending.append(seq)
-
-    def embeddings_of(self, action: Insert, policy) -> torch.Tensor:
-        """An Insert's rows, checked, as a fresh [K, H] tensor of the model's dtype and device."""
-        rows = action.embeddings
-        name = type(policy).__name__
-        if not isinstance(rows, torch.Tensor):
-            raise TypeError(f"{name}: Insert takes a torch.Tensor of shape [K, {self.hidden_size}], "
-                            f"got {type(rows).__name__}")
-        if rows.dim() == 1:
-            rows = rows.unsqueeze(0)
-        if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] != self.hidden_size:
-            # the likely slip: a stream on another model hands back states at that model's width
-            hint = (f" (the reasoner's hidden size is {self.hidden_size}: project the states of a stream on "
-                    "another model back to it first)" if rows.dim() == 2 and rows.shape[0] else "")
-            raise ValueError(f"{name}: Insert takes embeddings of shape [K >= 1, {self.hidden_size}], got "
-                             f"{tuple(action.embeddings.shape)}{hint}")
-        rows = rows.detach().to(device=self.device, dtype=self.dtype, copy=True)
-        if not bool(torch.isfinite(rows).all()):
-            raise ValueError(f"{name}: Insert got non-finite embeddings")
-        return rows
-
-    def tokens_of(self, action: Feed, policy) -> list[int]:
-        ids = list(action.token_ids)
-        name = type(policy).__name__
-        if not ids:
-            raise ValueError(f"{name}: Feed needs at least one token id")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"{name}: Feed token id {t!r} is not an int in the vocabulary "
-                                 f"[0, {self.vocab_size})")
-        return ids
 
 
 class _Ask:
@@ -325,35 +239,85 @@ class LatentRequest:
             self.handles, self.followers, self.asks, self.last_hidden, self.r_hidden = {}, [], {}, {}, None
 
 
-class PlainPolicy:
-    """The engine's one policy: sample whenever the reasoner has caught up. Requests
-    with a LatentPolicy (their own, or the engine's `default`: MemGen's) ask it
-    first (`runtime` and `binder` are needed for them)."""
+class LatentRuntime:
+    """Drives every request that carries a LatentPolicy (its own, or the engine's
+    `default`: MemGen's), and is what their contexts reach of the engine: the
+    reasoner's input embeddings and LM head, the sizes actions are checked against."""
 
-    def __init__(self, runtime: LatentRuntime | None = None, binder=None, default: LatentPolicy | None = None):
-        self.runtime = runtime
+    def __init__(self, runner, max_model_len: int, binder, default: LatentPolicy | None = None):
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.dtype, self.device = runner.dtype, runner.device
+        self.hidden_size = int(runner.hf_config.hidden_size)
+        self.vocab_size = int(runner.hf_config.vocab_size)
+        self._embed_tokens = runner.model.model.embed_tokens
         self.binder = binder          # engine.extra_streams.StreamBinder: where extra streams run
         self.default = default        # the policy of requests that carry none (MemGen's), or None
-        # seq_id -> the unfinished requests with a LatentPolicy (the engine calls finish_latent)
+        # seq_id -> the unfinished requests with a LatentPolicy (until `finished`)
         self.latent_requests: dict[int, LatentRequest] = {}
         self._finished: list[tuple[int, LatentRequest]] = []   # finished in this step
         self._unbegun: list[LatentRequest] = []               # new_request/on_start still due
+        self._ending: list = []       # sequences a policy ended, not yet handed to the engine
 
-    def start(self, seq) -> None:
-        template = seq.params.latent_policy
-        if template is not None:
-            # the sequence keeps no reference to the user's policy once it finished (close()):
-            # plain data only (the native step may name a sequence after it finished)
-            params = copy.copy(seq.params)
-            params.latent_policy = None
-            seq.params = params
-        else:
-            template = self.default
-            if template is None:
-                return
-        if self.runtime is None:
-            raise ValueError("this engine's policy was built without a LatentRuntime: it cannot run latent policies")
-        state = LatentRequest(template, PolicyContext(seq, self.runtime))
+    @torch.inference_mode()
+    def embed(self, token_ids) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        if ids.numel() and not bool(((ids >= 0) & (ids < self.vocab_size)).all()):
+            raise ValueError(f"embed: token ids {ids.tolist()} must lie in the vocabulary [0, {self.vocab_size})")
+        return self._embed_tokens(ids)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() == 1:
+            return self.runner.compute_logits(hidden.unsqueeze(0))[0]
+        return self.runner.compute_logits(hidden)
+
+    def finish(self, seq) -> None:
+        """ctx.finish (and the room rule): no more hook calls; the engine finishes it (`ended`)."""
+        state = seq.latent
+        if state is not None and not state.ending and not seq.is_finished:
+            state.ending = True
+            self._ending.append(seq)
+
+    def embeddings_of(self, action: Insert, policy) -> torch.Tensor:
+        """An Insert's rows, checked, as a fresh [K, H] tensor of the model's dtype and device."""
+        rows = action.embeddings
+        name = type(policy).__name__
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError(f"{name}: Insert takes a torch.Tensor of shape [K, {self.hidden_size}], "
+                            f"got {type(rows).__name__}")
+        if rows.dim() == 1:
+            rows = rows.unsqueeze(0)
+        if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] != self.hidden_size:
+            # the likely slip: a stream on another model hands back states at that model's width
+            hint = (f" (the reasoner's hidden size is {self.hidden_size}: project the states of a stream on "
+                    "another model back to it first)" if rows.dim() == 2 and rows.shape[0] else "")
+            raise ValueError(f"{name}: Insert takes embeddings of shape [K >= 1, {self.hidden_size}], got "
+                             f"{tuple(action.embeddings.shape)}{hint}")
+        rows = rows.detach().to(device=self.device, dtype=self.dtype, copy=True)
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"{name}: Insert got non-finite embeddings")
+        return rows
+
+    def tokens_of(self, action: Feed, policy) -> list[int]:
+        ids = list(action.token_ids)
+        name = type(policy).__name__
+        if not ids:
+            raise ValueError(f"{name}: Feed needs at least one token id")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"{name}: Feed token id {t!r} is not an int in the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        return ids
+
+    # ---- the hooks the engine calls --------------------------------------------------
+    def start(self, seq, template: LatentPolicy | None) -> None:
+        """A new request (`template`: its SamplingParams.latent_policy, which the engine kept
+        out of the sequence's params); its policy's extra streams are added here."""
+        template = template if template is not None else self.default
+        if template is None:
+            return
+        state = LatentRequest(template, PolicyContext(seq, self))
         for binding in self.bind_streams(template):
             stream = self.binder.create(binding.spec, seq.prompt_token_ids)
             seq.streams[binding.spec.name] = stream
@@ -413,14 +377,18 @@ class PlainPolicy:
                 state.policy.on_token(state.ctx, token_id)
         self.close_finished()
 
-    def after_tokens(self, seqs, token_ids: list[int]) -> list:
-        """The requests a policy ended in on_token (ctx.finish)."""
-        return self._drain_ending()
+    def ended(self) -> list:
+        """The requests a policy ended since the last call (ctx.finish, the room rule): the
+        engine finishes them ("length")."""
+        if not self._ending:
+            return []
+        ending = [seq for seq in self._ending if not seq.is_finished]
+        self._ending.clear()
+        return ending
 
-    # ---- requests with a LatentPolicy ----------------------------------------------
-    def finish_latent(self, seq) -> None:
-        """A request with a LatentPolicy finished (or was aborted): its last on_token
-        may still be due in this step (after_sample), then close_finished lets it go."""
+    def finished(self, seq) -> None:
+        """The engine finished (or aborted) a request: its last on_token may still be due in
+        this step (after_sample), then close_finished lets its policy go."""
         state = self.latent_requests.pop(seq.seq_id, None)
         if state is not None:
             self._finished.append((seq.seq_id, state))
@@ -429,13 +397,6 @@ class PlainPolicy:
         for _, state in self._finished:
             state.close()
         self._finished.clear()
-
-    def _drain_ending(self) -> list:
-        if self.runtime is None or not self.runtime.ending:
-            return []
-        ending = [seq for seq in self.runtime.ending if not seq.is_finished]
-        self.runtime.ending.clear()
-        return ending
 
     def _latent_after_forward(self, chunks, hidden: StepHidden):
         """Deliver what the extra streams computed (on_stream), then ask each request
@@ -471,8 +432,6 @@ class PlainPolicy:
                     now.add(id(state))
                     turns.append((state, None))
         sample: list[tuple] = [(chunks[i].seq, i) for i in plain]
-        ended = []
-        runtime = self.runtime
         for state, i in turns:
             if state.policy is None or state.ending:
                 continue
@@ -497,18 +456,17 @@ class PlainPolicy:
                 continue
             seq = state.ctx._seq
             if isinstance(action, Insert):
-                rows = runtime.embeddings_of(action, state.policy)
+                rows = self.embeddings_of(action, state.policy)
                 k = rows.shape[0]
             elif isinstance(action, Feed):
-                ids = runtime.tokens_of(action, state.policy)
+                ids = self.tokens_of(action, state.policy)
                 k = len(ids)
             else:
                 raise TypeError(f"{type(state.policy).__name__}.on_hidden must return SAMPLE, Insert(...), "
                                 f"Feed(...) or WAIT, got {action!r}")
             state.r_hidden = None
             if not state.ctx.room_for(k):     # the room rule: out of room, it ends here ("length")
-                ended.append(seq)
-                state.close()     # no more calls: it ends before its next token
+                self.finish(seq)
             elif isinstance(action, Insert):
                 seq.reasoner.append_embeds(rows)
                 state.mirror_rows(rows)
@@ -517,7 +475,7 @@ class PlainPolicy:
                 seq.reasoner.append_tokens(ids)
                 state.mirror_tokens(ids)
                 state.num_fed += k
-        ended += self._drain_ending()
+        ended = self.ended()
         if not sample:
             return [], None, ended
         seqs = [seq for seq, _ in sample]
