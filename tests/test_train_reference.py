@@ -247,6 +247,17 @@ def _rollouts(model, eos_at_end=(True, True, False, True)):
 ADVANTAGES = torch.tensor([0.9, -1.3, 0.4, -0.2], dtype=torch.float64)
 
 
+@pytest.fixture
+def pad_is_eos(model):
+    """The tokenizer with pad = eos (SmolLM2's packaged tokenizer is so): the
+    reference's `ids != pad` masks then hide every <|im_end|>, the prompt's too."""
+    tok = model.tokenizer
+    old = tok.pad_token
+    tok.pad_token = tok.eos_token
+    yield
+    tok.pad_token = old
+
+
 @pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
 def test_weaver_grpo_reference_compat_trains_the_eos_copies(model, loss_type):
     rollouts = _rollouts(model)
@@ -265,6 +276,21 @@ def test_weaver_grpo_reference_compat_trains_the_eos_copies(model, loss_type):
     assert sum(r.num_valid for r in compat_rows) == 4 * width
     # the copies change the gradient (and, under bnpo, the loss: its denominator)
     assert max_rel_diff(results[True], results[False])[1] > 1e-3
+
+
+def test_weaver_grpo_reference_compat_when_pad_is_eos(model, pad_is_eos):
+    """pad == eos: the reference's rows attend to no <|im_end|> (prompt
+    included) and train neither the EOS nor its copies; compat does the same."""
+    rollouts = _rollouts(model)
+    assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id
+    prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
+    config = GRPOConfig(role="weaver", reference_compat=True)
+    rows = policy_rows(model, rollouts, config, [])
+    assert 0 in rows[0].attention_mask[:rows[0].prompt_len]      # the prompt's <|im_end|>
+    ours = gradients(model, "weaver", lambda: policy_loss_backward(model, rows, ADVANTAGES, config))
+    theirs = gradients(model, "weaver", lambda: backward(ref.weaver_grpo_loss(model, prompts, completions,
+                                                                              ADVANTAGES)))
+    assert_same(ours, theirs)
 
 
 def test_trigger_grpo_reference_compat_ignores_the_trigger_temperature(active_model):

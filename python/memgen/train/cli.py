@@ -76,8 +76,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference-compat", action="store_true",
                    help="reproduce the reference trainers' losses exactly: sft sums the gradients of the "
                         "--grad-accum batches, weaver-grpo trains on the EOS copies after each rollout's first "
-                        "EOS, trigger-grpo ignores --trigger-temperature in its log-probs, the first warm-up "
-                        "step's lr is 0 (docs/training.md lists each departure and its effect)")
+                        "EOS, trigger-grpo ignores --trigger-temperature in its log-probs and has no insertion "
+                        "penalty, the first warm-up step's lr is 0 (docs/training.md lists each departure and "
+                        "its effect)")
 
     g = p.add_argument_group("sft")
     g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")

@@ -43,7 +43,8 @@ reference_compat=True reproduces the reference trainers' losses
   - trigger: log-probs from the raw trigger logits (the reference ignores the
     trigger temperature; the same at the released 1.0) under the reference's
     mask: all ones over the prompt and the completion up to its first EOS.
-  - the first warm-up step's learning rate is 0, as transformers' schedule.
+  - the first warm-up step's learning rate is 0, as transformers' schedule;
+  - no reward-adaptive penalty (the reference code has none).
 
 The reward-adaptive penalty (paper Eq. 8-9, absent from the reference code,
 spec §0.5; on by default for trigger GRPO). The objective is
@@ -101,7 +102,7 @@ class GRPOConfig:
     epsilon_high: float | None = None    # None -> epsilon
     num_iterations: int = 1              # optimisation passes per batch of rollouts
     advantage_eps: float = 1e-4
-    penalty_lambda: float = 0.1          # trigger GRPO; 0 turns the penalty off
+    penalty_lambda: float = 0.1          # trigger GRPO; 0 (or reference_compat) turns the penalty off
     penalty_form: str = "rate"
     seed: int = 42
     reference_compat: bool = False       # the reference trainers' losses (module docstring)
@@ -397,7 +398,7 @@ class GRPOTrainer:
         rewards = torch.tensor(score_rollouts(rollouts, records, self.reward_fn), dtype=torch.float64)
         shaped, p_bar = rewards, None
         penalty = torch.zeros_like(rewards)
-        if c.role == "trigger" and c.penalty_lambda > 0:
+        if c.role == "trigger" and c.penalty_lambda > 0 and not c.reference_compat:
             penalty, p_bar = trigger_penalty(rewards, [r.augmentation for r in rollouts], c.num_generations,
                                              c.penalty_lambda, c.penalty_form)
             shaped = rewards - penalty
