@@ -31,7 +31,8 @@ other row; the engine keeps paging, prefix caching and preemption.
 An Insert or Feed of k positions happens only if they and the token they
 precede fit in max_model_len (`has_room`, the room rule, offered as `ctx.room_for(k)`);
 otherwise the request ends there with finish_reason "length". Whatever the policy holds in
-its `record` list comes back as `policy_record` on the request's output.
+its `record` list comes back as `policy_record` on the request's output (and as its
+`augmentation` when `records_augmentation` is True); `metrics()` adds to its metrics.
 
 This module imports no torch: SamplingParams (and the CLI) import it.
 """
@@ -278,6 +279,11 @@ class LatentPolicy:
 
     record: list   # per-token record: returned as `policy_record` on the outputs
     streams: tuple[StreamSpec, ...] = ()   # extra KV streams of every request (class or instance)
+    records_augmentation = False   # True: `record` is the augmentation mask, one entry per output token
+
+    def metrics(self) -> dict:
+        """Counts added to the request's output metrics when it ends (MemGen: num_trigger_calls)."""
+        return {}
 
     def new_request(self, prompt_token_ids: list[int]) -> LatentPolicy:
         """The policy object of one request (default: copy.copy(self), fresh record)."""

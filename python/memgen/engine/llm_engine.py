@@ -197,11 +197,12 @@ class LLMEngine:
         return [self._output(seq, False) for seq in ended] + [self._output(seq, True) for seq in sampled]
 
     def _output(self, seq: Sequence, sampled: bool) -> EngineOutput:
-        n, memgen = seq.num_output_tokens, seq.memgen
+        n, latent = seq.num_output_tokens, seq.latent
         new = slice(n - 1, n) if sampled else slice(0)
+        mask = None if latent is None else latent.augmentation(new)    # MemGen's: its policy's record
         out = EngineOutput(seq.request_index, seq.output_token_ids[new],
                            seq.output_logprobs[new] if seq.params.logprobs is not None else None,
-                           memgen.augmentation[new] if memgen is not None else [NOT_CONSULTED] * sampled)
+                           mask if mask is not None else [NOT_CONSULTED] * sampled)
         if seq.finish_reason is not None:     # its last output: why it ended, its metrics and record
             self._requests.pop(seq.request_index, None)
             out.finish_reason, out.metrics = seq.finish_reason, _metrics(seq)
@@ -252,14 +253,15 @@ class LLMEngine:
 
 def _metrics(seq: Sequence) -> dict:
     """A request's final metrics (RequestOutput.metrics); times are None where it never got there."""
-    latent, memgen, n = seq.latent, seq.memgen, seq.num_output_tokens
+    latent, n = seq.latent, seq.num_output_tokens
+    mask = None if latent is None else latent.augmentation(slice(n))
     return {"time_to_first_token_s": None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             "total_s": None if seq.finish_time is None else seq.finish_time - seq.arrival_time,
-            "num_insertions": 0 if memgen is None else memgen.augmentation[:n].count(1),
-            "num_trigger_calls": 0 if memgen is None else memgen.num_trigger_calls,
+            "num_insertions": 0 if mask is None else mask.count(1), "num_trigger_calls": 0,
             "num_latent_positions": 0 if latent is None else latent.num_inserted,
             **({} if latent is None else {"num_fed_tokens": latent.num_fed}),
-            "num_cached_prompt_tokens": seq.num_cached_prompt_tokens, "num_preemptions": seq.num_preemptions}
+            "num_cached_prompt_tokens": seq.num_cached_prompt_tokens, "num_preemptions": seq.num_preemptions,
+            **({} if latent is None else latent.metrics())}     # the policy's own (MemGen: num_trigger_calls)
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

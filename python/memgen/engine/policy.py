@@ -141,8 +141,8 @@ class LatentRequest:
     ends the generate() call, which takes its requests out. When the request
     finishes, `close()` keeps its record and counts as plain data and lets the
     policy go (the engine's native step may still name the sequence)."""
-    __slots__ = ("_record", "asks", "ctx", "ending", "followers", "following", "handles", "last_hidden",
-                 "num_fed", "num_inserted", "policy", "r_hidden", "template")
+    __slots__ = ("_metrics", "_record", "asks", "ctx", "ending", "followers", "following", "handles", "is_mask",
+                 "last_hidden", "num_fed", "num_inserted", "policy", "r_hidden", "template")
 
     def __init__(self, template: LatentPolicy, ctx: PolicyContext):
         self.template = template              # the user's instance (never run)
@@ -150,7 +150,9 @@ class LatentRequest:
         self.ctx = ctx
         self.num_inserted = 0     # embedding positions inserted
         self.num_fed = 0          # forced tokens fed
-        self._record: list | None = None      # set by close()
+        self._record: list | None = None      # set by close(), with _metrics
+        self._metrics: dict = {}
+        self.is_mask = bool(template.records_augmentation)   # its record is the augmentation mask
         self.handles: dict[str, StreamHandle] = {}    # ctx.streams
         self.followers: list[tuple[Stream, object]] = []   # (stream, its binding: spec, checked projection)
         self.asks: dict[str, _Ask] = {}       # stream name -> outstanding compute()
@@ -232,8 +234,19 @@ class LatentRequest:
             return self._record
         return list(self.policy.record) if self.policy is not None else []
 
+    def augmentation(self, entries: slice) -> list[int] | None:
+        """These entries of the augmentation mask, when the policy's record is one (MemGen's)."""
+        if not self.is_mask:
+            return None
+        record = self._record if self._record is not None else self.policy.record if self.policy is not None else []
+        return record[entries]
+
+    def metrics(self) -> dict:
+        return self.policy.metrics() if self._record is None and self.policy is not None else self._metrics
+
     def close(self) -> None:
         if self._record is None:
+            self._metrics = self.metrics()
             self._record = list(self.policy.record) if self.policy is not None else []
             self.policy = self.ctx = self.template = None
             self.handles, self.followers, self.asks, self.last_hidden, self.r_hidden = {}, [], {}, {}, None
@@ -347,8 +360,6 @@ class LatentRuntime:
             state = unbegun.pop(0)
             if state.template is not None:    # not aborted meanwhile
                 state.begin()
-                if state.template is self.default:
-                    state.ctx._seq.memgen = state.policy   # MemGen's state, read by the outputs and serve
 
     def after_forward(self, chunks, hidden: StepHidden) -> tuple[list, torch.Tensor | None, list]:
         if not self.latent_requests:

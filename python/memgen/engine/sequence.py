@@ -119,7 +119,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, prompt_token_ids)}
         self._due_streams: set[str] | None = None   # streams to compute now (None: every stream)
-        self.memgen: Any = None                    # MemGen's policy of this request (memory.controller), or None
         self.latent: Any = None                    # engine/policy.LatentRequest, with a LatentPolicy
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache

@@ -111,6 +111,11 @@ class MemGenPolicy(LatentPolicy):
         )
         self.record = []
 
+    records_augmentation = True     # the outputs' augmentation is this record
+
+    def metrics(self) -> dict:
+        return {"num_trigger_calls": self.num_trigger_calls}
+
     @property
     def parts(self) -> MemGenParts:
         return self._scorer.parts
