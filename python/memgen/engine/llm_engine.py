@@ -265,17 +265,14 @@ def _metrics(seq: Sequence) -> dict:
 
 
 def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:
-    penalized = [s.params.has_penalties for s in seqs]
+    """The due rows' settings from each request's `sampling` (made once, when it joined);
+    penalties and bans only when a row has them."""
+    *settings, penalties, min_tokens = map(list, zip(*[s.sampling for s in seqs]))
+    penalized = any(p is not None for p in penalties)
     return SamplingBatch(
-        temperatures=[float(s.params.temperature) for s in seqs],
-        top_ks=[s.params.top_k for s in seqs],
-        top_ps=[float(s.params.top_p) for s in seqs],
-        generators=[s.generator for s in seqs],
-        num_logprobs=[-1 if s.params.logprobs is None else s.params.logprobs for s in seqs],
-        penalties=[(float(s.params.repetition_penalty), float(s.params.presence_penalty),
-                    float(s.params.frequency_penalty)) if p else None for s, p in zip(seqs, penalized)],
-        prompt_ids=[s.prompt_token_ids if p else None for s, p in zip(seqs, penalized)],
-        output_ids=[s.output_token_ids if p else None for s, p in zip(seqs, penalized)],
+        *settings, penalties=penalties if penalized else None,
+        prompt_ids=[s.prompt_token_ids if p else None for s, p in zip(seqs, penalties)] if penalized else None,
+        output_ids=[s.output_token_ids if p else None for s, p in zip(seqs, penalties)] if penalized else None,
         # min_tokens: no stop id (EOS included) may be sampled before then
-        banned=[s.stop_token_ids if s.num_output_tokens < s.params.min_tokens else None for s in seqs],
-    )
+        banned=[s.stop_token_ids if s.num_output_tokens < m else None for s, m in zip(seqs, min_tokens)]
+        if any(min_tokens) else None)

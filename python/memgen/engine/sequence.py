@@ -113,6 +113,11 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
         self.params = params
+        # its sampler row, made once when it joins (layers.sampler.SamplingBatch's order, then min_tokens)
+        penalties = (float(params.repetition_penalty), float(params.presence_penalty),
+                     float(params.frequency_penalty)) if params.has_penalties else None
+        self.sampling = (float(params.temperature), params.top_k, float(params.top_p), generator,
+                         -1 if params.logprobs is None else params.logprobs, penalties, params.min_tokens)
         self.generator = generator
         self.stop_token_ids = stop_token_ids  # eos ids (unless ignore_eos) and the request's stop ids
         self.status = SequenceStatus.WAITING
