@@ -37,8 +37,8 @@ tensors, which `can_run` notices and captures again before the next replay
 Capture: sizes largest first, each warmed up eagerly once (Triton compiles
 there, not inside the capture), all sharing one memory pool. The model output
 goes into one static [max_batch, H] buffer; `run` returns a copy of its rows,
-because MemGen's controller keeps hidden rows across steps (r_hidden, t_hidden)
-and the next replay would overwrite a view.
+because the latent runtime keeps hidden rows across steps (a waiting request's
+reasoner row, a stream's last_hidden) and the next replay would overwrite a view.
 """
 from __future__ import annotations
 
