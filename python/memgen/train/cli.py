@@ -79,6 +79,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "EOS, trigger-grpo ignores --trigger-temperature in its log-probs and has no insertion "
                         "penalty, the first warm-up step's lr is 0 (docs/training.md lists each departure and "
                         "its effect)")
+    g.add_argument("--forward", default=None, choices=["fast", "step"],
+                   help="fast (the default, but with --reference-compat): a batch's or GRPO group's forwards in "
+                        "one pass, each weaver prefix computed once, the same loss and gradients; step: the "
+                        "step-by-step forward, one row at a time (the oracle, the reference's order of operations)")
 
     g = p.add_argument_group("sft")
     g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")
@@ -220,7 +224,8 @@ def _run_sft(args, model, examples, on_step) -> list[dict]:
     config = SFTConfig(learning_rate=args.lr, epochs=args.epochs or 2, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler,
                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
-                       seed=args.seed, reference_compat=getattr(args, "reference_compat", False))
+                       seed=args.seed, reference_compat=getattr(args, "reference_compat", False),
+                       forward=getattr(args, "forward", None))
     usable = trainable_examples(examples)
     turns = sum(len(supervised_runs(e.labels)) for e in usable)
     on_step.start(num_sft_steps(len(usable), config),
@@ -249,7 +254,8 @@ def _run_grpo(args, model, reasoner, weaver, trigger, on_step) -> list[dict]:
                         epsilon_high=args.epsilon_high, num_iterations=args.num_iterations,
                         penalty_lambda=0.0 if args.no_penalty else args.penalty_lambda,
                         penalty_form=args.penalty_form, seed=args.seed,
-                        reference_compat=getattr(args, "reference_compat", False))
+                        reference_compat=getattr(args, "reference_compat", False),
+                        forward=getattr(args, "forward", None))
     llm = LLM(model=str(reasoner), memgen=model.to_checkpoint(), weaver_model=weaver, trigger_model=trigger,
               dtype=args.dtype, device=args.device)
     trainer = GRPOTrainer(model, llm, records, config)

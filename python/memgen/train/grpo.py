@@ -76,6 +76,7 @@ from torch import Tensor
 
 from .common import ROLES, clip_and_step, freeze_for, loss_logits, make_optimizer, make_scheduler
 from .data import ASSISTANT_HEADER, IGNORE, encode_prompt, mask_assistant_header
+from .fast import check_forward, use_fast
 from .rollout import Rollout, RewardFn, sample_groups, score_rollouts, task_reward
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -106,8 +107,12 @@ class GRPOConfig:
     penalty_form: str = "rate"
     seed: int = 42
     reference_compat: bool = False       # the reference trainers' losses (module docstring)
+    # log-probs: "fast" (memgen.train.fast: the rows of a step in one pass, a group's prompt once,
+    # the same numbers) or "step" (one row at a time, the oracle); None: fast, step under reference_compat
+    forward: str | None = None
 
     def validate(self) -> None:
+        check_forward(self.forward)
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         for name in ("num_generations", "prompts_per_step", "max_completion_length", "epochs", "num_iterations"):
@@ -323,15 +328,36 @@ def row_logprobs(model, row: PolicyRow, config: GRPOConfig) -> Tensor:
     return trigger_row_logprobs(model, row, None if config.reference_compat else config.trigger_temperature)
 
 
+def scored_logprobs(model, rows: list[PolicyRow], indices: list[int], config: GRPOConfig) -> dict[int, Tensor]:
+    """Row index -> log-probs, for rows[i] with i in indices (config.forward's path)."""
+    if use_fast(model, config.forward, config.reference_compat):
+        from .fast import policy_logprobs
+
+        return dict(zip(indices, policy_logprobs(model, [rows[i] for i in indices], config)))
+    return {i: row_logprobs(model, rows[i], config) for i in indices}
+
+
 def policy_loss_backward(model, rows: list[PolicyRow], advantages: Tensor, config: GRPOConfig,
                          old: dict[int, Tensor] | None = None) -> float:
-    """Back-propagate the step's clipped-surrogate loss one row at a time
-    (gradients add into .grad); returns its value. old: row index -> the
-    log-probs the rollouts were scored under (default: the current ones
-    detached, so every ratio is 1, as TRL with num_iterations == 1)."""
+    """Back-propagate the step's clipped-surrogate loss (gradients add into
+    .grad); returns its value. forward="step": one row at a time; "fast": the
+    rows in one pass and one backward. old: row index -> the log-probs the
+    rollouts were scored under (default: the current ones detached, so every
+    ratio is 1, as TRL with num_iterations == 1)."""
     weights = row_weights([r.num_valid for r in rows], config.loss_type, config.max_completion_length)
     eps_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
     total = 0.0
+    if use_fast(model, config.forward, config.reference_compat):
+        # a zero advantage (or nothing to score) contributes exactly zero loss and gradient
+        active = [i for i, row in enumerate(rows) if float(advantages[i]) != 0.0 and row.num_valid > 0]
+        terms = [weights[i] * surrogate(logp, (old or {}).get(i, logp.detach()), float(advantages[i]),
+                                        config.epsilon, eps_high).sum()
+                 for i, logp in scored_logprobs(model, rows, active, config).items()]
+        if not terms:
+            return total
+        loss = sum(terms)
+        loss.backward()
+        return float(loss.detach())
     for i, row in enumerate(rows):
         advantage = float(advantages[i])
         if advantage == 0.0 or row.num_valid == 0:   # contributes exactly zero loss and gradient
@@ -408,8 +434,8 @@ class GRPOTrainer:
         old: dict[int, Tensor] = {}
         if c.num_iterations > 1:
             with torch.no_grad():
-                old = {i: row_logprobs(self.model, row, c) for i, row in enumerate(rows)
-                       if float(advantages[i]) != 0.0 and row.num_valid > 0}
+                old = scored_logprobs(self.model, rows, [i for i, row in enumerate(rows)
+                                                         if float(advantages[i]) != 0.0 and row.num_valid > 0], c)
 
         lr = self.scheduler.get_last_lr()[0]
         self.model.train()

@@ -10,8 +10,12 @@ ceil(0.1 * steps), grad-norm clipping at 1.0, gradient accumulation.
 
 A batch's loss is the reference's: its rows' forwards (one per row, or one per
 chosen assistant turn of a conversation: conversation.py) and one token mean
-of the cross-entropy over all their supervised tokens. Rows are run and
-back-propagated one forward at a time, so memory holds one forward's graph.
+of the cross-entropy over all their supervised tokens. forward="fast" (the
+default, but under reference_compat) runs a batch's forwards together on
+memgen.train.fast (the same numbers: tests/test_train_fast.py; a
+conversation's turns share one pass over the conversation); forward="step"
+runs and back-propagates them one `sft_forward` at a time (the oracle, and
+the reference's order of operations; memory holds one forward's graph).
 
 One optimizer step is `grad_accum` batches. Its loss (docs/training.md):
   default:   the token mean over the whole step,
@@ -42,6 +46,7 @@ import torch
 from .common import clip_and_step, freeze_for, loss_logits, make_optimizer, make_scheduler
 from .conversation import Segment, row_segments
 from .data import IGNORE, EncodedExample
+from .fast import check_forward, use_fast
 
 
 @dataclass
@@ -58,8 +63,10 @@ class SFTConfig:
     shuffle: bool = True
     seed: int = 42
     reference_compat: bool = False   # the reference's step semantics (module docstring)
+    forward: str | None = None       # "fast" | "step" | None: fast, step under reference_compat (fast.use_fast)
 
     def validate(self) -> None:
+        check_forward(self.forward)
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,7 +112,8 @@ def plan_batch(model, batch: list[EncodedExample], rng: random.Random) -> list[S
     return [seg for example in batch for seg in row_segments(example, max_turns, rng)]
 
 
-def accumulate_step(model, batches: list[list[Segment]], reference_compat: bool = False) -> tuple[float, int]:
+def accumulate_step(model, batches: list[list[Segment]], reference_compat: bool = False,
+                    forward: str | None = None) -> tuple[float, int]:
     """Forward and backward of one optimizer step's batches; gradients add
     into .grad. Returns (the step's loss as defined in the module docstring,
     supervised tokens)."""
@@ -116,6 +124,13 @@ def accumulate_step(model, batches: list[list[Segment]], reference_compat: bool 
         if count == 0:
             continue
         scale = count if reference_compat else total
+        if use_fast(model, forward, reference_compat):
+            from .fast import loss_sum
+
+            ce = loss_sum(model, [(s.input_ids, s.labels) for s in batch if s.num_supervised])
+            (ce / scale).backward()
+            loss += float(ce.detach()) / scale
+            continue
         for segment in batch:
             if segment.num_supervised == 0:
                 continue
@@ -166,7 +181,7 @@ def train_sft(model, examples: list[EncodedExample], config: SFTConfig | None = 
                 step_batches.append(plan_batch(model, batch, turn_rng))
             if not step_batches:
                 break
-            loss, tokens = accumulate_step(model, step_batches, config.reference_compat)
+            loss, tokens = accumulate_step(model, step_batches, config.reference_compat, config.forward)
             lr = scheduler.get_last_lr()[0]
             norm = clip_and_step(params.values(), optimizer, scheduler, config.max_grad_norm)
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
