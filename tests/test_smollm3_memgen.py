@@ -19,7 +19,7 @@ import memgen_fixtures
 import smollm3_fixtures
 from memgen import LLM, SamplingParams
 from memgen.checkpoint import load_checkpoint, save_reference
-from memgen.engine.memgen_setup import BASE_POOL
+from memgen.engine.extra_streams import BASE_POOL
 from memgen.hf import HFMemGenModel
 from memgen.memory.controller import TRIGGER
 
@@ -130,7 +130,7 @@ def test_inactive_trigger_weights_are_never_read(cases, tmp_path, prompt_ids, to
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(trigger))
                        .parameters())
     assert f"{n_params * 8 / 2**20:.1f} MiB" in lines[0]
-    plan = llm.engine.memgen_plan
+    plan = llm.memgen_plan
     assert plan.pool_of_stream[TRIGGER] == BASE_POOL and not plan.extra_pools
     expected = _oracle(load_checkpoint(ckpt_dir), smol_dir, None, trigger, prompt_ids, tokenizer.eos_token_id)
     _, _, prompts = prompt_ids
@@ -150,9 +150,9 @@ def test_inactive_trigger_base_not_given(cases, tmp_path, prompt_ids, tokenizer,
     _, _, prompts = prompt_ids
     _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
     # a weight push (training) keeps that layout: the unnamed trigger base stays unchecked
-    version = llm.engine.memgen_version
+    version = llm.memgen_version
     llm.update_memgen_weights(load_checkpoint(ckpt_dir))
-    assert llm.engine.memgen_version == version + 1
+    assert llm.memgen_version == version + 1
     _check(llm.generate(prompts, GREEDY, use_tqdm=False), expected, range(len(prompts)))
 
 

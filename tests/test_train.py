@@ -260,7 +260,7 @@ def test_grpo_step_with_engine_rollouts_then_sync(role, tmp_path, tokenizer, mem
     config = GRPOConfig(role=role, num_generations=4, prompts_per_step=2, max_completion_length=MAX_TOKENS,
                         learning_rate=0.05, warmup_ratio=0.0, max_steps=1, lr_scheduler="constant")
     trainer = GRPOTrainer(model, llm, RECORDS[:2], config, reward_fn=_length_reward)
-    version = llm.engine.memgen_version
+    version = llm.memgen_version
     before = _snapshot(model)
     rollouts = trainer.rollouts(RECORDS[:2])
     assert len(rollouts) == 8 and [r.group for r in rollouts] == [0] * 4 + [1] * 4
@@ -281,7 +281,7 @@ def test_grpo_step_with_engine_rollouts_then_sync(role, tmp_path, tokenizer, mem
     history = trainer.train()
     assert len(history) == 1 and history[0]["num_trained_rows"] > 0
     assert history[0]["num_rollouts"] == 8
-    assert llm.engine.memgen_version == version + 1
+    assert llm.memgen_version == version + 1
     assert _changed(before, model) == set(trainable_parameters(model, role))
     if role == "trigger":
         assert history[0]["penalty_mean"] >= 0.0

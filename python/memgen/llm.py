@@ -15,12 +15,15 @@ import torch
 from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.extra_streams import resolve_stream_models
 from memgen.engine.llm_engine import LLMEngine
-from memgen.engine.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.latent_policy import has_room
+from memgen.memgen_setup import MemGenSetup, check_memgen_fits
 from memgen.outputs import OutputBuilder, RequestOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_MAX_MODEL_LEN = 4096
+LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a MemGen checkpoint: a request runs "
+                      "one latent policy, and on an LLM(memgen=...) that is MemGen's; load the model without "
+                      "memgen=... to use your own")
 
 
 class LLM:
@@ -66,9 +69,16 @@ class LLM:
         # models a StreamSpec(model=name) runs on, checked before anything loads
         models = None if stream_models is None else resolve_stream_models(
             stream_models, self.model_dir, self.hf_config, config.max_model_len)
+        # MemGen is the engine's default policy, made by its factory (memgen_setup.py); its options
+        # (W and T lazy, or following R: the CUDA default) and weight version are kept here
+        plans, self.memgen_version = [], 0
+        lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else self.device.type != "cuda"
+        factory = None if self.memgen is None else self.memgen.factory(
+            self.dtype, self.device, config.max_model_len, config.block_size, not lazy, plans)
         self.engine = LLMEngine(self.model_dir, self.hf_config, config, self.dtype, self.device,
-                                _eos_token_ids(self.tokenizer, self.hf_config), memgen=self.memgen,
+                                _eos_token_ids(self.tokenizer, self.hf_config), default_policy=factory,
                                 detokenize=self._detokenize, stream_models=models)
+        self.memgen_plan = plans[0] if plans else None
 
     def _load_memgen(self, memgen, weaver_model, trigger_model) -> MemGenSetup:
         """A checkpoint directory (either layout) or a MemGenCheckpoint; bases
@@ -120,7 +130,13 @@ class LLM:
 
         if not isinstance(ckpt, MemGenCheckpoint):
             raise TypeError(f"expected a MemGenCheckpoint, got {type(ckpt).__name__}")
-        self.engine.update_memgen_weights(drop_lora(ckpt) if self.reference_compat else ckpt)
+        if self.memgen is None:
+            raise ValueError("this engine runs a plain LLM: load it with memgen=... to update MemGen weights")
+        if self.engine.has_unfinished():
+            raise RuntimeError("update_memgen_weights() must run between generate() calls, not during one")
+        self.memgen.update(drop_lora(ckpt) if self.reference_compat else ckpt, self.engine.runners,
+                           self.memgen_plan, self.dtype, self.device)
+        self.memgen_version = self.engine.new_weights_version()   # W/T cache entries of old weights: never hit
 
     @property
     def max_model_len(self) -> int:
@@ -253,7 +269,6 @@ class LLM:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, longer than max_model_len={self.max_model_len}; "
                              "shorten it or raise max_model_len")
         if params.latent_policy is not None and self.memgen is not None:
-            from memgen.engine.llm_engine import LATENT_WITH_MEMGEN
             raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
         if params.latent_policy is not None:
             self.engine.runtime.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model

@@ -1,7 +1,7 @@
 """Where a policy's extra streams (memgen.StreamSpec) run: which pool (model and
 KV cache), which LoRA adapter id, which prefix-cache salt, and how their token
 positions enter the model. One binding per StreamSpec object, made once per
-engine: MemGen's are bound by its set-up (engine/memgen_setup.py, on the
+engine: MemGen's are bound by its set-up (memgen_setup.py, on the
 reasoner's base or on their own checkpoints); a user's spec is bound the first
 time a request carries it, its adapter installed under a fresh adapter id, on
 the reasoner's base or on the model its `model=` names: one of the models the

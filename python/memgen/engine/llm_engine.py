@@ -14,28 +14,28 @@ from memgen.config import EngineConfig
 from memgen.engine.block_manager import BlockManager
 from memgen.engine.cuda_graph import build_decode_graphs
 from memgen.engine.extra_streams import StreamBinder, StreamModel
-from memgen.engine.memgen_setup import BASE_POOL, SCRATCH_SLACK_BLOCKS, MemGenPlan, MemGenSetup, Pool
+from memgen.engine.extra_streams import BASE_POOL, SCRATCH_SLACK_BLOCKS, Pool
 from memgen.engine.model_runner import ModelRunner
 from memgen.engine.policy import LatentRuntime, StepHidden
 from memgen.engine.scheduler import Scheduler
 from memgen.engine.sequence import Sequence
 from memgen.layers.backend import select_backend
 from memgen.layers.sampler import Sampler, SamplingBatch
-from memgen.memory.controller import MemGenPolicy
+from memgen.latent_policy import LatentPolicy
 from memgen.outputs import NOT_CONSULTED, EngineOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_BUDGET_GB = 1.0
 DEFAULT_GPU_KV_FRACTION = 0.8     # of the free memory after loading the weights
-LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a MemGen checkpoint: a request runs "
-                      "one latent policy, and on an LLM(memgen=...) that is MemGen's; load the model without "
-                      "memgen=... to use your own")
 
 
 class LLMEngine:
     def __init__(self, model_dir: Path, hf_config, config: EngineConfig, dtype: torch.dtype,
-                 device: torch.device, eos_token_ids: frozenset[int], memgen: MemGenSetup | None = None,
+                 device: torch.device, eos_token_ids: frozenset[int], default_policy=None,
                  detokenize=None, stream_models: list[StreamModel] | None = None):
+        """`default_policy`: None, or a factory (base runner, stream binder) -> (the LatentPolicy
+        of requests that carry none, its extra pools, its streams per sequence in the base pool):
+        LLM(memgen=...) passes MemGen's (memgen_setup.py)."""
         self.config, self.dtype, self.device = config, dtype, device
         self.detokenize = detokenize    # token ids -> text, for stop strings (LLM passes its tokenizer's)
         self.hf_config = hf_config
@@ -47,23 +47,17 @@ class LLMEngine:
         # one pool (model + KV cache) per distinct checkpoint; the reasoner's is pool 0
         base = Pool(BASE_POOL, 0, self.model_runner)
         self.pools = [base]
-        self.memgen_plan: MemGenPlan | None = None
-        self.memory: MemGenPolicy | None = None    # MemGen's LatentPolicy, None for a plain LLM
+        self.default_policy: LatentPolicy | None = None    # of requests that carry none (MemGen's)
         self.stream_binder = StreamBinder(self.model_runner, dtype, device)   # where policies' streams run
-        if memgen is not None:
-            self.memgen_setup = memgen
-            self.memgen_version = 0   # bumped by each weight update: W/T prefix-cache keys carry it
-            lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else device.type != "cuda"
-            self.memgen_plan = memgen.build(self.model_runner, dtype, device, self.max_model_len, config.block_size,
-                                            self.stream_binder, follow=not lazy)
-            base.num_streams = self.memgen_plan.streams_in_base
-            self.pools += self.memgen_plan.extra_pools
-            self.memory = self.memgen_plan.policy
+        if default_policy is not None:
+            self.default_policy, pools, base.num_streams = default_policy(self.model_runner, self.stream_binder)
+            self.pools += pools
         if stream_models:   # models a user's StreamSpec(model=name) runs on: each its own pool
             self.pools += self.stream_binder.open_models(stream_models, len(self.pools), self.max_model_len,
                                                          config.block_size)
         # the runtime of requests with a LatentPolicy (on an LLM(memgen=...): MemGen's, the default)
-        self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder, default=self.memory)
+        self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder,
+                                     default=self.default_policy)
         self.block_managers = {}
         for pool in self.pools:   # in index order: the scheduler numbers its managers so
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
@@ -112,8 +106,8 @@ class LLMEngine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Queue a validated request (LLM.generate validates the whole batch first); returns
         its id, which the outputs of step() and abort() carry."""
-        if params.latent_policy is not None and self.memory is not None:
-            raise ValueError(LATENT_WITH_MEMGEN)
+        if params.latent_policy is not None and self.default_policy is not None:
+            raise ValueError("a request runs one latent policy, and this engine runs its default one on every request")
         index = self._num_requests
         self._num_requests += 1
         generator = torch.Generator(device=self.device)
@@ -132,18 +126,12 @@ class LLMEngine:
         self._requests[index] = seq
         return index
 
-    def update_memgen_weights(self, ckpt) -> None:
-        """Push new MemGen weights (e.g. after an optimizer step) into the live
-        engine: adapters, projections, query latents, trigger head. The base
-        weights stay loaded; W/T cache entries made with the old weights are
-        never hit again. Call between generate() calls."""
-        if self.memory is None:
-            raise ValueError("this engine runs a plain LLM: load it with memgen=... to update MemGen weights")
-        if self.scheduler.has_unfinished():
-            raise RuntimeError("update_memgen_weights() must run between generate() calls, not during one")
-        self.memgen_setup.update(ckpt, self.runners, self.memgen_plan, self.dtype, self.device)
-        self.memgen_version += 1
-        self.stream_binder.version = self.memgen_version
+    def new_weights_version(self) -> int:
+        """Stream adapters or projections changed (a weight update, between calls): streams
+        made from now on key the prefix cache with the returned new version, so entries made
+        with the old weights are never hit again."""
+        self.stream_binder.version += 1
+        return self.stream_binder.version
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -1,7 +1,7 @@
 """MemGen as a `memgen.LatentPolicy` (docs/latent-policies.md): when the trigger
 is consulted, when the weaver runs, when latents enter the reasoner. It uses
 only the public policy API: two extra streams, hooks, actions. The engine builds
-it (engine/memgen_setup.py) and runs it for every request of an
+it (memgen_setup.py, MemGen's factory) and runs it for every request of an
 `LLM(memgen=...)`; its `record` is the augmentation mask.
 
 Each request has two extra streams beside the reasoner R: W the weaver (every

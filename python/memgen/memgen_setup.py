@@ -1,6 +1,8 @@
-"""Assemble MemGen inside an engine: where the weaver and trigger run, their
-LoRA adapters, and the policy that drives them (memory.controller.MemGenPolicy,
-a memgen.LatentPolicy whose two extra streams are bound here).
+"""MemGen's factory, called by `LLM` (the engine knows no MemGen names): where the
+weaver and trigger run, their LoRA adapters, and the policy that drives them
+(memory.controller.MemGenPolicy, a memgen.LatentPolicy whose two extra streams are
+bound here). `LLM` hands `MemGenSetup.factory(...)` to the engine, which calls it
+with its base runner and stream binder and runs the policy as its default one.
 
 W and T share the reasoner's model (and KV pool) when their base checkpoint is
 the reasoner's: the base weights are read once per step and each adapter's
@@ -77,6 +79,17 @@ class MemGenSetup:
             binder.bind(spec, pool_of_stream[spec.name], ADAPTER_IDS[spec.name],
                         int(runner_of[spec.name].hf_config.hidden_size))
         return MemGenPlan(extra, pool_of_stream, streams_in_base, policy)
+
+    def factory(self, dtype: torch.dtype, device: torch.device, max_model_len: int, block_size: int,
+                follow: bool, plans: list):
+        """The engine's `default_policy` factory: (base runner, stream binder) -> (policy, its
+        extra pools, streams per sequence in the base pool); the plan it makes is appended
+        to `plans` (LLM keeps it for weight updates)."""
+        def build(base: ModelRunner, binder: StreamBinder):
+            plan = self.build(base, dtype, device, max_model_len, block_size, binder, follow=follow)
+            plans.append(plan)
+            return plan.policy, plan.extra_pools, plan.streams_in_base
+        return build
 
     def update(self, ckpt: MemGenCheckpoint, runners: dict[str, ModelRunner], plan: MemGenPlan,
                dtype: torch.dtype, device: torch.device) -> None:
