@@ -59,7 +59,12 @@ def host_steps(n: int, steps: int) -> dict:
     prompt_len = 80
     num_blocks = n * (-(-(prompt_len + steps + 8) // BLOCK_SIZE) + 1)
     manager = BlockManager(num_blocks, BLOCK_SIZE)
-    sched = Scheduler({"base": manager}, max_num_seqs=n, max_num_batched_tokens=max(4096, n * prompt_len))
+    import inspect
+
+    # block managers by pool index (a list) today; older trees took {pool name: manager}
+    by_name = "dict" in str(inspect.signature(Scheduler).parameters["block_managers"].annotation)
+    managers = {"base": manager} if by_name else [manager]
+    sched = Scheduler(managers, max_num_seqs=n, max_num_batched_tokens=max(4096, n * prompt_len))
     params = SamplingParams(max_tokens=10**6, ignore_eos=True)
     for i in range(n):
         prompt = [1000 + i] + [(7 * i + 3 * j) % 500 for j in range(63 + i % 16)]   # distinct: no prefix hits

@@ -75,8 +75,9 @@ class MemGenSetup:
         table = build_delimiter_table(self.tokenizer, base.hf_config.vocab_size)
         policy = MemGenPolicy(parts, table, self.tokenizer, self.tokenizer.pad_token_id, backend=base.attn_backend,
                               follow=follow)
+        index_of = {BASE_POOL: 0, **{pool.name: pool.index for pool in extra}}
         for spec in policy.streams:
-            binder.bind(spec, pool_of_stream[spec.name], ADAPTER_IDS[spec.name],
+            binder.bind(spec, index_of[pool_of_stream[spec.name]], ADAPTER_IDS[spec.name],
                         int(runner_of[spec.name].hf_config.hidden_size))
         return MemGenPlan(extra, pool_of_stream, streams_in_base, policy)
 

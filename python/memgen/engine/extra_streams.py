@@ -96,7 +96,7 @@ def resolve_stream_models(stream_models, reasoner_dir: Path, reasoner_config, ma
 @dataclass
 class StreamBinding:
     spec: StreamSpec
-    pool: str                       # the pool's name (the scheduler maps it to its index)
+    pool: int                       # the pool's index (0: the reasoner's)
     adapter_id: int                 # -1: the base weights
     project: Callable[[torch.Tensor], torch.Tensor] | None   # the spec's input projection, width-checked
     token_input: Callable[[torch.Tensor], torch.Tensor] | None   # ids -> input rows (projected embeddings)
@@ -110,7 +110,7 @@ class StreamBinder:
         self.version = 0            # weight updates bump it: cache entries of old weights are never hit
         self._bindings: dict[int, StreamBinding] = {}   # id(spec) -> binding (it holds the spec alive)
         self._used_adapter_ids: set[int] = set()
-        self._models: dict[str, tuple[str, ModelRunner]] = {}   # StreamSpec.model -> (pool, runner)
+        self._models: dict[str, tuple[int, ModelRunner]] = {}   # StreamSpec.model -> (pool index, runner)
 
     def open_models(self, models: list[StreamModel], first_index: int, max_model_len: int,
                     block_size: int) -> list[Pool]:
@@ -119,16 +119,16 @@ class StreamBinder:
         pools: list[Pool] = []
         for model in models:
             if model.shares is not None:
-                self._models[model.name] = (BASE_POOL, self.base_runner) if model.shares == BASE_POOL \
+                self._models[model.name] = (0, self.base_runner) if model.shares == BASE_POOL \
                     else self._models[model.shares]
                 continue
             pool = open_pool(model.name, first_index + len(pools), model.model_dir, model.config,
                              self.base_runner, max_model_len, block_size)
             pools.append(pool)
-            self._models[model.name] = (pool.name, pool.runner)
+            self._models[model.name] = (pool.index, pool.runner)
         return pools
 
-    def bind(self, spec: StreamSpec, pool: str, adapter_id: int, width: int) -> None:
+    def bind(self, spec: StreamSpec, pool: int, adapter_id: int, width: int) -> None:
         """An explicit binding (MemGen's streams: their adapters are installed by the set-up)."""
         self._used_adapter_ids.add(adapter_id)
         project = self._checked_projection(spec, width)
@@ -151,10 +151,10 @@ class StreamBinder:
             self._bindings[id(spec)] = found
         return found
 
-    def _model_of(self, spec: StreamSpec) -> tuple[str, ModelRunner]:
+    def _model_of(self, spec: StreamSpec) -> tuple[int, ModelRunner]:
         """The pool and runner a user's spec runs on, checked against what its inputs need."""
         if spec.model is None:
-            return BASE_POOL, self.base_runner
+            return 0, self.base_runner
         found = self._models.get(spec.model)
         if found is None:
             declared = sorted(self._models)
@@ -210,5 +210,5 @@ class StreamBinder:
         b = self.binding(spec)
         skip = spec.skip_token_ids
         ids = [t for t in prompt_token_ids if t not in skip] if skip else list(prompt_token_ids)
-        return Stream(spec.name, ids, pool=b.pool, cache_salt=(spec.name, b.adapter_id, b.pool, self.version),
+        return Stream(spec.name, ids, pool_index=b.pool, cache_salt=(spec.name, b.adapter_id, b.pool, self.version),
                       adapter_id=b.adapter_id, token_input=b.token_input)

@@ -59,7 +59,7 @@ class LLMEngine:
         self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder,
                                      default=self.default_policy)
         self.block_managers = {}
-        for pool in self.pools:   # in index order: the scheduler numbers its managers so
+        for pool in self.pools:
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
             pool.runner.allocate_kv_cache(num_blocks)
             # CUDA graphs for decode steps (None unless CUDA + Triton + enforce_eager=False);
@@ -68,7 +68,8 @@ class LLMEngine:
             self.block_managers[pool.name] = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runners = {pool.name: pool.runner for pool in self.pools}
         self.block_manager = self.block_managers[BASE_POOL]
-        self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler([self.block_managers[p.name] for p in sorted(self.pools, key=lambda p: p.index)],
+                                   config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self._num_requests = 0
         self._requests: dict[int, Sequence] = {}    # request id -> its sequence, until its last output

@@ -75,10 +75,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_managers: dict[str, BlockManager], max_num_seqs: int, max_num_batched_tokens: int):
-        self.block_managers = block_managers
-        self.pool_index = {pool: i for i, pool in enumerate(block_managers)}
-        self.core = StepCore(list(block_managers.values()))
+    def __init__(self, block_managers: list[BlockManager], max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_managers = list(block_managers)     # by pool index (Stream.pool_index)
+        self.core = StepCore(self.block_managers)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -90,9 +89,6 @@ class Scheduler:
         return self.core.running
 
     def add(self, seq: Sequence) -> None:
-        for stream in seq.streams.values():
-            stream.pool_index = self.pool_index[stream.pool]
-        seq.due_streams = seq.due_streams      # streams added after the last setting
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -146,7 +142,7 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         for stream in seq.streams.values():
-            self.block_managers[stream.pool].free(stream)
+            self.block_managers[stream.pool_index].free(stream)
 
     def postprocess(self, out: SchedulerOutput) -> None:
         """After the forward: the scheduled positions are computed and cached."""

@@ -52,15 +52,15 @@ class Stream(StreamCore):
     (a copy), block_hashes, num_computed_tokens, num_cached_tokens (found by
     prefix caching at admission), num_scratch (trailing positions computed but
     never cached: the weaver's queries), adapter_id, pool_index. This class adds
-    what only Python uses: the embedding vectors, the pool's name, the cache
-    salt object and the token_input function."""
+    what only Python uses: the embedding vectors, the cache salt object and the
+    token_input function. A pool is named by its index, here as everywhere in the engine."""
 
-    def __init__(self, name: str, token_ids: list[int], pool: str = "base", cache_salt: object = None,
+    def __init__(self, name: str, token_ids: list[int], pool_index: int = 0, cache_salt: object = None,
                  adapter_id: int = -1, token_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.name = name
         self.append_tokens(token_ids)
-        self.pool = pool                   # which model / KV pool this stream runs on
+        self.pool_index = pool_index       # which model / KV pool this stream runs on (0: the reasoner's)
         self._cache_salt = cache_salt      # part of prefix-cache keys (adapter, model, ...)
         self.salt_id = salt_id(cache_salt)
         self.adapter_id = adapter_id       # LoRA adapter of this stream's rows (-1: none)
@@ -98,7 +98,7 @@ class Stream(StreamCore):
         super().drop_scratch()
 
     def __repr__(self) -> str:
-        return (f"Stream({self.name!r}, pool={self.pool!r}, tokens={self.num_tokens}, "
+        return (f"Stream({self.name!r}, pool={self.pool_index}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={self.block_table})")
 
 
