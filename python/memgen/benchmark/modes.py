@@ -195,7 +195,7 @@ def run_throughput(args) -> int:
     _warm_up(args, (off, on), prompts, [min(batches)])
     for b in batches:
         for llm in (off, on):   # the engines were built for the largest; the scheduler caps a step's rows
-            llm.engine.scheduler.max_num_seqs = b
+            llm.engine.cap_running(b)
         for n in lengths:
             point = {"max_num_seqs": b, "num_prompts": args.num_prompts, "max_tokens": n}
             per_iter = {"memory_off": [], "memory_on": []}

@@ -137,6 +137,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def cap_running(self, max_num_seqs: int) -> None:
+        """Run at most this many sequences at once from now on (the KV cache stays as sized)."""
+        self.scheduler.max_num_seqs = max_num_seqs
+
     def stats(self) -> dict:
         """Sequences running and waiting, preemptions so far, KV blocks per pool (used, total)."""
         sched = self.scheduler
