@@ -14,7 +14,7 @@ memgen init "$WORK/init" --overwrite --format safetensors \
     --prompt-latents 8 --inference-latents 8 --budget 2 --no-trigger-active --init-seed 0
 rm -rf "$WORK/sft"
 memgen train sft --memgen "$WORK/init" --data bench/data/arith_train.jsonl --output-dir "$WORK/sft" \
-    --lr 2e-3 --epochs 1 --batch-size 4 --max-steps 64 --seed 0 --threads "$THREADS" --save-format export
+    --lr 2e-3 --epochs 1 --batch-size 4 --max-steps 64 --seed 0 --threads "$THREADS" --format safetensors
 rm -rf demo/smollm2-arith
 memgen convert "$WORK/sft/export" demo/smollm2-arith --format safetensors --dtype float16
 echo "demo/train.sh: $(( $(date +%s) - start )) s with $THREADS thread(s)"

@@ -328,7 +328,7 @@ def test_cli_short_sft_run_on_shipped_data_changes_the_weights(steps, tmp_path, 
     out = tmp_path / "sft"
     args = parser.parse_args(["sft", "--data", str(data), "--output-dir", str(out), "--model",
                               str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir), "--max-steps", str(steps),
-                              "--batch-size", "1", "--save-format", "export", "--quiet"])
+                              "--batch-size", "1", "--format", "safetensors", "--quiet"])
     assert run_train_from_args(args) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == steps and all(r["lr"] > 0 for r in log)
@@ -378,7 +378,7 @@ def test_cli_sft_and_trigger_grpo(tmp_path, memgen_ckpt_dir, memgen_reasoner_dir
     args = parser.parse_args(["trigger-grpo", "--data", str(grpo_data), "--output-dir", str(tmp_path / "grpo"),
                               "--model", str(memgen_reasoner_dir), "--memgen", str(out),
                               "--max-steps", "1", "--num-generations", "2", "--max-completion-length", "8",
-                              "--save-format", "export", "--quiet"])
+                              "--format", "safetensors", "--quiet"])
     assert run_train_from_args(args) == 0
     summary = json.loads((tmp_path / "grpo" / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["final"]["num_rollouts"] == 2
@@ -403,7 +403,7 @@ def test_cli_conversational_sft_reference_compat_shows_steps_and_loads_from_its_
     out = tmp_path / "conv"
     rc = main(["train", "sft", "--data", str(data), "--output-dir", str(out), "--model", str(memgen_reasoner_dir),
                "--memgen", str(memgen_ckpt_dir), "--epochs", "2", "--batch-size", "1", "--grad-accum", "2",
-               "--max-prompt-aug", "1", "--reference-compat", "--save-format", "reference"])
+               "--max-prompt-aug", "1", "--reference-compat", "--format", "reference"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "memgen train: 2 optimizer steps (2 examples, 4 assistant turns, batch 1 x 2)" in err
@@ -420,3 +420,34 @@ def test_cli_conversational_sft_reference_compat_shows_steps_and_loads_from_its_
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="export/ or reference/"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_train_flags_per_mode_canonical_names_and_aliases(capsys, tmp_path):
+    """Each mode's --help offers only what it reads; the fresh-checkpoint flags are the
+    names init and bench use; old names still parse, with one deprecation line; a
+    fresh checkpoint's shape beside --memgen is refused before any load."""
+    parser = argparse.ArgumentParser(prog="memgen train")
+    add_train_arguments(parser)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    sft, weaver, trigger = sub["sft"], sub["weaver-grpo"], sub["trigger-grpo"]
+    for flag in ("--budget", "--trigger-active", "--prompt-latents", "--init-seed", "--format", "--reference-compat"):
+        assert flag in sft._option_string_actions, flag
+    assert "--num-generations" not in sft._option_string_actions and "--max-prompt-aug" in sft._option_string_actions
+    assert "--num-generations" in weaver._option_string_actions and "--penalty-lambda" not in weaver._option_string_actions
+    assert "--penalty-lambda" in trigger._option_string_actions and "--batch-size" not in trigger._option_string_actions
+
+    base = ["--data", "d.jsonl", "--output-dir", "o"]
+    args = parser.parse_args(["sft", *base, "--max-inference-aug", "3", "--save-format", "export"])
+    err = capsys.readouterr().err
+    assert (args.budget, args.format) == (3, "safetensors")
+    assert "--max-inference-aug is deprecated; use --budget" in err and "--save-format is deprecated; use --format" in err
+    args = parser.parse_args(["weaver-grpo", *base])
+    assert (args.budget, args.trigger_active, args.format, args.penalty_lambda) == (None, None, "both", 0.0)
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}\n')
+    for argv, message in ((["sft", "--memgen", "ckpt", "--lora-r", "4"], "--lora-r set a fresh checkpoint's shape"),
+                          (["trigger-grpo", "--no-trigger-active"], "always active")):
+        args = parser.parse_args([argv[0], "--data", str(data), "--output-dir", str(tmp_path / "o"), *argv[1:]])
+        with pytest.raises(ValueError, match=message):
+            run_train_from_args(args)

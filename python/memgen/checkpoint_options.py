@@ -15,7 +15,7 @@ and, beside them:
 Old spellings stay as hidden aliases (`add_deprecated_alias`: not in --help,
 one line on stderr when used): `init --seed`, `init/bench --trigger-inactive`,
 `bench --latents` (both latent counts), `convert --to`, `convert --weaver-base /
---trigger-base`, `train --max-inference-aug`.
+--trigger-base`, `train --max-inference-aug`, `train --save-format`.
 
 Light on purpose: the CLI builds its parser from it before torch loads.
 """

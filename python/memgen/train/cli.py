@@ -6,7 +6,7 @@ functions under its `train` subcommand:
     run_train_from_args(args) -> int # runs; 0 on success
 
 Writes to --output-dir: the final checkpoint (reference layout in reference/,
-safetensors export in export/, per --save-format), step-N/ checkpoints with
+safetensors export in export/, per --format), step-N/ checkpoints with
 --save-every, train_log.jsonl (one line per optimizer step) and
 train_summary.json. `--memgen OUTPUT_DIR` loads the final checkpoint from the
 folder itself (load_checkpoint finds export/ or reference/ in it).
@@ -28,15 +28,40 @@ DESCRIPTION = ("Train MemGen on memgen.hf with engine rollouts: weaver SFT, weav
                "with the reward-adaptive insertion penalty.")
 
 
+MODE_HELP = {
+    "sft": "weaver SFT on chat examples or conversations (one row per line of --data)",
+    "weaver-grpo": "weaver GRPO with engine rollouts on eval-style records with an answer",
+    "trigger-grpo": "trigger GRPO with engine rollouts and the reward-adaptive insertion penalty",
+}
+# what --format names `safetensors` is the export layout in train.common.save_checkpoint
+_SAVE_FORMATS = {"reference": "reference", "safetensors": "export", "both": "both"}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """One subparser per mode, so each --help shows only the flags that mode reads."""
     if not p.description:
         p.description = DESCRIPTION
-    p.add_argument("mode", choices=MODES, help="sft: weaver SFT on chat examples; weaver-grpo / trigger-grpo: "
-                   "GRPO with engine rollouts on eval-style records")
-    p.add_argument("--data", required=True, help="JSONL: chat examples with an assistant turn, or eval records "
-                   "with messages/prompt/question and an answer (sft; see --answer-template), or records "
-                   "with messages/prompt and answer/aliases/tests (grpo)")
-    p.add_argument("--output-dir", required=True, help="where checkpoints and logs go")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + "}")
+    for mode in MODES:
+        sp = modes.add_parser(mode, help=MODE_HELP[mode], description=MODE_HELP[mode],
+                              formatter_class=p.formatter_class)
+        _add_common_arguments(sp, mode)
+        if mode == "sft":
+            _add_sft_arguments(sp)
+        else:
+            _add_grpo_arguments(sp, mode)
+        _add_output_arguments(sp)
+
+
+def _add_common_arguments(p: argparse.ArgumentParser, mode: str) -> None:
+    from memgen.checkpoint_options import add_deprecated_alias, add_fresh_checkpoint_arguments
+
+    data_help = ("JSONL: chat examples with an assistant turn (several assistant turns train as a conversation), "
+                 "AgentBank rows, or eval records with messages/prompt/question and an answer (see "
+                 "--answer-template)" if mode == "sft" else
+                 "JSONL: eval records with messages/prompt and answer/aliases/tests to reward")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--output-dir", required=True, help="where checkpoints and logs go; pass it to --memgen later")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="reasoner HF directory or .gguf (default: packaged SmolLM2-135M)")
@@ -47,31 +72,30 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="training and rollout dtype (no bf16 yet: it would also cast the trained weights)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
-    g = p.add_argument_group("MemGen settings (latents and LoRA: fresh MemGen only, without --memgen)")
-    g.add_argument("--prompt-latents", type=int, default=8, help="K prompt latents")
-    g.add_argument("--inference-latents", type=int, default=8, help="K inference latents")
-    g.add_argument("--max-inference-aug", type=int, default=None,
-                   help="insertion budget (default: the checkpoint's; 5 when fresh)")
-    g.add_argument("--max-prompt-aug", type=int, default=None,
-                   help="sft on conversations: assistant turns trained per row, a random subset when a row has "
-                        "more (the reference's max_prompt_aug_num; its TriviaQA scripts use 8; default: the "
-                        "checkpoint's; 1 when fresh)")
-    g.add_argument("--trigger-active", action="store_true",
-                   help="use the trained trigger (always on for trigger-grpo)")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--init-seed", type=int, default=0)
+    g = p.add_argument_group("MemGen settings", "a fresh checkpoint's shape (without --memgen); --budget and the "
+                             "trigger flags also override a loaded checkpoint's, and default to its values")
+    if mode == "trigger-grpo":   # the trigger is what this mode trains: always active
+        add_fresh_checkpoint_arguments(g, trigger_default=False, defer_defaults=True)
+        for action in g._group_actions:
+            if action.dest == "trigger_active":
+                action.help = argparse.SUPPRESS
+    else:
+        add_fresh_checkpoint_arguments(g, trigger_default=False, defer_defaults=True,
+                                       trigger_why="a fresh trigger is untrained; trigger-grpo trains it")
+    add_deprecated_alias(g, "--max-inference-aug", "--budget", "budget", type=int)
 
     g = p.add_argument_group("optimisation (defaults: the reference YAMLs)")
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--epochs", type=int, default=None, help="default 2 (sft), 1 (grpo)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "linear", "constant"])
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="passes over --data (default: 2 for sft, 1 for grpo)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: "
+                   "all epochs)")
+    g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "linear", "constant"],
+                   help="learning-rate schedule after the warm-up")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--seed", type=int, default=42, help="seed of the data order, dropout and rollouts")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     g.add_argument("--reference-compat", action="store_true",
                    help="reproduce the reference trainers' losses exactly: sft sums the gradients of the "
@@ -84,34 +108,56 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "one pass, each weaver prefix computed once, the same loss and gradients; step: the "
                         "step-by-step forward, one row at a time (the oracle, the reference's order of operations)")
 
+
+def _add_sft_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sft")
     g.add_argument("--batch-size", type=int, default=4, help="rows per token-mean loss")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--max-length", type=int, default=1024, help="truncate examples to this many tokens")
+    g.add_argument("--max-prompt-aug", type=int, default=None,
+                   help="conversations: assistant turns trained per row, a random subset when a row has more "
+                        "(the reference's max_prompt_aug_num; its TriviaQA scripts use 8; default: the "
+                        "checkpoint's, 1 when fresh)")
     g.add_argument("--answer-template", default=ANSWER_TEMPLATE,
                    help="the assistant turn of a record that has an answer but no assistant text; {answer} is "
                         "replaced by the answer (default: %(default)r, what `memgen eval`'s boxed scorer reads)")
 
+
+def _add_grpo_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     g = p.add_argument_group("grpo")
     g.add_argument("--num-generations", type=int, default=8, help="samples per prompt (the group)")
     g.add_argument("--prompts-per-step", type=int, default=1, help="groups per optimizer step")
-    g.add_argument("--max-completion-length", type=int, default=512)
+    g.add_argument("--max-completion-length", type=int, default=512, help="tokens per rollout at most")
     g.add_argument("--temperature", type=float, default=1.0, help="reasoner sampling temperature")
     g.add_argument("--trigger-temperature", type=float, default=1.0, help="trigger sampling temperature")
-    g.add_argument("--loss-type", default="bnpo", choices=["grpo", "bnpo", "dr_grpo"])
+    g.add_argument("--loss-type", default="bnpo", choices=["grpo", "bnpo", "dr_grpo"],
+                   help="how token losses are normalised (TRL's names)")
     g.add_argument("--epsilon", type=float, default=0.2, help="clip range (low, and high unless --epsilon-high)")
-    g.add_argument("--epsilon-high", type=float, default=None)
+    g.add_argument("--epsilon-high", type=float, default=None, help="upper clip range (default: --epsilon)")
     g.add_argument("--num-iterations", type=int, default=1, help="optimisation passes per rollout batch")
     g.add_argument("--task", default=None, choices=["boxed", "exact", "alias", "code"],
                    help="reward scorer (default: each record's task, else inferred from its fields)")
-    g.add_argument("--penalty-lambda", type=float, default=0.1,
-                   help="trigger GRPO: weight of the reward-adaptive insertion penalty (paper Eq. 8-9)")
-    g.add_argument("--penalty-form", default="rate", choices=["rate", "per_decision"])
-    g.add_argument("--no-penalty", action="store_true", help="trigger GRPO without the penalty (the reference code)")
+    if mode == "trigger-grpo":
+        g.add_argument("--penalty-lambda", type=float, default=0.1,
+                       help="weight of the reward-adaptive insertion penalty (paper Eq. 8-9)")
+        g.add_argument("--penalty-form", default="rate", choices=["rate", "per_decision"],
+                       help="the penalty per insertion rate or per decision")
+        g.add_argument("--no-penalty", action="store_true", help="no insertion penalty (as the reference code)")
+    else:   # the penalty is the trigger's: the weaver's GRPO has none
+        p.set_defaults(penalty_lambda=0.0, penalty_form="rate", no_penalty=True)
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    from memgen.checkpoint_options import add_deprecated_alias
 
     g = p.add_argument_group("output")
-    g.add_argument("--save-format", default="both", choices=["reference", "export", "both"])
-    g.add_argument("--save-every", type=int, default=None, help="also save every N optimizer steps")
+    g.add_argument("--format", default="both", choices=list(_SAVE_FORMATS),
+                   help="checkpoint files to write: reference (the reference's save_pretrained layout), "
+                        "safetensors (this project's export), or both")
+    add_deprecated_alias(g, "--save-format", "--format", "format", choices=list(_SAVE_FORMATS),
+                         type=lambda v: "safetensors" if v == "export" else v)
+    g.add_argument("--save-every", type=int, default=None, help="also save every N optimizer steps (default: "
+                   "only at the end)")
     g.add_argument("--quiet", action="store_true", help="no progress bar on stderr (train_log.jsonl still gets "
                    "every step)")
 
@@ -127,24 +173,35 @@ def _load_model(args):
     reasoner = Path(resolve_model_dir(args.model))
     weaver = Path(resolve_model_dir(args.weaver_model)) if args.weaver_model else None
     trigger = Path(resolve_model_dir(args.trigger_model)) if args.trigger_model else None
+    from memgen.checkpoint_options import fill_fresh_checkpoint_defaults
+
+    given = fill_fresh_checkpoint_defaults(args, trigger_default=False)
+    if args.mode == "trigger-grpo" and "--no-trigger-active" in given:
+        raise ValueError("trigger-grpo trains the trigger: it is always active (drop --no-trigger-active)")
     if args.memgen:
+        shape = [flag for flag in given if flag not in ("--budget", "--trigger-active", "--no-trigger-active")]
+        if shape:
+            raise ValueError(f"{', '.join(shape)} set a fresh checkpoint's shape; --memgen {args.memgen} keeps "
+                             "its own (only --budget and the trigger flags override a loaded checkpoint)")
         ckpt = load_checkpoint(args.memgen)
     else:
-        lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": ["q_proj", "v_proj"],
+        lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": list(args.lora_targets),
                 "lora_dropout": args.lora_dropout, "bias": "none", "task_type": "CAUSAL_LM"}
         settings = MemGenSettings(prompt_latents_len=args.prompt_latents, inference_latents_len=args.inference_latents,
-                                  max_inference_aug_num=5, weaver_lora_config=dict(lora),
-                                  trigger_lora_config=dict(lora))
+                                  max_inference_aug_num=args.budget, trigger_active=args.trigger_active,
+                                  weaver_lora_config=dict(lora), trigger_lora_config=dict(lora))
         configs = [load_hf_config(d or reasoner) for d in (reasoner, weaver, trigger)]
         ckpt = random_checkpoint(settings, *configs, seed=args.init_seed, weaver_base=str(weaver or reasoner),
                                  trigger_base=str(trigger or reasoner))
     changes = {}
-    if args.max_inference_aug is not None:
-        changes["max_inference_aug_num"] = args.max_inference_aug
+    if "--budget" in given:
+        changes["max_inference_aug_num"] = args.budget
     if getattr(args, "max_prompt_aug", None) is not None:
         changes["max_prompt_aug_num"] = args.max_prompt_aug
-    if args.trigger_active or args.mode == "trigger-grpo":
+    if args.mode == "trigger-grpo":
         changes["trigger_active"] = True
+    elif {"--trigger-active", "--no-trigger-active"} & set(given):
+        changes["trigger_active"] = args.trigger_active
     if changes:
         ckpt = dataclasses.replace(ckpt, settings=dataclasses.replace(ckpt.settings, **changes))
     dtype = getattr(torch, args.dtype)
@@ -195,7 +252,7 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     model, reasoner, weaver, trigger = _load_model(args)
 
     def save(path):
-        return save_checkpoint(model, path, args.save_format, reasoner_dir=reasoner)
+        return save_checkpoint(model, path, _SAVE_FORMATS[args.format], reasoner_dir=reasoner)
 
     on_step, log = _logger(args, out_dir, save)
     try:
