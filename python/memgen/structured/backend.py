@@ -108,16 +108,19 @@ class StructuredOutputs:
         if shifts is None:
             shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
         bits = bitmask.to(device, non_blocking=True)
-        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(rows), -1)[:, :logits.shape[-1]]
+        banned = ((bits.unsqueeze(-1) >> shifts) & 1).eq(0).reshape(len(rows), -1)[:, :logits.shape[-1]]
         json_rows = [j for j, (i, _) in enumerate(rows) if getattr(seqs[i], "grammar_json", False)]
         if json_rows and self._json_bad:
             bad = self._json_bad_on.get(device)
             if bad is None:
                 bad = self._json_bad_on[device] = torch.tensor(self._json_bad, device=device)
-            allowed[torch.tensor(json_rows, device=device)[:, None], bad[None, :]] = False
-        index = torch.tensor([i for i, _ in rows], device=device)
-        with torch.inference_mode():     # the logits are an inference tensor
-            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+            banned[torch.tensor(json_rows, device=device)[:, None], bad[None, :]] = True
+        with torch.inference_mode():     # the logits are an inference tensor; in place, no copies
+            if len(rows) == logits.shape[0]:
+                logits.masked_fill_(banned, float("-inf"))
+            else:
+                for j, (i, _) in enumerate(rows):
+                    logits[i].masked_fill_(banned[j], float("-inf"))
         return logits
 
     def accept(self, seqs, token_ids: list[int]) -> None:
