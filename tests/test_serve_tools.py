@@ -229,3 +229,12 @@ def test_native_template_gets_tools_and_object_arguments():
     messages, tools = prepare_conversation(template, conv, TOOLS)
     assert tools == TOOLS and messages[0]["tool_calls"][0]["function"]["arguments"] == {"a": 7}
     assert conv[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 7}'     # the caller's data unchanged
+
+
+def test_offline_chat_checks_tools(llm):
+    with pytest.raises(ValueError, match="tools\\[0\\]"):
+        llm.chat(USER, tools=[{"type": "function", "function": {"name": "x", "parameters": "not a schema"}}],
+                 use_tqdm=False)
+    with pytest.raises(ValueError, match="tool_calls"):
+        llm.chat(USER + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}],
+                 tools=TOOLS, use_tqdm=False)
