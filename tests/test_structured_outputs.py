@@ -183,3 +183,15 @@ def test_memgen_plain_rows_unchanged_beside_constrained(memgen_llm):
     mixed = memgen_llm.chat([[{"role": "user", "content": PROMPTS[0]}], conv], [constrained, plain],
                             use_tqdm=False)
     assert mixed[1].token_ids == alone.token_ids and mixed[1].augmentation == alone.augmentation
+
+
+def test_memgen_preemption_keeps_constrained_outputs(memgen_reasoner_dir, memgen_active_ckpt_dir, memgen_llm):
+    conv = [[{"role": "user", "content": p}] for p in PROMPTS]
+    sps = [SamplingParams(max_tokens=40, temperature=1.0, seed=i, structured_outputs=COMPACT) for i in range(3)]
+    expected = memgen_llm.chat(conv, sps, use_tqdm=False)
+    tight = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, dtype="float64", max_model_len=96,
+                block_size=4, num_kv_blocks=80, max_num_batched_tokens=16)
+    outs = tight.chat(conv, sps, use_tqdm=False)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the KV budget must force preemption"
+    for o, e in zip(outs, expected):
+        assert o.token_ids == e.token_ids and o.augmentation == e.augmentation
