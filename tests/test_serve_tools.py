@@ -238,3 +238,14 @@ def test_offline_chat_checks_tools(llm):
     with pytest.raises(ValueError, match="tool_calls"):
         llm.chat(USER + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}],
                  tools=TOOLS, use_tqdm=False)
+
+
+def test_logprobs_of_ruled_out_tokens_are_finite(client):
+    """A constraint gives the tokens it rules out -inf; the server reports vLLM's floor, -9999."""
+    out = _chat(client, logprobs=True, top_logprobs=5, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    entries = out.choices[0].logprobs.content
+    assert entries and all(t.logprob >= -9999.0 for e in entries for t in e.top_logprobs)
+    assert any(t.logprob == -9999.0 for e in entries for t in e.top_logprobs)
+    out = client.completions.create(model=NAME, prompt="Hi", logprobs=5, max_tokens=3,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert all(v >= -9999.0 for d in out.choices[0].logprobs.top_logprobs for v in d.values())

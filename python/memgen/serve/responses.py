@@ -29,6 +29,11 @@ from memgen.serve.schemas import (
 )
 
 DONE = "data: [DONE]\n\n"
+MIN_LOGPROB = -9999.0     # vLLM's floor: a token a constraint rules out has -inf, which JSON cannot carry
+
+
+def _finite(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, MIN_LOGPROB)
 
 
 def sse(model) -> str:
@@ -86,8 +91,8 @@ class ResponseBuilder:
         for token, lps in zip(token_ids, logprobs):
             text = self._token_text(token)
             out.tokens.append(text)
-            out.token_logprobs.append(lps.get(token))
-            out.top_logprobs.append({self._token_text(t): lp for t, lp in lps.items()})
+            out.token_logprobs.append(_finite(lps.get(token)))
+            out.top_logprobs.append({self._token_text(t): _finite(lp) for t, lp in lps.items()})
             out.text_offset.append(offset)
             offset += len(text)
         return out
@@ -101,8 +106,8 @@ class ResponseBuilder:
             text = self._token_text(token)
             top = sorted(lps.items(), key=lambda kv: -kv[1])[:k]
             content.append(ChatLogprob(
-                token=text, logprob=lps[token], bytes=list(text.encode()),
-                top_logprobs=[TopLogprob(token=(t_text := self._token_text(t)), logprob=lp,
+                token=text, logprob=_finite(lps[token]), bytes=list(text.encode()),
+                top_logprobs=[TopLogprob(token=(t_text := self._token_text(t)), logprob=_finite(lp),
                                          bytes=list(t_text.encode())) for t, lp in top]))
         return ChatChoiceLogprobs(content=content)
 
