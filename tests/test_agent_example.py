@@ -7,11 +7,7 @@ model answers in text. Each call's result goes back as a tool turn and is in
 the next prompt; MemGen's fields still come back."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,47 +25,17 @@ import agent_tools  # noqa: E402
 NAME = "tiny-agent"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(memgen_reasoner_dir, memgen_active_ckpt_dir, tmp_path_factory):
+    from serve_process import memgen_serve
     from test_serve_tools import long_context_copy
 
     model = long_context_copy(memgen_reasoner_dir, tmp_path_factory)
-    port = _free_port()
-    log = tmp_path_factory.mktemp("agent") / "server.log"
-    cmd = [sys.executable, "-m", "memgen.cli", "serve", "--model", str(model), "--memgen", str(memgen_active_ckpt_dir),
-           "--weaver-model", str(model), "--trigger-model", str(model), "--max-model-len", "2048",
-           "--dtype", "float64", "--device", "cpu", "--served-model-name", NAME, "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"memgen serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"memgen serve did not answer /health:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+    args = ["--model", str(model), "--memgen", str(memgen_active_ckpt_dir), "--weaver-model", str(model),
+            "--trigger-model", str(model), "--max-model-len", "2048", "--dtype", "float64", "--device", "cpu",
+            "--served-model-name", NAME, "--log-level", "warning"]
+    with memgen_serve(args, tmp_path_factory.mktemp("agent") / "server.log") as (base, _):
         yield f"{base}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_tools_themselves():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
@@ -51,46 +50,15 @@ class Server:
                 for m in re.finditer(r"^([a-zA-Z_:][^ ]*) ([-+0-9.eE]+|NaN)$", text, re.MULTILINE)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(memgen_reasoner_dir, memgen_ckpt_dir, tmp_path_factory):
-    port = _free_port()
+    from serve_process import memgen_serve
+
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "memgen.cli", "serve", "--model", str(memgen_reasoner_dir),
-           "--memgen", str(memgen_ckpt_dir), "--dtype", "float64", "--device", "cpu",
-           "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--max-waiting", "100000", "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"memgen serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"memgen serve did not answer /health in {STARTUP_TIMEOUT_S} s:\n"
-                            f"{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+    args = ["--model", str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir), "--dtype", "float64",
+            "--device", "cpu", "--served-model-name", NAME, "--max-waiting", "100000", "--log-level", "warning"]
+    with memgen_serve(args, log, STARTUP_TIMEOUT_S) as (base, proc):
         yield Server(base, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
