@@ -195,3 +195,19 @@ def test_memgen_preemption_keeps_constrained_outputs(memgen_reasoner_dir, memgen
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the KV budget must force preemption"
     for o, e in zip(outs, expected):
         assert o.token_ids == e.token_ids and o.augmentation == e.augmentation
+
+
+def test_cache_is_bounded_and_a_missing_backend_is_clear(llm, monkeypatch):
+    import sys
+
+    from memgen.structured import backend as backend_module
+
+    backend = llm.structured_outputs()
+    monkeypatch.setattr(backend_module, "MAX_CACHED_GRAMMARS", 2)
+    for word in ("alpha", "beta", "gamma"):
+        backend.compile(StructuredOutputsParams(regex=word))
+    assert len(backend._cache) == 2 and ("regex", "alpha", False) not in backend._cache
+    monkeypatch.setitem(sys.modules, "xgrammar", None)     # as if not installed
+    with pytest.raises(ImportError, match=r"memgen\[structured\]") as e:
+        backend_module.StructuredOutputs(llm.tokenizer, llm.vocab_size, frozenset([2]))
+    assert isinstance(e.value, ValueError)                  # so the server answers 400, not 500

@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 
 import torch
 
 from memgen.structured.params import StructuredOutputsParams
 
 NO_TOKEN = ""     # xgrammar never allows a token whose text is empty (special / padding ids)
+MAX_CACHED_GRAMMARS = 512     # compiled constraints kept (least recently used first out)
+
+
+class MissingBackend(ImportError, ValueError):
+    """xgrammar is not installed: an ImportError offline, a 400 (not a 500) in the server."""
 
 
 class StructuredOutputs:
@@ -38,14 +44,15 @@ class StructuredOutputs:
         try:
             import xgrammar as xgr
         except ImportError:
-            raise ImportError("structured outputs need xgrammar: pip install 'memgen[structured]'") from None
+            raise MissingBackend("structured outputs and enforced tool calls need xgrammar: "
+                                 "pip install 'memgen[structured]'") from None
 
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.info = tokenizer_info(tokenizer, vocab_size, self.stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
-        self._cache: dict[tuple, object] = {}
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
         self._shifts: dict[torch.device, torch.Tensor] = {}
         # tokens holding a control byte other than tab / newline / carriage return can never be
@@ -63,8 +70,9 @@ class StructuredOutputs:
         key = params.key()
         with self._lock:
             found = self._cache.get(key)
-        if found is not None:
-            return found
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
         kind, value, compact = key
         c = self.compiler
         try:
@@ -84,6 +92,8 @@ class StructuredOutputs:
         with self._lock:
             self._cache[key] = compiled
             self.num_compiled += 1
+            while len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)    # requests holding its matchers keep it alive
         return compiled
 
     # ---- per request ----------------------------------------------------------------
