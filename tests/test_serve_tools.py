@@ -179,8 +179,10 @@ def test_named_tool_streams_tool_call_deltas(client):
     chunks = list(_chat(client, stream=True, tools=TOOLS,
                         tool_choice={"type": "function", "function": {"name": "calculator"}}))
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
-    assert deltas[0].function.name == "calculator" and deltas[0].id
+    assert deltas[0].function.name == "calculator" and deltas[0].id and deltas[0].function.arguments == ""
+    assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:])   # arguments as they come
     jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), SCHEMAS["calculator"])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 

@@ -248,7 +248,8 @@ def parse_tool_calls(text: str, tools: list[dict], tool_choice) -> tuple[str | N
 class ToolStream:
     """One streamed choice: content deltas until a tool call starts, then one
     `delta.tool_calls` entry per call (index, id, type and name first, then the
-    arguments) as each `</tool_call>` closes (or at the end)."""
+    arguments) as each `</tool_call>` closes (or at the end); a named function's
+    arguments stream as they are generated, "required"'s calls come at the end."""
     tools: list[dict]
     tool_choice: object
     text: str = ""
@@ -266,6 +267,17 @@ class ToolStream:
         if self.tool_choice == "none":
             out, self.sent = self.text[self.sent:], len(self.text)
             return out, []
+        if isinstance(self.tool_choice, dict):     # the text is the arguments: streamed as they come
+            deltas = []
+            if not self.calls:
+                call = tool_call(self.tool_choice["function"]["name"], "")
+                self.calls.append(call)
+                deltas.append({"index": 0, "id": call["id"], "type": "function",
+                               "function": {"name": call["function"]["name"], "arguments": ""}})
+            if delta:
+                self.calls[0]["function"]["arguments"] += delta
+                deltas.append({"index": 0, "function": {"arguments": delta}})
+            return "", deltas
         if self.constrained:
             if not final:
                 return "", []
