@@ -74,6 +74,19 @@ def _assert_close(fast_loss, step_loss, fast_grads, step_grads):
         assert float((fast_grads[name] - g).norm()) <= TOL * float(g.norm()), name
 
 
+def _sft_fast_and_step(model, params, rows):
+    """((fast loss, grads), (step loss, grads)) of the summed CE over single-turn
+    rows: memgen.train.fast.loss_sum against one sft_forward per row."""
+    with float64_rmsnorm():
+        step = sum(torch.nn.functional.cross_entropy(
+            model.sft_forward(torch.tensor(ids), torch.tensor(labels)).logits[:-1], torch.tensor(labels[1:]),
+            ignore_index=-100, reduction="sum") for ids, labels in rows)
+        step_grads = _grads(params, step)
+        fast = loss_sum(model, rows)
+        fast_grads = _grads(params, fast)
+    return (fast, fast_grads), (step, step_grads)
+
+
 def _step_logprobs(model, ids, labels, mask=None):
     """log p(labels[t+1]) at every supervised label, from sft_forward."""
     out = model.sft_forward(torch.tensor(ids), torch.tensor(labels), None if mask is None else torch.tensor(mask))
@@ -192,17 +205,11 @@ def test_sft_batch_equals_step_by_step(f64_models, kind, budget, torch_one_threa
         params = _train_mode(model)
         examples = _examples(model.tokenizer)
         rows = [(e.input_ids, e.labels) for e in examples]
-        with float64_rmsnorm():
-            plans = [plan_row(model, ids, labels) for ids, labels in rows]
-            assert not nested_prefix(plans) and groups(plans) == [(list(range(len(rows))), False)]
-            if budget:
-                assert sum(len(p.inference_points) for p in plans) >= 4
-            step = sum(torch.nn.functional.cross_entropy(
-                model.sft_forward(torch.tensor(ids), torch.tensor(labels)).logits[:-1], torch.tensor(labels[1:]),
-                ignore_index=-100, reduction="sum") for ids, labels in rows)
-            step_grads = _grads(params, step)
-            fast = loss_sum(model, rows)
-            fast_grads = _grads(params, fast)
+        plans = [plan_row(model, ids, labels) for ids, labels in rows]
+        assert not nested_prefix(plans) and groups(plans) == [(list(range(len(rows))), False)]
+        if budget:
+            assert sum(len(p.inference_points) for p in plans) >= 4
+        (fast, fast_grads), (step, step_grads) = _sft_fast_and_step(model, params, rows)
         _assert_close(fast, step, fast_grads, step_grads)
     finally:
         model.settings.max_inference_aug_num = old
@@ -262,15 +269,8 @@ def test_conversation_turns_share_the_conversation(f64_models, torch_one_thread)
             assert ids[:end] == tokens(messages[:k + 1])
             rows.append((ids[:end], [-100] * start + ids[start:end]))
     assert len(rows) == 6
-    with float64_rmsnorm():
-        plans = [plan_row(model, i, l) for i, l in rows]
-        assert nested_prefix(plans)
-        step = sum(torch.nn.functional.cross_entropy(
-            model.sft_forward(torch.tensor(i), torch.tensor(l)).logits[:-1], torch.tensor(l[1:]),
-            ignore_index=-100, reduction="sum") for i, l in rows)
-        step_grads = _grads(params, step)
-        fast = loss_sum(model, rows)
-        fast_grads = _grads(params, fast)
+    assert nested_prefix([plan_row(model, i, l) for i, l in rows])
+    (fast, fast_grads), (step, step_grads) = _sft_fast_and_step(model, params, rows)
     _assert_close(fast, step, fast_grads, step_grads)
 
 
@@ -289,13 +289,7 @@ def test_every_tiny_architecture(tiny_model_dir, torch_one_thread):
     same_prompt = [encode_example(model.tokenizer, ChatExample([{"role": "user", "content": "Hi."}], c))
                    for c in COMPLETIONS]
     for batch in ([(e.input_ids, e.labels) for e in examples], [(e.input_ids, e.labels) for e in same_prompt]):
-        with float64_rmsnorm():
-            step = sum(torch.nn.functional.cross_entropy(
-                model.sft_forward(torch.tensor(i), torch.tensor(l)).logits[:-1], torch.tensor(l[1:]),
-                ignore_index=-100, reduction="sum") for i, l in batch)
-            step_grads = _grads(params, step)
-            fast = loss_sum(model, batch)
-            fast_grads = _grads(params, fast)
+        (fast, fast_grads), (step, step_grads) = _sft_fast_and_step(model, params, batch)
         _assert_close(fast, step, fast_grads, step_grads)
 
 

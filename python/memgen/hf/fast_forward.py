@@ -192,9 +192,9 @@ class _Stream:
     def _mask(self, b: int, new_valid: Tensor) -> Tensor | None:
         """[n, T + n] bool: what row b's new slots attend (None: plain causal)."""
         past, n = self.valid[b], new_valid.shape[0]
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         if past.shape[0] == 0 and bool(new_valid.all()):
             return None
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         # a query attends the earlier slots whose mask is 1 (its own mask does not matter, as in
         # transformers' masks); one with none (a leading masked token) sees itself: no NaN
         mask = torch.cat([past[None, :].expand(n, -1), new_valid[None, :] & causal], dim=1)
@@ -238,9 +238,10 @@ class _Stream:
                     vb = torch.cat([self.values[i][b], vb], dim=1)
                 self.keys[i][b], self.values[i][b] = kb, vb
                 mask = masks[b]
-                outs.append(torch.nn.functional.scaled_dot_product_attention(
+                ob = torch.nn.functional.scaled_dot_product_attention(
                     q[None, :, s:e], kb[None], vb[None], attn_mask=None if mask is None else mask[None, None],
-                    is_causal=mask is None, scale=self.scaling, enable_gqa=q.shape[0] != kb.shape[0])[0])
+                    is_causal=mask is None, scale=self.scaling, enable_gqa=q.shape[0] != kb.shape[0])[0]
+                outs.append(ob)
             o = torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1)
             if i == last and keep is not None:
                 o, h = o[keep], h[keep]
