@@ -308,6 +308,13 @@ NB_MODULE(_native, m) {
           },
           "silu(gate) * up of a contiguous [rows, 2 * width] gate-up output (engine/cpu_ops.h).");
     m.def("linear_isa", &linear_isa, "the instruction set the packed CPU linear runs (engine/cpu_gemm.h)");
+    m.def("linear_threads", &linear_threads, "M"_a, "K"_a, "N"_a, "num_threads"_a,
+          "threads packed_linear would use for x [M, K] and an [N, K] W under a budget of num_threads "
+          "(1: the call is too small to wake another; engine/cpu_gemm.h)");
+    m.def("set_linear_split", [](const std::string& mode) { set_linear_split(mode.c_str()); }, "mode"_a,
+          "when packed_linear splits a call across threads: 'sums' (default: 4M multiply-adds per thread), "
+          "'stream' (also few-row calls bound by reading W) or 'off' (engine/cpu_gemm.h)");
+    m.def("linear_split", &linear_split, "the split rule in force ('sums', 'stream' or 'off')");
     m.def("packed_size", &packed_size, "floats the packed form of a [K, N] matrix takes (engine/cpu_gemm.h)");
     m.def("pack_weight",
           [](uintptr_t w_t, int64_t K, int64_t N, uintptr_t packed) {

@@ -2,13 +2,20 @@
 #include "cpu_gemm.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
-#include <omp.h>
+#include <sched.h>
+#include <unistd.h>
 
 namespace memgen {
 namespace {
@@ -118,25 +125,18 @@ inline void pack_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp)
     }
 }
 
-// Rows per pass over the panels: a long prefill chunk runs in blocks of rows, so that
-// its packed copy of x stays small (W is streamed once per block, where each panel
-// then serves 256 rows: the sums, not the stream, bound those passes).
+// Rows per pass over the panels: a long prefill chunk runs in blocks of rows (W is
+// streamed once per block, where each panel then serves 256 rows: the sums, not the
+// stream, bound those passes).
 constexpr int64_t kRowBlock = 256;
 
-// The panels [p0, p1) for up to kRowBlock rows, a group of kGroup panels at a time: row
-// tiles of `big` rows (as many accumulators as the registers hold) panel by panel,
-// then the group's last rows together (4 panels for 1-2 rows, 2 for 3-4, where the
-// registers hold them).
 constexpr int64_t kGroup = 4;
 
 template <typename V, int big>
-inline __attribute__((always_inline)) void row_block(const float* x, int64_t M, int64_t K, const float* packed,
+inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M, int64_t K, const float* packed,
                                                      int64_t N, const float* bias, float* y, int64_t p0,
                                                      int64_t p1) {
     const int64_t full = M / big * big, left = M - full, panel_size = K * kPanel;
-    std::unique_ptr<float[]> x_tiles(new float[M * K]);
-    float* xp = x_tiles.get();
-    pack_x(x, M, K, big, xp);
     for (int64_t g = p0; g < p1; g += kGroup) {
         const int64_t in_group = std::min(kGroup, p1 - g);
         for (int64_t p = g; p < g + in_group && full > 0; ++p) {
@@ -172,11 +172,20 @@ inline __attribute__((always_inline)) void row_block(const float* x, int64_t M, 
     }
 }
 
+// The panels [p0, p1) for all M rows, a block of kRowBlock rows at a time; xp holds every
+// block's rows packed (pack_rows_x). A thread's share of a call is one such range:
+// every output is one tile's sum in the order of k, whichever thread runs it.
 template <typename V, int big>
-inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int64_t K, const float* packed,
+inline __attribute__((always_inline)) void panels(const float* xp, int64_t M, int64_t K, const float* packed,
                                                   int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
-        row_block<V, big>(x + r0 * K, std::min(kRowBlock, M - r0), K, packed, N, bias, y + r0 * N, p0, p1);
+        row_block<V, big>(xp + r0 * K, std::min(kRowBlock, M - r0), K, packed, N, bias, y + r0 * N, p0, p1);
+}
+
+// x [M, K] into the tiles' order, block of kRowBlock rows by block (tiles of `big` rows).
+void pack_rows_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp) {
+    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
+        pack_x(x + r0 * K, std::min(kRowBlock, M - r0), K, big, xp + r0 * K);
 }
 
 // One body per instruction set, picked at run time (never -march=native: the wheel
@@ -187,61 +196,250 @@ inline __attribute__((always_inline)) void panels(const float* x, int64_t M, int
 // registers, so 6 rows fill its 16 (with the panel's two and a broadcast); the SSE2
 // baseline into four, 2 rows.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target("avx512f,avx512vl,fma"))) void panels_avx512(const float* x, int64_t M, int64_t K,
+__attribute__((target("avx512f,avx512vl,fma"))) void panels_avx512(const float* xp, int64_t M, int64_t K,
                                                                     const float* packed, int64_t N,
                                                                     const float* bias, float* y, int64_t p0,
                                                                     int64_t p1) {
-    panels<v16, 16>(x, M, K, packed, N, bias, y, p0, p1);
+    panels<v16, 16>(xp, M, K, packed, N, bias, y, p0, p1);
 }
-__attribute__((target("avx2,fma"))) void panels_avx2(const float* x, int64_t M, int64_t K, const float* packed,
+__attribute__((target("avx2,fma"))) void panels_avx2(const float* xp, int64_t M, int64_t K, const float* packed,
                                                      int64_t N, const float* bias, float* y, int64_t p0,
                                                      int64_t p1) {
-    panels<v8, 6>(x, M, K, packed, N, bias, y, p0, p1);
+    panels<v8, 6>(xp, M, K, packed, N, bias, y, p0, p1);
 }
 #define MEMGEN_GEMM_DISPATCH 1
 #endif
-void panels_baseline(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
+void panels_baseline(const float* xp, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                      float* y, int64_t p0, int64_t p1) {
-    panels<v4, 2>(x, M, K, packed, N, bias, y, p0, p1);
+    panels<v4, 2>(xp, M, K, packed, N, bias, y, p0, p1);
 }
 
 using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,
                           int64_t);
 
+struct Body {
+    PanelsFn run;
+    int64_t big;        // rows per full tile (pack_x's tiles)
+    const char* name;
+};
+
 // The best body this CPU runs; MEMGEN_CPU_ISA=avx2|baseline asks for a lower one (tests
 // run every body on one machine; an unknown or unsupported value is ignored).
-PanelsFn pick_panels() {
+Body pick_body() {
     const char* asked = std::getenv("MEMGEN_CPU_ISA");
     const std::string cap = asked != nullptr ? asked : "";
-    if (cap == "baseline") return panels_baseline;
+    const Body baseline{panels_baseline, 2, "baseline"};
+    if (cap == "baseline") return baseline;
 #ifdef MEMGEN_GEMM_DISPATCH
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-        return panels_avx512;
-    if (avx2) return panels_avx2;
+        return {panels_avx512, 16, "avx512"};
+    if (avx2) return {panels_avx2, 6, "avx2"};
 #endif
-    return panels_baseline;
+    return baseline;
 }
 
-PanelsFn chosen_panels() {
-    static const PanelsFn run = pick_panels();
-    return run;
+const Body& chosen_body() {
+    static const Body body = pick_body();
+    return body;
 }
 
-// Below this many multiply-adds a second thread costs more than it saves.
-constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+// Threads share a call by chunks of whole panel groups, about 64 KiB of W each or more:
+// each thread takes the next chunk when it is done with one (a thread that starts late
+// or is slowed by another process takes fewer), and every output column is one
+// tile's sum in the order of k whichever thread runs it: bit for bit the result of 1
+// thread.
+constexpr int64_t kChunkBytes = int64_t(64) << 10;
+
+int64_t chunk_panels(int64_t K) {
+    const int64_t group_bytes = kGroup * K * kPanel * int64_t(sizeof(float));
+    return kGroup * std::max<int64_t>(1, kChunkBytes / group_bytes);
+}
+
+// When a call is worth more threads (set_linear_split, MEMGEN_LINEAR_SPLIT):
+//  "sums" (the default): where its multiply-adds pay for them, 2^22 (4M) per thread (what
+//    the OpenMP split before the pool did): prefill chunks and larger decode batches.
+//  "stream": also the few-row calls that reading W bounds (a decode step's 1-16 rows):
+//    a thread per ~20 us of one core's estimated time, its weights' stream (~25 GB/s)
+//    plus its sums (~100 GFLOP/s). Not the default: on the shared 2-core development
+//    machine 2 threads beat 1 only while the other core was free (batch 8 1.46x, batch
+//    1 1.08x) and lost while it was not (0.67x, 0.92x): bench/README.md, "Decode rows
+//    across threads".
+//  "off": 1 thread always.
+std::atomic<int> g_split{-1};   // -1: not read from the environment yet
+
+int split_mode() {
+    int mode = g_split.load(std::memory_order_relaxed);
+    if (mode >= 0) return mode;
+    const char* v = std::getenv("MEMGEN_LINEAR_SPLIT");
+    const std::string asked = v != nullptr ? v : "";
+    mode = asked == "stream" ? 2 : asked == "off" ? 0 : 1;
+    int expected = -1;
+    g_split.compare_exchange_strong(expected, mode, std::memory_order_relaxed);
+    return g_split.load(std::memory_order_relaxed);
+}
+
+constexpr int64_t kNsPerThread = 20000;
+constexpr int64_t kMacsPerThread = int64_t(1) << 22;
+
+int64_t call_ns(int64_t M, int64_t K, int64_t N) {
+    const int64_t bytes = (N + kPanel - 1) / kPanel * kPanel * K * int64_t(sizeof(float));
+    return bytes / 25 + M * K * N / 50;
+}
+
+// The threads that share a linear call: the caller and up to num_threads - 1 helpers of
+// this pool (its own, not OpenMP's team: an OpenMP region ends when every thread of the
+// team has arrived, so on a busy machine a call waited for a helper that the kernel had
+// not yet scheduled, often a whole time slice: a step's linears at 8-16 rows took 3-15x
+// as long on 2 threads as on 1 at load 2 on 2 cores; 1.04-1.1x on this pool). Here the caller starts on the chunks at once and takes every chunk no
+// helper has claimed; it waits only for chunks a helper is running. A helper spins a
+// little after its last chunk (the next linear of a step may come soon), then sleeps on a
+// condition variable: a sleeping helper costs the caller a notify, never a wait.
+class LinearPool {
+  public:
+    struct Job {
+        PanelsFn run;
+        const float *xp, *packed, *bias;
+        float* y;
+        int64_t M, K, N, num_panels, per_chunk;
+    };
+
+    // The process's pool (a new one after fork(): the parent's helpers do not exist there).
+    static LinearPool& get() {
+        static std::atomic<LinearPool*> pool{nullptr};
+        static std::mutex made;
+        LinearPool* p = pool.load(std::memory_order_acquire);
+        if (p != nullptr && p->pid_ == getpid()) return *p;
+        std::lock_guard<std::mutex> lock(made);
+        p = pool.load(std::memory_order_relaxed);
+        if (p == nullptr || p->pid_ != getpid()) {
+            p = new LinearPool();   // never deleted: its helpers run until the process ends
+            pool.store(p, std::memory_order_release);
+        }
+        return *p;
+    }
+
+    // Runs every chunk of `job` on the caller and up to threads - 1 helpers; false (nothing
+    // done) when another caller holds the pool (the caller then runs it alone).
+    bool run(const Job& job, int64_t chunks, int threads) {
+        std::unique_lock<std::mutex> busy(caller_, std::try_to_lock);
+        if (!busy.owns_lock() || chunks >= (int64_t(1) << 16)) return false;
+        while ((int)helpers_.size() < threads - 1) {
+            const int index = (int)helpers_.size();
+            helpers_.emplace_back([this, index] { helper(index); });
+            helpers_.back().detach();
+        }
+        job_ = job;
+        limit_.store(threads, std::memory_order_relaxed);
+        done_.store(0, std::memory_order_relaxed);
+        const uint64_t gen = (gen_of(state_.load(std::memory_order_relaxed)) + 1) & 0xffffffffu;
+        state_.store(make(gen, 0, chunks), std::memory_order_seq_cst);
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+            { std::lock_guard<std::mutex> lock(mu_); }
+            cv_.notify_all();
+        }
+        work(gen);
+        // only chunks a helper claimed are left: they are running
+        for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+            if (spins < 4096) __builtin_ia32_pause();
+            else sched_yield();
+        }
+        return true;
+    }
+
+  private:
+    LinearPool() : pid_(getpid()) {}
+
+    static uint64_t make(uint64_t gen, int64_t next, int64_t total) {
+        return gen << 32 | uint64_t(next) << 16 | uint64_t(total);
+    }
+    static uint64_t gen_of(uint64_t s) { return s >> 32; }
+    static int64_t next_of(uint64_t s) { return int64_t(s >> 16 & 0xffff); }
+    static int64_t total_of(uint64_t s) { return int64_t(s & 0xffff); }
+
+    // Claim and run chunks of generation `gen` until none is left. A successful claim
+    // proves the generation is still current, and it stays so until this thread
+    // counts the chunk done: job_ is that generation's.
+    void work(uint64_t gen) {
+        for (;;) {
+            uint64_t s = state_.load(std::memory_order_acquire);
+            if (gen_of(s) != gen || next_of(s) >= total_of(s)) return;
+            if (!state_.compare_exchange_weak(s, s + (uint64_t(1) << 16), std::memory_order_acq_rel)) continue;
+            const Job& j = job_;
+            const int64_t c = next_of(s);
+            j.run(j.xp, j.M, j.K, j.packed, j.N, j.bias, j.y, c * j.per_chunk,
+                  std::min(j.num_panels, (c + 1) * j.per_chunk));
+            done_.fetch_add(1, std::memory_order_release);
+        }
+    }
+
+    void helper(int index) {
+        uint64_t seen = gen_of(state_.load(std::memory_order_acquire));
+        for (;;) {
+            const auto start = std::chrono::steady_clock::now();
+            uint64_t s;
+            for (int spins = 0; gen_of(s = state_.load(std::memory_order_acquire)) == seen; ++spins) {
+                if ((spins & 255) != 255 || std::chrono::steady_clock::now() - start < spin_time()) {
+                    __builtin_ia32_pause();
+                    continue;
+                }
+                std::unique_lock<std::mutex> lock(mu_);
+                sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                cv_.wait(lock, [&] { return gen_of(state_.load(std::memory_order_seq_cst)) != seen; });
+                sleepers_.fetch_sub(1, std::memory_order_relaxed);
+            }
+            seen = gen_of(s);
+            if (index + 1 < limit_.load(std::memory_order_relaxed)) work(seen);
+        }
+    }
+
+    // how long a helper spins for the next call before it sleeps (MEMGEN_LINEAR_SPIN_US,
+    // default 20: at load 3 on 2 cores, 50 and 500 us of spinning made 2 threads slower)
+    static std::chrono::microseconds spin_time() {
+        static const std::chrono::microseconds spin{[] {
+            const char* v = std::getenv("MEMGEN_LINEAR_SPIN_US");
+            return v != nullptr ? std::max(0L, std::strtol(v, nullptr, 10)) : 20L;
+        }()};
+        return spin;
+    }
+
+    const pid_t pid_;
+    std::mutex caller_;                    // one caller at a time
+    std::vector<std::thread> helpers_;     // detached; only the caller holding caller_ adds
+    Job job_{};
+    std::atomic<uint64_t> state_{0};       // generation (32 bits), next chunk, chunks (16 bits each)
+    std::atomic<int> limit_{1};            // threads this generation may use, caller included
+    std::atomic<int64_t> done_{0};         // chunks of this generation finished
+    std::atomic<int> sleepers_{0};
+    std::mutex mu_;
+    std::condition_variable cv_;
+};
 
 }  // namespace
 
-const char* linear_isa() {
-    const PanelsFn run = chosen_panels();
-#ifdef MEMGEN_GEMM_DISPATCH
-    if (run == panels_avx512) return "avx512";
-    if (run == panels_avx2) return "avx2";
-#endif
-    (void)run;
-    return "baseline";
+const char* linear_isa() { return chosen_body().name; }
+
+int linear_threads(int64_t M, int64_t K, int64_t N, int num_threads) {
+    if (M < 1 || K < 1 || N < 1 || num_threads <= 1) return 1;
+    const int64_t num_panels = (N + kPanel - 1) / kPanel;
+    const int64_t chunks = (num_panels + chunk_panels(K) - 1) / chunk_panels(K);
+    const int mode = split_mode();
+    if (mode == 0) return 1;
+    const int64_t worth = mode == 2 ? call_ns(M, K, N) / kNsPerThread : M * K * N / kMacsPerThread;
+    return (int)std::max<int64_t>(1, std::min<int64_t>({num_threads, chunks, worth}));
+}
+
+void set_linear_split(const char* mode) {
+    const std::string m = mode != nullptr ? mode : "";
+    if (m != "sums" && m != "stream" && m != "off")
+        throw std::invalid_argument("linear split: 'sums', 'stream' or 'off', got '" + m + "'");
+    g_split.store(m == "stream" ? 2 : m == "off" ? 0 : 1, std::memory_order_relaxed);
+}
+
+const char* linear_split() {
+    const int mode = split_mode();
+    return mode == 2 ? "stream" : mode == 0 ? "off" : "sums";
 }
 
 int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * K; }
@@ -271,21 +469,21 @@ void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0,
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads) {
     if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear: bad sizes");
-    const PanelsFn run = chosen_panels();
+    if (M == 0) return;
+    const Body& body = chosen_body();
     const int64_t num_panels = (N + kPanel - 1) / kPanel;
-    const int threads = (int)std::max<int64_t>(
-        1, std::min<int64_t>({num_threads, num_panels, M * K * N / kWorkPerThread}));
+    std::unique_ptr<float[]> x_tiles(new float[M * K]);
+    float* xp = x_tiles.get();
+    pack_rows_x(x, M, K, body.big, xp);
+    const int threads = linear_threads(M, K, N, num_threads);
     if (threads == 1) {
-        run(x, M, K, packed, N, bias, y, 0, num_panels);
+        body.run(xp, M, K, packed, N, bias, y, 0, num_panels);
         return;
     }
-#pragma omp parallel num_threads(threads)
-    {
-        // contiguous ranges of panels: each thread streams its own part of W
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t p0 = num_panels * t / n, p1 = num_panels * (t + 1) / n;
-        run(x, M, K, packed, N, bias, y, p0, p1);
-    }
+    const int64_t per_chunk = chunk_panels(K);
+    const int64_t chunks = (num_panels + per_chunk - 1) / per_chunk;
+    const LinearPool::Job job{body.run, xp, packed, bias, y, M, K, N, num_panels, per_chunk};
+    if (!LinearPool::get().run(job, chunks, threads)) body.run(xp, M, K, packed, N, bias, y, 0, num_panels);
 }
 
 }  // namespace memgen

@@ -27,9 +27,20 @@ void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed);
 // into the panels, no plain copy first.
 void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0, float* packed);
 
-// x [M, K] row-major, y [M, N] row-major, bias [N] or null. `num_threads` > 1 splits
-// the panels across OpenMP threads when the work is large enough to pay for it.
+// x [M, K] row-major, y [M, N] row-major, bias [N] or null. Up to `num_threads`
+// OpenMP threads share the call by chunks of panels (output columns), as many as its
+// work pays for (linear_threads); every output is bit for bit the 1-thread result.
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads);
+
+// How many threads packed_linear runs a call of these sizes on, given `num_threads`:
+// 1 where the call is too small to pay for waking another, under the split rule:
+// "sums" (default): 4M multiply-adds per thread; "stream": also the few-row calls
+// that reading W bounds, a thread per ~20 us of estimated work; "off": 1.
+int linear_threads(int64_t M, int64_t K, int64_t N, int num_threads);
+
+// The split rule, for the process (its first value: MEMGEN_LINEAR_SPLIT=sums|stream|off).
+void set_linear_split(const char* mode);
+const char* linear_split();
 
 }  // namespace memgen

@@ -199,3 +199,109 @@ def test_packed_linear_lower_instruction_sets(isa):
     assert out.returncode == 0, out.stderr
     ran = out.stdout.split()[-1]
     assert ran == isa or (isa == "avx2" and ran == "baseline")   # a CPU without AVX2 falls back
+
+
+# The split across threads (engine/cpu_gemm.cpp): every output column is one tile's sum in
+# the order of k whichever thread runs it, so 2, 3 and 4 threads give the 1-thread result
+# bit for bit. Run in a subprocess per instruction-set body (MEMGEN_CPU_ISA caps it), with
+# the "stream" split rule, which splits the few-row calls too.
+_THREADS_CODE = """
+import torch
+from memgen.layers import native
+assert native.linear_split() == "stream"
+torch.manual_seed(0)
+mismatches, split = [], 0
+for K, N in ((64, 3000), (37, 2001), (96, 4096 + 5), (576, 960), (130, 1553)):
+    w_t = torch.randn(K, N)
+    packed = torch.empty(native.packed_size(K, N))
+    native.pack_weight(w_t.data_ptr(), K, N, packed.data_ptr())
+    bias = torch.randn(N)
+    for M in list(range(1, 21)) + [33]:
+        x = torch.randn(M, K)
+        outs = {}
+        for threads in (1, 2, 3, 4):
+            y = torch.empty(M, N)
+            b = bias if M % 2 else None
+            native.packed_linear(x.data_ptr(), M, K, packed.data_ptr(), N, 0 if b is None else b.data_ptr(),
+                                 y.data_ptr(), threads)
+            outs[threads] = y
+            split += native.linear_threads(M, K, N, threads) > 1
+        for threads in (2, 3, 4):
+            if not torch.equal(outs[threads], outs[1]):
+                mismatches.append((K, N, M, threads))
+        ref = x @ w_t + (bias if M % 2 else 0)
+        torch.testing.assert_close(outs[1], ref, rtol=1e-4, atol=1e-3)
+assert not mismatches, mismatches
+assert split > 0, "no call was split: the test would test nothing"
+print(native.native_op("linear_isa")())
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+def test_packed_linear_threads_are_bit_identical_to_one_thread(isa):
+    """Rows 1..20 and 33 (whole tiles, tails, the 4/2-panel tail groups), odd output widths
+    (a padded last panel, chunks that end mid-group), 1 vs 2/3/4 threads, on every body."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MEMGEN_CPU_ISA"}
+    env["MEMGEN_LINEAR_SPLIT"] = "stream"
+    if isa != "native":
+        env["MEMGEN_CPU_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", _THREADS_CODE], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if isa != "native":
+        ran = out.stdout.split()[-1]
+        assert ran == isa or (isa == "avx2" and ran == "baseline")
+
+
+@pytest.fixture
+def split_rule():
+    """Set the split rule for one test; the process's rule comes back after it."""
+    before = native.linear_split()
+    yield native.set_linear_split
+    native.set_linear_split(before)
+
+
+def test_linear_threads_respects_the_budget_and_leaves_tiny_calls_alone(split_rule):
+    lt = native.linear_threads
+    for rule in ("sums", "stream"):
+        split_rule(rule)
+        assert lt(1, 64, 48, 4) == 1                  # a tiny linear wakes nobody
+        assert lt(8, 37, 21, 16) == 1
+        assert lt(1, 576, 49152, 1) == 1              # the budget: 1 thread means 1
+        assert lt(0, 576, 3072, 2) == 1
+        assert lt(1, 16, 32, 64) == 1                 # never more threads than chunks of panels
+        assert all(lt(m, 576, 960, 64) <= 15 for m in (1, 8, 16, 300))   # 60 panels: 15 chunks of 4
+        assert lt(256, 576, 3072, 2) == 2             # a prefill chunk splits under either rule
+        assert lt(256, 576, 3072, 3) == 3
+    split_rule("sums")                                # default: decode rows bound by the stream stay on 1
+    assert lt(1, 576, 3072, 2) == 1 and lt(8, 576, 960, 2) == 1
+    assert lt(16, 576, 576, 4) == 1                   # a 16-row step's o_proj: 5M multiply-adds
+    assert lt(8, 576, 3072, 2) == 2                   # 14M multiply-adds
+    split_rule("stream")                              # a decode row's projections and LM head split
+    assert lt(1, 576, 49152, 2) == 2 and lt(1, 576, 49152, 3) == 3
+    assert lt(1, 576, 3072, 2) == 2 and lt(1, 576, 960, 4) == 4
+    split_rule("off")
+    assert lt(256, 576, 3072, 4) == 1
+    with pytest.raises(ValueError, match="'sums', 'stream' or 'off'"):
+        split_rule("fast")
+
+
+def test_linear_uses_torch_thread_count(split_rule):
+    """Linear passes torch.get_num_threads() as the budget (the split is exact either way)."""
+    split_rule("stream")
+    layer, g = _linear(576, 3000, True)
+    layer.pack_for_cpu()
+    x = torch.randn(3, 576, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(layer(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])

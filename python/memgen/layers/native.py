@@ -25,6 +25,9 @@ packed_linear = native_op("packed_linear")   # engine/cpu_gemm.h, with pack_weig
 pack_weight = native_op("pack_weight")
 pack_rows = native_op("pack_rows")
 packed_size = native_op("packed_size")
+linear_threads = native_op("linear_threads")   # threads packed_linear uses for a call
+set_linear_split = native_op("set_linear_split")   # 'sums' (default), 'stream' (decode rows too), 'off'
+linear_split = native_op("linear_split")
 
 
 def fused_ok(*tensors: torch.Tensor) -> bool:
