@@ -312,8 +312,9 @@ NB_MODULE(_native, m) {
           "threads packed_linear would use for x [M, K] and an [N, K] W under a budget of num_threads "
           "(1: the call is too small to wake another; engine/cpu_gemm.h)");
     m.def("set_linear_split", [](const std::string& mode) { set_linear_split(mode.c_str()); }, "mode"_a,
-          "when packed_linear splits a call across threads: 'sums' (default: 4M multiply-adds per thread), "
-          "'stream' (also few-row calls bound by reading W) or 'off' (engine/cpu_gemm.h)");
+          "when packed_linear splits a call across threads: 'stream' (default: a thread per ~20 us of "
+          "estimated work, few-row decode calls included), 'sums' (4M multiply-adds per thread) or 'off' "
+          "(engine/cpu_gemm.h)");
     m.def("linear_split", &linear_split, "the split rule in force ('sums', 'stream' or 'off')");
     m.def("packed_size", &packed_size, "floats the packed form of a [K, N] matrix takes (engine/cpu_gemm.h)");
     m.def("pack_weight",

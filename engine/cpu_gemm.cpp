@@ -44,9 +44,12 @@ constexpr int kRegisters = sizeof(V) == 64 ? 32 : 16;
 // MR rows x NP neighbouring panels: acc[j][m] = bias + sum_k x[m, k] * panel_j[k, :],
 // every sum in the order of k (a row's result does not depend on the rows beside it).
 // The rows arrive k-major (xp[k * MR + m], see pack_x): one cache line of x per k.
-// A panel read once (`once`: its only row tile) is fetched non-temporally, so that
-// streaming the weights does not evict what the step keeps (the KV cache, the
-// activations); a panel that more row tiles will read is fetched into the caches.
+// A panel read once (`once`: its only row tile) by 1-3 rows is fetched non-temporally,
+// so that streaming the weights does not evict what the step keeps (the KV cache, the
+// activations); by 4 or more rows into the outer cache levels (prefetcht2): with the
+// non-temporal hint an 8-row step's linears waited on the stream (SmolLM2, 1 thread,
+// load ~1: a whole batch-8 decode step 51-53 -> 42-45 ms; 1-row steps gained nothing from
+// it). A panel that more row tiles will read is fetched into the caches.
 template <typename V, int MR, int NP, bool once>
 inline __attribute__((always_inline)) void tile(const float* xp, int64_t K, const float* panel, const float* bias,
                                                 float* y, int64_t ldy, int64_t cols) {
@@ -63,7 +66,7 @@ inline __attribute__((always_inline)) void tile(const float* xp, int64_t K, cons
         V w[NP][P];
         for (int j = 0; j < NP; ++j) {
             const float* p = panel + j * panel_size + k * kPanel;
-            __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? 0 : 3);
+            __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? (MR >= 4 ? 1 : 0) : 3);
             for (int q = 0; q < P; ++q) std::memcpy(&w[j][q], p + q * L, sizeof(V));
         }
 #pragma GCC unroll 16
@@ -258,14 +261,15 @@ int64_t chunk_panels(int64_t K) {
 }
 
 // When a call is worth more threads (set_linear_split, MEMGEN_LINEAR_SPLIT):
-//  "sums" (the default): where its multiply-adds pay for them, 2^22 (4M) per thread (what
-//    the OpenMP split before the pool did): prefill chunks and larger decode batches.
-//  "stream": also the few-row calls that reading W bounds (a decode step's 1-16 rows):
-//    a thread per ~20 us of one core's estimated time, its weights' stream (~25 GB/s)
-//    plus its sums (~100 GFLOP/s). Not the default: on the shared 2-core development
-//    machine 2 threads beat 1 only while the other core was free (batch 8 1.46x, batch
-//    1 1.08x) and lost while it was not (0.67x, 0.92x): bench/README.md, "Decode rows
-//    across threads".
+//  "stream" (the default): also the few-row calls that reading W bounds (a decode step's
+//    1-16 rows): a thread per ~20 us of one core's estimated time, its weights' stream
+//    (~25 GB/s) plus its sums (~100 GFLOP/s); a tiny linear stays on the caller.
+//    On the shared 2-core development machine, 2 threads against 1 for whole SmolLM2
+//    decode steps: batch 1 1.08-1.09x, batch 8 1.29-1.46x while the other core was
+//    free; while it was not, 2 threads lost under either rule (0.92x / 0.67x here,
+//    0.99x / 0.68x under "sums"): bench/README.md, "Decode rows across threads".
+//  "sums": only where a call's multiply-adds pay, 2^22 (4M) per thread (about what the
+//    OpenMP split before the pool did): prefill chunks and larger decode batches.
 //  "off": 1 thread always.
 std::atomic<int> g_split{-1};   // -1: not read from the environment yet
 
@@ -274,7 +278,7 @@ int split_mode() {
     if (mode >= 0) return mode;
     const char* v = std::getenv("MEMGEN_LINEAR_SPLIT");
     const std::string asked = v != nullptr ? v : "";
-    mode = asked == "stream" ? 2 : asked == "off" ? 0 : 1;
+    mode = asked == "sums" ? 1 : asked == "off" ? 0 : 2;
     int expected = -1;
     g_split.compare_exchange_strong(expected, mode, std::memory_order_relaxed);
     return g_split.load(std::memory_order_relaxed);
@@ -434,12 +438,12 @@ void set_linear_split(const char* mode) {
     const std::string m = mode != nullptr ? mode : "";
     if (m != "sums" && m != "stream" && m != "off")
         throw std::invalid_argument("linear split: 'sums', 'stream' or 'off', got '" + m + "'");
-    g_split.store(m == "stream" ? 2 : m == "off" ? 0 : 1, std::memory_order_relaxed);
+    g_split.store(m == "sums" ? 1 : m == "off" ? 0 : 2, std::memory_order_relaxed);
 }
 
 const char* linear_split() {
     const int mode = split_mode();
-    return mode == 2 ? "stream" : mode == 0 ? "off" : "sums";
+    return mode == 1 ? "sums" : mode == 0 ? "off" : "stream";
 }
 
 int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * K; }

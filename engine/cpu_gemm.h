@@ -35,8 +35,9 @@ void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, in
 
 // How many threads packed_linear runs a call of these sizes on, given `num_threads`:
 // 1 where the call is too small to pay for waking another, under the split rule:
-// "sums" (default): 4M multiply-adds per thread; "stream": also the few-row calls
-// that reading W bounds, a thread per ~20 us of estimated work; "off": 1.
+// "stream" (default): a thread per ~20 us of estimated work (reading W and the sums),
+// so a decode step's few-row calls split too; "sums": only 4M+ multiply-adds per
+// thread; "off": 1.
 int linear_threads(int64_t M, int64_t K, int64_t N, int num_threads);
 
 // The split rule, for the process (its first value: MEMGEN_LINEAR_SPLIT=sums|stream|off).

@@ -276,11 +276,11 @@ def test_linear_threads_respects_the_budget_and_leaves_tiny_calls_alone(split_ru
         assert all(lt(m, 576, 960, 64) <= 15 for m in (1, 8, 16, 300))   # 60 panels: 15 chunks of 4
         assert lt(256, 576, 3072, 2) == 2             # a prefill chunk splits under either rule
         assert lt(256, 576, 3072, 3) == 3
-    split_rule("sums")                                # default: decode rows bound by the stream stay on 1
+    split_rule("sums")                                # decode rows bound by the stream stay on 1
     assert lt(1, 576, 3072, 2) == 1 and lt(8, 576, 960, 2) == 1
     assert lt(16, 576, 576, 4) == 1                   # a 16-row step's o_proj: 5M multiply-adds
     assert lt(8, 576, 3072, 2) == 2                   # 14M multiply-adds
-    split_rule("stream")                              # a decode row's projections and LM head split
+    split_rule("stream")                              # (the default) a decode row's projections and LM head split
     assert lt(1, 576, 49152, 2) == 2 and lt(1, 576, 49152, 3) == 3
     assert lt(1, 576, 3072, 2) == 2 and lt(1, 576, 960, 4) == 4
     split_rule("off")

@@ -26,7 +26,7 @@ pack_weight = native_op("pack_weight")
 pack_rows = native_op("pack_rows")
 packed_size = native_op("packed_size")
 linear_threads = native_op("linear_threads")   # threads packed_linear uses for a call
-set_linear_split = native_op("set_linear_split")   # 'sums' (default), 'stream' (decode rows too), 'off'
+set_linear_split = native_op("set_linear_split")   # 'stream' (default: decode rows too), 'sums', 'off'
 linear_split = native_op("linear_split")
 
 
