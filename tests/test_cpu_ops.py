@@ -305,3 +305,43 @@ def test_linear_uses_torch_thread_count(split_rule):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_threaded_linear_after_fork_and_from_two_threads(split_rule):
+    """The pool is per process (a forked child makes its own) and serves one caller at a
+    time (another caller runs alone): both give the 1-thread result."""
+    import os
+    import threading
+
+    split_rule("stream")
+    k, n = 576, 3072
+    w_t = torch.randn(k, n)
+    packed = torch.empty(native.packed_size(k, n))
+    native.pack_weight(w_t.data_ptr(), k, n, packed.data_ptr())
+    x = torch.randn(4, k)
+    assert native.linear_threads(4, k, n, 2) == 2
+
+    def call(threads):
+        y = torch.empty(4, n)
+        native.packed_linear(x.data_ptr(), 4, k, packed.data_ptr(), n, 0, y.data_ptr(), threads)
+        return y
+
+    ref = call(1)
+    assert torch.equal(call(2), ref)                 # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if all(torch.equal(call(2), ref) for _ in range(20)) else 3)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    bad = []
+
+    def worker():
+        for _ in range(50):
+            if not torch.equal(call(3), ref):
+                bad.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
