@@ -528,7 +528,7 @@ def test_default_model_id_names_the_memgen_checkpoint(memgen_reasoner_dir, memge
     assert checkpoint_model_id(str(tmp_path / "ckpt") + "/") == "ckpt"
 
     apps = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr("memgen.serve.command.run_uvicorn", lambda app, **kw: apps.append(app))
     assert main(["serve", "--model", str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir),
                  "--dtype", "float64", "--device", "cpu"]) == 0
 

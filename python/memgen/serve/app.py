@@ -1,8 +1,8 @@
 """The FastAPI app: OpenAI's routes over one `LLM` and one engine loop.
 
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (whole, or
-`stream: true` as server-sent events ending with `data: [DONE]`), GET /health,
-GET /metrics. Every error is OpenAI's body {"error": {...}}: 400 for bad input,
+`stream: true` as server-sent events ending with `data: [DONE]`), GET /health
+(liveness), GET /ready (readiness: false while draining), GET /metrics. Every error is OpenAI's body {"error": {...}}: 400 for bad input,
 404 for an unknown model or route, 503 + Retry-After when the waiting queue is
 full; a 500 only for the server's own faults."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from memgen.serve.engine_loop import EngineLoop, RequestHandle
-from memgen.serve.errors import APIError, bad_request, internal, model_not_found
+from memgen.serve.errors import APIError, bad_request, internal, model_not_found, shutting_down
 from memgen.serve.metrics import ServeMetrics
 from memgen.serve.protocol import chat_input, completion_input
 from memgen.serve.responses import ResponseBuilder
@@ -55,6 +55,8 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
     app = FastAPI(title="memgen", summary="OpenAI-compatible server for MemGen models", lifespan=lifespan)
     app.state.engine_loop = engine_loop
     app.state.metrics = metrics
+    drain = app.state.drain = Drain()
+    app.add_middleware(_DrainMiddleware, drain=drain)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -62,6 +64,14 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
         if engine_loop.alive or not start_loop:
             return {"status": "ok"}
         return APIError(503, f"the engine loop is not running: {engine_loop.error}", "server_error").response()
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness, for a router's or a load balancer's health check: 503 as soon as
+        the server drains (SIGTERM), or when the engine loop is down."""
+        if drain.draining:
+            return shutting_down().response()
+        return await health()
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -109,6 +119,35 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
             metrics.requests.labels(endpoint, str(status)).inc()
 
     return app
+
+
+class Drain:
+    """Graceful drain: once `draining`, generation requests get 503 + Retry-After and
+    /ready is false; `in_flight` counts the generation requests (streams until their
+    last byte) still being answered."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+
+
+class _DrainMiddleware:
+    """Counts POST requests in flight (a streamed one until its response ends) and
+    refuses new ones with 503 while draining. Pure ASGI: streams pass through as they are."""
+
+    def __init__(self, app, drain: Drain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        if self.drain.draining:
+            return await shutting_down().response()(scope, receive, send)
+        self.drain.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.in_flight -= 1
 
 
 class _ClientGone(Exception):
@@ -213,8 +252,9 @@ async def _stream(handle: RequestHandle, builder: ResponseBuilder):
             async for update in handle.updates():
                 for chunk in builder.chunks(update.choices):
                     yield chunk
-        except APIError as e:           # mid-stream: OpenAI's error object as an event
+        except APIError as e:           # mid-stream: OpenAI's error object as an event, then [DONE]
             yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
             return
         for chunk in builder.last_chunks():
             yield chunk

@@ -12,6 +12,7 @@ from pathlib import Path
 from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
 
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_MAX_WAITING}; 0 or less: no limit)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the server's and uvicorn's logging level")
+    s.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help=f"graceful drain on SIGTERM: new requests get 503 + Retry-After and /ready turns 503 at "
+                        f"once; requests in flight get this many seconds to finish, then end with an error event "
+                        f"(and [DONE]); then the process exits 0 (default {DEFAULT_SHUTDOWN_TIMEOUT_S:g}). "
+                        f"A second SIGTERM or a SIGINT stops at once")
+    r = parser.add_argument_group("replicas (docs/API.md, 'Replicas behind a router')")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="start this many `memgen serve` processes on 127.0.0.1, ports --port+1 .. --port+N, "
+                        "behind vllm-router on --host:--port (pip install 'memgen-engine[router]'); 0: one "
+                        "plain server, no router")
+    r.add_argument("--router-args", default="", metavar="ARGS",
+                   help="extra vllm-router options, one shell-quoted string (e.g. \"--policy round_robin\")")
 
 
 def serve_llm_kwargs(args: argparse.Namespace) -> dict:
@@ -74,6 +87,12 @@ def run_serve_from_args(args: argparse.Namespace) -> int:
         return 2
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.replicas:
+        from memgen.serve.replicas import run_replicas
+
+        return run_replicas(args)
     from memgen import LLM
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -82,5 +101,51 @@ def run_serve_from_args(args: argparse.Namespace) -> int:
     app = create_app(llm, name, max_waiting=args.max_waiting if args.max_waiting > 0 else None, memgen=args.memgen)
     logging.getLogger("memgen.serve").info("serving %r on http://%s:%d (OpenAI API under /v1)", name, args.host,
                                            args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    run_uvicorn(app, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def run_uvicorn(app, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    """Serve `app` until SIGTERM has drained it (or SIGINT)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    _draining_server(uvicorn.Server)(config, app, shutdown_timeout).run()
+
+
+def _draining_server(base):
+    """uvicorn.Server whose first SIGTERM drains (app.Drain) instead of closing the
+    listening socket: a router still reaching this replica gets 503s (and retries
+    elsewhere), /ready is false, in-flight requests finish within `grace` seconds, the
+    engine loop then ends the rest with an error event, and the server exits (0)."""
+    import signal
+    import threading
+    import time
+
+    class DrainingServer(base):
+        def __init__(self, config, app, grace: float):
+            super().__init__(config)
+            self.app, self.grace = app, grace
+
+        def handle_exit(self, sig, frame):
+            drain = self.app.state.drain
+            if sig != signal.SIGTERM or drain.draining or self.should_exit:
+                return super().handle_exit(sig, frame)
+            drain.draining = True
+            threading.Thread(target=self._drain, name="memgen-drain", daemon=True).start()
+
+        def _drain(self):
+            drain, log = self.app.state.drain, logging.getLogger("memgen.serve")
+            log.info("SIGTERM: draining %d request(s) in flight (up to %g s)", drain.in_flight, self.grace)
+            deadline = time.monotonic() + self.grace
+            while drain.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if drain.in_flight:
+                log.warning("%d request(s) still running after %g s: ending them", drain.in_flight, self.grace)
+                self.app.state.engine_loop.stop()   # each gets a final 503 error (an event and [DONE] if streamed)
+                deadline = time.monotonic() + 5
+                while drain.in_flight and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            self.should_exit = True
+
+    return DrainingServer

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from memgen.outputs import CompletionOutput, OutputBuilder
 from memgen.sampling_params import SamplingParams
-from memgen.serve.errors import APIError, internal, overloaded
+from memgen.serve.errors import APIError, internal, overloaded, shutting_down
 from memgen.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class EngineLoop:
     def submit(self, prompts: list[list[int]], params: SamplingParams, stream: bool) -> RequestHandle:
         """Queue a validated request (one handle for its prompts x n choices). Raises
         the 503 APIError when --max-waiting sequences are already waiting."""
+        if self._stopping and self.error is None:
+            raise shutting_down()
         if self.error is not None or self._stopping:
             raise internal(f"the engine loop is not running{f': {self.error}' if self.error else ''}")
         handle = RequestHandle(self, prompts, params, stream)
@@ -166,8 +168,7 @@ class EngineLoop:
             with self._cv:
                 leftover, self._pending = self._pending + self._active, []
                 self._active = []
-            self._deliver([(h, Update(error=internal("the server is shutting down"), done=True))
-                           for h in leftover])
+            self._deliver([(h, Update(error=shutting_down(), done=True)) for h in leftover])
 
     def _iterate(self, pending: list[RequestHandle], aborts: list[RequestHandle]) -> None:
         for handle in aborts:

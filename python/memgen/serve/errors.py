@@ -37,3 +37,10 @@ def overloaded(num_waiting: int, limit: int, retry_after_s: int = 1) -> APIError
 
 def internal(message: str) -> APIError:
     return APIError(500, message, "server_error", None, "internal_error")
+
+
+def shutting_down(retry_after_s: int = 1) -> APIError:
+    """503 + Retry-After: the server is draining (SIGTERM) and takes no new requests, or
+    its grace period ended before the request did; another replica can serve it."""
+    return APIError(503, "the server is shutting down; retry on another replica", "server_error", None,
+                    "server_shutting_down", headers={"Retry-After": str(retry_after_s)})

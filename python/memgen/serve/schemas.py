@@ -11,7 +11,12 @@ Extra request fields (the OpenAI client sends them through `extra_body`):
   `insertion_positions`, plus the prompt's ids), `trigger_sample`,
   `trigger_temperature`;
 - vLLM's: `top_k`, `min_tokens`, `repetition_penalty`, `ignore_eos`,
-  `stop_token_ids` (and `add_generation_prompt` for chat).
+  `stop_token_ids` (and `add_generation_prompt` for chat);
+- the fields vllm-router adds to every request it forwards (`no_stop_trim`,
+  `skip_special_tokens`, `return_hidden_states`; for chat `continue_final_message`,
+  `separate_reasoning`, `stream_reasoning`, `include_reasoning`): accepted at the
+  values it sends (memgen's behaviour), a 400 otherwise (the reasoning flags are
+  ignored: memgen has no reasoning parser).
 """
 from __future__ import annotations
 
@@ -57,6 +62,10 @@ class _GenerationFields(_Strict):
     trigger_temperature: float | None = None
     # vLLM's structured outputs ({"json" | "regex" | "choice" | "grammar": ...}; memgen.structured)
     structured_outputs: dict[str, Any] | None = None
+    # vllm-router fills these in on every request it forwards (docs/API.md, "Replicas behind a router")
+    no_stop_trim: Literal[False] | None = None
+    skip_special_tokens: Literal[True] | None = None
+    return_hidden_states: Literal[False] | None = None
 
 
 class CompletionRequest(_GenerationFields):
@@ -94,6 +103,11 @@ class ChatCompletionRequest(_GenerationFields):
     store: bool | None = None
     service_tier: str | None = None
     add_generation_prompt: bool | None = None
+    # vllm-router's defaults (see _GenerationFields)
+    continue_final_message: Literal[False] | None = None
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
+    include_reasoning: bool | None = None
 
 
 # ---- responses -------------------------------------------------------------------------
