@@ -118,6 +118,15 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _without_none(data: dict, names) -> dict:
+    """`data` without the fields in `names` that are None: optional fields a
+    response leaves out unless the request asked for them."""
+    for name in names:
+        if data.get(name) is None:
+            data.pop(name, None)
+    return data
+
+
 class _ChoiceWithMemGen(_Response):
     """MemGen's per-choice fields, present only when the request asked
     (`return_token_ids`): the generated ids, the augmentation mask (-100 not
@@ -131,11 +140,7 @@ class _ChoiceWithMemGen(_Response):
 
     @model_serializer(mode="wrap")
     def _drop_unasked(self, handler):
-        data = handler(self)
-        for name in MEMGEN_CHOICE_FIELDS:
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
+        return _without_none(handler(self), MEMGEN_CHOICE_FIELDS)
 
 
 class UsageInfo(_Response):
@@ -193,10 +198,7 @@ class AssistantMessage(_Response):
 
     @model_serializer(mode="wrap")
     def _drop_no_calls(self, handler):
-        data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return data
+        return _without_none(handler(self), ("tool_calls",))
 
 
 class ChatChoice(_ChoiceWithMemGen):
@@ -218,10 +220,7 @@ class ChatCompletionResponse(_Response):
 
     @model_serializer(mode="wrap")
     def _drop_unasked(self, handler):
-        data = handler(self)
-        if data.get("prompt_token_ids") is None:
-            data.pop("prompt_token_ids", None)
-        return data
+        return _without_none(handler(self), ("prompt_token_ids",))
 
 
 class DeltaMessage(_Response):
