@@ -399,7 +399,7 @@ def main(argv=None) -> dict:
                    "engine": {"max_num_seqs": max(batches), "max_model_len": max_model_len,
                               "enable_prefix_caching": False, "enforce_eager": plain.config.enforce_eager,
                               "cuda_graphs": {side: _graph_use(llm) for side, (llm, _) in sides.items()},
-                              "memgen_streams_follow": memgen.engine.default_policy.follow,
+                              "memgen_streams_follow": memgen.memgen.get().policy.follow,
                               "attention": getattr(getattr(plain.engine.model_runner, "attn_backend", None),
                                                    "name", None)},
                    "tpot": "(time of last token - time of first token) / (tokens - 1) per request: prefill "

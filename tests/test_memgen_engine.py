@@ -131,7 +131,7 @@ def test_metrics_and_mask_contract(request, prompt_ids, memgen_reasoner_dir):
     ckpt, weaver, trigger = _case(request, "active")
     _, _, prompts = prompt_ids
     llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger)
-    table = llm.engine.default_policy.delimiters
+    table = llm.memgen.get().policy.delimiters
     for out in llm.generate(prompts, GREEDY, use_tqdm=False):
         assert len(out.augmentation) == len(out.token_ids)
         assert out.augmentation[0] in (0, 1)
@@ -248,7 +248,7 @@ def test_streams_following_the_reasoner_equal_the_oracle(request, prompt_ids, to
 
     _, _, prompts = prompt_ids
     llm = _engine(ckpt, memgen_reasoner_dir, weaver, trigger, lazy_memgen_streams=False)
-    assert llm.engine.default_policy.follow
+    assert llm.memgen.get().policy.follow
     after_forward = llm.engine.runtime.after_forward
 
     def recording(chunks, hidden):

@@ -249,8 +249,8 @@ def test_stream_specs_are_checked():
 # ---- MemGen is a LatentPolicy ---------------------------------------------------------
 def test_memgen_runs_as_a_latent_policy(memgen_reasoner_dir, memgen_active_ckpt_dir):
     llm = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, dtype="float64")
-    assert isinstance(llm.engine.default_policy, LatentPolicy)
-    assert [s.name for s in llm.engine.default_policy.streams] == ["W", "T"]
+    assert isinstance(llm.memgen.get().policy, LatentPolicy)
+    assert [s.name for s in llm.memgen.get().policy.streams] == ["W", "T"]
     outs = llm.generate(["What is 12 plus 30?", "Hello. Then, go"], SamplingParams(temperature=0.0, max_tokens=12),
                         use_tqdm=False)
     for out in outs:

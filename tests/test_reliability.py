@@ -71,7 +71,7 @@ def _assert_consistent(llm: LLM, out, prompt_len: int) -> None:
     assert len(out.augmentation) == len(out.token_ids)
     if llm.memgen is None:
         return
-    s = llm.memgen.ckpt.settings
+    s = llm.memgen.get().source.ckpt.settings
     inserted = out.augmentation[:1].count(1) * s.prompt_latents_len + \
         out.augmentation[1:].count(1) * s.inference_latents_len
     assert out.metrics["num_insertions"] == out.augmentation.count(1)

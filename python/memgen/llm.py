@@ -16,7 +16,8 @@ from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.extra_streams import resolve_stream_models
 from memgen.engine.llm_engine import LLMEngine
 from memgen.latent_policy import has_room
-from memgen.memgen_setup import MemGenSetup, check_memgen_fits
+from memgen.memgen_setup import DEFAULT_MAX_VERSIONS, MemGenCheckpoints, MemGenSource, check_memgen_fits, \
+    checkpoint_name
 from memgen.outputs import OutputBuilder, RequestOutput
 from memgen.sampling_params import SamplingParams
 
@@ -27,10 +28,16 @@ LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a Me
 
 
 class LLM:
-    def __init__(self, model: str | os.PathLike | None = None, memgen: str | os.PathLike | None = None,
+    def __init__(self, model: str | os.PathLike | None = None, memgen: str | os.PathLike | dict | None = None,
                  weaver_model: str | os.PathLike | None = None, trigger_model: str | os.PathLike | None = None,
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                 reference_compat: bool = False, stream_models: dict | None = None, **engine_options):
+                 reference_compat: bool = False, stream_models: dict | None = None,
+                 max_memgen_versions: int = DEFAULT_MAX_VERSIONS, **engine_options):
+        """`memgen`: a MemGen checkpoint (directory or MemGenCheckpoint), or several on the one
+        base as {name: checkpoint} (a request picks one with SamplingParams.memgen_checkpoint;
+        the first is the default); weaver_model / trigger_model apply to each.
+        `max_memgen_versions`: checkpoint versions live at once (loaded ones, and old versions
+        still finishing requests after an update or unload)."""
         if memgen is None and (weaver_model is not None or trigger_model is not None):
             raise ValueError("weaver_model and trigger_model apply only to a MemGen checkpoint (memgen=...); "
                              "leave them None for a plain LLM")
@@ -65,26 +72,47 @@ class LLM:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}; use at most {max_positions}")
         self.config = config
-        self.memgen = None if memgen is None else self._load_memgen(memgen, weaver_model, trigger_model)
+        sources = None if memgen is None else self._memgen_sources(memgen, weaver_model, trigger_model)
         # models a StreamSpec(model=name) runs on, checked before anything loads
         models = None if stream_models is None else resolve_stream_models(
             stream_models, self.model_dir, self.hf_config, config.max_model_len)
-        # MemGen is the engine's default policy, made by its factory (memgen_setup.py); its options
-        # (W and T lazy, or following R: the CUDA default) and weight version are kept here
-        plans, self.memgen_version = [], 0
+        # MemGen's checkpoints are the engine's policy factory (memgen_setup.py): the engine asks
+        # them for each request's policy; their option (W and T lazy, or following R: the CUDA
+        # default) is MemGen's, given here
         lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else self.device.type != "cuda"
-        factory = None if self.memgen is None else self.memgen.factory(
-            self.dtype, self.device, config.max_model_len, config.block_size, not lazy, plans)
+        self.memgen = None if sources is None else MemGenCheckpoints(
+            sources, self.tokenizer, self.dtype, self.device, config.max_model_len, config.block_size,
+            follow=not lazy, max_versions=_positive_int("max_memgen_versions", max_memgen_versions))
         self.engine = LLMEngine(self.model_dir, self.hf_config, config, self.dtype, self.device,
-                                _eos_token_ids(self.tokenizer, self.hf_config), default_policy=factory,
+                                _eos_token_ids(self.tokenizer, self.hf_config),
+                                default_policy=None if self.memgen is None else self.memgen.factory(),
                                 detokenize=self._detokenize, stream_models=models)
-        self.memgen_plan = plans[0] if plans else None
 
-    def _load_memgen(self, memgen, weaver_model, trigger_model) -> MemGenSetup:
-        """A checkpoint directory (either layout) or a MemGenCheckpoint; bases
-        default to the ones the checkpoint records, else the reasoner."""
-        from memgen.checkpoint import MemGenCheckpoint, drop_lora, load_checkpoint
+    def _memgen_sources(self, memgen, weaver_model, trigger_model) -> dict[str, MemGenSource]:
+        """LLM(memgen=...): one checkpoint (named after its directory) or {name: checkpoint}."""
         from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
+
+        if isinstance(memgen, dict):
+            if not memgen:
+                raise ValueError("memgen={} names no checkpoint: give {name: directory, ...}")
+            for name in memgen:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"memgen={{name: checkpoint}}: a name must be a non-empty str, got {name!r}")
+            named = dict(memgen)
+        else:
+            named = {checkpoint_name(memgen) if isinstance(memgen, (str, os.PathLike)) else "memgen": memgen}
+        self._weaver_model, self._trigger_model = weaver_model, trigger_model   # for live loads too
+        sources = {name: self._memgen_source(ckpt, weaver_model, trigger_model, name)
+                   for name, ckpt in named.items()}
+        if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.chat_template = MEMGEN_CHAT_TEMPLATE   # MemGen's ChatML variant
+        return sources
+
+    def _memgen_source(self, memgen, weaver_model, trigger_model, name: str) -> MemGenSource:
+        """A checkpoint directory (either layout) or a MemGenCheckpoint, checked against the
+        bases; bases default to the ones the checkpoint records, else the reasoner."""
+        from memgen.checkpoint import MemGenCheckpoint, drop_lora, load_checkpoint
         from memgen.model_config import load_model_config
         from memgen.sources import resolve_model_dir, same_model
 
@@ -93,7 +121,8 @@ class LLM:
         elif isinstance(memgen, (str, os.PathLike)):
             ckpt = load_checkpoint(memgen, reference_compat=self.reference_compat)
         else:
-            raise TypeError(f"memgen must be a checkpoint directory or a MemGenCheckpoint, got {type(memgen).__name__}")
+            raise TypeError(f"MemGen checkpoint {name!r} must be a checkpoint directory or a MemGenCheckpoint, "
+                            f"got {type(memgen).__name__}")
         dirs = {}
         for role, given, recorded in (("weaver", weaver_model, ckpt.weaver_base),
                                       ("trigger", trigger_model, ckpt.trigger_base)):
@@ -111,32 +140,61 @@ class LLM:
                 configs["trigger"] = None
             from memgen.models.footprint import inactive_trigger_note
             logging.getLogger(__name__).warning(inactive_trigger_note(configs["trigger"], dirs["trigger"], self.dtype))
-        check_memgen_fits(ckpt, self.hf_config, configs["weaver"], configs["trigger"])
+        try:
+            check_memgen_fits(ckpt, self.hf_config, configs["weaver"], configs["trigger"])
+        except ValueError as err:
+            raise ValueError(f"MemGen checkpoint {name!r}: {err}") from err
         shared = "the reasoner's model (one forward)"
-        logging.getLogger(__name__).info("MemGen layout: %s", "; ".join(
+        logging.getLogger(__name__).info("MemGen layout of %r: %s", name, "; ".join(
             f"{role} on {shared if d is None else d}"
             for role, d in dirs.items() if role == "weaver" or ckpt.settings.trigger_active))
-        if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.chat_template = MEMGEN_CHAT_TEMPLATE   # MemGen's ChatML variant
-        return MemGenSetup(ckpt, self.tokenizer, dirs["weaver"], dirs["trigger"], configs["weaver"],
-                           configs["trigger"])
+        return MemGenSource(ckpt, dirs["weaver"], dirs["trigger"], configs["weaver"], configs["trigger"])
+
+    # ---- several checkpoints, changed live (between steps, on the engine's thread) ------------
+    def _memgen_or_raise(self) -> MemGenCheckpoints:
+        if self.memgen is None:
+            raise ValueError("this LLM runs a plain model: build it with LLM(..., memgen=...) to use MemGen "
+                             "checkpoints")
+        return self.memgen
+
+    def load_memgen(self, name: str, checkpoint) -> int:
+        """Load another MemGen checkpoint (directory or MemGenCheckpoint) on this base under
+        `name`, without a restart; returns its version. Its weaver/trigger must run on a model
+        this LLM holds. Nothing changes when it fails (a corrupt directory, another base)."""
+        memgen = self._memgen_or_raise()
+        source = self._memgen_source(checkpoint, self._weaver_model, self._trigger_model, name)
+        return memgen.load(name, source, self.engine.runtime.templates_in_use())
+
+    def update_memgen(self, name: str, checkpoint) -> int:
+        """New weights (directory or MemGenCheckpoint) for checkpoint `name`; returns its new
+        version. Requests already running on the old version finish on it; new ones take the new."""
+        memgen = self._memgen_or_raise()
+        memgen.get(name)
+        source = self._memgen_source(checkpoint, self._weaver_model, self._trigger_model, name)
+        return memgen.update(name, source, self.engine.runtime.templates_in_use())
+
+    def unload_memgen(self, name: str) -> None:
+        """Unload checkpoint `name` (its running requests finish first; new ones may not pick it)."""
+        self._memgen_or_raise().unload(name, self.engine.runtime.templates_in_use())
+
+    def memgen_checkpoints(self) -> dict[str, int]:
+        """The loaded MemGen checkpoints, name -> version (the first is the default)."""
+        return {} if self.memgen is None else self.memgen.versions()
 
     def update_memgen_weights(self, ckpt) -> None:
-        """Live weight sync: push a `memgen.checkpoint.MemGenCheckpoint` (e.g.
-        `HFMemGenModel.to_checkpoint()` after a training step) into this engine
-        without reloading the base model. Shapes must match the loaded ones."""
-        from memgen.checkpoint import MemGenCheckpoint, drop_lora
+        """Live weight sync of the default checkpoint: push a `memgen.checkpoint.MemGenCheckpoint`
+        (e.g. `HFMemGenModel.to_checkpoint()` after a training step) into this engine without
+        reloading the base model (`update_memgen(name, ckpt)` for a named one)."""
+        from memgen.checkpoint import MemGenCheckpoint
 
         if not isinstance(ckpt, MemGenCheckpoint):
             raise TypeError(f"expected a MemGenCheckpoint, got {type(ckpt).__name__}")
-        if self.memgen is None:
-            raise ValueError("this engine runs a plain LLM: load it with memgen=... to update MemGen weights")
-        if self.engine.has_unfinished():
-            raise RuntimeError("update_memgen_weights() must run between generate() calls, not during one")
-        self.memgen.update(drop_lora(ckpt) if self.reference_compat else ckpt, self.engine.runners,
-                           self.memgen_plan, self.dtype, self.device)
-        self.memgen_version = self.engine.new_weights_version()   # W/T cache entries of old weights: never hit
+        self.update_memgen(self._memgen_or_raise().get().name, ckpt)
+
+    @property
+    def memgen_version(self) -> int:
+        """The default checkpoint's version (0 when loaded; +1 per update)."""
+        return self._memgen_or_raise().get().version
 
     @property
     def max_model_len(self) -> int:
@@ -272,7 +330,15 @@ class LLM:
             raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
         if params.latent_policy is not None:
             self.engine.runtime.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model
-        k = self.memgen.ckpt.settings.prompt_latents_len if self.memgen is not None else 0
+        if params.memgen_checkpoint is not None and self.memgen is None:
+            raise ValueError(f"request {index} asks for MemGen checkpoint {params.memgen_checkpoint!r}, but this LLM "
+                             "runs a plain model (no memgen=...)")
+        k = 0
+        if self.memgen is not None:
+            try:
+                k = self.memgen.get(params.memgen_checkpoint).source.ckpt.settings.prompt_latents_len
+            except ValueError as err:
+                raise ValueError(f"request {index}: {err}") from None
         if k and not has_room(len(ids), k, self.max_model_len):   # the room rule, for the prompt latents
             raise ValueError(f"prompt {index} has {len(ids)} tokens: with MemGen's {k} prompt latents and the first "
                              f"token it needs {len(ids) + k + 1} positions, more than max_model_len="
@@ -366,6 +432,12 @@ def _as_conversation_list(messages) -> list[list[dict]]:
                 raise ValueError(f"conversation {i}, message {j} needs string 'role' and 'content' fields, "
                                  f"got keys {sorted(m)}")
     return conversations
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _eos_token_ids(tokenizer, hf_config) -> frozenset[int]:

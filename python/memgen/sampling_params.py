@@ -22,6 +22,7 @@ class SamplingParams:
     logprobs: int | None = None      # k -> top-k log-probabilities per generated token
     trigger_sample: bool = False     # MemGen: sample the trigger decision instead of argmax
     trigger_temperature: float | None = None
+    memgen_checkpoint: str | None = None   # MemGen: which of the LLM's checkpoints (None: the default)
     # vLLM's fields, vLLM's semantics; latent positions are not tokens and never count
     n: int = 1                       # completions per prompt; completion i > 0 seeds from (seed, i)
     stop: list[str] | None = None    # the text ends before the first stop string (not included)
@@ -84,6 +85,10 @@ class SamplingParams:
             _number(name, value, allow_negative=True)
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+        if self.memgen_checkpoint is not None and (not isinstance(self.memgen_checkpoint, str)
+                                                   or not self.memgen_checkpoint):
+            raise TypeError(f"memgen_checkpoint must be a checkpoint's name (a non-empty str) or None, "
+                            f"got {self.memgen_checkpoint!r}")
         if self.latent_policy is not None and not isinstance(self.latent_policy, LatentPolicy):
             raise TypeError(f"latent_policy must be a memgen.LatentPolicy (an instance of a subclass) or None, "
                             f"got {type(self.latent_policy).__name__}")

@@ -101,13 +101,14 @@ class StreamBinding:
     project: Callable[[torch.Tensor], torch.Tensor] | None   # the spec's input projection, width-checked
     token_input: Callable[[torch.Tensor], torch.Tensor] | None   # ids -> input rows (projected embeddings)
     width: int                      # the hidden size of the model it runs on
+    salt: object                    # the prefix-cache salt of its streams: unique per binding
 
 
 class StreamBinder:
     def __init__(self, base_runner, dtype: torch.dtype, device: torch.device):
         self.base_runner = base_runner
         self.dtype, self.device = dtype, device
-        self.version = 0            # weight updates bump it: cache entries of old weights are never hit
+        self._num_bindings = 0      # explicit bindings' salts are new: a rebound spec never hits old entries
         self._bindings: dict[int, StreamBinding] = {}   # id(spec) -> binding (it holds the spec alive)
         self._used_adapter_ids: set[int] = set()
         self._models: dict[str, tuple[int, ModelRunner]] = {}   # StreamSpec.model -> (pool index, runner)
@@ -128,11 +129,33 @@ class StreamBinder:
             self._models[model.name] = (pool.index, pool.runner)
         return pools
 
+    def new_adapter_id(self) -> int:
+        """The lowest adapter id not in use (LoRA stacks are as long as the highest id)."""
+        adapter_id = next(i for i in range(len(self._used_adapter_ids) + 1) if i not in self._used_adapter_ids)
+        self._used_adapter_ids.add(adapter_id)
+        return adapter_id
+
+    def release_adapter_id(self, adapter_id: int) -> None:
+        self._used_adapter_ids.discard(adapter_id)
+
     def bind(self, spec: StreamSpec, pool: int, adapter_id: int, width: int) -> None:
-        """An explicit binding (MemGen's streams: their adapters are installed by the set-up)."""
+        """An explicit binding (MemGen's streams: their adapters are installed by the set-up).
+        Binding a spec again (new weights under the same adapter id) gives its streams a new
+        cache salt: entries made with the old weights are never hit again."""
         self._used_adapter_ids.add(adapter_id)
         project = self._checked_projection(spec, width)
-        self._bindings[id(spec)] = StreamBinding(spec, pool, adapter_id, project, self._token_input(project), width)
+        self._num_bindings += 1
+        self._bindings[id(spec)] = self._binding(spec, pool, adapter_id, project, width, self._num_bindings)
+
+    def unbind(self, spec: StreamSpec) -> None:
+        """Forget a spec whose requests are all gone; its adapter id is free again."""
+        found = self._bindings.pop(id(spec), None)
+        if found is not None:
+            self._used_adapter_ids.discard(found.adapter_id)
+
+    def _binding(self, spec, pool: int, adapter_id: int, project, width: int, serial: int = 0) -> StreamBinding:
+        return StreamBinding(spec, pool, adapter_id, project, self._token_input(project), width,
+                             (spec.name, adapter_id, pool, serial))
 
     def binding(self, spec: StreamSpec) -> StreamBinding:
         found = self._bindings.get(id(spec))
@@ -143,12 +166,14 @@ class StreamBinder:
             width = int(runner.hf_config.hidden_size)
             adapter_id = -1
             if spec.adapter is not None:
-                adapter_id = max(self._used_adapter_ids, default=-1) + 1
-                install_lora(runner.model, adapter_id, spec.adapter, self.dtype, self.device)
-                self._used_adapter_ids.add(adapter_id)
+                adapter_id = self.new_adapter_id()
+                try:
+                    install_lora(runner.model, adapter_id, spec.adapter, self.dtype, self.device)
+                except BaseException:
+                    self._used_adapter_ids.discard(adapter_id)
+                    raise
             project = self._checked_projection(spec, width)
-            found = StreamBinding(spec, pool, adapter_id, project, self._token_input(project), width)
-            self._bindings[id(spec)] = found
+            found = self._bindings[id(spec)] = self._binding(spec, pool, adapter_id, project, width)
         return found
 
     def _model_of(self, spec: StreamSpec) -> tuple[int, ModelRunner]:
@@ -210,5 +235,5 @@ class StreamBinder:
         b = self.binding(spec)
         skip = spec.skip_token_ids
         ids = [t for t in prompt_token_ids if t not in skip] if skip else list(prompt_token_ids)
-        return Stream(spec.name, ids, pool_index=b.pool, cache_salt=(spec.name, b.adapter_id, b.pool, self.version),
-                      adapter_id=b.adapter_id, token_input=b.token_input)
+        return Stream(spec.name, ids, pool_index=b.pool, cache_salt=b.salt, adapter_id=b.adapter_id,
+                      token_input=b.token_input)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,9 +34,10 @@ class LLMEngine:
     def __init__(self, model_dir: Path, hf_config, config: EngineConfig, dtype: torch.dtype,
                  device: torch.device, eos_token_ids: frozenset[int], default_policy=None,
                  detokenize=None, stream_models: list[StreamModel] | None = None):
-        """`default_policy`: None, or a factory (base runner, stream binder) -> (the LatentPolicy
-        of requests that carry none, its extra pools, its streams per sequence in the base pool):
-        LLM(memgen=...) passes MemGen's (memgen_setup.py)."""
+        """`default_policy`: None, or a factory (base runner, stream binder) -> (policy_for, its
+        extra pools, its streams per sequence in the base pool), where `policy_for(params)` is the
+        LatentPolicy of a request that carries none: LLM(memgen=...) passes MemGen's
+        (memgen_setup.py), which picks a request's checkpoint."""
         self.config, self.dtype, self.device = config, dtype, device
         self.detokenize = detokenize    # token ids -> text, for stop strings (LLM passes its tokenizer's)
         self.hf_config = hf_config
@@ -47,17 +49,17 @@ class LLMEngine:
         # one pool (model + KV cache) per distinct checkpoint; the reasoner's is pool 0
         base = Pool(BASE_POOL, 0, self.model_runner)
         self.pools = [base]
-        self.default_policy: LatentPolicy | None = None    # of requests that carry none (MemGen's)
+        # params -> the LatentPolicy of a request that carries none (MemGen's), or None
+        self.policy_for: Callable[[SamplingParams], LatentPolicy] | None = None
         self.stream_binder = StreamBinder(self.model_runner, dtype, device)   # where policies' streams run
         if default_policy is not None:
-            self.default_policy, pools, base.num_streams = default_policy(self.model_runner, self.stream_binder)
+            self.policy_for, pools, base.num_streams = default_policy(self.model_runner, self.stream_binder)
             self.pools += pools
         if stream_models:   # models a user's StreamSpec(model=name) runs on: each its own pool
             self.pools += self.stream_binder.open_models(stream_models, len(self.pools), self.max_model_len,
                                                          config.block_size)
         # the runtime of requests with a LatentPolicy (on an LLM(memgen=...): MemGen's, the default)
-        self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder,
-                                     default=self.default_policy)
+        self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder)
         self.block_managers = {}
         for pool in self.pools:
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
@@ -107,7 +109,7 @@ class LLMEngine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Queue a validated request (LLM.generate validates the whole batch first); returns
         its id, which the outputs of step() and abort() carry."""
-        if params.latent_policy is not None and self.default_policy is not None:
+        if params.latent_policy is not None and self.policy_for is not None:
             raise ValueError("a request runs one latent policy, and this engine runs its default one on every request")
         index = self._num_requests
         self._num_requests += 1
@@ -119,6 +121,8 @@ class LLMEngine:
         if template is not None:    # the runtime holds the policy; the sequence keeps plain data only
             params = copy.copy(params)
             params.latent_policy = None
+        elif self.policy_for is not None:
+            template = self.policy_for(params)
         seq = Sequence(prompt_token_ids, params, generator, stop, request_index=index)
         if params.structured_outputs is not None:
             self.structured.add(seq)    # its grammar matcher (seq.grammar)
@@ -126,13 +130,6 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._requests[index] = seq
         return index
-
-    def new_weights_version(self) -> int:
-        """Stream adapters or projections changed (a weight update, between calls): streams
-        made from now on key the prefix cache with the returned new version, so entries made
-        with the old weights are never hit again."""
-        self.stream_binder.version += 1
-        return self.stream_binder.version
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -253,11 +253,11 @@ class LatentRequest:
 
 
 class LatentRuntime:
-    """Drives every request that carries a LatentPolicy (its own, or the engine's
-    `default`: MemGen's), and is what their contexts reach of the engine: the
+    """Drives every request that carries a LatentPolicy (its own, or the one the engine
+    picked for it: MemGen's), and is what their contexts reach of the engine: the
     reasoner's input embeddings and LM head, the sizes actions are checked against."""
 
-    def __init__(self, runner, max_model_len: int, binder, default: LatentPolicy | None = None):
+    def __init__(self, runner, max_model_len: int, binder):
         self.runner = runner
         self.max_model_len = max_model_len
         self.dtype, self.device = runner.dtype, runner.device
@@ -265,7 +265,6 @@ class LatentRuntime:
         self.vocab_size = int(runner.hf_config.vocab_size)
         self._embed_tokens = runner.model.model.embed_tokens
         self.binder = binder          # engine.extra_streams.StreamBinder: where extra streams run
-        self.default = default        # the policy of requests that carry none (MemGen's), or None
         # seq_id -> the unfinished requests with a LatentPolicy (until `finished`)
         self.latent_requests: dict[int, LatentRequest] = {}
         self._finished: list[tuple[int, LatentRequest]] = []   # finished in this step
@@ -326,8 +325,8 @@ class LatentRuntime:
     # ---- the hooks the engine calls --------------------------------------------------
     def start(self, seq, template: LatentPolicy | None) -> None:
         """A new request (`template`: its SamplingParams.latent_policy, which the engine kept
-        out of the sequence's params); its policy's extra streams are added here."""
-        template = template if template is not None else self.default
+        out of the sequence's params, or the engine's pick); its policy's extra streams are
+        added here."""
         if template is None:
             return
         state = LatentRequest(template, PolicyContext(seq, self))
@@ -387,6 +386,11 @@ class LatentRuntime:
             if state is not None and state.policy is not None:
                 state.policy.on_token(state.ctx, token_id)
         self.close_finished()
+
+    def templates_in_use(self) -> set[int]:
+        """id() of every policy template an unfinished request runs (a weight owner frees
+        an old version's adapters once none of its requests is left)."""
+        return {id(state.template) for state in self.latent_requests.values()}
 
     def ended(self) -> list:
         """The requests a policy ended since the last call (ctx.finish, the room rule): the

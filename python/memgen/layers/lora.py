@@ -124,6 +124,12 @@ def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, de
     return len(lora.layers)
 
 
+def uninstall_lora(model: nn.Module, adapter_id: int) -> None:
+    """Take adapter `adapter_id` off `model`'s layers (its rows find zeros from now on)."""
+    _drop(model, adapter_id)
+    _restack(model)
+
+
 def _drop(model: nn.Module, adapter_id: int) -> None:
     for module in model.modules():
         hook = getattr(module, "lora", None)

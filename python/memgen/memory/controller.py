@@ -45,10 +45,8 @@ from memgen.memory.delimiters import DelimiterTable
 from memgen.memory.parts import INFERENCE, PROMPT, MemGenParts
 from memgen.outputs import INSERT, NOT_CONSULTED
 
-# Stream names (ctx.streams keys); the reasoner's is "R". Adapter ids on the models
-# the weaver and trigger run on (the set-up installs them).
+# Stream names (ctx.streams keys); the reasoner's is "R".
 REASONER, WEAVER, TRIGGER = "R", "W", "T"
-ADAPTER_IDS = {REASONER: -1, WEAVER: 0, TRIGGER: 1}
 
 
 class _Scorer:
@@ -87,15 +85,17 @@ class _Scorer:
 
 
 class MemGenPolicy(LatentPolicy):
-    """MemGen's inference. Built once per engine by `MemGenSetup.build`; the
-    engine runs a copy per request (`new_request`). Its per-request `record` is
-    the augmentation mask (one entry per output token: 1 insert, 0 skip, -100
-    not consulted), also read as `augmentation`; `num_trigger_calls`,
-    `num_latent_positions` count what it did."""
+    """MemGen's inference. Built once per checkpoint version by `MemGenCheckpoints`
+    (memgen_setup.py); the engine runs a copy per request (`new_request`). Its
+    per-request `record` is the augmentation mask (one entry per output token: 1
+    insert, 0 skip, -100 not consulted), also read as `augmentation`;
+    `num_trigger_calls`, `num_latent_positions` count what it did; `checkpoint` is
+    (name, version), reported in the request's metrics."""
 
     def __init__(self, parts: MemGenParts, delimiters: DelimiterTable, tokenizer, pad_token_id: int | None,
-                 backend, follow: bool = False):
+                 backend, follow: bool = False, checkpoint: tuple[str, int] = ("memgen", 0)):
         self._scorer = _Scorer(parts, backend)
+        self.checkpoint = checkpoint
         # follow=False (lazy): W and T compute only when a decision or latents are due, each
         # catching up in one multi-row chunk. follow=True: while a request may still insert,
         # W and T take their one new row in every step beside R's. The same rows in all
@@ -114,7 +114,8 @@ class MemGenPolicy(LatentPolicy):
     records_augmentation = True     # the outputs' augmentation is this record
 
     def metrics(self) -> dict:
-        return {"num_trigger_calls": self.num_trigger_calls}
+        name, version = self.checkpoint
+        return {"num_trigger_calls": self.num_trigger_calls, "memgen_checkpoint": name, "memgen_version": version}
 
     @property
     def parts(self) -> MemGenParts:
