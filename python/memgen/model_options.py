@@ -24,14 +24,16 @@ DEFAULT_MEMGEN_HELP = "MemGen checkpoint directory (default: none, a plain LLM)"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, memgen_help: str = DEFAULT_MEMGEN_HELP,
-                        seed_help: str | None = "engine seed") -> None:
+                        seed_help: str | None = "engine seed", memgen_repeatable: bool = False) -> None:
     """--model, --memgen, --weaver-model, --trigger-model, --dtype, --device,
     --reference-compat, --attention-backend, --enforce-eager (and --seed unless
-    `seed_help` is None: a command with its own seed semantics adds its own)."""
+    `seed_help` is None: a command with its own seed semantics adds its own).
+    `memgen_repeatable`: --memgen may be given several times (args.memgen is then a
+    list, or None; the command reads it, e.g. as name=dir items)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="reasoner: HF directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
-    g.add_argument("--memgen", default=None, help=memgen_help)
+    g.add_argument("--memgen", default=None, help=memgen_help, action="append" if memgen_repeatable else "store")
     g.add_argument("--weaver-model", default=None, help="weaver base model directory (default: --model)")
     g.add_argument("--trigger-model", default=None, help="trigger base model directory (default: --model)")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | float64 | "
