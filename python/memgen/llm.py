@@ -87,6 +87,8 @@ class LLM:
                                 _eos_token_ids(self.tokenizer, self.hf_config),
                                 default_policy=None if self.memgen is None else self.memgen.factory(),
                                 detokenize=self._detokenize, stream_models=models)
+        # one builder for every call: a generate() while a stream() is suspended steps both
+        self._builder = OutputBuilder(self.tokenizer)
 
     def _memgen_sources(self, memgen, weaver_model, trigger_model) -> dict[str, MemGenSource]:
         """LLM(memgen=...): one checkpoint (named after its directory) or {name: checkpoint}."""
@@ -239,7 +241,7 @@ class LLM:
         if params.n != 1:
             raise ValueError(f"stream() makes one completion; got n={params.n} (use generate() for n > 1)")
         self._check_request(ids, params, 0)
-        engine, builder = self.engine, OutputBuilder(self.tokenizer)
+        engine, builder = self.engine, self._builder
         rid = builder.add(engine.add_request(ids, params), ids, params)
         text = IncrementalText(self._detokenize, params.stop)
         try:
@@ -249,9 +251,11 @@ class LLM:
                 if piece:
                     yield piece
         except BaseException:   # an error, Ctrl-C, or the caller closing the generator
-            engine.abort([rid])
+            builder.update(engine.abort([rid]))
+            builder.forget([rid])
             raise
         out = builder.request_output([rid])
+        builder.forget([rid])
         rest = text.finish(out.text)
         if rest:
             yield rest
@@ -365,19 +369,24 @@ class LLM:
     def _run(self, token_lists: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm.auto import tqdm
 
-        engine, builder = self.engine, OutputBuilder(self.tokenizer)
+        engine, builder = self.engine, self._builder
         # n completions per prompt are n engine requests (they share the prompt's cached blocks)
         groups = [[builder.add(engine.add_request(ids, p.for_completion(i)), ids, p, i) for i in range(p.n)]
                   for ids, p in zip(token_lists, params)]
         flat = [rid for group in groups for rid in group]
+        pending = set(flat)     # a suspended stream()'s request also steps here; its outputs wait in the builder
         bar = tqdm(total=len(flat), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         start, num_tokens, last_update = time.perf_counter(), 0, 0.0
         try:
-            while engine.has_unfinished():
+            while pending:
                 outputs = engine.step()
                 builder.update(outputs)
                 num_tokens += sum(len(o.new_token_ids) for o in outputs)
-                finished = sum(o.finished for o in outputs)
+                finished = 0
+                for o in outputs:
+                    if o.finished and o.request_id in pending:
+                        pending.discard(o.request_id)
+                        finished += 1
                 now = time.perf_counter()
                 if finished or now - last_update > 0.5:
                     bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
@@ -386,10 +395,13 @@ class LLM:
         except BaseException:
             # an error or Ctrl-C mid-call: nothing of this call stays in the engine
             engine.abort(flat)
+            builder.forget(flat)
             raise
         finally:
             bar.close()
-        return [builder.request_output(group) for group in groups]
+        results = [builder.request_output(group) for group in groups]
+        builder.forget(flat)
+        return results
 
     def _detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
