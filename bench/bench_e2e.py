@@ -197,7 +197,7 @@ def run_side(llm, prompts, max_tokens: int, temperature: float, latents: tuple[i
 def _graph_use(llm) -> dict:
     """Per pool: whether decode graphs were captured, their sizes, and how often they replayed."""
     out = {}
-    for pool, runner in llm.engine.runners.items():
+    for pool, runner in ((p.name, p.runner) for p in llm.engine.pools):
         graphs = runner.decode_graphs
         out[pool] = None if graphs is None else {"batch_sizes": graphs.batch_sizes, "replays": graphs.num_replays}
     return out

@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                             "floor_on_vs_off": round(floor_on / floor_off, 2),
                             "on_vs_its_linear_floor": round(best["on"] / floor_on, 2),
                             "off_vs_its_linear_floor": round(best["off"] / floor_off, 2),
-                            "pools": list(memgen.engine.runners)}
+                            "pools": [p.name for p in memgen.engine.pools]}
         print("memory:", result["memory"], flush=True)
 
         # ---- MemGen engine vs the reference's semantics -------------------------------------------

@@ -116,7 +116,7 @@ def soak_layout(assets: dict, layout: str, n: int, seed: int, prefix_caching: bo
     elapsed = time.perf_counter() - start
     blocks = {pool: {"free": m.num_free_blocks, "total": m.num_blocks,
                      "max_ref_count": max(m.ref_count(b) for b in range(m.num_blocks))}
-              for pool, m in llm.engine.block_managers.items()}
+              for pool, m in ((p.name, p.block_manager) for p in llm.engine.pools)}
     # a sample of greedy requests must equal the request run alone on a roomy engine
     roomy = LLM(**kwargs, enable_prefix_caching=False)
     picks = random.Random(seed + 2).sample(greedy_outputs, min(sample, len(greedy_outputs)))

@@ -168,7 +168,7 @@ def test_llm_stream_pieces_add_up(qwen2_dir):
     next(gen)
     gen.close()
     assert not llm.engine.has_unfinished()
-    assert all(m.num_free_blocks == m.num_blocks for m in llm.engine.block_managers.values())
+    assert all(m.num_free_blocks == m.num_blocks for m in (p.block_manager for p in llm.engine.pools))
     with pytest.raises(ValueError, match="n=2"):
         next(llm.stream("Hi", SamplingParams(n=2)))
 

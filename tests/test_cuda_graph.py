@@ -40,7 +40,7 @@ class RecordingGraph:
 def _install(llm, batch_sizes, max_batch=4):
     """Graphs on every runner of the engine, with a log of the live row count of each replayed step."""
     steps = []
-    for runner in llm.engine.runners.values():
+    for runner in (p.runner for p in llm.engine.pools):
         graphs = DecodeGraphs(runner, max_batch, max_blocks_per_seq(runner), graph_factory=RecordingGraph,
                               batch_sizes=batch_sizes)
         graphs.capture()

@@ -21,7 +21,7 @@ def test_a_copy_of_the_reasoner_shares_its_model(tmp_path, memgen_reasoner_dir, 
     with caplog.at_level(logging.INFO, logger="memgen.llm"):
         llm = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, weaver_model=copy, trigger_model=copy,
                   dtype="float64")
-    assert list(llm.engine.runners) == ["base"]
+    assert [p.name for p in llm.engine.pools] == ["base"]
     assert "weaver on the reasoner's model" in caplog.text and "trigger on the reasoner's model" in caplog.text
     alone = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, dtype="float64")
     prompts = ["What is 12 plus 30?", "Hello. Then, go"]
@@ -39,8 +39,8 @@ def test_other_weights_get_their_own_pool(tmp_path, memgen_reasoner_dir, memgen_
     save_file(tensors, weights, metadata={"format": "pt"})
     assert not same_model(other, memgen_reasoner_dir)
     llm = LLM(memgen_reasoner_dir, memgen=memgen_active_ckpt_dir, weaver_model=other, dtype="float64")
-    assert list(llm.engine.runners) == ["base", "W"]
-    assert torch.is_tensor(llm.engine.runners["W"].model.model.embed_tokens.weight)
+    assert [p.name for p in llm.engine.pools] == ["base", "W"]
+    assert torch.is_tensor(llm.engine.pools[1].runner.model.model.embed_tokens.weight)
 
 
 def test_same_model_needs_the_same_config(tmp_path, memgen_reasoner_dir):

@@ -89,7 +89,7 @@ def _same_latents(prompts, got: dict, want: list) -> None:
 
 
 def _all_blocks_free(llm):
-    for manager in llm.engine.block_managers.values():
+    for manager in (p.block_manager for p in llm.engine.pools):
         manager.check_invariants()
         assert manager.num_free_blocks == manager.num_blocks
     assert not llm.engine.runtime.latent_requests

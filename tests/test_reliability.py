@@ -59,7 +59,7 @@ def _tight_blocks(layout: str) -> int:
 def _assert_all_free(llm: LLM) -> None:
     engine = llm.engine
     assert not engine.scheduler.waiting and not engine.scheduler.running
-    for pool, manager in engine.block_managers.items():
+    for pool, manager in ((p.name, p.block_manager) for p in engine.pools):
         manager.check_invariants()
         assert manager.num_free_blocks == manager.num_blocks, f"pool {pool!r} leaks blocks"
         assert all(manager.ref_count(i) == 0 for i in range(manager.num_blocks)), f"pool {pool!r}: ref counts"

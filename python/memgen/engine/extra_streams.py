@@ -30,12 +30,14 @@ SCRATCH_SLACK_BLOCKS = 1
 
 @dataclass
 class Pool:
-    """One model and its KV pool. `index` is the pool's number everywhere a chunk
-    names its pool (the scheduler's block managers, batch assembly)."""
+    """One model, its KV cache and block manager. `index` is how the engine addresses it
+    everywhere (LLMEngine.pools[index], Stream.pool_index, the scheduler, batch assembly);
+    `name` only labels logs and stats."""
     name: str
     index: int
     runner: ModelRunner
     num_streams: int = 1      # streams of one sequence that live in this pool
+    block_manager: object = None   # memgen._native.BlockManager, made when the engine sizes the pool
 
 
 def open_pool(name: str, index: int, model_dir: Path, hf_config, base: ModelRunner, max_model_len: int,

@@ -46,7 +46,8 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, device, dtype)
         self.model_runner = ModelRunner(model_dir, hf_config, dtype, device, self.max_model_len, config.block_size,
                                         attn_backend=backend)
-        # one pool (model + KV cache) per distinct checkpoint; the reasoner's is pool 0
+        # one pool (model + KV cache + block manager) per distinct checkpoint, addressed by its
+        # index (self.pools[i].index == i); the reasoner's is pool 0
         base = Pool(BASE_POOL, 0, self.model_runner)
         self.pools = [base]
         # params -> the LatentPolicy of a request that carries none (MemGen's), or None
@@ -60,18 +61,17 @@ class LLMEngine:
                                                          config.block_size)
         # the runtime of requests with a LatentPolicy (on an LLM(memgen=...): MemGen's, the default)
         self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder)
-        self.block_managers = {}
+        assert [pool.index for pool in self.pools] == list(range(len(self.pools))), "pools are numbered in order"
         for pool in self.pools:
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
             pool.runner.allocate_kv_cache(num_blocks)
             # CUDA graphs for decode steps (None unless CUDA + Triton + enforce_eager=False);
             # a MemGen pool's decode steps carry up to one row per stream living in it
             pool.runner.decode_graphs = build_decode_graphs(pool.runner, config, pool.num_streams)
-            self.block_managers[pool.name] = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runners = {pool.name: pool.runner for pool in self.pools}
-        self.block_manager = self.block_managers[BASE_POOL]
-        self.scheduler = Scheduler([self.block_managers[p.name] for p in sorted(self.pools, key=lambda p: p.index)],
-                                   config.max_num_seqs, config.max_num_batched_tokens)
+            pool.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = base.block_manager     # the reasoner's
+        self.scheduler = Scheduler([pool.block_manager for pool in self.pools], config.max_num_seqs,
+                                   config.max_num_batched_tokens)
         self.sampler = Sampler()
         self._num_requests = 0
         self._requests: dict[int, Sequence] = {}    # request id -> its sequence, until its last output
@@ -142,8 +142,8 @@ class LLMEngine:
         """Sequences running and waiting, preemptions so far, KV blocks per pool (used, total)."""
         sched = self.scheduler
         return {"running": sched.core.num_running, "waiting": len(sched.waiting), "preemptions": sched.num_preemptions,
-                "kv_blocks": {name: (bm.num_blocks - bm.num_free_blocks, bm.num_blocks)
-                              for name, bm in self.block_managers.items()}}
+                "kv_blocks": {pool.name: (bm.num_blocks - bm.num_free_blocks, bm.num_blocks)
+                              for pool, bm in ((pool, pool.block_manager) for pool in self.pools)}}
 
     # ---- one step -------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
