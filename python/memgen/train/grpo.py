@@ -446,7 +446,10 @@ class GRPOTrainer:
                 norms.append(clip_and_step(self.params.values(), self.optimizer, self.scheduler, c.max_grad_norm))
         finally:
             self.model.eval()
+        # the live-update path (no engine rebuild): the rollout engine's adapters are copied in place
+        sync_start = time.perf_counter()
         self.llm.update_memgen_weights(self.model.to_checkpoint())
+        weight_sync_s = time.perf_counter() - sync_start
         self.step_count += 1
         rates = insertion_rates([r.augmentation for r in rollouts])
         return {
@@ -456,7 +459,7 @@ class GRPOTrainer:
             "shaped_reward_mean": float(shaped.mean()), "penalty_mean": float(penalty.mean()),
             "reference_rate": p_bar, "insertion_rate": float(rates.mean()),
             "completion_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
-            "num_rollouts": len(rollouts),
+            "num_rollouts": len(rollouts), "weight_sync_s": weight_sync_s,
             "num_trained_rows": sum(1 for i, r in enumerate(rows) if float(advantages[i]) != 0.0 and r.num_valid > 0),
             "rollout_seconds": rollout_s, "seconds": time.perf_counter() - start,
         }
