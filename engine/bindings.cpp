@@ -335,4 +335,30 @@ NB_MODULE(_native, m) {
           },
           nb::call_guard<nb::gil_scoped_release>(),
           "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
+    m.def("linear_isa_bf16", &linear_isa_bf16, "the instruction set bfloat16 weights run on (engine/cpu_gemm.h)");
+    m.def("packed_size_bf16", &packed_size_bf16, "bfloat16 values the packed form of a [K, N] matrix takes");
+    m.def("pack_rows_bf16",
+          [](uintptr_t w, int64_t rows, int64_t K, int64_t N, int64_t col0, uintptr_t packed) {
+              pack_rows_bf16(reinterpret_cast<const uint16_t*>(w), rows, K, N, col0,
+                             reinterpret_cast<uint16_t*>(packed));
+          },
+          "write W's rows [col0, col0 + rows) ([rows, K] row-major bfloat16) into a packed [K, N] matrix");
+    m.def("packed_linear_bf16",
+          [](uintptr_t x, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t bias, uintptr_t y,
+             int num_threads) {
+              packed_linear_bf16(reinterpret_cast<const uint16_t*>(x), M, K,
+                                 reinterpret_cast<const uint16_t*>(packed), N,
+                                 reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(y),
+                                 num_threads);
+          },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "y = x W^T + b with a packed bfloat16 W, contiguous bfloat16 x [M, K] and y [M, N] (engine/cpu_gemm.h)");
+    m.def("rows_linear",
+          [](uintptr_t x, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t y, bool bf16, int num_threads) {
+              rows_linear(reinterpret_cast<const void*>(x), M, K, reinterpret_cast<const void*>(w), N,
+                          reinterpret_cast<void*>(y), bf16, num_threads);
+          },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "y = x W^T for W [N, K] row-major as stored (the tied LM head), float32 or bfloat16 "
+          "(engine/cpu_gemm.h)");
 }

@@ -1,5 +1,6 @@
 // See cpu_gemm.h.
 #include "cpu_gemm.h"
+#include "cpu_math.h"
 
 #include <algorithm>
 #include <atomic>
@@ -12,10 +13,15 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <sched.h>
 #include <unistd.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MEMGEN_DPBF16 1   // the avx512_bf16 body (vdpbf16ps, written as inline assembly)
+#endif
 
 namespace memgen {
 namespace {
@@ -24,56 +30,131 @@ constexpr int64_t kPanel = 16;   // columns per panel: one AVX-512 register, two
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
+typedef uint32_t u16x32 __attribute__((vector_size(64)));   // 16 lanes of uint32
+typedef uint32_t u8x32 __attribute__((vector_size(32)));
+typedef uint32_t u4x32 __attribute__((vector_size(16)));
 
-// How far ahead a tile asks for its panel: 128 cache lines (8 KiB). The hardware
+// The avx512_bf16 body's tag (vdpbf16ps: a pair of bfloat16 products per float lane).
+struct Dot512 {};
+
+using Bf16 = uint16_t;   // a bfloat16 model's elements, as bits
+
+// How far ahead a tile asks for its panel: 8 KiB (128 cache lines). The hardware
 // prefetcher alone leaves a decode step's few rows waiting on DRAM for W (a step's
 // weights do not fit in the last-level cache); asking this far ahead halved the time of
 // the small model's linear layers at 8 rows.
-constexpr int64_t kPrefetchLines = 128;
+constexpr int64_t kPrefetchBytes = 8192;
 
 // A body works in vectors V of the instruction set's width: a panel row is kParts<V>
 // of them. (GCC lowers a 64-byte vector through the stack when the target has only
 // 32-byte registers: the AVX2 body ran 5x slower than AVX-512 on one machine.)
 template <typename V>
-constexpr int kParts = int(kPanel * sizeof(float) / sizeof(V));
+struct Vec {
+    static constexpr int parts = int(kPanel * sizeof(float) / sizeof(V));
+    static constexpr int lanes = int(sizeof(V) / sizeof(float));
+    static constexpr int registers = sizeof(V) == 64 ? 32 : 16;
+};
+template <>
+struct Vec<Dot512> {
+    static constexpr int parts = 1, lanes = 16, registers = 32;
+};
 template <typename V>
-constexpr int kLanes = int(sizeof(V) / sizeof(float));
-template <typename V>
-constexpr int kRegisters = sizeof(V) == 64 ? 32 : 16;
+using UVec = std::conditional_t<sizeof(V) == 64, u16x32, std::conditional_t<sizeof(V) == 32, u8x32, u4x32>>;
 
-// MR rows x NP neighbouring panels: acc[j][m] = bias + sum_k x[m, k] * panel_j[k, :],
-// every sum in the order of k (a row's result does not depend on the rows beside it).
-// The rows arrive k-major (xp[k * MR + m], see pack_x): one cache line of x per k.
+// Elements of a panel per step down K: a float32 panel takes one k per step (16
+// floats), a bfloat16 panel a pair of k's (16 columns x 2: 32 values, one cache line).
+template <typename T>
+constexpr int64_t kStepElems = std::is_same_v<T, float> ? kPanel : 2 * kPanel;
+
+inline float to_float(float x) { return x; }
+inline float to_float(Bf16 x) { return bf16_to_float(x); }
+inline void store_as(float* dst, float v) { *dst = v; }
+inline void store_as(Bf16* dst, float v) { *dst = float_to_bf16(v); }
+
+// MR rows x NP neighbouring panels: acc[j][m] = bias + sum_k x[m, k] * panel_j[k, :]
+// (a row's result does not depend on the rows beside it: every tile shape runs the
+// same sums in the same order). The rows arrive k-major (xp[k * MR + m], see pack_x):
+// one cache line of x per k.
+// float32 panels: one FMA per row per k, in the order of k.
+// bfloat16 panels, converted while read (a panel row holds k and k + 1 per column, as
+// two halves of a 32-bit lane: << 16 and & 0xffff0000 give their float values exactly):
+// k + 1's FMA, then k's, per pair: the order vdpbf16ps documents for its pair, so the
+// avx512_bf16 body (Dot512: one vdpbf16ps per row per pair, x packed as pairs) takes the
+// same sums up to its flushing of denormals.
 // A panel read once (`once`: its only row tile) by 1-3 rows is fetched non-temporally,
 // so that streaming the weights does not evict what the step keeps (the KV cache, the
 // activations); by 4 or more rows into the outer cache levels (prefetcht2): with the
 // non-temporal hint an 8-row step's linears waited on the stream (SmolLM2, 1 thread,
 // load ~1: a whole batch-8 decode step 51-53 -> 42-45 ms; 1-row steps gained nothing from
 // it). A panel that more row tiles will read is fetched into the caches.
-template <typename V, int MR, int NP, bool once>
-inline __attribute__((always_inline)) void tile(const float* xp, int64_t K, const float* panel, const float* bias,
-                                                float* y, int64_t ldy, int64_t cols) {
-    constexpr int P = kParts<V>, L = kLanes<V>;
-    V acc[NP][MR][P];
+template <typename V, int MR, int NP, bool once, typename T>
+inline __attribute__((always_inline)) void tile(const float* xp, int64_t steps, const T* panel, int64_t panel_size,
+                                                const float* bias, T* y, int64_t ldy, int64_t cols) {
+    constexpr int P = Vec<V>::parts, L = Vec<V>::lanes;
+    constexpr int hint = once ? (MR >= 4 ? 1 : 0) : 3;
+    constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(T));
+    using A = std::conditional_t<std::is_same_v<V, Dot512>, v16, V>;
+    A acc[NP][MR][P];
     for (int j = 0; j < NP; ++j)
         for (int q = 0; q < P; ++q) {
-            V b;
+            A b;
             std::memcpy(&b, bias + j * kPanel + q * L, sizeof b);
             for (int m = 0; m < MR; ++m) acc[j][m][q] = b;
         }
-    const int64_t panel_size = K * kPanel;
-    for (int64_t k = 0; k < K; ++k) {
-        V w[NP][P];
-        for (int j = 0; j < NP; ++j) {
-            const float* p = panel + j * panel_size + k * kPanel;
-            __builtin_prefetch(p + kPanel * kPrefetchLines, 0, once ? (MR >= 4 ? 1 : 0) : 3);
-            for (int q = 0; q < P; ++q) std::memcpy(&w[j][q], p + q * L, sizeof(V));
-        }
+    constexpr int64_t E = kStepElems<T>;
+    for (int64_t s = 0; s < steps; ++s) {
+        if constexpr (std::is_same_v<T, float>) {
+            V w[NP][P];
+            for (int j = 0; j < NP; ++j) {
+                const float* p = panel + j * panel_size + s * E;
+                __builtin_prefetch(p + ahead, 0, hint);
+                for (int q = 0; q < P; ++q) std::memcpy(&w[j][q], p + q * L, sizeof(V));
+            }
 #pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {
-            const float xm = xp[k * MR + m];
-            for (int j = 0; j < NP; ++j)
-                for (int q = 0; q < P; ++q) acc[j][m][q] += xm * w[j][q];
+            for (int m = 0; m < MR; ++m) {
+                const float xm = xp[s * MR + m];
+                for (int j = 0; j < NP; ++j)
+                    for (int q = 0; q < P; ++q) acc[j][m][q] += xm * w[j][q];
+            }
+        } else if constexpr (std::is_same_v<V, Dot512>) {
+#ifdef MEMGEN_DPBF16
+            u16x32 w[NP];
+            for (int j = 0; j < NP; ++j) {
+                const Bf16* p = panel + j * panel_size + s * E;
+                __builtin_prefetch(p + ahead, 0, hint);
+                std::memcpy(&w[j], p, sizeof w[j]);
+            }
+            const uint32_t* xq = reinterpret_cast<const uint32_t*>(xp);
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; ++m) {
+                const u16x32 xm = u16x32{} + xq[s * MR + m];   // the row's pair in every lane
+                // the instruction itself: an intrinsic (or builtin) will not inline into this
+                // template, which only its caller (panels_bf16_dot512) compiles for avx512_bf16
+                for (int j = 0; j < NP; ++j) asm("vdpbf16ps %2, %1, %0" : "+v"(acc[j][m][0]) : "v"(xm), "v"(w[j]));
+            }
+#endif
+        } else {
+            using U = UVec<V>;
+            V lo[NP][P], hi[NP][P];
+            for (int j = 0; j < NP; ++j) {
+                const Bf16* p = panel + j * panel_size + s * E;
+                __builtin_prefetch(p + ahead, 0, hint);
+                for (int q = 0; q < P; ++q) {
+                    U u;
+                    std::memcpy(&u, p + q * 2 * L, sizeof u);
+                    lo[j][q] = (V)(u << 16);
+                    hi[j][q] = (V)(u & 0xffff0000u);
+                }
+            }
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; ++m) {
+                const float x0 = xp[2 * s * MR + m], x1 = xp[(2 * s + 1) * MR + m];
+                for (int j = 0; j < NP; ++j)
+                    for (int q = 0; q < P; ++q) {
+                        acc[j][m][q] += x1 * hi[j][q];
+                        acc[j][m][q] += x0 * lo[j][q];
+                    }
+            }
         }
     }
     for (int j = 0; j < NP; ++j)
@@ -81,50 +162,83 @@ inline __attribute__((always_inline)) void tile(const float* xp, int64_t K, cons
             // the padded last panel has fewer columns
             const int64_t c = std::min<int64_t>(L, cols - j * kPanel - q * L);
             for (int m = 0; m < MR; ++m) {
-                float* dst = y + m * ldy + j * kPanel + q * L;
-                if (c == L) std::memcpy(dst, &acc[j][m][q], sizeof(V));
-                else if (c > 0) std::memcpy(dst, &acc[j][m][q], c * sizeof(float));
+                T* dst = y + m * ldy + j * kPanel + q * L;
+                if constexpr (std::is_same_v<T, float>) {
+                    if (c == L) std::memcpy(dst, &acc[j][m][q], sizeof(A));
+                    else if (c > 0) std::memcpy(dst, &acc[j][m][q], c * sizeof(float));
+                } else {
+                    alignas(64) float out[L];
+                    std::memcpy(out, &acc[j][m][q], sizeof(A));
+                    for (int64_t i = 0; i < c; ++i) dst[i] = float_to_bf16(out[i]);
+                }
             }
         }
 }
 
+// The geometry of one call: `steps` down K per panel (K, or K/2 rounded up for
+// bfloat16), `xk` packed x entries per row, `panel_size` elements of a panel.
+struct Geom {
+    int64_t steps, xk, panel_size;
+};
+
 // The last rows (fewer than a full tile) of NP panels in one pass: one row alone is
 // one chain of dependent FMAs, as slow as a full tile, so a few rows take several
 // panels at once to give the FMA units independent work.
-template <typename V, int R, int NP, bool once>
-inline __attribute__((always_inline)) void rest(int64_t rows, const float* xp, int64_t K, const float* panel,
-                                                const float* bias, float* y, int64_t ldy, int64_t cols) {
+template <typename V, int R, int NP, bool once, typename T>
+inline __attribute__((always_inline)) void rest(int64_t rows, const float* xp, const Geom& g, const T* panel,
+                                                const float* bias, T* y, int64_t ldy, int64_t cols) {
     if constexpr (R > 0) {
-        if (rows == R) tile<V, R, NP, once>(xp, K, panel, bias, y, ldy, cols);
-        else rest<V, R - 1, NP, once>(rows, xp, K, panel, bias, y, ldy, cols);
+        if (rows == R) tile<V, R, NP, once>(xp, g.steps, panel, g.panel_size, bias, y, ldy, cols);
+        else rest<V, R - 1, NP, once>(rows, xp, g, panel, bias, y, ldy, cols);
     }
 }
 
 // Rows [m0, M) of NP panels from column n0: the tail of a panel group.
-template <typename V, int big, int NP, bool once>
-inline __attribute__((always_inline)) void tail(const float* xp, int64_t M, int64_t m0, int64_t K, const float* panel,
-                                                int64_t N, const float* bias, float* y, int64_t n0) {
+template <typename V, int big, int NP, bool once, typename T>
+inline __attribute__((always_inline)) void tail(const float* xp, int64_t M, int64_t m0, const Geom& g,
+                                                const T* panel, int64_t N, const float* bias, T* y, int64_t n0) {
     const int64_t cols = std::min<int64_t>(NP * kPanel, N - n0);
     alignas(64) float bias_cols[NP * kPanel] = {};
     if (bias != nullptr) std::memcpy(bias_cols, bias + n0, cols * sizeof(float));
-    rest<V, big, NP, once>(M - m0, xp + m0 * K, K, panel, bias_cols, y + m0 * N + n0, N, cols);
+    rest<V, big, NP, once>(M - m0, xp + m0 * g.xk, g, panel, bias_cols, y + m0 * N + n0, N, cols);
 }
 
 // Do R rows of NP panels fit in the registers (accumulators and the panels' values)?
-template <typename V>
+template <typename V, typename T>
 constexpr bool fits(int R, int NP) {
-    return (R + 1) * NP * kParts<V> <= kRegisters<V> - 2;
+    constexpr int w = std::is_same_v<T, float> || std::is_same_v<V, Dot512> ? 1 : 2;   // lo and hi
+    return (R + w) * NP * Vec<V>::parts <= Vec<V>::registers - 2;
 }
 
 // x's rows in the tiles' order, each tile k-major: a tile then broadcasts its x values
 // from one cache line per k instead of from a pointer per row (16 row pointers spill
 // the general registers). Tiles of `big` rows, then the last rows as one tile.
-inline void pack_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp) {
+// float32: xp[k * rows + r]; bfloat16 converted to float (K padded to even with a zero);
+// pairs (the avx512_bf16 body): xp[kp * rows + r] = x[r, 2kp] | x[r, 2kp + 1] << 16.
+enum class XPack { kFloat, kFloatPairs, kBf16Pairs };
+
+template <typename T>
+void pack_x(const T* x, int64_t M, int64_t K, int64_t big, XPack how, int64_t xk, float* xp) {
     for (int64_t m0 = 0; m0 < M; m0 += big) {
         const int64_t rows = std::min(big, M - m0);
-        float* tile_x = xp + m0 * K;
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t k = 0; k < K; ++k) tile_x[k * rows + r] = x[(m0 + r) * K + k];
+        float* tile_x = xp + m0 * xk;
+        for (int64_t r = 0; r < rows; ++r) {
+            const T* xr = x + (m0 + r) * K;
+            if (how == XPack::kBf16Pairs) {
+                uint32_t* t = reinterpret_cast<uint32_t*>(tile_x);
+                for (int64_t kp = 0; kp < xk; ++kp) {
+                    uint32_t lo = 0, hi = 0;
+                    if constexpr (!std::is_same_v<T, float>) {
+                        lo = xr[2 * kp];
+                        hi = 2 * kp + 1 < K ? xr[2 * kp + 1] : 0;
+                    }
+                    t[kp * rows + r] = lo | hi << 16;
+                }
+            } else {
+                for (int64_t k = 0; k < K; ++k) tile_x[k * rows + r] = to_float(xr[k]);
+                for (int64_t k = K; k < xk; ++k) tile_x[k * rows + r] = 0.0f;
+            }
+        }
     }
 }
 
@@ -135,60 +249,156 @@ constexpr int64_t kRowBlock = 256;
 
 constexpr int64_t kGroup = 4;
 
-template <typename V, int big>
-inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M, int64_t K, const float* packed,
-                                                     int64_t N, const float* bias, float* y, int64_t p0,
-                                                     int64_t p1) {
-    const int64_t full = M / big * big, left = M - full, panel_size = K * kPanel;
-    for (int64_t g = p0; g < p1; g += kGroup) {
-        const int64_t in_group = std::min(kGroup, p1 - g);
-        for (int64_t p = g; p < g + in_group && full > 0; ++p) {
+template <typename V, int big, typename T>
+inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M, const Geom& g, const T* packed,
+                                                     int64_t N, const float* bias, T* y, int64_t p0, int64_t p1) {
+    const int64_t full = M / big * big, left = M - full, panel_size = g.panel_size;
+    for (int64_t gr = p0; gr < p1; gr += kGroup) {
+        const int64_t in_group = std::min(kGroup, p1 - gr);
+        for (int64_t p = gr; p < gr + in_group && full > 0; ++p) {
             const int64_t n0 = p * kPanel;
             const int64_t cols = std::min(kPanel, N - n0);
             alignas(64) float bias16[kPanel] = {};
             if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
-            const float* panel = packed + p * panel_size;
+            const T* panel = packed + p * panel_size;
             for (int64_t m = 0; m < full; m += big) {
-                if (M == big) tile<V, big, 1, true>(xp, K, panel, bias16, y + n0, N, cols);   // the only tile
-                else tile<V, big, 1, false>(xp + m * K, K, panel, bias16, y + m * N + n0, N, cols);
+                if (M == big) tile<V, big, 1, true>(xp, g.steps, panel, panel_size, bias16, y + n0, N, cols);
+                else tile<V, big, 1, false>(xp + m * g.xk, g.steps, panel, panel_size, bias16, y + m * N + n0, N,
+                                            cols);
             }
         }
         if (left == 0) continue;
-        int64_t p = g;
-        const float* at = packed + p * panel_size;
-        if (full == 0) {   // the panels' only pass, bound by reading W: one stream, read once
-            for (; p < g + in_group; ++p, at += panel_size) tail<V, big, 1, true>(xp, M, 0, K, at, N, bias, y, p * kPanel);
+        int64_t p = gr;
+        const T* at = packed + p * panel_size;
+        if (full == 0) {   // the panels' only pass, bound by reading W: read once
+            if constexpr (!std::is_same_v<T, float> && !std::is_same_v<V, Dot512> && fits<V, T>(2, 2)) {
+                // a bfloat16 pair is two dependent FMAs: two panels at a time keep the
+                // chains short enough for one row to stream
+                if (left <= 2)
+                    for (; p + 2 <= gr + in_group; p += 2, at += 2 * panel_size)
+                        tail<V, big, 2, true>(xp, M, 0, g, at, N, bias, y, p * kPanel);
+            }
+            for (; p < gr + in_group; ++p, at += panel_size) tail<V, big, 1, true>(xp, M, 0, g, at, N, bias, y, p * kPanel);
             continue;
         }
         // the panels are in the cache now: their sums are the bound
-        if constexpr (fits<V>(2, 4)) {
+        if constexpr (fits<V, T>(2, 4)) {
             if (left <= 2)
-                for (; p + 4 <= g + in_group; p += 4, at += 4 * panel_size)
-                    tail<V, big, 4, false>(xp, M, full, K, at, N, bias, y, p * kPanel);
+                for (; p + 4 <= gr + in_group; p += 4, at += 4 * panel_size)
+                    tail<V, big, 4, false>(xp, M, full, g, at, N, bias, y, p * kPanel);
         }
-        if constexpr (fits<V>(4, 2)) {
+        if constexpr (fits<V, T>(4, 2)) {
             if (left <= 4)
-                for (; p + 2 <= g + in_group; p += 2, at += 2 * panel_size)
-                    tail<V, big, 2, false>(xp, M, full, K, at, N, bias, y, p * kPanel);
+                for (; p + 2 <= gr + in_group; p += 2, at += 2 * panel_size)
+                    tail<V, big, 2, false>(xp, M, full, g, at, N, bias, y, p * kPanel);
         }
-        for (; p < g + in_group; ++p, at += panel_size) tail<V, big, 1, false>(xp, M, full, K, at, N, bias, y, p * kPanel);
+        for (; p < gr + in_group; ++p, at += panel_size) tail<V, big, 1, false>(xp, M, full, g, at, N, bias, y, p * kPanel);
     }
 }
 
+// The arguments of one packed call, shared by the threads that run its chunks.
+struct PanelCall {
+    const float* xp;
+    int64_t M;
+    Geom g;
+    const void* packed;
+    int64_t N;
+    const float* bias;
+    void* y;
+};
+
 // The panels [p0, p1) for all M rows, a block of kRowBlock rows at a time; xp holds every
-// block's rows packed (pack_rows_x). A thread's share of a call is one such range:
-// every output is one tile's sum in the order of k, whichever thread runs it.
-template <typename V, int big>
-inline __attribute__((always_inline)) void panels(const float* xp, int64_t M, int64_t K, const float* packed,
-                                                  int64_t N, const float* bias, float* y, int64_t p0, int64_t p1) {
-    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
-        row_block<V, big>(xp + r0 * K, std::min(kRowBlock, M - r0), K, packed, N, bias, y + r0 * N, p0, p1);
+// block's rows packed. A thread's share of a call is one such range: every output is one
+// tile's sum in its fixed order, whichever thread runs it.
+template <typename V, int big, typename T>
+inline __attribute__((always_inline)) void panels(const void* args, int64_t p0, int64_t p1) {
+    const PanelCall& c = *static_cast<const PanelCall*>(args);
+    const T* packed = static_cast<const T*>(c.packed);
+    T* y = static_cast<T*>(c.y);
+    for (int64_t r0 = 0; r0 < c.M; r0 += kRowBlock)
+        row_block<V, big>(c.xp + r0 * c.g.xk, std::min(kRowBlock, c.M - r0), c.g, packed, c.N, c.bias,
+                          y + r0 * c.N, p0, p1);
 }
 
-// x [M, K] into the tiles' order, block of kRowBlock rows by block (tiles of `big` rows).
-void pack_rows_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp) {
-    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
-        pack_x(x + r0 * K, std::min(kRowBlock, M - r0), K, big, xp + r0 * K);
+// ---- the LM head on W in HF's own layout ---------------------------------------------
+// y[m, n] = x[m] . W[n] for W [N, K] row-major: the tied LM head, whose W is the
+// embedding matrix itself (no second, packed copy). NR rows of W x MR rows of x at a
+// time, vectors along k (x converted to float once, zero-padded to whole vectors; W's
+// last partial vector read into a zeroed one), each sum then added across the lanes in
+// a fixed order: a row's result does not depend on the rows or threads beside it.
+struct RowsCall {
+    const float* xf;   // [M, kv] float, zero-padded
+    int64_t M, K, kv;
+    const void* w;
+    int64_t N;
+    void* y;
+};
+
+template <typename V>
+inline float lanes_sum(V v) {
+    constexpr int L = Vec<V>::lanes;
+    float t[L];
+    std::memcpy(t, &v, sizeof v);
+    for (int w = L / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) t[i] += t[i + w];
+    return t[0];
+}
+
+// L values of W's row from k (a partial vector: `n` of them, the rest zero).
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load_w(const T* p, int64_t n) {
+    constexpr int L = Vec<V>::lanes;
+    if constexpr (std::is_same_v<T, float>) {
+        V v = {};
+        std::memcpy(&v, p, n * sizeof(float));
+        return v;
+    } else {
+        typedef uint16_t h __attribute__((vector_size(L * 2)));
+        h b = {};
+        std::memcpy(&b, p, n * sizeof(Bf16));
+        return (V)(__builtin_convertvector(b, UVec<V>) << 16);
+    }
+}
+
+template <typename V, int NR, int MR, typename T>
+inline __attribute__((always_inline)) void rows_tile(const RowsCall& c, int64_t n0, int64_t m0) {
+    constexpr int L = Vec<V>::lanes;
+    const T* w = static_cast<const T*>(c.w) + n0 * c.K;
+    V acc[NR][MR] = {};
+    const int64_t whole = c.K / L * L;
+    for (int64_t k = 0; k < c.kv; k += L) {
+        const int64_t n = k < whole ? L : c.K - k;
+        V xv[MR];
+        for (int m = 0; m < MR; ++m) std::memcpy(&xv[m], c.xf + (m0 + m) * c.kv + k, sizeof(V));
+        for (int j = 0; j < NR; ++j) {
+            const V wv = n == L ? load_w<V>(w + j * c.K + k, L) : load_w<V>(w + j * c.K + k, n);
+            for (int m = 0; m < MR; ++m) acc[j][m] += xv[m] * wv;
+        }
+    }
+    T* y = static_cast<T*>(c.y);
+    for (int j = 0; j < NR; ++j)
+        for (int m = 0; m < MR; ++m) store_as(y + (m0 + m) * c.N + n0 + j, lanes_sum(acc[j][m]));
+}
+
+template <typename V, int NR, int MR, typename T>
+inline __attribute__((always_inline)) void rows_block(const RowsCall& c, int64_t n0) {
+    int64_t m = 0;
+    for (; m + MR <= c.M; m += MR) rows_tile<V, NR, MR, T>(c, n0, m);
+    for (; m < c.M; ++m) rows_tile<V, NR, 1, T>(c, n0, m);
+}
+
+constexpr int kRowsNR = 4;   // W rows per tile (8 for a single row of x)
+
+// W's rows [n0, n1) for every row of x.
+template <typename V, typename T>
+inline __attribute__((always_inline)) void rows_range(const void* args, int64_t n0, int64_t n1) {
+    const RowsCall& c = *static_cast<const RowsCall*>(args);
+    constexpr int MR = Vec<V>::registers == 32 ? 4 : 2;
+    int64_t n = n0;
+    if (c.M == 1)
+        for (; n + 8 <= n1; n += 8) rows_tile<V, 8, 1, T>(c, n, 0);
+    for (; n + kRowsNR <= n1; n += kRowsNR) rows_block<V, kRowsNR, MR, T>(c, n);
+    for (; n < n1; ++n) rows_block<V, 1, MR, T>(c, n);
 }
 
 // One body per instruction set, picked at run time (never -march=native: the wheel
@@ -197,48 +407,64 @@ void pack_rows_x(const float* x, int64_t M, int64_t K, int64_t big, float* xp) {
 // the stream (16 rows: 3.0 -> 2.6 ms for the small model's layers, where two passes of
 // 8 rows each waited on the stream or on the sums). AVX2 splits a panel row into two
 // registers, so 6 rows fill its 16 (with the panel's two and a broadcast); the SSE2
-// baseline into four, 2 rows.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target("avx512f,avx512vl,fma"))) void panels_avx512(const float* xp, int64_t M, int64_t K,
-                                                                    const float* packed, int64_t N,
-                                                                    const float* bias, float* y, int64_t p0,
-                                                                    int64_t p1) {
-    panels<v16, 16>(xp, M, K, packed, N, bias, y, p0, p1);
-}
-__attribute__((target("avx2,fma"))) void panels_avx2(const float* xp, int64_t M, int64_t K, const float* packed,
-                                                     int64_t N, const float* bias, float* y, int64_t p0,
-                                                     int64_t p1) {
-    panels<v8, 6>(xp, M, K, packed, N, bias, y, p0, p1);
-}
-#define MEMGEN_GEMM_DISPATCH 1
-#endif
-void panels_baseline(const float* xp, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
-                     float* y, int64_t p0, int64_t p1) {
-    panels<v4, 2>(xp, M, K, packed, N, bias, y, p0, p1);
-}
+// baseline into four, 2 rows. bfloat16 panels need a second register per panel part
+// (k and k + 1): 5 rows on AVX2; avx512_bf16 takes a pair in one instruction.
+using RangeFn = void (*)(const void*, int64_t, int64_t);
 
-using PanelsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,
-                          int64_t);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MEMGEN_GEMM_DISPATCH 1
+#define MEMGEN_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,fma")))
+#define MEMGEN_AVX512BF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512bf16,fma")))
+#define MEMGEN_AVX2 __attribute__((target("avx2,fma")))
+MEMGEN_AVX512 void panels_avx512(const void* a, int64_t p0, int64_t p1) { panels<v16, 16, float>(a, p0, p1); }
+MEMGEN_AVX2 void panels_avx2(const void* a, int64_t p0, int64_t p1) { panels<v8, 6, float>(a, p0, p1); }
+MEMGEN_AVX512BF16 void panels_bf16_dot512(const void* a, int64_t p0, int64_t p1) {
+    panels<Dot512, 16, Bf16>(a, p0, p1);
+}
+MEMGEN_AVX512 void panels_bf16_avx512(const void* a, int64_t p0, int64_t p1) { panels<v16, 14, Bf16>(a, p0, p1); }
+MEMGEN_AVX2 void panels_bf16_avx2(const void* a, int64_t p0, int64_t p1) { panels<v8, 5, Bf16>(a, p0, p1); }
+MEMGEN_AVX512 void rows_avx512(const void* a, int64_t n0, int64_t n1) { rows_range<v16, float>(a, n0, n1); }
+MEMGEN_AVX2 void rows_avx2(const void* a, int64_t n0, int64_t n1) { rows_range<v8, float>(a, n0, n1); }
+MEMGEN_AVX512 void rows_bf16_avx512(const void* a, int64_t n0, int64_t n1) { rows_range<v16, Bf16>(a, n0, n1); }
+MEMGEN_AVX2 void rows_bf16_avx2(const void* a, int64_t n0, int64_t n1) { rows_range<v8, Bf16>(a, n0, n1); }
+#endif
+void panels_baseline(const void* a, int64_t p0, int64_t p1) { panels<v4, 2, float>(a, p0, p1); }
+void panels_bf16_baseline(const void* a, int64_t p0, int64_t p1) { panels<v4, 2, Bf16>(a, p0, p1); }
+void rows_baseline(const void* a, int64_t n0, int64_t n1) { rows_range<v4, float>(a, n0, n1); }
+void rows_bf16_baseline(const void* a, int64_t n0, int64_t n1) { rows_range<v4, Bf16>(a, n0, n1); }
 
 struct Body {
-    PanelsFn run;
-    int64_t big;        // rows per full tile (pack_x's tiles)
+    RangeFn panels_f32, panels_bf16, rows_f32, rows_bf16;
+    int64_t big, big_bf16;   // rows per full tile (pack_x's tiles)
+    XPack bf16_x;            // how the bfloat16 panels take x
+    int64_t lanes;           // the rows kernel's vector width (x padded to it)
     const char* name;
+    const char* name_bf16;
 };
 
-// The best body this CPU runs; MEMGEN_CPU_ISA=avx2|baseline asks for a lower one (tests
-// run every body on one machine; an unknown or unsupported value is ignored).
+// The best body this CPU runs; MEMGEN_CPU_ISA=avx512|avx2|baseline asks for a lower one
+// (avx512: no avx512_bf16; tests run every body on one machine; an unknown or
+// unsupported value is ignored).
 Body pick_body() {
     const char* asked = std::getenv("MEMGEN_CPU_ISA");
     const std::string cap = asked != nullptr ? asked : "";
-    const Body baseline{panels_baseline, 2, "baseline"};
+    const Body baseline{panels_baseline, panels_bf16_baseline, rows_baseline, rows_bf16_baseline, 2, 2,
+                        XPack::kFloatPairs, 4, "baseline", "baseline"};
     if (cap == "baseline") return baseline;
 #ifdef MEMGEN_GEMM_DISPATCH
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-        return {panels_avx512, 16, "avx512"};
-    if (avx2) return {panels_avx2, 6, "avx2"};
+    if (cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw")) {
+        if (cap != "avx512" && __builtin_cpu_supports("avx512bf16"))
+            return {panels_avx512, panels_bf16_dot512, rows_avx512, rows_bf16_avx512, 16, 16, XPack::kBf16Pairs,
+                    16, "avx512", "avx512_bf16"};
+        return {panels_avx512, panels_bf16_avx512, rows_avx512, rows_bf16_avx512, 16, 14, XPack::kFloatPairs, 16,
+                "avx512", "avx512"};
+    }
+    if (avx2)
+        return {panels_avx2, panels_bf16_avx2, rows_avx2, rows_bf16_avx2, 6, 5, XPack::kFloatPairs, 8, "avx2",
+                "avx2"};
 #endif
     return baseline;
 }
@@ -251,13 +477,19 @@ const Body& chosen_body() {
 // Threads share a call by chunks of whole panel groups, about 64 KiB of W each or more:
 // each thread takes the next chunk when it is done with one (a thread that starts late
 // or is slowed by another process takes fewer), and every output column is one
-// tile's sum in the order of k whichever thread runs it: bit for bit the result of 1
+// tile's sum in its fixed order whichever thread runs it: bit for bit the result of 1
 // thread.
 constexpr int64_t kChunkBytes = int64_t(64) << 10;
 
-int64_t chunk_panels(int64_t K) {
-    const int64_t group_bytes = kGroup * K * kPanel * int64_t(sizeof(float));
+int64_t chunk_panels(int64_t K, int64_t elem) {
+    const int64_t group_bytes = kGroup * K * kPanel * elem;
     return kGroup * std::max<int64_t>(1, kChunkBytes / group_bytes);
+}
+
+// The rows kernel's chunks: whole tiles of W's rows, about 128 KiB each (a tied LM
+// head of 49152 rows is a few hundred chunks: one claim each).
+int64_t chunk_rows(int64_t K, int64_t elem) {
+    return std::max<int64_t>(8, (int64_t(128) << 10) / (K * elem) / 8 * 8);
 }
 
 // When a call is worth more threads (set_linear_split, MEMGEN_LINEAR_SPLIT):
@@ -287,26 +519,30 @@ int split_mode() {
 constexpr int64_t kNsPerThread = 20000;
 constexpr int64_t kMacsPerThread = int64_t(1) << 22;
 
-int64_t call_ns(int64_t M, int64_t K, int64_t N) {
-    const int64_t bytes = (N + kPanel - 1) / kPanel * kPanel * K * int64_t(sizeof(float));
-    return bytes / 25 + M * K * N / 50;
+int threads_for(int64_t M, int64_t K, int64_t N, int64_t elem, int64_t chunks, int num_threads) {
+    if (M < 1 || K < 1 || N < 1 || num_threads <= 1) return 1;
+    const int mode = split_mode();
+    if (mode == 0) return 1;
+    const int64_t bytes = (N + kPanel - 1) / kPanel * kPanel * K * elem;
+    const int64_t worth = mode == 2 ? (bytes / 25 + M * K * N / 50) / kNsPerThread : M * K * N / kMacsPerThread;
+    return (int)std::max<int64_t>(1, std::min<int64_t>({num_threads, chunks, worth}));
 }
 
 // The threads that share a linear call: the caller and up to num_threads - 1 helpers of
 // this pool (its own, not OpenMP's team: an OpenMP region ends when every thread of the
 // team has arrived, so on a busy machine a call waited for a helper that the kernel had
 // not yet scheduled, often a whole time slice: a step's linears at 8-16 rows took 3-15x
-// as long on 2 threads as on 1 at load 2 on 2 cores; 1.04-1.1x on this pool). Here the caller starts on the chunks at once and takes every chunk no
-// helper has claimed; it waits only for chunks a helper is running. A helper spins a
-// little after its last chunk (the next linear of a step may come soon), then sleeps on a
-// condition variable: a sleeping helper costs the caller a notify, never a wait.
+// as long on 2 threads as on 1 at load 2 on 2 cores; 1.04-1.1x on this pool). Here the
+// caller starts on the chunks at once and takes every chunk no helper has claimed; it
+// waits only for chunks a helper is running. A helper spins a little after its last
+// chunk (the next linear of a step may come soon), then sleeps on a condition variable:
+// a sleeping helper costs the caller a notify, never a wait.
 class LinearPool {
   public:
     struct Job {
-        PanelsFn run;
-        const float *xp, *packed, *bias;
-        float* y;
-        int64_t M, K, N, num_panels, per_chunk;
+        RangeFn run;
+        const void* args;
+        int64_t units, per_chunk;   // the call's units (panels, or W's rows) and units per chunk
     };
 
     // The process's pool (a new one after fork(): the parent's helpers do not exist there).
@@ -344,9 +580,10 @@ class LinearPool {
             cv_.notify_all();
         }
         work(gen);
-        // only chunks a helper claimed are left: they are running
+        // only chunks a helper claimed are left: they are running (a helper the kernel
+        // took off its core holds the caller until it runs again: yield the core to it)
         for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
-            if (spins < 4096) __builtin_ia32_pause();
+            if (spins < 2048) __builtin_ia32_pause();
             else sched_yield();
         }
         return true;
@@ -372,8 +609,7 @@ class LinearPool {
             if (!state_.compare_exchange_weak(s, s + (uint64_t(1) << 16), std::memory_order_acq_rel)) continue;
             const Job& j = job_;
             const int64_t c = next_of(s);
-            j.run(j.xp, j.M, j.K, j.packed, j.N, j.bias, j.y, c * j.per_chunk,
-                  std::min(j.num_panels, (c + 1) * j.per_chunk));
+            j.run(j.args, c * j.per_chunk, std::min(j.units, (c + 1) * j.per_chunk));
             done_.fetch_add(1, std::memory_order_release);
         }
     }
@@ -420,18 +656,42 @@ class LinearPool {
     std::condition_variable cv_;
 };
 
+// Runs fn over [0, units) on up to `threads` threads, in chunks of `per_chunk` units.
+void run_split(RangeFn fn, const void* args, int64_t units, int64_t per_chunk, int threads) {
+    const int64_t chunks = (units + per_chunk - 1) / per_chunk;
+    if (threads > 1 && LinearPool::get().run({fn, args, units, per_chunk}, chunks, threads)) return;
+    fn(args, 0, units);
+}
+
+template <typename T>
+void linear_panels(const T* x, int64_t M, int64_t K, const T* packed, int64_t N, const float* bias, T* y,
+                   int num_threads) {
+    const Body& body = chosen_body();
+    const bool bf = !std::is_same_v<T, float>;
+    const XPack how = bf ? body.bf16_x : XPack::kFloat;
+    const int64_t half = (K + 1) / 2;
+    const Geom g{bf ? half : K, how == XPack::kFloat ? K : how == XPack::kFloatPairs ? 2 * half : half,
+                 (bf ? half : K) * kStepElems<T>};
+    const int64_t big = bf ? body.big_bf16 : body.big;
+    std::unique_ptr<float[]> x_tiles(new float[M * g.xk]);
+    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock)
+        pack_x(x + r0 * K, std::min(kRowBlock, M - r0), K, big, how, g.xk, x_tiles.get() + r0 * g.xk);
+    const PanelCall call{x_tiles.get(), M, g, packed, N, bias, y};
+    const int64_t num_panels = (N + kPanel - 1) / kPanel, per_chunk = chunk_panels(K, sizeof(T));
+    const int threads =
+        threads_for(M, K, N, sizeof(T), (num_panels + per_chunk - 1) / per_chunk, num_threads);
+    run_split(bf ? body.panels_bf16 : body.panels_f32, &call, num_panels, per_chunk, threads);
+}
+
 }  // namespace
 
 const char* linear_isa() { return chosen_body().name; }
+const char* linear_isa_bf16() { return chosen_body().name_bf16; }
 
 int linear_threads(int64_t M, int64_t K, int64_t N, int num_threads) {
-    if (M < 1 || K < 1 || N < 1 || num_threads <= 1) return 1;
-    const int64_t num_panels = (N + kPanel - 1) / kPanel;
-    const int64_t chunks = (num_panels + chunk_panels(K) - 1) / chunk_panels(K);
-    const int mode = split_mode();
-    if (mode == 0) return 1;
-    const int64_t worth = mode == 2 ? call_ns(M, K, N) / kNsPerThread : M * K * N / kMacsPerThread;
-    return (int)std::max<int64_t>(1, std::min<int64_t>({num_threads, chunks, worth}));
+    if (M < 1 || K < 1 || N < 1) return 1;
+    const int64_t num_panels = (N + kPanel - 1) / kPanel, per_chunk = chunk_panels(K, sizeof(float));
+    return threads_for(M, K, N, sizeof(float), (num_panels + per_chunk - 1) / per_chunk, num_threads);
 }
 
 void set_linear_split(const char* mode) {
@@ -447,6 +707,8 @@ const char* linear_split() {
 }
 
 int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * K; }
+
+int64_t packed_size_bf16(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * ((K + 1) / 2 * 2); }
 
 void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed) {
     if (K < 1 || N < 1) throw std::invalid_argument("pack_weight: empty matrix");
@@ -470,24 +732,55 @@ void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0,
     }
 }
 
+void pack_rows_bf16(const uint16_t* w, int64_t rows, int64_t K, int64_t N, int64_t col0, uint16_t* packed) {
+    if (rows < 0 || K < 1 || col0 < 0 || col0 + rows > N)
+        throw std::invalid_argument("pack_rows_bf16: rows outside W");
+    const int64_t Kp = (K + 1) / 2 * 2;
+    for (int64_t n = 0; n < rows; ++n) {
+        const int64_t col = col0 + n;
+        uint16_t* dst = packed + col / kPanel * Kp * kPanel + col % kPanel * 2;
+        const uint16_t* src = w + n * K;
+        for (int64_t k = 0; k < K; ++k) dst[k / 2 * 2 * kPanel + k % 2] = src[k];
+        if (K % 2) dst[K / 2 * 2 * kPanel + 1] = 0;
+    }
+}
+
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads) {
     if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear: bad sizes");
     if (M == 0) return;
-    const Body& body = chosen_body();
-    const int64_t num_panels = (N + kPanel - 1) / kPanel;
-    std::unique_ptr<float[]> x_tiles(new float[M * K]);
-    float* xp = x_tiles.get();
-    pack_rows_x(x, M, K, body.big, xp);
-    const int threads = linear_threads(M, K, N, num_threads);
-    if (threads == 1) {
-        body.run(xp, M, K, packed, N, bias, y, 0, num_panels);
-        return;
+    linear_panels(x, M, K, packed, N, bias, y, num_threads);
+}
+
+void packed_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N,
+                        const uint16_t* bias, uint16_t* y, int num_threads) {
+    if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear_bf16: bad sizes");
+    if (M == 0) return;
+    std::vector<float> bias_f;
+    if (bias != nullptr) {
+        bias_f.resize(N);
+        for (int64_t n = 0; n < N; ++n) bias_f[n] = bf16_to_float(bias[n]);
     }
-    const int64_t per_chunk = chunk_panels(K);
-    const int64_t chunks = (num_panels + per_chunk - 1) / per_chunk;
-    const LinearPool::Job job{body.run, xp, packed, bias, y, M, K, N, num_panels, per_chunk};
-    if (!LinearPool::get().run(job, chunks, threads)) body.run(xp, M, K, packed, N, bias, y, 0, num_panels);
+    linear_panels(x, M, K, packed, N, bias != nullptr ? bias_f.data() : nullptr, y, num_threads);
+}
+
+void rows_linear(const void* x, int64_t M, int64_t K, const void* w, int64_t N, void* y, bool bf16,
+                 int num_threads) {
+    if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("rows_linear: bad sizes");
+    if (M == 0) return;
+    const Body& body = chosen_body();
+    const int64_t kv = (K + body.lanes - 1) / body.lanes * body.lanes;
+    std::unique_ptr<float[]> xf(new float[M * kv]);
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < K; ++k)
+            xf[m * kv + k] = bf16 ? bf16_to_float(static_cast<const Bf16*>(x)[m * K + k])
+                                  : static_cast<const float*>(x)[m * K + k];
+        std::fill(xf.get() + m * kv + K, xf.get() + (m + 1) * kv, 0.0f);
+    }
+    const RowsCall call{xf.get(), M, K, kv, w, N, y};
+    const int64_t elem = bf16 ? 2 : 4, per_chunk = chunk_rows(K, elem);
+    const int threads = threads_for(M, K, N, elem, (N + per_chunk - 1) / per_chunk, num_threads);
+    run_split(bf16 ? body.rows_bf16 : body.rows_f32, &call, N, per_chunk, threads);
 }
 
 }  // namespace memgen

@@ -13,8 +13,12 @@
 namespace memgen {
 
 // The instruction set packed_linear runs: "avx512", "avx2" or "baseline" (picked once;
-// MEMGEN_CPU_ISA=avx2|baseline caps it).
+// MEMGEN_CPU_ISA=avx512|avx2|baseline caps it).
 const char* linear_isa();
+// The one bfloat16 weights run on: "avx512_bf16" (vdpbf16ps) where the CPU has it
+// (MEMGEN_CPU_ISA=avx512 leaves it out), else the float32 body's set, converting each
+// weight to float as it reads it.
+const char* linear_isa_bf16();
 
 // Number of floats the packed form of a [K, N] matrix takes.
 int64_t packed_size(int64_t K, int64_t N);
@@ -28,10 +32,29 @@ void pack_weight(const float* w_t, int64_t K, int64_t N, float* packed);
 void pack_rows(const float* w, int64_t rows, int64_t K, int64_t N, int64_t col0, float* packed);
 
 // x [M, K] row-major, y [M, N] row-major, bias [N] or null. Up to `num_threads`
-// OpenMP threads share the call by chunks of panels (output columns), as many as its
-// work pays for (linear_threads); every output is bit for bit the 1-thread result.
+// threads (the caller and a pool's helpers) share the call by chunks of panels (output
+// columns), as many as its work pays for (linear_threads); every output is bit for bit
+// the 1-thread result.
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads);
+
+// bfloat16 weights (a bfloat16 model on the CPU): the same 16-column panels, each panel
+// row holding a pair of k's per column, [ceil(N/16)][ceil(K/2)][16][2] (k even in the
+// low half; a zero pads an odd K): one cache line per pair of k's. uint16_t: bfloat16
+// bits. Sums in float32 (a pair: k + 1's product, then k's, as vdpbf16ps adds them),
+// each output rounded to bfloat16 once; bias added in float32 before that rounding.
+int64_t packed_size_bf16(int64_t K, int64_t N);   // uint16 elements
+void pack_rows_bf16(const uint16_t* w, int64_t rows, int64_t K, int64_t N, int64_t col0, uint16_t* packed);
+void packed_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N,
+                        const uint16_t* bias, uint16_t* y, int num_threads);
+
+// y = x W^T with W [N, K] in HF's own row-major layout (the tied LM head: its W is the
+// embedding matrix, used as it is, no packed copy): float32, or bfloat16 x, W and y
+// (bf16) with float32 sums. Split over W's rows like packed_linear; each output a fixed
+// sequence of vector FMAs along k and one sum across the lanes, whatever the rows and
+// threads beside it.
+void rows_linear(const void* x, int64_t M, int64_t K, const void* w, int64_t N, void* y, bool bf16,
+                 int num_threads);
 
 // How many threads packed_linear runs a call of these sizes on, given `num_threads`:
 // 1 where the call is too small to pay for waking another, under the split rule:

@@ -140,14 +140,17 @@ def test_packed_linear_splits_panels_across_threads(threads):
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-3)
 
 
-def test_packing_applies_to_cpu_float32_only():
+def test_packing_applies_to_cpu_float32_and_bfloat16_only():
     from memgen.layers.linear import Linear, pack_linears_for_cpu
 
-    model = torch.nn.Sequential(Linear(8, 4), Linear(8, 4).double(), Linear(8, 4).to(torch.bfloat16))
-    assert pack_linears_for_cpu(model) == 1 and [m.packed for m in model] == [True, False, False]
-    assert pack_linears_for_cpu(model) == 1                       # idempotent
+    model = torch.nn.Sequential(Linear(8, 4), Linear(8, 4).double(), Linear(8, 4).to(torch.bfloat16),
+                                Linear(8, 4).half())
+    assert pack_linears_for_cpu(model) == 2 and [m.packed for m in model] == [True, False, True, False]
+    assert pack_linears_for_cpu(model) == 2                       # idempotent
     with pytest.raises(RuntimeError, match="outside autograd"):
         model[0](torch.zeros(2, 8))                               # grad mode: the kernel has no backward
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="takes bfloat16"):
+        model[2](torch.zeros(2, 8))                               # a float32 input to bfloat16 weights
 
 
 def test_weights_load_straight_into_the_panels():
@@ -345,3 +348,129 @@ def test_threaded_linear_after_fork_and_from_two_threads(split_rule):
     for t in threads:
         t.join()
     assert not bad
+
+
+# ---- bfloat16 weights (packed panels of k pairs) and the tied LM head's kernel ----------
+# Every instruction-set body, forced through MEMGEN_CPU_ISA in a subprocess: avx512 (no
+# avx512_bf16: converts while it reads), avx2, baseline, and this machine's best (the
+# avx512_bf16 body where the CPU has it). Each output within float32 accumulation of the
+# float64 sum, rounded to bfloat16 once; a row's output the same alone, beside other rows
+# and on 1-3 threads.
+_BF16_CODE = """
+import torch
+from memgen.layers import native as nv
+torch.manual_seed(0)
+bad = []
+for K, N in ((64, 48), (37, 21), (576, 960), (70, 45), (1536, 40), (13, 3)):
+    w = torch.randn(N, K).to(torch.bfloat16)
+    b = torch.randn(N).to(torch.bfloat16)
+    packed = torch.zeros(nv.packed_size_bf16(K, N), dtype=torch.bfloat16)
+    nv.pack_rows_bf16(w.data_ptr(), N, K, N, 0, packed.data_ptr())
+    for M in (1, 2, 3, 5, 6, 7, 16, 17, 33, 300):
+        x = torch.randn(M, K).to(torch.bfloat16)
+        for bias in (None, b):
+            bp = 0 if bias is None else bias.data_ptr()
+            outs = []
+            for t in (1, 2, 3):
+                y = torch.empty(M, N, dtype=torch.bfloat16)
+                nv.packed_linear_bf16(x.data_ptr(), M, K, packed.data_ptr(), N, bp, y.data_ptr(), t)
+                outs.append(y)
+            alone = torch.empty(M, N, dtype=torch.bfloat16)
+            for i in range(M):
+                nv.packed_linear_bf16(x[i].data_ptr(), 1, K, packed.data_ptr(), N, bp, alone[i].data_ptr(), 1)
+            ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            # float32 sums of K products, then one bfloat16 rounding (2^-8 of the value)
+            tol = (x.double().abs() @ w.double().abs().t()) * K * 2 ** -24 + ref.abs() * 2 ** -8
+            if not ((outs[0].double() - ref).abs() <= tol).all():
+                bad.append(("panels", K, N, M))
+            if not all(torch.equal(o, outs[0]) for o in outs) or not torch.equal(alone, outs[0]):
+                bad.append(("panels rows/threads", K, N, M))
+    for dt in (torch.float32, torch.bfloat16):
+        wr = torch.randn(N, K).to(dt)
+        for M in (1, 2, 3, 4, 5, 9, 16):
+            x = torch.randn(M, K).to(dt)
+            outs = []
+            for t in (1, 2):
+                y = torch.empty(M, N, dtype=dt)
+                nv.rows_linear(x.data_ptr(), M, K, wr.data_ptr(), N, y.data_ptr(), dt == torch.bfloat16, t)
+                outs.append(y)
+            alone = torch.empty(M, N, dtype=dt)
+            for i in range(M):
+                nv.rows_linear(x[i].data_ptr(), 1, K, wr.data_ptr(), N, alone[i].data_ptr(), dt == torch.bfloat16, 1)
+            ref = x.double() @ wr.double().t()
+            tol = (x.double().abs() @ wr.double().abs().t()) * K * 2 ** -24 + ref.abs() * (2 ** -8 if dt == torch.bfloat16 else 0)
+            if not ((outs[0].double() - ref).abs() <= tol).all():
+                bad.append(("rows", dt, K, N, M))
+            if not torch.equal(outs[0], outs[1]) or not torch.equal(alone, outs[0]):
+                bad.append(("rows rows/threads", dt, K, N, M))
+assert not bad, bad
+print(nv.linear_isa(), nv.linear_isa_bf16())
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2", "baseline"])
+def test_bf16_panels_and_rows_kernel_on_every_body(isa):
+    import os
+    import subprocess
+    import sys
+
+    if native.packed_linear_bf16 is None:
+        pytest.skip("a build without the bfloat16 linear")
+    env = {k: v for k, v in os.environ.items() if k != "MEMGEN_CPU_ISA"}
+    env["MEMGEN_LINEAR_SPLIT"] = "stream"
+    if isa != "native":
+        env["MEMGEN_CPU_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", _BF16_CODE], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ran_f32, ran_bf16 = out.stdout.split()[-2:]
+    if isa == "avx512":           # a CPU without AVX-512 runs AVX2 (or the baseline)
+        assert ran_bf16 in ("avx512", "avx2", "baseline") and ran_bf16 == ran_f32
+    elif isa != "native":
+        assert ran_bf16 == ran_f32 and (ran_bf16 == isa or (isa == "avx2" and ran_bf16 == "baseline"))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_bf16_linear_layer_loads_and_matches_f_linear(rows):
+    """A bfloat16 Linear packs (before or after loading) and equals F.linear's bfloat16
+    result within one bfloat16 rounding; odd K and a padded last panel included."""
+    from memgen.layers.linear import Linear
+
+    g = torch.Generator().manual_seed(5)
+    parts = {"q": 24, "k": 8, "v": 13}
+    w = {name: torch.randn(n, 37, generator=g) for name, n in parts.items()}
+    b = {name: torch.randn(n, generator=g) for name, n in parts.items()}
+    before = Linear(37, parts, bias=True).to(torch.bfloat16)
+    before.pack_for_cpu(keep_values=False)
+    after = Linear(37, parts, bias=True).to(torch.bfloat16)
+    for name in parts:
+        before.load_part(name, w[name])
+        before.load_part(name, b[name], is_bias=True)
+        after.load_part(name, w[name])
+        after.load_part(name, b[name], is_bias=True)
+    plain_w = after.weight.detach().clone()
+    assert after.pack_for_cpu() and before.packed
+    assert before.weight.dtype == torch.bfloat16 and torch.equal(before.weight, after.weight)
+    x = torch.randn(rows, 37, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = before(x)
+    want = (x.double() @ plain_w.double().t() + after.bias.double())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-3)
+
+
+def test_tied_logits_native_matches_torch():
+    from memgen.layers.backend import LayerOps
+
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(1003, 72, generator=g)
+    for rows in (1, 4, 9):
+        h = torch.randn(rows, 72, generator=g)
+        with torch.inference_mode():
+            got = LayerOps.tied_logits(h, emb)
+            got16 = LayerOps.tied_logits(h.bfloat16(), emb.bfloat16())
+        torch.testing.assert_close(got, h @ emb.t(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got16.float(), h.bfloat16().float() @ emb.bfloat16().float().t(), rtol=2 ** -7,
+                                   atol=1e-2)
+        got64 = LayerOps.tied_logits(h.double(), emb.double())   # float64: torch's ops as before
+        want64 = (emb.double() @ h.double().t()).t() if rows >= 8 else h.double() @ emb.double().t()
+        assert torch.equal(got64, want64)

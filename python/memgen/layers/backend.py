@@ -6,6 +6,8 @@ A backend has, per forward:
   inject_latents(token_ids, latent_index, embed_weight, latents) -> [N, H]
   trigger_decisions(hidden, weight, bias, temperature, uniforms) -> [B] 0/1
   add_lora(y, x, lora_a, lora_b, scaling, ctx)      stacked multi-LoRA (layers.lora's hooks)
+  rms_norm, silu_and_mul, linear, tied_logits       a layer's dense ops (LayerOps: native CPU
+                                                    kernels for float32/bfloat16, else torch's)
 and says what it can do (callers test these, never the name):
   graph_safe   prepare() never reads device tensors on the host: CUDA graphs can capture it
   dtypes       the dtypes it computes in
@@ -19,11 +21,92 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from memgen.kernels.reference import (SDPAGroup, add_lora_rows, inject_latents_ref, lora_metadata, lora_rows,
                                      sdpa_attend, sdpa_groups, store_kvcache_ref, trigger_decisions_ref)
 from memgen.layers import native
+from memgen.layers import context
 from memgen.layers.context import ForwardContext
+
+
+class LayerOps:
+    """A decoder layer's dense ops, one place each decides between the native CPU kernels
+    (float32 and bfloat16 CPU tensors outside autograd: engine/cpu_ops.cpp, cpu_gemm.cpp)
+    and torch's ops (float64 keeps HF's op order, bit for bit; CUDA; autograd). Every
+    backend has them; a layer reaches them through `layer_ops()`."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        """RMSNorm as HF computes it; with `residual`, (norm(residual + x), residual + x),
+        the sum written into `residual` in place on the native path."""
+        if native.rms_norm_cpu is not None and x.dim() == 2 \
+                and native.fused_ok(x, weight, *(() if residual is None else (residual,))):
+            out = torch.empty_like(x)
+            native.rms_norm_cpu(x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
+                                out.data_ptr(), x.shape[0], x.shape[1], eps, native.FUSED_DTYPE_CODES[x.dtype])
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return _rms_norm_torch(x, weight, eps)
+        residual = residual + x
+        return _rms_norm_torch(residual, weight, eps), residual
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for a packed [.., 2*I] gate-up output."""
+        if native.silu_and_mul_cpu is not None and x.dim() == 2 and native.fused_ok(x):
+            out = x.new_empty(x.shape[0], x.shape[1] // 2)
+            native.silu_and_mul_cpu(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2,
+                                    native.FUSED_DTYPE_CODES[x.dtype])
+            return out
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def linear(layer, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b of a layers.linear.Linear: the native kernel on its packed panels
+        (float32 or bfloat16), else F.linear."""
+        if not layer.packed:
+            return F.linear(x, layer.weight, layer.bias)
+        w = layer.weight
+        if x.dim() != 2 or x.dtype != w.dtype or x.shape[1] != layer.in_features or torch.is_grad_enabled():
+            raise RuntimeError(f"a packed Linear takes {str(w.dtype).replace('torch.', '')} [N, {layer.in_features}] "
+                               f"inputs outside autograd, got {str(x.dtype).replace('torch.', '')} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = x.new_empty(x.shape[0], layer.out_features)
+        run = native.packed_linear if w.dtype == torch.float32 else native.packed_linear_bf16
+        run(x.data_ptr(), x.shape[0], layer.in_features, w.data_ptr(), layer.out_features,
+            0 if layer.bias is None else layer.bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+    @staticmethod
+    def tied_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden @ weight^T for a tied LM head (weight: the embedding, [V, H] row-major):
+        on the CPU in float32 / bfloat16 the native kernel reads the embedding as it is,
+        split over the vocabulary on torch's threads (MKL took 10-13 ms of a 35-60 ms
+        batch-1 SmolLM2 step at 8.5-10 GB/s)."""
+        if native.rows_linear is not None and hidden.dim() == 2 and not torch.is_grad_enabled() \
+                and hidden.device.type == "cpu" and hidden.dtype in native.FUSED_DTYPE_CODES \
+                and weight.dtype == hidden.dtype and weight.is_contiguous():
+            x = hidden.contiguous()
+            y = x.new_empty(x.shape[0], weight.shape[0])
+            native.rows_linear(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], y.data_ptr(),
+                               x.dtype == torch.bfloat16, torch.get_num_threads())
+            return y
+        if hidden.shape[0] >= 8 and hidden.device.type == "cpu":
+            # W @ x^T: a tall GEMM, ~1.3x faster on CPU than x @ W^T for 8+ rows
+            return torch.mm(weight, hidden.t()).t()
+        return F.linear(hidden, weight)
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    if dtype == torch.float64:   # HF's own ops, one by one: float64 parity runs match it bit for bit
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:                        # one fused op (the same math in float32, fewer dispatches)
+        h = F.rms_norm(h, (h.shape[-1],), eps=eps)
+    return weight * h.to(dtype)
 
 
 @dataclass
@@ -35,7 +118,7 @@ class SDPAMetadata:
     sdpa: SDPAMetadata | None = None  # native, for a dtype the kernel does not take: SDPA's, made on first use
 
 
-class TorchBackend:
+class TorchBackend(LayerOps):
     """Torch on any device and dtype: attention on the CPU by the native paged
     kernel (engine/cpu_attention.cpp: K/V read straight from the blocks, no padding),
     elsewhere by SDPA over each group of chunks gathered into a padded batch; the rest
@@ -125,7 +208,7 @@ def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
-class TritonBackend:
+class TritonBackend(LayerOps):
     """The kernels of `memgen.kernels`: on CUDA; on a CPU only under
     TRITON_INTERPRET=1 (tests), where it is slow but exact in fp32."""
     name = "triton"
@@ -164,6 +247,16 @@ class TritonBackend:
             meta = ctx.lora_meta[lora_a.shape[0]] = self._lora.lora_metadata(ctx.adapter_ids, lora_a.shape[0])
         self._lora.add_lora(y, x, lora_a, lora_b, scaling, ctx.adapter_ids, meta=meta)
 
+
+
+_DEFAULT_OPS = LayerOps()
+
+
+def layer_ops() -> LayerOps:
+    """The dense ops of the forward running now (its backend), or the default ones
+    outside a forward (a layer called alone, training)."""
+    ctx = context._CONTEXT
+    return ctx.backend if ctx is not None and ctx.backend is not None else _DEFAULT_OPS
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype | None = None):

@@ -5,17 +5,18 @@ LoRA later: set `layer.lora = hook`, a callable `hook(x, y, layer) -> y` that
 adds `scale * (x @ A[a].T) @ B[a].T` to the rows of `y` whose adapter id
 (`get_context().adapter_ids`) is `a`, restricted to the output slice of the
 targeted sub-projection (`layer.output_slices["q"]`, `["v"]` for a packed QKV).
-With no hook, the forward is one `F.linear`.
+With no hook, the forward is one linear op of the forward's backend (layers/backend.py):
+the native kernel on weights packed for the CPU (float32, bfloat16), else `F.linear`.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memgen.layers import native
+from memgen.layers.backend import layer_ops
 
 
 class Linear(nn.Module):
@@ -49,29 +50,40 @@ class Linear(nn.Module):
         if tuple(tensor.shape) != want:
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {want}")
         if self.packed and not is_bias:
-            rows = tensor.to(torch.float32).contiguous()
-            native.pack_rows(rows.data_ptr(), want[0], self.in_features, self.out_features, part.start,
-                             self.weight.data_ptr())
+            w = self.weight
+            rows = tensor.to(w.dtype).contiguous()
+            pack = native.pack_rows if w.dtype == torch.float32 else native.pack_rows_bf16
+            pack(rows.data_ptr(), want[0], self.in_features, self.out_features, part.start, w.data_ptr())
             return
         param.data[part].copy_(tensor)
 
     def pack_for_cpu(self, keep_values: bool = True) -> bool:
-        """On the CPU in float32, hold W in the native kernel's 16-column panels
-        (engine/cpu_gemm.h) instead of the plain layout, so that W is stored once.
-        keep_values=False before loading (load_part then writes straight into the
-        panels); else the current weight is repacked. Returns whether it is packed."""
+        """On the CPU in float32 or bfloat16, hold W in the native kernel's 16-column
+        panels (engine/cpu_gemm.h; bfloat16: pairs of k per column) instead of the plain
+        layout, so that W is stored once. keep_values=False before loading (load_part then
+        writes straight into the panels); else the current weight is repacked. Returns
+        whether it is packed."""
         if self.packed:
             return True
         w = self.weight
-        if native.packed_linear is None or w.device.type != "cpu" or w.dtype != torch.float32:
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or native.packed_linear is None \
+                or (w.dtype == torch.bfloat16 and native.packed_linear_bf16 is None):
             return False
         k, n = self.in_features, self.out_features
-        packed = torch.empty(native.packed_size(k, n), dtype=torch.float32)
-        if keep_values:   # pack_weight also zeroes the last panel's padding columns
-            w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
-            native.pack_weight(w_t.data_ptr(), k, n, packed.data_ptr())
-        elif n % 16:      # the padding columns must be zeros (they are multiplied, then dropped)
-            packed.view(-1, k, 16)[-1, :, n % 16:] = 0
+        if w.dtype == torch.float32:
+            packed = torch.empty(native.packed_size(k, n), dtype=torch.float32)
+            if keep_values:   # pack_weight also zeroes the last panel's padding columns
+                w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
+                native.pack_weight(w_t.data_ptr(), k, n, packed.data_ptr())
+            elif n % 16:      # the padding columns must be zeros (they are multiplied, then dropped)
+                packed.view(-1, k, 16)[-1, :, n % 16:] = 0
+        else:
+            packed = torch.empty(native.packed_size_bf16(k, n), dtype=torch.bfloat16)
+            if n % 16:        # [panels, k pairs, 16 columns, 2]: padding columns zero
+                packed.view(-1, (k + 1) // 2, 16, 2)[-1, :, n % 16:] = 0
+            if keep_values:   # pack_rows_bf16 writes each column's pad of an odd K
+                rows = w.detach().contiguous()      # [out, in] row-major
+                native.pack_rows_bf16(rows.data_ptr(), n, k, n, 0, packed.data_ptr())
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.packed = True
         return True
@@ -84,21 +96,11 @@ class Linear(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b, without the LoRA hook."""
-        return self._packed_linear(x) if self.packed else F.linear(x, self.weight, self.bias)
-
-    def _packed_linear(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] != self.in_features or torch.is_grad_enabled():
-            raise RuntimeError(f"a packed Linear takes float32 [N, {self.in_features}] inputs outside autograd, "
-                               f"got {str(x.dtype).replace('torch.', '')} {tuple(x.shape)}")
-        x = x.contiguous()
-        y = x.new_empty(x.shape[0], self.out_features)
-        native.packed_linear(x.data_ptr(), x.shape[0], self.in_features, self.weight.data_ptr(), self.out_features,
-                             0 if self.bias is None else self.bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        return y
+        return layer_ops().linear(self, x)
 
 
 def pack_linears_for_cpu(model: nn.Module, keep_values: bool = True) -> int:
-    """Pack every Linear of a CPU float32 model for the native kernel; returns how many."""
+    """Pack every Linear of a CPU float32 / bfloat16 model for the native kernel; returns how many."""
     return sum(m.pack_for_cpu(keep_values) for m in model.modules() if isinstance(m, Linear))
 
 
@@ -106,10 +108,4 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up for a packed [.., 2*I] gate-up output (one native pass on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.silu_and_mul_cpu is not None and x.dim() == 2 and native.fused_ok(x):
-            out = x.new_empty(x.shape[0], x.shape[1] // 2)
-            native.silu_and_mul_cpu(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2,
-                                    native.FUSED_DTYPE_CODES[x.dtype])
-            return out
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return layer_ops().silu_and_mul(x)

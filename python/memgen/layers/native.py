@@ -1,12 +1,14 @@
-"""The native CPU ops of memgen._native (engine/cpu_attention.cpp, engine/cpu_ops.cpp),
-looked up once; None where the build lacks one (an older build: torch's ops run)."""
+"""The native CPU ops of memgen._native (engine/cpu_attention.cpp, engine/cpu_ops.cpp,
+engine/cpu_gemm.cpp), looked up once; None where the build lacks one (an older build:
+torch's ops run). The layers reach them through their backend (layers/backend.py)."""
 from __future__ import annotations
 
 import torch
 
 # engine/cpu_attention.h's AttnDtype codes
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
-# the fused layer ops (cpu_ops.h) take float32 and bfloat16: float64 keeps torch's ops
+# the fused layer ops (cpu_ops.h) and the linears (cpu_gemm.h) take float32 and bfloat16:
+# float64 keeps torch's ops
 FUSED_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2}
 
 
@@ -25,6 +27,12 @@ packed_linear = native_op("packed_linear")   # engine/cpu_gemm.h, with pack_weig
 pack_weight = native_op("pack_weight")
 pack_rows = native_op("pack_rows")
 packed_size = native_op("packed_size")
+packed_linear_bf16 = native_op("packed_linear_bf16")   # bfloat16 weights: panels of k pairs
+pack_rows_bf16 = native_op("pack_rows_bf16")
+packed_size_bf16 = native_op("packed_size_bf16")
+rows_linear = native_op("rows_linear")         # x W^T on W [N, K] as stored: the tied LM head
+linear_isa = native_op("linear_isa")           # the instruction sets the linears run
+linear_isa_bf16 = native_op("linear_isa_bf16")
 linear_threads = native_op("linear_threads")   # threads packed_linear uses for a call
 set_linear_split = native_op("set_linear_split")   # 'stream' (default: decode rows too), 'sums', 'off'
 linear_split = native_op("linear_split")

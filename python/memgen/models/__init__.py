@@ -36,7 +36,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
         model = DecoderForCausalLM(hf_config, max_position, dtype)
     model.to(dtype=dtype)
     model.model.rotary.to(device)
-    # float32 on the CPU: the linears hold their weights in the native kernel's panels
+    # float32 / bfloat16 on the CPU: the linears hold their weights in the native kernel's panels
     # (engine/cpu_gemm.h: ~1.8x MKL at a decode step's few rows), loaded straight into them
     pack_linears_for_cpu(model, keep_values=False)
     load_weights(model, Path(model_dir))
