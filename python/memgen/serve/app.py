@@ -2,12 +2,19 @@
 
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (whole, or
 `stream: true` as server-sent events ending with `data: [DONE]`), GET /health
-(liveness), GET /ready (readiness: false while draining), GET /metrics. Every error is OpenAI's body {"error": {...}}: 400 for bad input,
-404 for an unknown model or route, 503 + Retry-After when the waiting queue is
-full; a 500 only for the server's own faults."""
+(liveness), GET /ready (readiness: false while draining), GET /metrics. A request's
+`model` picks the MemGen checkpoint it runs (checkpoints.ServedModels). Live changes,
+run by the engine loop between steps: POST /v1/load_memgen_checkpoint {"name",
+"path"}, /v1/update_memgen_checkpoint {"name", "path"}, /v1/unload_memgen_checkpoint
+{"name"}, /v1/pause, /v1/resume. With an API key every route but /health and /ready
+wants `Authorization: Bearer KEY` (401 otherwise). Every error is OpenAI's body
+{"error": {...}}: 400 for bad input, 401 for a missing or wrong key, 404 for an
+unknown model or route, 503 + Retry-After when the waiting queue is full; a 500
+only for the server's own faults."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -19,27 +26,36 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from memgen.serve.checkpoints import ServedModels
 from memgen.serve.engine_loop import EngineLoop, RequestHandle
-from memgen.serve.errors import APIError, bad_request, internal, model_not_found, shutting_down
+from memgen.serve.errors import APIError, bad_request, internal, shutting_down
 from memgen.serve.metrics import ServeMetrics
 from memgen.serve.protocol import chat_input, completion_input
 from memgen.serve.responses import ResponseBuilder
 from memgen.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    LoadCheckpointRequest,
     ModelCard,
     ModelList,
+    UnloadCheckpointRequest,
 )
 
 log = logging.getLogger(__name__)
 MAX_ERRORS_SHOWN = 3
+OPEN_PATHS = frozenset({"/health", "/ready"})   # probes: answered without the API key
 
 
-def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str | None = None,
-               start_loop: bool = True) -> FastAPI:
-    """The server for `llm`, answering to `model_name`. `max_waiting`: refuse (503)
-    while that many sequences wait for admission (None: never). `start_loop=False`
-    leaves the engine loop stopped (tests of the queue limit)."""
+def create_app(llm, model_name: str | None, max_waiting: int | None = None, memgen: str | None = None,
+               start_loop: bool = True, served: ServedModels | None = None, api_key: str | None = None) -> FastAPI:
+    """The server for `llm`, answering to `model_name` (a plain model's or a single MemGen
+    checkpoint's id; `memgen`: that checkpoint's directory), or to the ids `served` gives
+    (several named checkpoints). `max_waiting`: refuse (503) while that many sequences
+    wait for admission (None: never). `start_loop=False` leaves the engine loop stopped
+    (tests of the queue limit). `api_key`: every route but /health and /ready wants
+    `Authorization: Bearer api_key`."""
+    if served is None:
+        served = single_model(llm, model_name, memgen)
     metrics = ServeMetrics()
     engine_loop = EngineLoop(llm, metrics, max_waiting)
 
@@ -56,7 +72,10 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
     app.state.engine_loop = engine_loop
     app.state.metrics = metrics
     drain = app.state.drain = Drain()
+    app.state.served = served
     app.add_middleware(_DrainMiddleware, drain=drain)
+    if api_key:
+        app.add_middleware(_AuthMiddleware, api_key=api_key)   # outermost: before anything is counted
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -79,8 +98,102 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
 
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[ModelCard(id=model_name, root=str(llm.model_dir), max_model_len=llm.max_model_len,
-                                         memgen=memgen)]).model_dump()
+        loaded = engine_loop.checkpoints
+        cards = []
+        for model_id, name in served.ids(loaded):
+            card = ModelCard(id=model_id, root=str(llm.model_dir), max_model_len=llm.max_model_len)
+            if name is not None:
+                card.memgen, card.memgen_version = served.paths.get(name), loaded[name]
+                card.parent = served.base_id if served.list_base else None
+            cards.append(card)
+        return ModelList(data=cards).model_dump()
+
+    # ---- MemGen checkpoints, live; pause / resume (run by the engine loop between steps) ------------
+    def need_memgen():
+        if llm.memgen is None:
+            raise bad_request("this server runs a plain model: start it with --memgen NAME=DIR to serve MemGen "
+                              "checkpoints (and load more live)", code="no_memgen")
+
+    def known(name: str) -> None:
+        """404 for a checkpoint name that is not loaded (run on the engine thread)."""
+        if name not in llm.memgen_checkpoints():
+            raise APIError(404, f"unknown MemGen checkpoint `{name}`; loaded: "
+                                f"{', '.join(f'`{n}`' for n in llm.memgen_checkpoints()) or 'none'}",
+                           "invalid_request_error", "name", "model_not_found")
+
+    async def change(action: str, fn):
+        """Run `fn` on the engine thread; its ValueError / RuntimeError / TypeError -> 400."""
+        status = "error"
+        try:
+            result = await engine_loop.call(fn)
+            status = "ok"
+            return result
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise bad_request(f"{action} failed: {e}", param="name", code="invalid_memgen_checkpoint") from None
+        finally:
+            metrics.checkpoint_changes.labels(action, status).inc()
+
+    @app.post("/v1/load_memgen_checkpoint")
+    async def load_memgen_checkpoint(request: Request):
+        body = await _parse(request, LoadCheckpointRequest)
+        need_memgen()
+        served.check_new_name(body.name)
+        if body.name in engine_loop.checkpoints:
+            raise bad_request(f"MemGen checkpoint `{body.name}` is already loaded: POST "
+                              "/v1/update_memgen_checkpoint gives it new weights, or unload it first", "name",
+                              "invalid_memgen_checkpoint")
+        ckpt = await _read_checkpoint(body.name, body.path, metrics, "load")
+        version = await change("load", lambda: llm.load_memgen(body.name, ckpt))
+        served.paths[body.name] = body.path
+        log.info("loaded MemGen checkpoint %r (version %d) from %s", body.name, version, body.path)
+        return {"name": body.name, "version": version, "path": body.path, "status": "loaded"}
+
+    @app.post("/v1/update_memgen_checkpoint")
+    async def update_memgen_checkpoint(request: Request):
+        body = await _parse(request, LoadCheckpointRequest)
+        need_memgen()
+        if body.name not in engine_loop.checkpoints:
+            await engine_loop.call(lambda: known(body.name))
+        ckpt = await _read_checkpoint(body.name, body.path, metrics, "update")
+
+        def update():
+            known(body.name)
+            return llm.update_memgen(body.name, ckpt)
+
+        version = await change("update", update)
+        served.paths[body.name] = body.path
+        log.info("updated MemGen checkpoint %r to version %d from %s", body.name, version, body.path)
+        return {"name": body.name, "version": version, "path": body.path, "status": "updated"}
+
+    @app.post("/v1/unload_memgen_checkpoint")
+    async def unload_memgen_checkpoint(request: Request):
+        body = await _parse(request, UnloadCheckpointRequest)
+        need_memgen()
+
+        def unload():
+            known(body.name)
+            llm.unload_memgen(body.name)
+
+        await change("unload", unload)
+        served.paths.pop(body.name, None)
+        log.info("unloaded MemGen checkpoint %r", body.name)
+        return {"name": body.name, "status": "unloaded"}
+
+    def set_paused(paused: bool):
+        engine_loop.paused = paused
+        return paused
+
+    @app.post("/v1/pause")
+    async def pause():
+        """No new engine step starts (arrived requests wait) until /v1/resume; answers once
+        the step running now has ended."""
+        await engine_loop.call(lambda: set_paused(True))
+        return {"paused": True}
+
+    @app.post("/v1/resume")
+    async def resume():
+        await engine_loop.call(lambda: set_paused(False))
+        return {"paused": False}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -94,10 +207,9 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
         status = 200
         try:
             req = await _parse(request, schema)
-            if req.model != model_name:
-                raise model_not_found(req.model, model_name)
-            inp = to_input(llm, req)
-            builder = ResponseBuilder(llm, model_name, inp, chat)
+            checkpoint = served.resolve(req.model, engine_loop.checkpoints)
+            inp = to_input(llm, req, checkpoint)
+            builder = ResponseBuilder(llm, req.model, inp, chat)
             handle = engine_loop.submit(inp.prompts, inp.params, inp.stream)
             if inp.stream:
                 return _EventStream(handle, _stream(handle, builder))
@@ -119,6 +231,49 @@ def create_app(llm, model_name: str, max_waiting: int | None = None, memgen: str
             metrics.requests.labels(endpoint, str(status)).inc()
 
     return app
+
+
+def single_model(llm, model_name: str, memgen=None) -> ServedModels:
+    """One id: a plain server's base, or its single MemGen checkpoint's (then the base is
+    not served, and the checkpoint is the LLM's default one)."""
+    if llm.memgen is None:
+        return ServedModels(base_id=model_name, memgen=False)
+    default = llm.memgen.default_name
+    paths = {default: str(memgen)} if isinstance(memgen, (str, bytes)) or hasattr(memgen, "__fspath__") else {}
+    return ServedModels(base_id=None, memgen=True, aliases={model_name: default}, paths=paths)
+
+
+async def _read_checkpoint(name: str, path: str, metrics: ServeMetrics, action: str):
+    """A checkpoint directory read and checked off the engine thread (a corrupt or missing
+    one: 400 with the reason; the engine never sees it)."""
+    from memgen.checkpoint import load_checkpoint
+
+    try:
+        return await asyncio.to_thread(load_checkpoint, path)
+    except Exception as e:
+        metrics.checkpoint_changes.labels(action, "error").inc()
+        raise bad_request(f"cannot {action} MemGen checkpoint `{name}` from {path}: {type(e).__name__}: {e}",
+                          param="path", code="invalid_memgen_checkpoint") from None
+
+
+class _AuthMiddleware:
+    """`Authorization: Bearer KEY` on every route but the probes (/health, /ready), else 401
+    in OpenAI's error shape. Pure ASGI: streams pass through as they are."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        auth = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            error = APIError(401, "missing or incorrect API key: send the header `Authorization: Bearer <key>` "
+                                  "with the server's --api-key", "invalid_request_error", None, "invalid_api_key",
+                             headers={"WWW-Authenticate": "Bearer"})
+            return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class Drain:

@@ -7,9 +7,15 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
+from memgen.serve.checkpoints import checkpoint_model_id, parse_memgen_flags
+
+MEMGEN_HELP = ("a MemGen checkpoint: DIR (one checkpoint; the model id is its directory's name or "
+               "--served-model-name) or NAME=DIR, repeatable: several checkpoints on the one base, a request's "
+               "`model` picks one by NAME and /v1/models lists the base (--served-model-name) and each "
+               "(default: none, a plain LLM)")
+API_KEY_ENV = "MEMGEN_API_KEY"
 
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
@@ -19,15 +25,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("An OpenAI-compatible HTTP server (FastAPI + uvicorn): /v1/models, /v1/completions, "
                           "/v1/chat/completions (streaming or not), /health, /metrics. One engine loop batches "
                           "every connection's requests continuously.")
-    add_model_arguments(parser)
+    add_model_arguments(parser, memgen_help=MEMGEN_HELP, memgen_repeatable=True)
     add_engine_arguments(parser)
+    parser.add_argument("--max-memgen-versions", type=int, default=None,
+                        help="MemGen checkpoint versions live at once: loaded ones, and old versions still "
+                             "finishing requests after an update or unload (default: 8)")
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind")
     s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--served-model-name", default=None,
-                   help="the model id clients send and /v1/models lists (default: with --memgen, the checkpoint "
-                        "directory's name, so a MemGen server and a plain server of its base differ; without, "
+                   help="the model id clients send and /v1/models lists (default: with one --memgen DIR, the "
+                        "checkpoint directory's name, so a MemGen server and a plain server of its base differ; "
+                        "with --memgen NAME=DIR, the base's id listed beside the checkpoints' NAMEs; without, "
                         "--model as given, else the packaged model's name)")
+    s.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"every route but /health and /ready then wants the header `Authorization: Bearer KEY` "
+                        f"(401 otherwise) (default: ${API_KEY_ENV}, else none: open)")
     s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help=f"answer 503 (with Retry-After) while this many sequences wait for admission "
                         f"(default {DEFAULT_MAX_WAITING}; 0 or less: no limit)")
@@ -49,31 +62,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_llm_kwargs(args: argparse.Namespace) -> dict:
     """The LLM(...) keywords of `memgen serve`'s options."""
-    return {**llm_kwargs(args), "seed": args.seed, **engine_option_kwargs(args)}
-
-
-def checkpoint_model_id(memgen: str | os.PathLike) -> str:
-    """A MemGen checkpoint's default model id: its directory's name ('gsm8k-weaver'
-    for --memgen runs/gsm8k-weaver/), with the parent's before a bare layout folder
-    ('sft-run/export' for a training run's export/ or reference/)."""
-    path = Path(memgen).expanduser().resolve()
-    if path.name in ("export", "reference") and path.parent.name:
-        return f"{path.parent.name}/{path.name}"
-    return path.name or str(memgen)
+    kwargs = {**llm_kwargs(args), "seed": args.seed, **engine_option_kwargs(args)}
+    kwargs["memgen"] = parse_memgen_flags(args.memgen)
+    if getattr(args, "max_memgen_versions", None) is not None:
+        kwargs["max_memgen_versions"] = args.max_memgen_versions
+    return kwargs
 
 
 def served_model_name(args: argparse.Namespace) -> str:
-    """--served-model-name; else the checkpoint's name for a MemGen server (not
-    its base's: a client must tell them apart); else the base model's."""
+    """--served-model-name; else the checkpoint's name for a single --memgen DIR server
+    (not its base's: a client must tell them apart); else the base model's (a plain
+    server's, or the base listed beside named checkpoints)."""
     if args.served_model_name:
         return args.served_model_name
-    if args.memgen:
-        return checkpoint_model_id(args.memgen)
+    memgen = parse_memgen_flags(args.memgen)
+    if isinstance(memgen, str):
+        return checkpoint_model_id(memgen)
     if args.model:
         return args.model
     from memgen.sources import PACKAGED_MODEL
 
     return PACKAGED_MODEL
+
+
+def served_models(args: argparse.Namespace, llm):
+    """What the server answers to (checkpoints.ServedModels): one id for a plain or a
+    single --memgen DIR server; the base and each NAME for --memgen NAME=DIR."""
+    from memgen.serve.app import single_model
+    from memgen.serve.checkpoints import ServedModels
+
+    memgen = parse_memgen_flags(args.memgen)
+    name = served_model_name(args)
+    if not isinstance(memgen, dict):
+        return single_model(llm, name, memgen)
+    return ServedModels(base_id=name, memgen=True, list_base=True, paths=dict(memgen))
 
 
 def run_serve_from_args(args: argparse.Namespace) -> int:
@@ -96,11 +118,15 @@ def run_serve_from_args(args: argparse.Namespace) -> int:
     from memgen import LLM
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    llm = LLM(**serve_llm_kwargs(args))
-    name = served_model_name(args)
-    app = create_app(llm, name, max_waiting=args.max_waiting if args.max_waiting > 0 else None, memgen=args.memgen)
-    logging.getLogger("memgen.serve").info("serving %r on http://%s:%d (OpenAI API under /v1)", name, args.host,
-                                           args.port)
+    kwargs = serve_llm_kwargs(args)        # --memgen items checked before the model loads
+    llm = LLM(**kwargs)
+    served = served_models(args, llm)
+    app = create_app(llm, None, max_waiting=args.max_waiting if args.max_waiting > 0 else None, served=served,
+                     api_key=args.api_key)
+    ids = [model_id for model_id, _ in served.ids(llm.memgen_checkpoints())]
+    logging.getLogger("memgen.serve").info("serving %s on http://%s:%d (OpenAI API under /v1%s)",
+                                           ", ".join(map(repr, ids)), args.host, args.port,
+                                           "; API key required" if args.api_key else "")
     run_uvicorn(app, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
     return 0
 

@@ -10,6 +10,12 @@ each request's news (new token ids, logprobs, augmentation entries; the final
 `CompletionOutput` of a finished choice) goes to its asyncio queue in one
 `call_soon_threadsafe` per event loop. Idle, the thread waits on a condition:
 no busy spin. Only this thread touches the engine.
+
+Commands (`call`): a function run on this thread between two steps, its result or
+exception handed to the caller's event loop: live MemGen checkpoint changes
+(`LLM.load_memgen` / `update_memgen` / `unload_memgen`) and pause / resume. While
+paused no step starts and arrived requests wait unadmitted (so a checkpoint updated
+during the pause is the one they run); aborts and commands still run.
 """
 from __future__ import annotations
 
@@ -99,9 +105,16 @@ class EngineLoop:
         self._num_preemptions = 0
         self._thread: threading.Thread | None = None
         self.error: str | None = None   # set if the loop itself died (the server is then unhealthy)
+        self._commands: list[tuple] = []
+        self.paused = False             # set on this thread only (a command)
+        self._rid_checkpoint: dict[int, str] = {}   # engine request id -> its MemGen checkpoint's name
+        # the loaded MemGen checkpoints, name -> version: replaced (never changed) by this thread after
+        # every change, read by the HTTP side
+        self.checkpoints: dict[str, int] = dict(llm.memgen_checkpoints()) if llm.memgen is not None else {}
 
     # ---- the HTTP side -----------------------------------------------------------------
     def start(self) -> None:
+        self.metrics.set_checkpoints(self.checkpoints)
         self._publish_state()
         self._thread = threading.Thread(target=self._run, name="memgen-engine-loop", daemon=True)
         self._thread.start()
@@ -136,6 +149,7 @@ class EngineLoop:
                 raise overloaded(waiting, self.max_waiting)
             self._pending.append(handle)
             self._pending_seqs += handle.num_choices
+            self.metrics.waiting.set(self.num_waiting)    # (also while paused: no step publishes it then)
             self._cv.notify()
         return handle
 
@@ -143,6 +157,18 @@ class EngineLoop:
         with self._cv:
             self._aborts.append(handle)
             self._cv.notify()
+
+    def call(self, fn) -> asyncio.Future:
+        """Run `fn()` on the engine thread between steps; await the returned future for
+        its result (or its exception)."""
+        if self.error is not None or self._stopping:
+            raise internal(f"the engine loop is not running{f': {self.error}' if self.error else ''}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cv:
+            self._commands.append((fn, future, loop))
+            self._cv.notify()
+        return future
 
     # ---- the engine thread -------------------------------------------------------------
     def _run(self) -> None:
@@ -154,12 +180,17 @@ class EngineLoop:
                 torch.cuda.set_device(device)   # the current device is per thread
             while True:
                 with self._cv:
-                    while not (self._pending or self._aborts or self._stopping or self.engine.has_unfinished()):
+                    while not self._has_work():
                         self._cv.wait()
                     if self._stopping:
                         break
-                    pending, self._pending, self._pending_seqs = self._pending, [], 0
+                    commands, self._commands = self._commands, []
                     aborts, self._aborts = self._aborts, []
+                self._run_commands(commands)
+                with self._cv:
+                    pending = []
+                    if not self.paused:     # paused: arrived requests wait unadmitted
+                        pending, self._pending, self._pending_seqs = self._pending, [], 0
                 self._iterate(pending, aborts)
         except BaseException as e:  # the loop itself broke: fail everything, report unhealthy
             self.error = f"{type(e).__name__}: {e}"
@@ -168,7 +199,27 @@ class EngineLoop:
             with self._cv:
                 leftover, self._pending = self._pending + self._active, []
                 self._active = []
+                commands, self._commands = self._commands, []
             self._deliver([(h, Update(error=shutting_down(), done=True)) for h in leftover])
+            for _, future, loop in commands:
+                _resolve(loop, future, None, shutting_down())
+
+    def _has_work(self) -> bool:
+        return bool(self._aborts or self._commands or self._stopping or
+                    (not self.paused and (self._pending or self.engine.has_unfinished())))
+
+    def _run_commands(self, commands) -> None:
+        for fn, future, loop in commands:
+            try:
+                result, error = fn(), None
+            except Exception as e:   # the caller's to answer (a bad checkpoint: 400), the loop goes on
+                result, error = None, e
+            # published before the caller hears back: its next request sees the change
+            if self.llm.memgen is not None:
+                self.checkpoints = dict(self.llm.memgen_checkpoints())
+                self.metrics.set_checkpoints(self.checkpoints)
+            self.metrics.paused.set(int(self.paused))
+            _resolve(loop, future, result, error)
 
     def _iterate(self, pending: list[RequestHandle], aborts: list[RequestHandle]) -> None:
         for handle in aborts:
@@ -179,15 +230,20 @@ class EngineLoop:
                 continue
             try:
                 self._add(handle)
+            except APIError as e:   # its checkpoint was unloaded since the request was checked
+                self._abort(handle)
+                deliveries.append((handle, Update(error=e, done=True)))
             except Exception as e:  # validated input should never fail here: an internal error
                 log.error("add_request failed:\n%s", traceback.format_exc())
                 self._abort(handle, "error")
                 deliveries.append((handle, Update(error=internal(f"could not queue the request: {e}"), done=True)))
-        if self.engine.has_unfinished():
+        if self.engine.has_unfinished() and not self.paused:
             try:
                 outputs = self.engine.step()
                 self.builder.update(outputs)
                 self.metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+                if self._rid_checkpoint:
+                    self.metrics.checkpoint_tokens(self._rid_checkpoint, outputs)
             except Exception as e:
                 # an internal error (never a user's: input was validated): the step's requests fail
                 # with a 500, their blocks are freed, and the loop serves the next ones
@@ -203,11 +259,22 @@ class EngineLoop:
 
     def _add(self, handle: RequestHandle) -> None:
         params = handle.params
+        checkpoint = None
+        if self.llm.memgen is not None:
+            try:
+                checkpoint = self.llm.memgen.get(params.memgen_checkpoint).name
+            except ValueError:
+                raise APIError(404, f"the MemGen checkpoint `{params.memgen_checkpoint or '(default)'}` was "
+                                    "unloaded before this request started", "invalid_request_error", "model",
+                               "model_not_found") from None
         for ids in handle.prompts:
             for i in range(params.n):
                 rid = self.engine.add_request(ids, params.for_completion(i))
                 handle._rids.append(self.builder.add(rid, ids, params, i))
                 self.metrics.prompt_tokens.inc(len(ids))
+                if checkpoint is not None:
+                    self._rid_checkpoint[rid] = checkpoint
+                    self.metrics.checkpoint_prompt_tokens.labels(checkpoint).inc(len(ids))
         handle._sent = [0] * len(handle._rids)
         handle._done = [False] * len(handle._rids)
         self._active.append(handle)
@@ -223,6 +290,8 @@ class EngineLoop:
             for out in self.engine.abort(live):
                 self.metrics.record_request(out.metrics, len(self.builder.token_ids(out.request_id)), reason)
         self.builder.forget(handle._rids)
+        for rid in handle._rids:
+            self._rid_checkpoint.pop(rid, None)
         if handle in self._active:
             self._active.remove(handle)
 
@@ -252,6 +321,8 @@ class EngineLoop:
                 out.append((handle, update))
             if update.done:
                 self.builder.forget(handle._rids)
+                for rid in handle._rids:
+                    self._rid_checkpoint.pop(rid, None)
             else:
                 still.append(handle)
         self._active = still
@@ -273,6 +344,22 @@ class EngineLoop:
         self.metrics.preemptions.inc(stats["preemptions"] - self._num_preemptions)
         self._num_preemptions = stats["preemptions"]
         self.metrics.set_engine_state(stats["running"], self.num_waiting, stats["kv_blocks"])
+        if self.llm.memgen is not None:
+            self.metrics.set_checkpoint_running(self._rid_checkpoint)
+
+
+def _resolve(loop, future, result, error) -> None:
+    def settle():
+        if future.done():       # the caller gave up (its client went away)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:        # that event loop is closed
+        pass
 
 
 def _put_all(items) -> None:

@@ -35,7 +35,8 @@ def user_errors():
         raise bad_request(str(e)) from None
 
 
-def completion_input(llm, req: CompletionRequest) -> EngineInput:
+def completion_input(llm, req: CompletionRequest, memgen_checkpoint: str | None = None) -> EngineInput:
+    """`memgen_checkpoint`: the MemGen checkpoint the request's `model` picked (None: the default)."""
     from memgen.llm import _as_prompt_list
 
     if req.echo:
@@ -46,11 +47,12 @@ def completion_input(llm, req: CompletionRequest) -> EngineInput:
         raise bad_request("best_of is not supported by memgen (only best_of == n); use n", "best_of")
     with user_errors():
         prompts = [llm._to_token_ids(p, i) for i, p in enumerate(_as_prompt_list(req.prompt))]
-    params = _sampling_params(llm, req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, req.logprobs, prompts)
+    params = _sampling_params(llm, req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, req.logprobs, prompts,
+                              memgen_checkpoint=memgen_checkpoint)
     return _engine_input(req, prompts, params)
 
 
-def chat_input(llm, req: ChatCompletionRequest) -> EngineInput:
+def chat_input(llm, req: ChatCompletionRequest, memgen_checkpoint: str | None = None) -> EngineInput:
     from memgen.llm import _as_conversation_list
 
     from memgen.structured.openai_api import tool_plan
@@ -83,7 +85,7 @@ def chat_input(llm, req: ChatCompletionRequest) -> EngineInput:
     # the request with "length" when the positions run out)
     default = max(1, llm.max_model_len - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _sampling_params(llm, req, max_tokens, default, logprobs, [ids], tools)
+    params = _sampling_params(llm, req, max_tokens, default, logprobs, [ids], tools, memgen_checkpoint)
     inp = _engine_input(req, [ids], params)
     inp.tools = tools
     return inp
@@ -97,7 +99,8 @@ def _content_text(content) -> str:
     return "".join(part.text for part in content)
 
 
-def _sampling_params(llm, req, max_tokens, default_max_tokens: int, logprobs, prompts, tools=None) -> SamplingParams:
+def _sampling_params(llm, req, max_tokens, default_max_tokens: int, logprobs, prompts, tools=None,
+                     memgen_checkpoint: str | None = None) -> SamplingParams:
     from memgen.structured.openai_api import structured_from_request, tool_constraint
 
     if req.logit_bias:
@@ -115,7 +118,8 @@ def _sampling_params(llm, req, max_tokens, default_max_tokens: int, logprobs, pr
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
         top_k=req.top_k, min_tokens=req.min_tokens, repetition_penalty=req.repetition_penalty,
         ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, trigger_sample=req.trigger_sample,
-        trigger_temperature=req.trigger_temperature, structured_outputs=structured)
+        trigger_temperature=req.trigger_temperature, structured_outputs=structured,
+        memgen_checkpoint=memgen_checkpoint)
     kwargs = {k: v for k, v in given.items() if v is not None}
     kwargs.setdefault("max_tokens", default_max_tokens)
     with user_errors():

@@ -257,7 +257,20 @@ class ModelCard(_Response):
     owned_by: str = "memgen"
     root: str | None = None
     max_model_len: int | None = None
-    memgen: str | None = None     # the MemGen checkpoint, when one is loaded
+    memgen: str | None = None     # the MemGen checkpoint's directory (None: the base model)
+    parent: str | None = None     # a named checkpoint's base model id (vLLM's LoRA cards' habit)
+    memgen_version: int | None = None   # the checkpoint's version (0 when loaded, +1 per update)
+
+
+class LoadCheckpointRequest(_Strict):
+    """POST /v1/load_memgen_checkpoint and /v1/update_memgen_checkpoint."""
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+
+
+class UnloadCheckpointRequest(_Strict):
+    """POST /v1/unload_memgen_checkpoint."""
+    name: str = Field(min_length=1)
 
 
 class ModelList(_Response):
