@@ -206,14 +206,14 @@ def generate_ids(llm, prompts: list[list[int]], params: list[Any]) -> tuple[list
 
 
 def _params_factory(cfg, make_params: Callable[..., Any]):
-    from memgen.eval.runner import _accepts, derive_seed
+    from memgen.eval.runner import _accepts, checkpoint_kwargs, derive_seed
 
     stop = {"stop": ["</search>"]} if _accepts(make_params, "stop") else {}
 
     def params(record: Record, turn: int = 0, multiturn: bool = False):
         seed = derive_seed(cfg.seed, record.key if turn == 0 else f"{record.key}#turn{turn}")
         return make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           top_k=cfg.top_k, seed=seed, **(stop if multiturn else {}))
+                           top_k=cfg.top_k, seed=seed, **(stop if multiturn else {}), **checkpoint_kwargs(record))
     return params
 
 
@@ -221,6 +221,8 @@ def _result(record: Record, seed: int, score) -> dict[str, Any]:
     reference = {k: v for k, v in record.data.items() if k != "messages"}
     res = {"id": record.id, "line": record.line_no, "task": record.task, "messages": record.data["messages"],
            "seed": seed, "reference": reference}
+    if record.checkpoint is not None:
+        res["checkpoint"] = record.checkpoint
     if score is not None:
         res.update(score=score.value, extracted=score.extracted)
         if score.details:

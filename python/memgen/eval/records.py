@@ -38,6 +38,7 @@ class Record:
     line_no: int
     data: dict[str, Any]         # the validated JSON object
     task: str | None             # None: no reference, generation only
+    checkpoint: str | None = None   # the MemGen checkpoint to run it on (several in one run; None: the LLM's)
 
     @property
     def key(self) -> str:

@@ -195,6 +195,12 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def checkpoint_kwargs(record: Record) -> dict[str, Any]:
+    """SamplingParams' keyword for a record tagged with a MemGen checkpoint (a run of
+    several, eval/checkpoints.py); none otherwise."""
+    return {} if record.checkpoint is None else {"memgen_checkpoint": record.checkpoint}
+
+
 def _call(llm: Any, records: Sequence[Record], params: list[Any], as_chat: list[bool]) -> list[Any]:
     """One generate call for raw prompts and one chat call for conversations;
     outputs in `records` order."""
@@ -250,7 +256,7 @@ def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
         return process_dataset_batch(llm, records, cfg, make_params)
     seeds = [derive_seed(cfg.seed, r.key) for r in records]
     params = [make_params(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, seed=s) for s in seeds]
+                          top_k=cfg.top_k, seed=s, **checkpoint_kwargs(r)) for r, s in zip(records, seeds)]
     outs, errors = _generate_all(llm, records, params, cfg.chat)
 
     def score_one(i: int):
@@ -269,6 +275,8 @@ def process_batch(llm: Any, records: Sequence[Record], cfg: EvalConfig,
     for r, o, err, sc, seed in zip(records, outs, errors, scores, seeds):
         source = {"messages": r.data["messages"]} if "messages" in r.data else {"prompt": r.data["prompt"]}
         res = {"id": r.id, "line": r.line_no, "task": r.task, **source, "seed": seed}
+        if r.checkpoint is not None:
+            res["checkpoint"] = r.checkpoint
         if err is None:
             res.update(text=o.text, token_ids=list(o.token_ids), num_prompt_tokens=len(o.prompt_token_ids),
                        augmentation=list(o.augmentation), finish_reason=o.finish_reason,
@@ -433,7 +441,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", default=None, help="metrics JSON (default: <output stem>.summary.json)")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="task of records that name none (default: inferred from the reference field)")
-    add_model_arguments(parser, seed_help=None)
+    add_model_arguments(parser, seed_help=None, memgen_help=EVAL_MEMGEN_HELP, memgen_repeatable=True)
     add_engine_arguments(parser)
     from memgen.eval.protocols import DATASETS
 
@@ -473,8 +481,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray workers (default: the cluster's GPU count, else 1)")
 
 
+EVAL_MEMGEN_HELP = ("MemGen checkpoint directory; or NAME=DIR, repeatable: several checkpoints evaluated in one "
+                    "pass on one engine, each record on each, one output per checkpoint "
+                    "(<output stem>.NAME.jsonl) and a table per checkpoint (default: none, a plain LLM)")
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {**llm_kwargs(args), "seed": args.seed, **engine_option_kwargs(args)}
+    from memgen.serve.model_ids import parse_memgen_flags
+
+    memgen = parse_memgen_flags(args.memgen)
+    if isinstance(memgen, dict) and len(memgen) == 1:     # one named checkpoint: a single run of it
+        memgen = next(iter(memgen.values()))
+    return {**llm_kwargs(args), "memgen": memgen, "seed": args.seed, **engine_option_kwargs(args)}
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -554,6 +572,8 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         # say so before the model loads (open_run checks again under the output's lock)
         if cfg.dataset is None:
             check_input(cfg)
+        if isinstance(llm_kwargs["memgen"], dict):      # several checkpoints (eval/checkpoints.py)
+            return _run_checkpoints(args, cfg, llm_kwargs)
         if not cfg.overwrite and Path(cfg.output).is_file() and os.path.getsize(cfg.output):
             check_settings(cfg, run_settings(cfg, llm_kwargs))
         if args.ray:
@@ -569,5 +589,25 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         print(f"memgen eval: error: {e}", file=sys.stderr)
         return 2
     print_summary(summary)
+    print(f"summary: {cfg.summary_path}")
+    return 0
+
+
+def _run_checkpoints(args: argparse.Namespace, cfg: EvalConfig, llm_kwargs: dict[str, Any]) -> int:
+    """`memgen eval --memgen a=DIR --memgen b=DIR ...`: one pass, one engine (errors as
+    run_eval_from_args' own: its caller catches them)."""
+    from memgen.eval.checkpoints import check_checkpoint_outputs, evaluate_checkpoints, print_checkpoint_table
+
+    if args.ray:
+        raise ValueError("--ray runs one checkpoint per run; evaluate several --memgen NAME=DIR in one process "
+                         "(leave --ray out) or run each with --ray")
+    checkpoints = dict(llm_kwargs["memgen"])
+    shared = {k: v for k, v in llm_kwargs.items() if k != "memgen"}
+    check_checkpoint_outputs(cfg, checkpoints, shared)
+    from memgen import LLM
+
+    combined = evaluate_checkpoints(LLM(**llm_kwargs), cfg, checkpoints, llm_kwargs=shared,
+                                    extra_summary={"engine": llm_kwargs})
+    print_checkpoint_table(combined)
     print(f"summary: {cfg.summary_path}")
     return 0

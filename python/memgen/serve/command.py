@@ -9,7 +9,7 @@ import os
 import sys
 
 from memgen.model_options import add_engine_arguments, add_model_arguments, engine_option_kwargs, llm_kwargs
-from memgen.serve.checkpoints import checkpoint_model_id, parse_memgen_flags
+from memgen.serve.model_ids import checkpoint_model_id, parse_memgen_flags
 
 MEMGEN_HELP = ("a MemGen checkpoint: DIR (one checkpoint; the model id is its directory's name or "
                "--served-model-name) or NAME=DIR, repeatable: several checkpoints on the one base, a request's "
