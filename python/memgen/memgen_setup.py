@@ -127,32 +127,30 @@ class MemGenCheckpoints:
     def _open_pools(self, base: ModelRunner) -> list[Pool]:
         """One pool per (role, model) that is not the reasoner's: a weaver and a trigger on
         the same other directory each get their own, as a single checkpoint always had."""
-        from memgen.sources import same_model
-
         extra: list[Pool] = []
-        dirs: list[tuple[str, Path, int]] = []
+        self._runners = {0: base}
         for source in self.initial.values():
             for role in source.roles():
                 model_dir = source.role_dir(role)
-                if model_dir is None or self._pool_of(role, model_dir) is not None:
+                if self._pool_of(role, model_dir) is not None:
                     continue
                 config = source.weaver_config if role == WEAVER else source.trigger_config
-                name = role if not any(r == role for r, _, _ in dirs) else f"{role}{len(extra)}"
-                pool = open_pool(name, 1 + len(extra), model_dir, config, base, self.max_model_len, self.block_size)
+                index = 1 + len(extra)
+                name = f"{role}{index}" if any(r == role for r, _ in self._pools) else role   # "W": the first
+                pool = open_pool(name, index, model_dir, config, base, self.max_model_len, self.block_size)
                 extra.append(pool)
-                dirs.append((role, model_dir, pool.index))
                 self._pools[(role, model_dir)] = pool.index
-        self._runners = {0: base, **{pool.index: pool.runner for pool in extra}}
-        self._same_model = same_model
+                self._runners[pool.index] = pool.runner
         return extra
 
     def _pool_of(self, role: str, model_dir: Path | None) -> int | None:
+        """The pool a role on `model_dir` (None: the reasoner's) runs in, if one is open."""
+        from memgen.sources import same_model
+
         if model_dir is None:
             return 0
-        for (r, d), index in self._pools.items():
-            if r == role and self._same_model(d, model_dir):
-                return index
-        return None
+        return next((index for (r, d), index in self._pools.items() if r == role and same_model(d, model_dir)),
+                    None)
 
     def _install(self, name: str, version: int, source: MemGenSource, reuse: _Version | None = None) -> _Version:
         """Adapters installed (under `reuse`'s ids when given: in place), the policy made and
