@@ -479,6 +479,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", action="store_true", help="run through Ray Data, one engine actor per worker")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray workers (default: the cluster's GPU count, else 1)")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="join this Ray cluster (its head's GCS address, or auto); implies --ray "
+                             "(default: $RAY_ADDRESS, else a local cluster; docs/distributed.md)")
 
 
 EVAL_MEMGEN_HELP = ("MemGen checkpoint directory; or NAME=DIR, repeatable: several checkpoints evaluated in one "
@@ -576,10 +579,11 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             return _run_checkpoints(args, cfg, llm_kwargs)
         if not cfg.overwrite and Path(cfg.output).is_file() and os.path.getsize(cfg.output):
             check_settings(cfg, run_settings(cfg, llm_kwargs))
-        if args.ray:
+        if args.ray or args.ray_address is not None:
             from memgen.eval.ray_runner import run_eval_ray
 
-            summary = run_eval_ray(cfg, llm_kwargs=llm_kwargs, num_workers=args.num_workers)
+            summary = run_eval_ray(cfg, llm_kwargs=llm_kwargs, num_workers=args.num_workers,
+                                   address=args.ray_address)
         else:
             from memgen import LLM
 
