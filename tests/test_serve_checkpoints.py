@@ -335,3 +335,38 @@ def test_a_plain_server_refuses_checkpoint_routes_and_pauses(qwen2_dir):
     assert load.status_code == 400 and _error(load)["code"] == "no_memgen"
     assert other.status_code == 404 and _error(other)["code"] == "model_not_found"
     assert held and out.status_code == 200 and out.json()["choices"][0]["text"] == ref.text
+
+
+def test_a_single_checkpoint_server_keeps_its_id_and_takes_live_loads(memgen_reasoner_dir, memgen_ckpt_dir, ckpt_c,
+                                                                      offline):
+    """In process, `--memgen DIR --served-model-name solo` as before (one id, the base not
+    listed: 404); a checkpoint loaded live joins it; the routes take the served id as name."""
+    from memgen.serve.app import create_app
+
+    llm = LLM(model=memgen_reasoner_dir, memgen=memgen_ckpt_dir, dtype="float64", device="cpu")
+    app = create_app(llm, "solo", memgen=str(memgen_ckpt_dir))
+    body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://memgen") as client:
+            first = (await client.get("/v1/models")).json()["data"]
+            base = await client.post("/v1/completions", json={**body, "model": str(memgen_reasoner_dir)})
+            load = await client.post("/v1/load_memgen_checkpoint", json={"name": "c", "path": str(ckpt_c)})
+            listed = (await client.get("/v1/models")).json()["data"]
+            on_c = (await client.post("/v1/completions", json={**body, "model": "c"})).json()
+            update = await client.post("/v1/update_memgen_checkpoint", json={"name": "solo", "path": str(ckpt_c)})
+            solo = (await client.post("/v1/completions", json={**body, "model": "solo"})).json()
+            return first, base, load, listed, on_c, update, solo
+
+    app.state.engine_loop.start()
+    try:
+        first, base, load, listed, on_c, update, solo = asyncio.run(main())
+    finally:
+        app.state.engine_loop.stop()
+    assert [(m["id"], m["memgen"], m["parent"]) for m in first] == [("solo", str(memgen_ckpt_dir), None)]
+    assert base.status_code == 404 and _error(base)["code"] == "model_not_found"
+    assert load.status_code == 200 and [m["id"] for m in listed] == ["solo", "c"]
+    ref = _ref(offline, "c", PROMPTS[1], 8)
+    assert on_c["model"] == "c" and on_c["choices"][0]["token_ids"] == ref.token_ids
+    assert update.status_code == 200 and update.json()["version"] == 1
+    assert solo["model"] == "solo" and solo["choices"][0]["token_ids"] == ref.token_ids

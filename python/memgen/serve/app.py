@@ -152,6 +152,7 @@ def create_app(llm, model_name: str | None, max_waiting: int | None = None, memg
     async def update_memgen_checkpoint(request: Request):
         body = await _parse(request, LoadCheckpointRequest)
         need_memgen()
+        body.name = served.aliases.get(body.name, body.name)    # a single checkpoint's model id works too
         if body.name not in engine_loop.checkpoints:
             await engine_loop.call(lambda: known(body.name))
         ckpt = await _read_checkpoint(body.name, body.path, metrics, "update")
@@ -169,6 +170,7 @@ def create_app(llm, model_name: str | None, max_waiting: int | None = None, memg
     async def unload_memgen_checkpoint(request: Request):
         body = await _parse(request, UnloadCheckpointRequest)
         need_memgen()
+        body.name = served.aliases.get(body.name, body.name)
 
         def unload():
             known(body.name)
