@@ -364,14 +364,25 @@ template <typename V, int NR, int MR, typename T>
 inline __attribute__((always_inline)) void rows_tile(const RowsCall& c, int64_t n0, int64_t m0) {
     constexpr int L = Vec<V>::lanes;
     const T* w = static_cast<const T*>(c.w) + n0 * c.K;
+    const float* x = c.xf + m0 * c.kv;
     V acc[NR][MR] = {};
     const int64_t whole = c.K / L * L;
-    for (int64_t k = 0; k < c.kv; k += L) {
-        const int64_t n = k < whole ? L : c.K - k;
+    // the next tile's rows of W (NR rows on): asked for one tile ahead
+    const T* next = w + NR * c.K;
+    for (int64_t k = 0; k < whole; k += L) {
         V xv[MR];
-        for (int m = 0; m < MR; ++m) std::memcpy(&xv[m], c.xf + (m0 + m) * c.kv + k, sizeof(V));
+        for (int m = 0; m < MR; ++m) std::memcpy(&xv[m], x + m * c.kv + k, sizeof(V));
         for (int j = 0; j < NR; ++j) {
-            const V wv = n == L ? load_w<V>(w + j * c.K + k, L) : load_w<V>(w + j * c.K + k, n);
+            if ((k * int64_t(sizeof(T))) % 64 == 0) __builtin_prefetch(next + j * c.K + k, 0, 0);
+            const V wv = load_w<V>(w + j * c.K + k, L);
+            for (int m = 0; m < MR; ++m) acc[j][m] += xv[m] * wv;
+        }
+    }
+    if (whole < c.K) {   // W's last partial vector
+        V xv[MR];
+        for (int m = 0; m < MR; ++m) std::memcpy(&xv[m], x + m * c.kv + whole, sizeof(V));
+        for (int j = 0; j < NR; ++j) {
+            const V wv = load_w<V>(w + j * c.K + whole, c.K - whole);
             for (int m = 0; m < MR; ++m) acc[j][m] += xv[m] * wv;
         }
     }
@@ -384,20 +395,25 @@ template <typename V, int NR, int MR, typename T>
 inline __attribute__((always_inline)) void rows_block(const RowsCall& c, int64_t n0) {
     int64_t m = 0;
     for (; m + MR <= c.M; m += MR) rows_tile<V, NR, MR, T>(c, n0, m);
+    if (c.M - m >= 2) {
+        rows_tile<V, NR, 2, T>(c, n0, m);
+        m += 2;
+    }
     for (; m < c.M; ++m) rows_tile<V, NR, 1, T>(c, n0, m);
 }
-
-constexpr int kRowsNR = 4;   // W rows per tile (8 for a single row of x)
 
 // W's rows [n0, n1) for every row of x.
 template <typename V, typename T>
 inline __attribute__((always_inline)) void rows_range(const void* args, int64_t n0, int64_t n1) {
     const RowsCall& c = *static_cast<const RowsCall*>(args);
-    constexpr int MR = Vec<V>::registers == 32 ? 4 : 2;
+    // 1 row: 8 rows of W at once (8 independent sums); more: 4 rows of W by as many rows
+    // of x as the registers hold beside them (x's rows stay in L1, W's tile in L1 or L2;
+    // 2 rows of W by 4 of x ran 2x slower on AVX2 at 8 rows)
+    constexpr int MR = Vec<V>::registers == 32 ? 4 : 2, NR = 4;
     int64_t n = n0;
     if (c.M == 1)
         for (; n + 8 <= n1; n += 8) rows_tile<V, 8, 1, T>(c, n, 0);
-    for (; n + kRowsNR <= n1; n += kRowsNR) rows_block<V, kRowsNR, MR, T>(c, n);
+    for (; n + NR <= n1; n += NR) rows_block<V, NR, MR, T>(c, n);
     for (; n < n1; ++n) rows_block<V, 1, MR, T>(c, n);
 }
 
