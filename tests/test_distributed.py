@@ -7,7 +7,10 @@ loss it survives.
 - the second node's raylet is SIGKILLed mid-run, once each node has finished a batch:
   the run finishes on the head's worker with every record exactly once, outputs equal
   the single-process run, and the summary names the lost node;
-- an address that answers nothing: one line, exit 2, within seconds.
+- an address that answers nothing: one line, exit 2, within seconds;
+- Ray Data's own LLM path (ray.data.llm's HttpRequestProcessorConfig, through
+  memgen.eval.ray_data) against a real `memgen serve`: greedy completions and chats
+  equal offline generation, with memgen's token ids and augmentation mask.
 
 Ray is started and stopped by pid (never `ray stop`, which would end every cluster on
 the machine). Marked `distributed`: `pytest -m distributed` runs these alone."""
@@ -111,6 +114,45 @@ def test_cli_spreads_workers_over_both_nodes(cluster, single_process, qwen2_dir,
     assert summary["nodes_lost"] == [] and summary["duplicates_dropped"] == 0
 
 
+def _connect(cluster):
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, log_to_driver=False)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data
+def test_ray_data_http_processor_against_memgen_serve(cluster, memgen_reasoner_dir, memgen_ckpt_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("ray.data.llm")
+    from serve_process import memgen_serve
+
+    from memgen import LLM, SamplingParams
+    from memgen.eval.ray_data import memgen_http_processor
+
+    args = ["--model", str(memgen_reasoner_dir), "--memgen", str(memgen_ckpt_dir), "--dtype", "float64",
+            "--device", "cpu", "--served-model-name", "tiny", "--log-level", "warning"]
+    prompts = [f"Question {i}: what is {i} plus {2 * i}?" for i in range(6)]
+    chats = [[{"role": "user", "content": f"Hello {i}"}] for i in range(3)]
+    offline = LLM(model=str(memgen_reasoner_dir), memgen=str(memgen_ckpt_dir), dtype="float64", device="cpu")
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    ref = offline.generate(prompts, greedy, use_tqdm=False)
+    ref_chat = offline.chat(chats, greedy, use_tqdm=False)
+    _connect(cluster)
+    with memgen_serve(args, tmp_path / "server.log") as (base, _):
+        kw = dict(max_tokens=10, batch_size=4, stage_num_cpus=0.25)
+        done = memgen_http_processor(base, "tiny", **kw)(
+            ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])).take_all()
+        done_chat = memgen_http_processor(base, "tiny", chat=True, **kw)(
+            ray.data.from_items([{"id": i, "messages": m} for i, m in enumerate(chats)])).take_all()
+    got = {r["id"]: r for r in done}
+    assert sorted(got) == list(range(len(prompts)))
+    for i, out in enumerate(ref):
+        assert (got[i]["prompt"], got[i]["text"], got[i]["token_ids"]) == (prompts[i], out.text, out.token_ids)
+        assert got[i]["augmentation"] == list(out.augmentation) and got[i]["finish_reason"] == out.finish_reason
+    got_chat = {r["id"]: r for r in done_chat}
+    for i, out in enumerate(ref_chat):
+        assert (got_chat[i]["text"], got_chat[i]["token_ids"]) == (out.text, out.token_ids)
+
+
 class SlowLLM:
     """The real engine, slowed per batch; each finished batch appends its node id to
     `progress`, so the test knows when both nodes have done work."""
@@ -133,12 +175,13 @@ class SlowLLM:
         return out
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data
 def test_node_killed_mid_run_every_record_once(cluster, single_process, qwen2_dir, tmp_path):
     from memgen import SamplingParams
     from memgen.eval.ray_runner import run_eval_ray
 
     inp, expected = single_process
-    ray.init(address=cluster.address, log_to_driver=False)
+    _connect(cluster)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])    # SlowLLM, for the actors
     head, second = cluster.node_id(0), cluster.node_id(1)
     progress = tmp_path / "progress"

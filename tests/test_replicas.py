@@ -33,6 +33,8 @@ if shutil.which("vllm-router") is None:
 
 from memgen import LLM, SamplingParams  # noqa: E402
 
+pytestmark = pytest.mark.distributed
+
 NAME = "tiny-memgen"
 TIMEOUT_S = 30          # every client call's limit (a hang fails the test, it never blocks it)
 STARTUP_TIMEOUT_S = 120
