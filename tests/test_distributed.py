@@ -60,12 +60,19 @@ def _by_id(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    for k, v in LOCAL_ENV.items():        # this process's drivers talk to the cluster as its nodes do
-        os.environ.setdefault(k, v)
-    with LocalCluster(num_nodes=2, num_cpus=1) as c:
-        yield c
-    if ray.is_initialized():
-        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in LOCAL_ENV}
+    os.environ.update(LOCAL_ENV)          # this process's drivers talk to the cluster as its nodes do
+    try:
+        with LocalCluster(num_nodes=2, num_cpus=1) as c:
+            yield c
+            if ray.is_initialized():
+                ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
