@@ -137,3 +137,20 @@ def test_flags(memgen_ckpt_dir, tmp_path, common, capsys):
     assert _eval([str(inp), "-o", str(tmp_path / "one.jsonl"), "--memgen", f"a={memgen_ckpt_dir}", "--limit", "1",
                   *common]) == 0
     assert (tmp_path / "one.jsonl").is_file() and not (tmp_path / "one.a.jsonl").exists()
+
+
+def test_a_reference_dataset_on_several_checkpoints(memgen_ckpt_dir, memgen_active_ckpt_dir, tmp_path, common):
+    """--dataset gsm8k (the reference's protocol) takes several checkpoints the same way."""
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"question": "Natalia sold clips to 48 of her friends in April. How many?", "answer": "48 clips.\n#### 48"},
+        {"question": "What is 12 plus 30?", "answer": "12 + 30 = <<12+30=42>>42\n#### 42"})))
+    flags = [a for a in common if a not in ("--task", "exact")] + ["--dataset", "gsm8k"]
+    assert _eval([str(data), "-o", str(tmp_path / "g.jsonl"), "--memgen", f"a={memgen_ckpt_dir}", "--memgen",
+                  f"b={memgen_active_ckpt_dir}", *flags]) == 0
+    for name, ckpt in (("a", memgen_ckpt_dir), ("b", memgen_active_ckpt_dir)):
+        assert _eval([str(data), "-o", str(tmp_path / f"g1_{name}.jsonl"), "--memgen", str(ckpt), *flags]) == 0
+        multi, single = _rows(tmp_path / f"g.{name}.jsonl"), _rows(tmp_path / f"g1_{name}.jsonl")
+        keys = ("id", "seed", "text", "token_ids", "augmentation", "score", "reference")
+        assert [{k: r[k] for k in keys} for r in multi] == [{k: r[k] for k in keys} for r in single]
+        assert all(r["checkpoint"] == name and r["task"] == "gsm8k" for r in multi)
