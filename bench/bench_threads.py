@@ -1,14 +1,15 @@
 """Decode steps of few rows on 1 vs 2 (or more) threads on the packaged SmolLM2-135M
-(float32, CPU): the model's linear layers alone (the linear floor: every Linear and
-the LM head at the step's rows) and whole engine decode steps, at batch 1 and 8,
-runs alternated between configurations, best of --repeats. A configuration is a
-thread count and the packed linear's split rule (engine/cpu_gemm.h): 1 thread;
-N threads under "sums" (the default: only calls of 4M+ multiply-adds split); N
-threads under "stream" (few-row calls split too). Also the machine's read stream
-rate at each thread count (a sum over a 1 GiB tensor), and the bound of a batch-1
-step: the bytes of its weights over that rate.
+(CPU, float32 and/or bfloat16): the model's linear layers alone (the linear floor:
+every Linear and the LM head at the step's rows) and whole engine decode steps, at
+batch 1 and 8, runs alternated between configurations, best of --repeats. A
+configuration is a dtype, a thread count and the packed linear's split rule
+(engine/cpu_gemm.h): 1 thread; N threads under "stream" (the default: few-row calls
+split too); N threads under "sums" (only calls of 4M+ multiply-adds split). Also the
+machine's read stream rate at each thread count (a sum over a 1 GiB tensor), and the
+bound of a batch-1 step: the bytes of its weights over that rate.
 
     python bench/bench_threads.py [--threads 1 2] [--batches 1 8] [--tokens 64] [--repeats 5]
+        [--dtypes float32 bfloat16] [--rules stream sums]
 
 Prints one JSON object (machine, load average before and after, every run).
 """
@@ -38,9 +39,10 @@ def weight_bytes(llm) -> int:
     from memgen.layers.linear import Linear
 
     model = llm.engine.model_runner.model
-    n = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, Linear))
+    elem = model.model.embed_tokens.weight.element_size()
+    n = sum(m.in_features * m.out_features * elem for m in model.modules() if isinstance(m, Linear))
     if model.lm_head is None:   # tied: the embedding is the LM head
-        n += model.model.embed_tokens.weight.numel() * 4
+        n += model.model.embed_tokens.weight.numel() * elem
     return n
 
 
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--floor-steps", type=int, default=20)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"])
+    ap.add_argument("--rules", nargs="+", default=["stream"])
     ap.add_argument("--no-engine", action="store_true")
     args = ap.parse_args()
 
@@ -77,35 +81,39 @@ def main() -> None:
     from memgen.layers import native
 
     load0 = open("/proc/loadavg").read().split()[:3]
-    llm = LLM(dtype="float32", device="cpu")
-    out = {"load_before": load0, "isa": native.native_op("linear_isa")(), "weight_mb": weight_bytes(llm) / 1e6,
+    llms = {dt: LLM(dtype=dt, device="cpu") for dt in args.dtypes}
+    out = {"load_before": load0, "isa": native.linear_isa(), "isa_bf16": native.linear_isa_bf16(),
+           "weight_mb": {dt: weight_bytes(llm) / 1e6 for dt, llm in llms.items()},
            "stream_gb_s": {}, "floor_ms": {}, "step_ms": {}}
     for t in args.threads:
         out["stream_gb_s"][t] = round(max(stream_rate(t, 3) for _ in range(2)), 1)
-    configs = [(t, rule) for t in args.threads for rule in (("sums",) if t == 1 else ("sums", "stream"))]
+    configs = [(dt, t, rule) for dt in args.dtypes for t in args.threads
+               for rule in ((args.rules[0],) if t == 1 else args.rules)]
     for b in args.batches:
-        for t, _ in configs:
+        for dt, t, _ in configs:
             torch.set_num_threads(t)
-            linear_floor_s(llm, b, 2)                # build the calls, warm
+            linear_floor_s(llms[dt], b, 2)           # build the calls, warm
     floors = {(b, c): [] for b in args.batches for c in configs}
     steps = {(b, c): [] for b in args.batches for c in configs}
     for _ in range(args.repeats):
         for b in args.batches:
-            for t, rule in configs:
+            for dt, t, rule in configs:
                 torch.set_num_threads(t)
                 native.set_linear_split(rule)
-                floors[(b, (t, rule))].append(linear_floor_s(llm, b, args.floor_steps) / args.floor_steps * 1e3)
+                llm = llms[dt]
+                floors[(b, (dt, t, rule))].append(linear_floor_s(llm, b, args.floor_steps) / args.floor_steps * 1e3)
                 if not args.no_engine:
-                    steps[(b, (t, rule))].append(decode_s_per_step(llm, b, args.tokens) * 1e3)
-    native.set_linear_split("sums")
-    for (b, (t, rule)), v in floors.items():
-        name = f"b{b}_t{t}" + ("" if t == 1 else f"_{rule}")
+                    steps[(b, (dt, t, rule))].append(decode_s_per_step(llm, b, args.tokens) * 1e3)
+    native.set_linear_split("stream")
+    for (b, (dt, t, rule)), v in floors.items():
+        name = f"{dt}_b{b}_t{t}" + ("" if t == 1 or len(args.rules) == 1 else f"_{rule}")
         out["floor_ms"][name] = round(min(v), 2)
-        if steps[(b, (t, rule))]:
-            out["step_ms"][name] = round(min(steps[(b, (t, rule))]), 2)
-            out["step_ms"][name + "_all"] = [round(x, 2) for x in steps[(b, (t, rule))]]
-    for t in args.threads:
-        out[f"bound_ms_t{t}"] = round(out["weight_mb"] / 1e3 / out["stream_gb_s"][t] * 1e3, 2)
+        if steps[(b, (dt, t, rule))]:
+            out["step_ms"][name] = round(min(steps[(b, (dt, t, rule))]), 2)
+            out["step_ms"][name + "_all"] = [round(x, 2) for x in steps[(b, (dt, t, rule))]]
+    for dt in args.dtypes:
+        for t in args.threads:
+            out[f"bound_ms_{dt}_t{t}"] = round(out["weight_mb"][dt] / 1e3 / out["stream_gb_s"][t] * 1e3, 2)
     out["load_after"] = open("/proc/loadavg").read().split()[:3]
     print(json.dumps(out, indent=1))
 

@@ -1,8 +1,8 @@
 // See cpu_attention.h.
 #include "cpu_attention.h"
+#include "cpu_gemm.h"
 #include "cpu_math.h"
 
-#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -274,21 +274,41 @@ struct Tile {
 };
 
 template <typename Acc, typename Fn>
+struct RunAll {
+    const PagedAttentionArgs* a;
+    const std::vector<Tile>* tiles;
+    int64_t max_context;
+    Fn fn;
+    std::atomic<bool>* ok;
+};
+
+// Tiles [t0, t1) with their own scratch: one chunk of the split.
+template <typename Acc, typename Fn>
+void run_tiles(const void* args, int64_t t0, int64_t t1) {
+    const RunAll<Acc, Fn>& r = *static_cast<const RunAll<Acc, Fn>*>(args);
+    const int64_t per_tile = kTile * r.a->num_heads;
+    std::vector<Acc> q(per_tile * r.a->head_dim), scores(per_tile * r.max_context), acc(per_tile * r.a->head_dim);
+    for (int64_t item = t0; item < t1; ++item) {
+        const Tile& t = (*r.tiles)[item];
+        if (!r.fn(*r.a, t.row0, t.rows, t.chunk, r.max_context, q.data(), scores.data(), acc.data()))
+            r.ok->store(false, std::memory_order_relaxed);
+    }
+}
+
+// The tiles on the linears' thread pool (cpu_gemm.h parallel_chunks), not an OpenMP team:
+// an OpenMP region ends when every thread of its team has arrived, so while another
+// process held a core a step waited for a worker the kernel had not scheduled yet; here
+// the caller runs every chunk no helper has started.
+template <typename Acc, typename Fn>
 bool run_all(const PagedAttentionArgs& a, const std::vector<Tile>& tiles, int64_t max_context, int64_t work,
              Fn fn) {
-    const int64_t items = (int64_t)tiles.size(), per_tile = kTile * a.num_heads;
+    const int64_t items = (int64_t)tiles.size();
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(a.num_threads, work / kWorkPerThread));
     std::atomic<bool> ok{true};
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        std::vector<Acc> q(per_tile * a.head_dim), scores(per_tile * max_context), acc(per_tile * a.head_dim);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; ++item) {
-            const Tile& t = tiles[item];
-            if (!fn(a, t.row0, t.rows, t.chunk, max_context, q.data(), scores.data(), acc.data()))
-                ok.store(false, std::memory_order_relaxed);
-        }
-    }
+    const RunAll<Acc, Fn> r{&a, &tiles, max_context, fn, &ok};
+    // chunks of a few tiles: ~8 per thread, so a late or slowed thread takes fewer
+    const int64_t per_chunk = std::max<int64_t>(1, items / (8 * std::max(1, threads)));
+    parallel_chunks(run_tiles<Acc, Fn>, &r, items, per_chunk, threads);
     return ok.load();
 }
 

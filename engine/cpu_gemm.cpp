@@ -701,6 +701,12 @@ void linear_panels(const T* x, int64_t M, int64_t K, const T* packed, int64_t N,
 
 }  // namespace
 
+void parallel_chunks(void (*fn)(const void*, int64_t, int64_t), const void* args, int64_t units, int64_t per_chunk,
+                     int threads) {
+    if (units <= 0) return;
+    run_split(fn, args, units, std::max<int64_t>(1, per_chunk), threads);
+}
+
 const char* linear_isa() { return chosen_body().name; }
 const char* linear_isa_bf16() { return chosen_body().name_bf16; }
 

@@ -63,6 +63,14 @@ void rows_linear(const void* x, int64_t M, int64_t K, const void* w, int64_t N, 
 // thread; "off": 1.
 int linear_threads(int64_t M, int64_t K, int64_t N, int num_threads);
 
+// Runs fn(args, u0, u1) over [0, units) in chunks of per_chunk units on up to `threads`
+// threads of the linears' pool: the caller starts at once and takes every chunk no
+// helper has claimed (it waits only for chunks a helper is running; a helper that the
+// kernel has not scheduled yet costs nothing); helpers spin briefly, then sleep. One
+// caller at a time: another runs its call alone. (The CPU attention shares it.)
+void parallel_chunks(void (*fn)(const void*, int64_t, int64_t), const void* args, int64_t units, int64_t per_chunk,
+                     int threads);
+
 // The split rule, for the process (its first value: MEMGEN_LINEAR_SPLIT=sums|stream|off).
 void set_linear_split(const char* mode);
 const char* linear_split();
