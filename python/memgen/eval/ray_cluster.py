@@ -77,17 +77,20 @@ def _with_descendants(pids: set[int], table: dict[int, tuple[int, str]]) -> set[
 class LocalCluster:
     """`num_nodes` Ray nodes started by `ray start` on `host` (node 0 is the head),
     `num_cpus` CPUs and `object_store_bytes` of object store each. `env` is added to
-    every Ray process's environment (FAST_FAILURE_DETECTION is there by default)."""
+    every Ray process's environment, after FAST_FAILURE_DETECTION (unless
+    `fast_failure_detection` is false: Ray's own health-check defaults)."""
 
     def __init__(self, num_nodes: int = 2, num_cpus: int = 1, object_store_bytes: int = 100_000_000,
-                 host: str = "127.0.0.2", env: dict[str, str] | None = None, start_timeout_s: float = 120):
+                 host: str = "127.0.0.2", env: dict[str, str] | None = None, start_timeout_s: float = 120,
+                 fast_failure_detection: bool = True):
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.num_nodes, self.num_cpus, self.object_store_bytes = num_nodes, num_cpus, object_store_bytes
         self.host, self.start_timeout_s = host, start_timeout_s
         # RAY_AUTH_MODE: explicit, else `ray start` turns token auth on whenever a ~/.ray/auth_token
         # exists (another local cluster may have written one) and drivers without it are refused
-        self.env = {**os.environ, **LOCAL_ENV, **FAST_FAILURE_DETECTION, **(env or {})}
+        self.env = {**os.environ, **LOCAL_ENV, **(FAST_FAILURE_DETECTION if fast_failure_detection else {}),
+                    **(env or {})}
         self.temp_dir: str | None = None
         self.address: str | None = None
         self.node_manager_ports: list[int] = []
