@@ -10,6 +10,11 @@ bound of a batch-1 step: the bytes of its weights over that rate.
 
     python bench/bench_threads.py [--threads 1 2] [--batches 1 8] [--tokens 64] [--repeats 5]
         [--dtypes float32 bfloat16] [--rules stream sums]
+    python bench/bench_threads.py --neighbour [--threads 2] [--tokens 64] [--repeats 3]
+
+--neighbour: how much a busy neighbour (another process spinning on one core) slows
+memgen's batch-1 decode against how much it slows HF `generate` (same model, float32,
+same thread count), each side timed alone and beside the spinner, alternated.
 
 Prints one JSON object (machine, load average before and after, every run).
 """
@@ -64,6 +69,62 @@ def decode_s_per_step(llm, batch: int, tokens: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def neighbour(args) -> dict:
+    """Seconds per token for memgen and HF generate at batch 1, with and without a busy
+    process beside them: alternated rounds, best of args.repeats each."""
+    import multiprocessing
+
+    from transformers import AutoModelForCausalLM
+
+    from memgen import LLM
+    from memgen.sources import resolve_model_dir
+
+    threads = args.threads[-1]
+    torch.set_num_threads(threads)
+    llm = LLM(dtype="float32", device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(None)), dtype=torch.float32).eval()
+    prompt = llm.tokenizer.encode("Tell me a story about a cat who learns to fly.")
+
+    def hf_s_per_token() -> float:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)   # prefill timed apart
+            t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+            total = time.perf_counter() - t
+        return total / args.tokens
+
+    sides = {"memgen": lambda: decode_s_per_step(llm, 1, args.tokens), "hf": hf_s_per_token}
+    times = {(side, busy): [] for side in sides for busy in (False, True)}
+    for r in range(args.repeats):
+        for busy in ((False, True) if r % 2 == 0 else (True, False)):
+            proc = None
+            if busy:
+                proc = multiprocessing.get_context("fork").Process(target=_spin, daemon=True)
+                proc.start()
+                time.sleep(0.2)
+            try:
+                for side, run in sides.items():
+                    times[(side, busy)].append(run() * 1e3)
+            finally:
+                if proc is not None:
+                    proc.kill()
+                    proc.join()
+    out = {"threads": threads, "tokens": args.tokens, "ms_per_token": {}, "slowdown": {}}
+    for side in sides:
+        alone, beside = min(times[(side, False)]), min(times[(side, True)])
+        out["ms_per_token"][side] = {"alone": round(alone, 2), "busy_neighbour": round(beside, 2),
+                                     "alone_all": [round(x, 2) for x in times[(side, False)]],
+                                     "busy_all": [round(x, 2) for x in times[(side, True)]]}
+        out["slowdown"][side] = round(beside / alone, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -74,7 +135,14 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
     ap.add_argument("--rules", nargs="+", default=["stream"])
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--neighbour", action="store_true")
     args = ap.parse_args()
+    if args.neighbour:
+        load0 = open("/proc/loadavg").read().split()[:3]
+        res = neighbour(args)
+        print(json.dumps({"load_before": load0, **res, "load_after": open("/proc/loadavg").read().split()[:3]},
+                         indent=1))
+        return
 
     from memgen import LLM
     from memgen.benchmark.floor import linear_floor_s

@@ -335,6 +335,9 @@ NB_MODULE(_native, m) {
           },
           nb::call_guard<nb::gil_scoped_release>(),
           "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
+    m.def("advise_huge_pages",
+          [](uintptr_t p, int64_t bytes) { return advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
+          "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of [p, p + bytes) (engine/cpu_gemm.h)");
     m.def("linear_isa_bf16", &linear_isa_bf16, "the instruction set bfloat16 weights run on (engine/cpu_gemm.h)");
     m.def("packed_size_bf16", &packed_size_bf16, "bfloat16 values the packed form of a [K, N] matrix takes");
     m.def("pack_rows_bf16",

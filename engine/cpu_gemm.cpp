@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -705,6 +706,20 @@ void parallel_chunks(void (*fn)(const void*, int64_t, int64_t), const void* args
                      int threads) {
     if (units <= 0) return;
     run_split(fn, args, units, std::max<int64_t>(1, per_chunk), threads);
+}
+
+bool advise_huge_pages(void* p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const uintptr_t start = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + uintptr_t(std::max<int64_t>(0, bytes))) & ~(kHuge - 1);
+    if (end <= start) return false;
+    return madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE) == 0;
+#else
+    (void)p;
+    (void)bytes;
+    return false;
+#endif
 }
 
 const char* linear_isa() { return chosen_body().name; }

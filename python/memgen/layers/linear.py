@@ -57,7 +57,16 @@ class Linear(nn.Module):
             return
         param.data[part].copy_(tensor)
 
-    def pack_for_cpu(self, keep_values: bool = True) -> bool:
+    def packed_numel(self) -> int | None:
+        """Elements of this layer's packed weight, None where it does not pack."""
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or native.packed_linear is None \
+                or (w.dtype == torch.bfloat16 and native.packed_linear_bf16 is None):
+            return None
+        size = native.packed_size if w.dtype == torch.float32 else native.packed_size_bf16
+        return size(self.in_features, self.out_features)
+
+    def pack_for_cpu(self, keep_values: bool = True, storage: torch.Tensor | None = None) -> bool:
         """On the CPU in float32 or bfloat16, hold W in the native kernel's 16-column
         panels (engine/cpu_gemm.h; bfloat16: pairs of k per column) instead of the plain
         layout, so that W is stored once. keep_values=False before loading (load_part then
@@ -65,20 +74,24 @@ class Linear(nn.Module):
         whether it is packed."""
         if self.packed:
             return True
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or native.packed_linear is None \
-                or (w.dtype == torch.bfloat16 and native.packed_linear_bf16 is None):
+        numel = self.packed_numel()
+        if numel is None:
             return False
+        w = self.weight
         k, n = self.in_features, self.out_features
+        if storage is not None:   # a slice of a model-wide buffer (pack_linears_for_cpu)
+            if storage.numel() != numel or storage.dtype != w.dtype:
+                raise ValueError(f"packed storage of {storage.numel()} {storage.dtype} for {numel} {w.dtype}")
+            packed = storage
+        else:
+            packed = native.huge_page_empty(numel, w.dtype)
         if w.dtype == torch.float32:
-            packed = torch.empty(native.packed_size(k, n), dtype=torch.float32)
             if keep_values:   # pack_weight also zeroes the last panel's padding columns
                 w_t = w.detach().t().contiguous()   # [in, out] row-major (already so: a free view)
                 native.pack_weight(w_t.data_ptr(), k, n, packed.data_ptr())
             elif n % 16:      # the padding columns must be zeros (they are multiplied, then dropped)
                 packed.view(-1, k, 16)[-1, :, n % 16:] = 0
         else:
-            packed = torch.empty(native.packed_size_bf16(k, n), dtype=torch.bfloat16)
             if n % 16:        # [panels, k pairs, 16 columns, 2]: padding columns zero
                 packed.view(-1, (k + 1) // 2, 16, 2)[-1, :, n % 16:] = 0
             if keep_values:   # pack_rows_bf16 writes each column's pad of an odd K
@@ -100,8 +113,21 @@ class Linear(nn.Module):
 
 
 def pack_linears_for_cpu(model: nn.Module, keep_values: bool = True) -> int:
-    """Pack every Linear of a CPU float32 / bfloat16 model for the native kernel; returns how many."""
-    return sum(m.pack_for_cpu(keep_values) for m in model.modules() if isinstance(m, Linear))
+    """Pack every Linear of a CPU float32 / bfloat16 model for the native kernel; returns
+    how many. The packed weights of one dtype share one buffer, in the order the forward
+    reads them, asked to lie on huge pages (native.huge_page_empty): a layer's small
+    matrices (1-3 MiB) would not fill a huge page of their own."""
+    todo = [m for m in model.modules() if isinstance(m, Linear) and not m.packed]
+    sizes = {m: m.packed_numel() for m in todo}
+    for dtype in {m.weight.dtype for m in todo if sizes[m] is not None}:
+        group = [m for m in todo if sizes[m] is not None and m.weight.dtype == dtype]
+        arena = native.huge_page_empty(sum(sizes[m] for m in group), dtype)
+        start = 0
+        for m in group:
+            # each weight starts on a 64-byte line: the sizes are multiples of 16 columns
+            m.pack_for_cpu(keep_values, storage=arena[start:start + sizes[m]])
+            start += sizes[m]
+    return sum(m.packed for m in model.modules() if isinstance(m, Linear))
 
 
 class SiluAndMul(nn.Module):
