@@ -370,3 +370,32 @@ def test_a_single_checkpoint_server_keeps_its_id_and_takes_live_loads(memgen_rea
     assert on_c["model"] == "c" and on_c["choices"][0]["token_ids"] == ref.token_ids
     assert update.status_code == 200 and update.json()["version"] == 1
     assert solo["model"] == "solo" and solo["choices"][0]["token_ids"] == ref.token_ids
+
+
+def test_too_many_versions_is_a_400_and_changes_nothing(memgen_reasoner_dir, memgen_ckpt_dir, ckpt_c):
+    """--max-memgen-versions bounds the live versions: one more load is a 400 naming the limit."""
+    from memgen.cli import build_parser
+    from memgen.serve.app import create_app
+    from memgen.serve.command import serve_llm_kwargs, served_models
+
+    args = build_parser().parse_args(["serve", "--memgen", f"a={memgen_ckpt_dir}", "--max-memgen-versions", "2"])
+    assert serve_llm_kwargs(args)["max_memgen_versions"] == 2
+    llm = LLM(model=memgen_reasoner_dir, memgen={"a": memgen_ckpt_dir}, dtype="float64", device="cpu",
+              max_memgen_versions=2)
+    app = create_app(llm, None, served=served_models(args, llm))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://memgen") as client:
+            ok = await client.post("/v1/load_memgen_checkpoint", json={"name": "c", "path": str(ckpt_c)})
+            over = await client.post("/v1/load_memgen_checkpoint", json={"name": "d", "path": str(ckpt_c)})
+            listed = (await client.get("/v1/models")).json()["data"]
+            return ok, over, listed
+
+    app.state.engine_loop.start()
+    try:
+        ok, over, listed = asyncio.run(main())
+    finally:
+        app.state.engine_loop.stop()
+    assert ok.status_code == 200
+    assert over.status_code == 400 and "max_memgen_versions=2" in _error(over)["message"]
+    assert [m["id"] for m in listed][1:] == ["a", "c"]
