@@ -17,6 +17,9 @@ Measured in one process, runs alternated, best of --repeats (wall and process CP
               on the old version (a new version; the old one finishes its request); from a
               directory (the server's route reads it off the engine thread first; timed here
               whole); `unload_memgen` + `load_memgen`. Target: update < 100 ms.
+  serve       `memgen serve --memgen c0=.. --memgen c1=..`: POST /v1/update_memgen_checkpoint
+              idle and while 8 requests decode on c1, and pause + update + resume while they
+              decode (a trainer's weight sync over HTTP); --no-serve skips it.
 
     python bench/bench_checkpoints.py [--requests 16] [--tokens 48] [--repeats 3] [--threads 1]
 
@@ -234,6 +237,92 @@ def updates(multi, ckpts, dirs, repeats: int) -> dict:
     return out
 
 
+def serve_sync(dirs: list[Path], threads: int, repeats: int) -> dict:
+    """Through `memgen serve --memgen c0=.. --memgen c1=..`: the update route's latency
+    (directory read off the engine thread + the update between steps), idle and while 8
+    streams decode, and a trainer's whole sync (pause, update, resume) while they decode."""
+    import socket
+    import threading
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "memgen.cli", "serve", "--memgen", f"c0={dirs[0]}", "--memgen", f"c1={dirs[1]}",
+           "--dtype", "float32", "--device", "cpu", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    ms = lambda s: round(s * 1000, 2)   # noqa: E731
+    out = {"loadavg_before": load()}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("memgen serve did not start")
+            time.sleep(0.2)
+        client = httpx.Client(base_url=base, timeout=120)
+
+        def post(path, body=None):
+            start = time.perf_counter()
+            r = client.post(path, json=body)
+            r.raise_for_status()
+            return time.perf_counter() - start
+
+        def update(i):
+            return post("/v1/update_memgen_checkpoint", {"name": "c1", "path": str(dirs[2] if i % 2 else dirs[1])})
+
+        idle = [update(i) for i in range(repeats)]
+        busy, sync, done = [], [], []
+
+        def streams():
+            body = {"model": "c1", "prompt": "Tell me a long story about a fox.", "max_tokens": 64,
+                    "temperature": 0, "ignore_eos": True}
+            def one():
+                try:
+                    done.append(httpx.post(f"{base}/v1/completions", json=body, timeout=300).status_code)
+                except httpx.HTTPError as e:
+                    done.append(f"{type(e).__name__}: {e}")
+
+            threads_ = [threading.Thread(target=one) for _ in range(8)]
+            for t in threads_:
+                t.start()
+            return threads_
+
+        for i in range(repeats):
+            running = streams()
+            time.sleep(1.0)
+            busy.append(update(i))
+            time.sleep(0.3)
+            start = time.perf_counter()
+            post("/v1/pause")
+            update(i + 1)
+            post("/v1/resume")
+            sync.append(time.perf_counter() - start)
+            for t in running:
+                t.join()
+        out.update({name: {"ms": [ms(x) for x in xs], "best_ms": ms(min(xs)), "median_ms": ms(statistics.median(xs))}
+                    for name, xs in (("route_update_idle", idle), ("route_update_busy", busy),
+                                     ("pause_update_resume_busy", sync))})
+        out["requests_ok"] = done.count(200) == len(done) == 8 * repeats
+        if not out["requests_ok"]:
+            out["request_statuses"] = sorted(map(str, done))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out["loadavg_after"] = load()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=16)
@@ -241,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--updates", type=int, default=10, help="timed update_memgen calls (idle)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-serve", action="store_true", help="skip the server's update / pause routes")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "checkpoints_cpu.json"))
     p.add_argument("--rss-child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -272,6 +362,10 @@ def main(argv=None) -> int:
         del single
         result["update"] = updates(multi, ckpts, dirs, args.updates)
         print("update:", json.dumps(result["update"]), flush=True)
+        del multi
+        if not args.no_serve:
+            result["serve"] = serve_sync(dirs, args.threads, max(3, args.repeats))
+            print("serve:", json.dumps(result["serve"]), flush=True)
     result["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
