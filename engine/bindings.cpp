@@ -335,6 +335,29 @@ NB_MODULE(_native, m) {
           },
           nb::call_guard<nb::gil_scoped_release>(),
           "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
+    m.def("decoder_layer_cpu",
+          [](uintptr_t x, uintptr_t residual, uintptr_t out, int64_t rows, int64_t hidden, int64_t inter,
+             int64_t q_size, int64_t kv_size, uintptr_t ln1, uintptr_t ln2, double eps, uintptr_t qkv_w,
+             uintptr_t qkv_b, uintptr_t o_w, uintptr_t o_b, uintptr_t gate_up_w, uintptr_t gate_up_b,
+             uintptr_t down_w, uintptr_t down_b, uintptr_t slot_mapping, uintptr_t k_cache, uintptr_t v_cache,
+             uintptr_t cu_seqlens_q, uintptr_t context_lens, uintptr_t block_tables, int64_t num_chunks,
+             int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+             int64_t num_blocks, double scale, int dtype, int num_threads, uintptr_t rope_cos, uintptr_t rope_sin) {
+              auto P = [](uintptr_t v) { return reinterpret_cast<const void*>(v); };
+              PagedAttentionArgs at{nullptr, nullptr, reinterpret_cast<const int64_t*>(slot_mapping), rows,
+                                    nullptr, P(k_cache), P(v_cache), nullptr,
+                                    reinterpret_cast<const int64_t*>(cu_seqlens_q),
+                                    reinterpret_cast<const int64_t*>(context_lens),
+                                    reinterpret_cast<const int64_t*>(block_tables), num_chunks, max_blocks,
+                                    num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
+                                    static_cast<AttnDtype>(dtype), num_threads, 0, 0, P(rope_cos), P(rope_sin)};
+              DecoderLayerArgs a{P(x), reinterpret_cast<void*>(residual), reinterpret_cast<void*>(out), rows,
+                                 hidden, inter, q_size, kv_size, P(ln1), P(ln2), eps, P(qkv_w), P(qkv_b), P(o_w),
+                                 P(o_b), P(gate_up_w), P(gate_up_b), P(down_w), P(down_b), at};
+              decoder_layer_cpu(a);
+          },
+          nb::call_guard<nb::gil_scoped_release>(),
+          "one whole decoder layer on the CPU in one call (engine/cpu_ops.h decoder_layer_cpu)");
     m.def("advise_huge_pages",
           [](uintptr_t p, int64_t bytes) { return advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
           "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of [p, p + bytes) (engine/cpu_gemm.h)");

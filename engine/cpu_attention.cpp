@@ -58,6 +58,8 @@ inline __attribute__((always_inline)) void dot4(const float* q, const float* k0,
     for (int i = 0; i < 4; ++i) out[i] = all[i] + all[i + 4];
 }
 
+constexpr int64_t kMaxRopeDim = 1024;   // head sizes the fused rotary takes
+
 // HF's rotary embedding of one head: out = x*cos + rotate_half(x)*sin (within an ulp of
 // torch's ops, which round each product: here the compiler may fuse one into an FMA).
 inline void rotate(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
@@ -119,9 +121,15 @@ inline __attribute__((always_inline)) bool attend(const PagedAttentionArgs& a, i
     for (int64_t p = 0; p < pairs; ++p) {
         const int64_t row = row0 + p / H;
         const T* q = static_cast<const T*>(a.q) + row * q_stride + (p % H) * D;
-        if constexpr (std::is_same_v<T, float>) {
-            if (a.rope_cos != nullptr) {
-                rotate(q, static_cast<const float*>(a.rope_cos) + row * D,
+        if constexpr (std::is_same_v<Acc, float>) {
+            if (a.rope_cos != nullptr) {   // bfloat16 rotated in float (the rotated q is not rounded)
+                const float* qf = reinterpret_cast<const float*>(q);
+                float q_float[kMaxRopeDim];
+                if constexpr (!std::is_same_v<T, float>) {
+                    for (int64_t d = 0; d < D; ++d) q_float[d] = to_acc(q[d], Acc());
+                    qf = q_float;
+                }
+                rotate(qf, static_cast<const float*>(a.rope_cos) + row * D,
                        static_cast<const float*>(a.rope_sin) + row * D, D, qs + p * D);
                 for (int64_t d = 0; d < D; ++d) qs[p * D + d] *= scale;
                 continue;
@@ -324,12 +332,23 @@ void store_kv(const PagedAttentionArgs& a) {
         if (slot < 0) continue;
         if (slot >= num_slots) throw std::out_of_range("paged_attention_cpu: a slot is outside the KV cache");
         const char* k = static_cast<const char*>(a.k) + r * stride * elem;
-        if (a.rope_cos != nullptr) {   // float32 (checked by the caller)
+        if (a.rope_cos != nullptr) {   // float32 or bfloat16 (checked by the caller); cos/sin float32
             const float* cos = static_cast<const float*>(a.rope_cos) + r * a.head_dim;
             const float* sin = static_cast<const float*>(a.rope_sin) + r * a.head_dim;
-            for (int64_t h = 0; h < a.num_kv_heads; ++h)
-                rotate(reinterpret_cast<const float*>(k) + h * a.head_dim, cos, sin, a.head_dim,
-                       reinterpret_cast<float*>(k_cache + slot * row * elem) + h * a.head_dim);
+            for (int64_t h = 0; h < a.num_kv_heads; ++h) {
+                if (a.dtype == AttnDtype::kFloat32) {
+                    rotate(reinterpret_cast<const float*>(k) + h * a.head_dim, cos, sin, a.head_dim,
+                           reinterpret_cast<float*>(k_cache + slot * row * elem) + h * a.head_dim);
+                    continue;
+                }
+                // bfloat16: rotated in float, rounded once into the cache
+                float in[kMaxRopeDim], out[kMaxRopeDim];
+                const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + h * a.head_dim;
+                for (int64_t d = 0; d < a.head_dim; ++d) in[d] = bf16_to_float(kh[d]);
+                rotate(in, cos, sin, a.head_dim, out);
+                uint16_t* dst = reinterpret_cast<uint16_t*>(k_cache + slot * row * elem) + h * a.head_dim;
+                for (int64_t d = 0; d < a.head_dim; ++d) dst[d] = float_to_bf16(out[d]);
+            }
         } else {
             std::memcpy(k_cache + slot * row * elem, k, row * elem);
         }
@@ -344,8 +363,10 @@ void paged_attention_cpu(const PagedAttentionArgs& a) {
         a.num_heads % a.num_kv_heads != 0)
         throw std::invalid_argument("paged_attention_cpu: bad sizes (heads must be a multiple of KV heads)");
     if ((a.rope_cos != nullptr) != (a.rope_sin != nullptr) ||
-        (a.rope_cos != nullptr && (a.dtype != AttnDtype::kFloat32 || a.head_dim % 2 != 0)))
-        throw std::invalid_argument("paged_attention_cpu: rotary takes cos and sin, float32, an even head size");
+        (a.rope_cos != nullptr && (a.dtype == AttnDtype::kFloat64 || a.head_dim % 2 != 0 ||
+                                   a.head_dim > kMaxRopeDim)))
+        throw std::invalid_argument("paged_attention_cpu: rotary takes cos and sin (float32), float32 or "
+                                    "bfloat16 rows, an even head size up to 1024");
     std::vector<Tile> tiles;
     int64_t max_context = 0, work = 0;
     for (int64_t b = 0; b < a.num_chunks; ++b) {

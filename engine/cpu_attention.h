@@ -46,9 +46,10 @@ struct PagedAttentionArgs {
     // row: views of a packed QKV projection need no copy. 0: contiguous rows.
     int64_t q_row_stride = 0;
     int64_t kv_row_stride = 0;
-    // Rotary embedding applied to q and k here (float32 only): per row, cos and sin
-    // [num_rows, head_dim] contiguous, as HF's rotate_half form (x*cos + rot(x)*sin).
-    // null: q and k arrive rotated.
+    // Rotary embedding applied to q and k here (float32 or bfloat16 rows; cos and sin
+    // float32, per row [num_rows, head_dim] contiguous), HF's rotate_half form
+    // (x*cos + rot(x)*sin), in float: a bfloat16 k is rounded once as it is stored, a
+    // bfloat16 q not at all. null: q and k arrive rotated.
     const void* rope_cos = nullptr;
     const void* rope_sin = nullptr;
 };

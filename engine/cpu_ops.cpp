@@ -1,10 +1,12 @@
 // See cpu_ops.h.
 #include "cpu_ops.h"
+#include "cpu_gemm.h"
 #include "cpu_math.h"
 
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 namespace memgen {
 namespace {
@@ -108,6 +110,50 @@ void silu_and_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_t widt
             break;
         default: throw std::invalid_argument("silu_and_mul_cpu: float32 or bfloat16 only");
     }
+}
+
+namespace {
+
+void linear_any(const void* x, int64_t M, int64_t K, const void* w, int64_t N, const void* b, void* y, AttnDtype dt,
+                int threads) {
+    if (dt == AttnDtype::kFloat32)
+        packed_linear(static_cast<const float*>(x), M, K, static_cast<const float*>(w), N,
+                      static_cast<const float*>(b), static_cast<float*>(y), threads);
+    else
+        packed_linear_bf16(static_cast<const uint16_t*>(x), M, K, static_cast<const uint16_t*>(w), N,
+                           static_cast<const uint16_t*>(b), static_cast<uint16_t*>(y), threads);
+}
+
+}  // namespace
+
+void decoder_layer_cpu(const DecoderLayerArgs& a) {
+    const AttnDtype dt = a.attn.dtype;
+    if (dt != AttnDtype::kFloat32 && dt != AttnDtype::kBFloat16)
+        throw std::invalid_argument("decoder_layer_cpu: float32 or bfloat16 only");
+    if (a.rows < 0 || a.hidden < 1 || a.inter < 1 || a.q_size != a.attn.num_heads * a.attn.head_dim ||
+        a.kv_size != a.attn.num_kv_heads * a.attn.head_dim)
+        throw std::invalid_argument("decoder_layer_cpu: bad sizes");
+    const int64_t N = a.rows, H = a.hidden, I = a.inter, Q = a.q_size, KV = a.kv_size, W = Q + 2 * KV;
+    const int64_t elem = dt == AttnDtype::kFloat32 ? 4 : 2;
+    const int threads = a.attn.num_threads;
+    std::vector<char> normed(N * H * elem), qkv(N * W * elem), attn(N * Q * elem), o(N * H * elem),
+        gu(N * 2 * I * elem), act(N * I * elem);
+    void* residual = a.residual != nullptr ? a.residual : const_cast<void*>(a.x);
+    rms_norm_cpu(a.x, a.residual, a.ln1, normed.data(), N, H, a.eps, dt);
+    linear_any(normed.data(), N, H, a.qkv_w, W, a.qkv_b, qkv.data(), dt, threads);
+    PagedAttentionArgs p = a.attn;
+    p.q = qkv.data();
+    p.k = qkv.data() + Q * elem;
+    p.v = qkv.data() + (Q + KV) * elem;
+    p.num_store_rows = N;
+    p.out = attn.data();
+    p.q_row_stride = p.kv_row_stride = W;
+    paged_attention_cpu(p);
+    linear_any(attn.data(), N, Q, a.o_w, H, a.o_b, o.data(), dt, threads);
+    rms_norm_cpu(o.data(), residual, a.ln2, normed.data(), N, H, a.eps, dt);
+    linear_any(normed.data(), N, H, a.gate_up_w, 2 * I, a.gate_up_b, gu.data(), dt, threads);
+    silu_and_mul_cpu(gu.data(), act.data(), N, I, dt);
+    linear_any(act.data(), N, I, a.down_w, H, a.down_b, a.out, dt, threads);
 }
 
 }  // namespace memgen

@@ -21,4 +21,24 @@ void rms_norm_cpu(const void* x, void* residual, const void* weight, void* out, 
 // [rows, 2 * width], out [rows, width], both contiguous.
 void silu_and_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_t width, AttnDtype dtype);
 
+// One whole decoder layer (Llama / Qwen2 shape: no q/k norm, no LoRA) in one call, float32
+// or bfloat16, on weights packed for cpu_gemm.h's linears: input norm (with the residual
+// add), QKV, paged attention (K/V stored, rotary applied in it, or none: a NoPE layer),
+// o_proj, post-attention norm (residual add), gate-up, SiLU-and-mul, down. The same
+// kernels, in the same order, as the layer's ops called one by one from Python: bit for
+// bit their result, without a Python round trip, a tensor and a dispatch per op (a decode
+// step of a 30-layer model made ~300 such calls).
+struct DecoderLayerArgs {
+    const void* x;        // [rows, hidden]: the layer's input
+    void* residual;       // [rows, hidden]: the residual stream, added to in place; null at layer 0
+                          // (x is the residual then, and is added to in place)
+    void* out;            // [rows, hidden]: the layer's output
+    int64_t rows, hidden, inter, q_size, kv_size;
+    const void *ln1, *ln2;   // the norms' weights [hidden]
+    double eps;
+    const void *qkv_w, *qkv_b, *o_w, *o_b, *gate_up_w, *gate_up_b, *down_w, *down_b;   // packed; biases or null
+    PagedAttentionArgs attn;   // caches, chunks, heads, scale, rotary, dtype, threads (k, v, q, out set here)
+};
+void decoder_layer_cpu(const DecoderLayerArgs& a);
+
 }  // namespace memgen

@@ -474,3 +474,31 @@ def test_tied_logits_native_matches_torch():
         got64 = LayerOps.tied_logits(h.double(), emb.double())   # float64: torch's ops as before
         want64 = (emb.double() @ h.double().t()).t() if rows >= 8 else h.double() @ emb.double().t()
         assert torch.equal(got64, want64)
+
+
+# ---- a whole decoder layer in one native call (cpu_ops.h decoder_layer_cpu) -------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_layer_call_equals_the_ops_one_by_one(dtype, tiny_model_dir, monkeypatch):
+    """The same kernels in the same order: tokens and logprobs bit for bit those of the
+    layer's ops called one by one (qwen2 with QKV biases, llama; qwen3's q/k norm runs op
+    by op either way), prefill chunks and decode steps, several sequences."""
+    from memgen import LLM, SamplingParams
+    from memgen.layers.backend import TorchBackend
+
+    if native.decoder_layer_cpu is None:
+        pytest.skip("a build without the whole-layer call")
+    params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=5, ignore_eos=True)
+    llm = LLM(str(tiny_model_dir), dtype=dtype)
+    calls = []
+    real = native.decoder_layer_cpu
+    monkeypatch.setattr(native, "decoder_layer_cpu", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(TorchBackend, "fused_layers", fused)
+        outs = llm.generate(["Hello world, this", "The quick brown fox jumps over", [5, 6, 7]], params, use_tqdm=False)
+        runs[fused] = [(o.token_ids, o.logprobs) for o in outs]
+        if fused:
+            fused_calls, calls[:] = len(calls), []
+    assert runs[True] == runs[False]
+    arch = llm.engine.model_runner.model.config.model_type
+    assert (fused_calls > 0) == (arch != "qwen3") and not calls

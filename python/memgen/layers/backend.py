@@ -79,6 +79,11 @@ class LayerOps:
             0 if layer.bias is None else layer.bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
+    def decoder_layer(self, layer, x, residual, rope):
+        """A whole decoder layer in one native call where the backend has one (TorchBackend
+        on the CPU), else None: the layer then runs op by op."""
+        return None
+
     @staticmethod
     def tied_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden @ weight^T for a tied LM head (weight: the embedding, [V, H] row-major):
@@ -173,14 +178,62 @@ class TorchBackend(LayerOps):
 
     def fuses_rope(self, x: torch.Tensor) -> bool:
         """Whether attend_rotating applies the rotary embedding inside the native call
-        (float32 on the CPU): q and k then arrive unrotated, as views of the packed QKV."""
-        return self._native is not None and x.device.type == "cpu" and x.dtype == torch.float32
+        (float32 and bfloat16 on the CPU, rotated in float): q and k then arrive unrotated,
+        as views of the packed QKV."""
+        return self._native is not None and x.device.type == "cpu" and x.dtype in native.FUSED_DTYPE_CODES
+
+    # a CPU forward runs each plain decoder layer as one native call (decoder_layer); False:
+    # op by op (the tests compare the two, bit for bit)
+    fused_layers = True
+
+    def decoder_layer(self, layer, x, residual, rope):
+        """A whole models.decoder.DecoderLayer in one native call
+        (engine/cpu_ops.h decoder_layer_cpu: the same kernels in the same order as its ops
+        one by one, so the same bits): float32 / bfloat16 on the CPU, packed linears with
+        no LoRA hook, no q/k norm, the native attention. Returns (out, residual), or None
+        where it does not apply. rope: (cos, sin) float32 [N, D], or None for a NoPE layer."""
+        if not self.fused_layers or native.decoder_layer_cpu is None or torch.is_grad_enabled() \
+                or x.dtype not in native.FUSED_DTYPE_CODES or x.dim() != 2 or not x.is_contiguous() \
+                or (residual is not None and not residual.is_contiguous()):
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, o, gu, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+        if not (qkv.packed and o.packed and gu.packed and down.packed) or attn.q_norm is not None \
+                or qkv.lora is not None or o.lora is not None or gu.lora is not None or down.lora is not None \
+                or qkv.weight.dtype != x.dtype or (attn.use_rope and rope is None):
+            return None
+        ctx = get_context_or_none()
+        meta = None if ctx is None else ctx.attn_metadata
+        if not isinstance(meta, SDPAMetadata) or meta.native is None or attn.attn.backend is not self:
+            return None
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        if ln1.weight.dtype != x.dtype or ln2.weight.dtype != x.dtype:
+            return None
+        slots, cu_seqlens_q, context_lens, tables = meta.native
+        a = attn.attn
+        num_blocks, block_size, num_kv_heads, head_dim = a.k_cache.shape
+        cos, sin = rope if attn.use_rope else (None, None)
+        out = torch.empty_like(x)
+
+        def ptr(t):
+            return 0 if t is None else t.data_ptr()
+
+        native.decoder_layer_cpu(
+            x.data_ptr(), ptr(residual), out.data_ptr(), x.shape[0], x.shape[1], down.in_features,
+            attn.split_sizes[0], attn.split_sizes[1], ln1.weight.data_ptr(), ln2.weight.data_ptr(), ln1.eps,
+            qkv.weight.data_ptr(), ptr(qkv.bias), o.weight.data_ptr(), ptr(o.bias), gu.weight.data_ptr(),
+            ptr(gu.bias), down.weight.data_ptr(), ptr(down.bias), slots.data_ptr(), a.k_cache.data_ptr(),
+            a.v_cache.data_ptr(), cu_seqlens_q.data_ptr(), context_lens.data_ptr(), tables.data_ptr(),
+            ctx.num_chunks, tables.shape[1], a.num_heads, num_kv_heads, head_dim, block_size, num_blocks,
+            float(a.scale), native.DTYPE_CODES[x.dtype], torch.get_num_threads(), ptr(cos), ptr(sin))
+        return out, (x if residual is None else residual)
 
     def attend_rotating(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, cos: torch.Tensor,
                         sin: torch.Tensor) -> torch.Tensor:
         """forward() for unrotated q and k: the native kernel rotates them (HF's
         rotate_half form) as it reads q and stores k. Only where fuses_rope(q)."""
-        return self._attend_native(q, k, v, k_cache, v_cache, ctx, scale, (cos.contiguous(), sin.contiguous()))
+        return self._attend_native(q, k, v, k_cache, v_cache, ctx, scale,
+                                   (cos.float().contiguous(), sin.float().contiguous()))
 
     def _attend_native(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float,
                        rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -250,6 +303,10 @@ class TritonBackend(LayerOps):
 
 
 _DEFAULT_OPS = LayerOps()
+
+
+def get_context_or_none() -> ForwardContext | None:
+    return context._CONTEXT
 
 
 def layer_ops() -> LayerOps:
