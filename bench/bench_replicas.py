@@ -235,7 +235,7 @@ def part_node(args, tmp: Path) -> dict:
 
     import fixtures
     from memgen import SamplingParams
-    from memgen.eval.ray_cluster import LOCAL_ENV, LocalCluster
+    from memgen.eval.ray_cluster import LOCAL_ENV, LocalCluster, connect
     from memgen.eval.ray_runner import run_eval_ray
     from memgen.eval.records import iter_results
     from memgen.eval.runner import EvalConfig
@@ -252,7 +252,7 @@ def part_node(args, tmp: Path) -> dict:
     out["failure_detection"] = "ray defaults" if args.ray_defaults else "health checks 1 s apart, dead after 3 missed"
     with LocalCluster(num_nodes=2, num_cpus=1, fast_failure_detection=not args.ray_defaults) as cluster:
         out["cluster_start_s"] = round(time.monotonic() - t, 1)
-        ray.init(address=cluster.address, log_to_driver=False)
+        connect(cluster.address)
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         second = cluster.node_id(1)
         factory = functools.partial(_SlowLLM, args.batch_delay, model=model, dtype="float32", device="cpu")

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.distributed
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from memgen.eval.ray_cluster import LOCAL_ENV, LocalCluster  # noqa: E402
+from memgen.eval.ray_cluster import LOCAL_ENV, LocalCluster, connect  # noqa: E402
 from memgen.eval.records import iter_results  # noqa: E402
 from memgen.eval.runner import EvalConfig, evaluate  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_cli_spreads_workers_over_both_nodes(cluster, single_process, qwen2_dir,
 
 def _connect(cluster):
     if not ray.is_initialized():
-        ray.init(address=cluster.address, log_to_driver=False)
+        connect(cluster.address)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from inside ray.data

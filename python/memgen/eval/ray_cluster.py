@@ -31,8 +31,33 @@ from pathlib import Path
 FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                           "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
 
-# for the cluster's processes and its drivers: no usage stats, no token auth (loopback only)
-LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# for the cluster's processes and its drivers: no usage stats; token auth on, with the user's
+# default token (~/.ray/auth_token, written if missing as any local ray.init() does): a process
+# that has run a local ray.init() is in token mode for good and cannot talk to a cluster without it
+LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
+def ensure_auth_token() -> None:
+    """Ray's default token file, made by Ray's own `ray get-auth-token --generate` when
+    there is none (and no RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH names one)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").exists():
+        return
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+    generate_and_save_token()
+
+
+def connect(address: str) -> None:
+    """ray.init(address) from this process, in the cluster's auth mode (refreshing Ray's
+    cached config, as Ray does when it turns token auth on)."""
+    import ray
+    from ray._raylet import Config
+
+    os.environ.update(LOCAL_ENV)
+    Config.initialize("")
+    ray.init(address=address, log_to_driver=False)
 
 
 def _free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -87,8 +112,8 @@ class LocalCluster:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.num_nodes, self.num_cpus, self.object_store_bytes = num_nodes, num_cpus, object_store_bytes
         self.host, self.start_timeout_s = host, start_timeout_s
-        # RAY_AUTH_MODE: explicit, else `ray start` turns token auth on whenever a ~/.ray/auth_token
-        # exists (another local cluster may have written one) and drivers without it are refused
+        # RAY_AUTH_MODE explicit for every node: `ray start --head` turns token auth on by itself
+        # when a ~/.ray/auth_token exists, a worker node's `ray start` does not, and is refused
         self.env = {**os.environ, **LOCAL_ENV, **(FAST_FAILURE_DETECTION if fast_failure_detection else {}),
                     **(env or {})}
         self.temp_dir: str | None = None
@@ -125,6 +150,7 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         # short: Ray's unix socket paths (under the temp dir) must fit in 107 bytes
+        ensure_auth_token()
         self.temp_dir = tempfile.mkdtemp(prefix="mgray-", dir="/tmp")
         try:
             gcs, dashboard = _free_ports(2)
