@@ -399,3 +399,30 @@ def test_too_many_versions_is_a_400_and_changes_nothing(memgen_reasoner_dir, mem
     assert ok.status_code == 200
     assert over.status_code == 400 and "max_memgen_versions=2" in _error(over)["message"]
     assert [m["id"] for m in listed][1:] == ["a", "c"]
+
+
+def test_sigterm_while_paused_resumes_and_drains(memgen_reasoner_dir, memgen_ckpt_dir, tmp_path):
+    """A paused server that gets SIGTERM resumes, so the requests in flight finish (200),
+    and exits 0."""
+    import signal
+    import threading
+
+    from serve_process import memgen_serve
+
+    args = ["--model", str(memgen_reasoner_dir), "--memgen", f"a={memgen_ckpt_dir}", "--dtype", "float64",
+            "--device", "cpu", "--log-level", "warning", "--shutdown-timeout", "60"]
+    with memgen_serve(args, tmp_path / "server.log") as (base, proc):
+        assert httpx.post(f"{base}/v1/pause").json() == {"paused": True}
+        got = []
+        thread = threading.Thread(target=lambda: got.append(httpx.post(
+            f"{base}/v1/completions", json={"model": "a", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+            timeout=120)))
+        thread.start()
+        deadline = time.monotonic() + WAIT_S
+        while 'memgen_requests_waiting 1.0' not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(WAIT_S)
+        assert got and got[0].status_code == 200 and got[0].json()["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(WAIT_S) == 0

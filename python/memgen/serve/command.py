@@ -162,6 +162,9 @@ def _draining_server(base):
 
         def _drain(self):
             drain, log = self.app.state.drain, logging.getLogger("memgen.serve")
+            if self.app.state.engine_loop.paused:   # (POST /v1/pause) the requests in flight must finish
+                log.info("SIGTERM: resuming the paused engine to drain")
+                self.app.state.engine_loop.unpause()
             log.info("SIGTERM: draining %d request(s) in flight (up to %g s)", drain.in_flight, self.grace)
             deadline = time.monotonic() + self.grace
             while drain.in_flight and time.monotonic() < deadline:

@@ -106,7 +106,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.error: str | None = None   # set if the loop itself died (the server is then unhealthy)
         self._commands: list[tuple] = []
-        self.paused = False             # set on this thread only (a command)
+        self.paused = False             # set by commands on this thread (and by unpause, under the lock)
         self._rid_checkpoint: dict[int, str] = {}   # engine request id -> its MemGen checkpoint's name
         # the loaded MemGen checkpoints, name -> version: replaced (never changed) by this thread after
         # every change, read by the HTTP side
@@ -169,6 +169,13 @@ class EngineLoop:
             self._commands.append((fn, future, loop))
             self._cv.notify()
         return future
+
+    def unpause(self) -> None:
+        """Resume at once, from any thread (a SIGTERM drain: requests in flight must finish)."""
+        with self._cv:
+            self.paused = False
+            self.metrics.paused.set(0)
+            self._cv.notify()
 
     # ---- the engine thread -------------------------------------------------------------
     def _run(self) -> None:
