@@ -4,7 +4,6 @@ enters the engine; bad input raises ValueError / TypeError saying what would
 be right."""
 from __future__ import annotations
 
-import logging
 import numbers
 import os
 import time
@@ -16,8 +15,7 @@ from memgen.config import EngineConfig, resolve_device, resolve_dtype
 from memgen.engine.extra_streams import resolve_stream_models
 from memgen.engine.llm_engine import LLMEngine
 from memgen.latent_policy import has_room
-from memgen.memgen_setup import DEFAULT_MAX_VERSIONS, MemGenCheckpoints, MemGenSource, check_memgen_fits, \
-    checkpoint_name
+from memgen.memgen_setup import DEFAULT_MAX_VERSIONS, MemGenCheckpoints, MemGenLoader
 from memgen.outputs import OutputBuilder, RequestOutput
 from memgen.sampling_params import SamplingParams
 
@@ -72,7 +70,15 @@ class LLM:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}; use at most {max_positions}")
         self.config = config
-        sources = None if memgen is None else self._memgen_sources(memgen, weaver_model, trigger_model)
+        # MemGen checkpoints are read and checked against the bases by its loader (memgen_setup.py)
+        self._memgen_loader = MemGenLoader(self.model_dir, self.hf_config, self.dtype, self.reference_compat,
+                                           weaver_model, trigger_model)
+        sources = None if memgen is None else self._memgen_loader.sources(memgen)
+        if sources is not None:
+            if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
+            self.tokenizer.chat_template = MEMGEN_CHAT_TEMPLATE   # MemGen's ChatML variant
         # models a StreamSpec(model=name) runs on, checked before anything loads
         models = None if stream_models is None else resolve_stream_models(
             stream_models, self.model_dir, self.hf_config, config.max_model_len)
@@ -90,68 +96,6 @@ class LLM:
         # one builder for every call: a generate() while a stream() is suspended steps both
         self._builder = OutputBuilder(self.tokenizer)
 
-    def _memgen_sources(self, memgen, weaver_model, trigger_model) -> dict[str, MemGenSource]:
-        """LLM(memgen=...): one checkpoint (named after its directory) or {name: checkpoint}."""
-        from memgen.memory.chat_template import MEMGEN_CHAT_TEMPLATE
-
-        if isinstance(memgen, dict):
-            if not memgen:
-                raise ValueError("memgen={} names no checkpoint: give {name: directory, ...}")
-            for name in memgen:
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"memgen={{name: checkpoint}}: a name must be a non-empty str, got {name!r}")
-            named = dict(memgen)
-        else:
-            named = {checkpoint_name(memgen) if isinstance(memgen, (str, os.PathLike)) else "memgen": memgen}
-        self._weaver_model, self._trigger_model = weaver_model, trigger_model   # for live loads too
-        sources = {name: self._memgen_source(ckpt, weaver_model, trigger_model, name)
-                   for name, ckpt in named.items()}
-        if self.tokenizer.pad_token is None:  # the reference's fallback (spec §1.1)
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.chat_template = MEMGEN_CHAT_TEMPLATE   # MemGen's ChatML variant
-        return sources
-
-    def _memgen_source(self, memgen, weaver_model, trigger_model, name: str) -> MemGenSource:
-        """A checkpoint directory (either layout) or a MemGenCheckpoint, checked against the
-        bases; bases default to the ones the checkpoint records, else the reasoner."""
-        from memgen.checkpoint import MemGenCheckpoint, drop_lora, load_checkpoint
-        from memgen.model_config import load_model_config
-        from memgen.sources import resolve_model_dir, same_model
-
-        if isinstance(memgen, MemGenCheckpoint):
-            ckpt = drop_lora(memgen) if self.reference_compat else memgen
-        elif isinstance(memgen, (str, os.PathLike)):
-            ckpt = load_checkpoint(memgen, reference_compat=self.reference_compat)
-        else:
-            raise TypeError(f"MemGen checkpoint {name!r} must be a checkpoint directory or a MemGenCheckpoint, "
-                            f"got {type(memgen).__name__}")
-        dirs = {}
-        for role, given, recorded in (("weaver", weaver_model, ckpt.weaver_base),
-                                      ("trigger", trigger_model, ckpt.trigger_base)):
-            path = given if given is not None else recorded
-            if path is not None and not same_model(resolve_model_dir(path), self.model_dir):
-                dirs[role] = Path(resolve_model_dir(path))
-            else:
-                dirs[role] = None   # shares the reasoner's weights (the same directory, or a copy)
-        configs = {role: load_model_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
-        if not ckpt.settings.trigger_active:
-            # it never runs and none is loaded: an unnamed base whose head is not the reasoner's
-            # width (e.g. smollm_*.sh's Qwen2.5 trigger) is left unchecked, not assumed the reasoner's
-            head = ckpt.trigger_head["weight"]
-            if trigger_model is None and ckpt.trigger_base is None and head.shape[-1] != self.hf_config.hidden_size:
-                configs["trigger"] = None
-            from memgen.models.footprint import inactive_trigger_note
-            logging.getLogger(__name__).warning(inactive_trigger_note(configs["trigger"], dirs["trigger"], self.dtype))
-        try:
-            check_memgen_fits(ckpt, self.hf_config, configs["weaver"], configs["trigger"])
-        except ValueError as err:
-            raise ValueError(f"MemGen checkpoint {name!r}: {err}") from err
-        shared = "the reasoner's model (one forward)"
-        logging.getLogger(__name__).info("MemGen layout of %r: %s", name, "; ".join(
-            f"{role} on {shared if d is None else d}"
-            for role, d in dirs.items() if role == "weaver" or ckpt.settings.trigger_active))
-        return MemGenSource(ckpt, dirs["weaver"], dirs["trigger"], configs["weaver"], configs["trigger"])
-
     # ---- several checkpoints, changed live (between steps, on the engine's thread) ------------
     def _memgen_or_raise(self) -> MemGenCheckpoints:
         if self.memgen is None:
@@ -164,7 +108,7 @@ class LLM:
         `name`, without a restart; returns its version. Its weaver/trigger must run on a model
         this LLM holds. Nothing changes when it fails (a corrupt directory, another base)."""
         memgen = self._memgen_or_raise()
-        source = self._memgen_source(checkpoint, self._weaver_model, self._trigger_model, name)
+        source = self._memgen_loader.source(checkpoint, name)
         return memgen.load(name, source, self.engine.runtime.templates_in_use())
 
     def update_memgen(self, name: str, checkpoint) -> int:
@@ -172,7 +116,7 @@ class LLM:
         version. Requests already running on the old version finish on it; new ones take the new."""
         memgen = self._memgen_or_raise()
         memgen.get(name)
-        source = self._memgen_source(checkpoint, self._weaver_model, self._trigger_model, name)
+        source = self._memgen_loader.source(checkpoint, name)
         return memgen.update(name, source, self.engine.runtime.templates_in_use())
 
     def unload_memgen(self, name: str) -> None:

@@ -20,6 +20,7 @@ version. At most `max_versions` versions are live at once (current + retiring).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,12 @@ from memgen.memory.controller import TRIGGER, WEAVER, MemGenPolicy
 from memgen.memory.delimiters import build_delimiter_table
 from memgen.memory.parts import MemGenParts
 
-__all__ = ["BASE_POOL", "SCRATCH_SLACK_BLOCKS", "DEFAULT_MAX_VERSIONS", "MemGenCheckpoints", "MemGenSource",
+__all__ = ["BASE_POOL", "SCRATCH_SLACK_BLOCKS", "DEFAULT_MAX_VERSIONS", "MemGenCheckpoints", "MemGenLoader",
+           "MemGenSource",
            "Pool", "check_memgen_fits", "checkpoint_name"]
 
 DEFAULT_MAX_VERSIONS = 8
+_log = logging.getLogger("memgen.llm")   # the load log LLM users follow
 
 
 def checkpoint_name(memgen: str | os.PathLike) -> str:
@@ -68,6 +71,74 @@ class MemGenSource:
 
     def streams_in_base(self) -> int:
         return 1 + sum(self.role_dir(role) is None for role in self.roles())
+
+
+@dataclass
+class MemGenLoader:
+    """Reads MemGen checkpoints for one LLM and checks them against its bases: at start
+    (`sources`) and for live loads and updates (`source`). A role's base is the one given
+    to the LLM (weaver_model / trigger_model), else the one the checkpoint records, else
+    the reasoner's."""
+    model_dir: Path
+    hf_config: object
+    dtype: torch.dtype
+    reference_compat: bool = False
+    weaver_model: str | os.PathLike | None = None
+    trigger_model: str | os.PathLike | None = None
+
+    def sources(self, memgen) -> dict[str, MemGenSource]:
+        """LLM(memgen=...): one checkpoint (named after its directory) or {name: checkpoint}."""
+        if isinstance(memgen, dict):
+            if not memgen:
+                raise ValueError("memgen={} names no checkpoint: give {name: directory, ...}")
+            for name in memgen:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"memgen={{name: checkpoint}}: a name must be a non-empty str, got {name!r}")
+            named = dict(memgen)
+        else:
+            named = {checkpoint_name(memgen) if isinstance(memgen, (str, os.PathLike)) else "memgen": memgen}
+        return {name: self.source(ckpt, name) for name, ckpt in named.items()}
+
+    def source(self, memgen, name: str) -> MemGenSource:
+        """A checkpoint directory (either layout) or a MemGenCheckpoint, checked against the bases."""
+        from memgen.checkpoint import drop_lora, load_checkpoint
+        from memgen.model_config import load_model_config
+        from memgen.sources import resolve_model_dir, same_model
+
+        if isinstance(memgen, MemGenCheckpoint):
+            ckpt = drop_lora(memgen) if self.reference_compat else memgen
+        elif isinstance(memgen, (str, os.PathLike)):
+            ckpt = load_checkpoint(memgen, reference_compat=self.reference_compat)
+        else:
+            raise TypeError(f"MemGen checkpoint {name!r} must be a checkpoint directory or a MemGenCheckpoint, "
+                            f"got {type(memgen).__name__}")
+        dirs = {}
+        for role, given, recorded in ((WEAVER, self.weaver_model, ckpt.weaver_base),
+                                      (TRIGGER, self.trigger_model, ckpt.trigger_base)):
+            path = given if given is not None else recorded
+            if path is not None and not same_model(resolve_model_dir(path), self.model_dir):
+                dirs[role] = Path(resolve_model_dir(path))
+            else:
+                dirs[role] = None   # shares the reasoner's weights (the same directory, or a copy)
+        configs = {role: load_model_config(d) if d is not None else self.hf_config for role, d in dirs.items()}
+        if not ckpt.settings.trigger_active:
+            # it never runs and none is loaded: an unnamed base whose head is not the reasoner's
+            # width (e.g. smollm_*.sh's Qwen2.5 trigger) is left unchecked, not assumed the reasoner's
+            head = ckpt.trigger_head["weight"]
+            if self.trigger_model is None and ckpt.trigger_base is None \
+                    and head.shape[-1] != self.hf_config.hidden_size:
+                configs[TRIGGER] = None
+            from memgen.models.footprint import inactive_trigger_note
+            _log.warning(inactive_trigger_note(configs[TRIGGER], dirs[TRIGGER], self.dtype))
+        try:
+            check_memgen_fits(ckpt, self.hf_config, configs[WEAVER], configs[TRIGGER])
+        except ValueError as err:
+            raise ValueError(f"MemGen checkpoint {name!r}: {err}") from err
+        shared = "the reasoner's model (one forward)"
+        _log.info("MemGen layout of %r: %s", name, "; ".join(
+            f"{'weaver' if role == WEAVER else 'trigger'} on {shared if d is None else d}"
+            for role, d in dirs.items() if role == WEAVER or ckpt.settings.trigger_active))
+        return MemGenSource(ckpt, dirs[WEAVER], dirs[TRIGGER], configs[WEAVER], configs[TRIGGER])
 
 
 @dataclass
