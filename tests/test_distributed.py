@@ -4,6 +4,7 @@ loss it survives.
 
 - the CLI joins the cluster with --ray-address; its two workers land one on each node
   (the summary counts each worker's node and batches); outputs equal the single-process run;
+  (16 batches of one record, Ray Data told to wait for both workers before the first);
 - the second node's raylet is SIGKILLed mid-run, once each node has finished a batch:
   the run finishes on the head's worker with every record exactly once, outputs equal
   the single-process run, and the summary names the lost node;
@@ -37,6 +38,7 @@ from memgen.eval.records import iter_results  # noqa: E402
 from memgen.eval.runner import EvalConfig, evaluate  # noqa: E402
 
 BATCH_DELAY_S = 0.4       # per batch, so the run is still going when the node is killed
+MAX_TOKENS = 16
 
 
 def _rows(n: int) -> list[dict]:
@@ -82,7 +84,8 @@ def single_process(qwen2_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("single")
     inp = _write_jsonl(tmp / "in.jsonl", _rows(16))
-    cfg = EvalConfig(input=str(inp), output=str(tmp / "local.jsonl"), batch_size=2, max_tokens=6, progress=False)
+    cfg = EvalConfig(input=str(inp), output=str(tmp / "local.jsonl"), batch_size=2, max_tokens=MAX_TOKENS,
+                     progress=False)
     evaluate(LLM(model=str(qwen2_dir), dtype="float32", device="cpu"), cfg, make_params=SamplingParams)
     return inp, _by_id(cfg.output)
 
@@ -108,16 +111,20 @@ def test_cli_spreads_workers_over_both_nodes(cluster, single_process, qwen2_dir,
     out = tmp_path / "ray.jsonl"
     run = subprocess.run([sys.executable, "-m", "memgen.cli", "eval", str(inp), "--model", str(qwen2_dir),
                           "--dtype", "float32", "--device", "cpu", "--ray-address", cluster.address,
-                          "--num-workers", "2", "--batch-size", "2", "--max-tokens", "6", "--no-progress",
+                          "--num-workers", "2", "--batch-size", "1", "--max-tokens", str(MAX_TOKENS),
+                          "--no-progress",
                           "-o", str(out)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, **LOCAL_ENV})
+                         capture_output=True, text=True, timeout=300,
+                         # Ray Data sends batches as soon as one worker is up: the first could take
+                         # them all while the other still loads; wait for both before the first
+                         env={**os.environ, **LOCAL_ENV, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "240"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert _by_id(out) == expected
     summary = json.loads((tmp_path / "ray.summary.json").read_text())["ray"]
     workers = summary["workers"]
     assert summary["nodes"] == 2 and len(workers) == 2, workers          # one worker on each node
     assert len({w["node_id"] for w in workers}) == 2 and all(w["node_ip"] == cluster.host for w in workers)
-    assert sum(w["records"] for w in workers) == 16 and sum(w["batches"] for w in workers) == 8
+    assert sum(w["records"] for w in workers) == 16 and sum(w["batches"] for w in workers) == 16
     assert summary["nodes_lost"] == [] and summary["duplicates_dropped"] == 0
 
 
@@ -162,7 +169,9 @@ def test_ray_data_http_processor_against_memgen_serve(cluster, memgen_reasoner_d
 
 class SlowLLM:
     """The real engine, slowed per batch; each finished batch appends its node id to
-    `progress`, so the test knows when both nodes have done work."""
+    `progress`, so the test knows when both nodes have done work. A worker starts its
+    second batch only once both nodes have finished one (or after a minute), so a
+    worker that started late still gets work before the kill."""
 
     def __init__(self, progress: str, **llm_kwargs):
         from memgen import LLM
@@ -170,13 +179,19 @@ class SlowLLM:
         self.llm = LLM(**llm_kwargs)
         self.progress = progress
         self.node = ray.get_runtime_context().get_node_id()
+        self.batches = 0
 
     def __getattr__(self, name):
         return getattr(self.llm, name)
 
     def generate(self, *args, **kwargs):
+        if self.batches == 1:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(set(Path(self.progress).read_text().split())) < 2:
+                time.sleep(0.05)
         time.sleep(BATCH_DELAY_S)
         out = self.llm.generate(*args, **kwargs)
+        self.batches += 1
         with open(self.progress, "a") as f:
             f.write(self.node + "\n")
         return out
@@ -206,7 +221,8 @@ def test_node_killed_mid_run_every_record_once(cluster, single_process, qwen2_di
 
     killer = threading.Thread(target=kill_when_both_nodes_worked, daemon=True)
     killer.start()
-    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, max_tokens=6, progress=False)
+    cfg = EvalConfig(input=str(inp), output=str(tmp_path / "ray.jsonl"), batch_size=2, max_tokens=MAX_TOKENS,
+                     progress=False)
     summary = run_eval_ray(cfg, num_workers=2, make_params=SamplingParams, address=cluster.address,
                            llm_factory=functools.partial(SlowLLM, str(progress), model=str(qwen2_dir),
                                                          dtype="float32", device="cpu"))
