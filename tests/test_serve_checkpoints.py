@@ -215,7 +215,7 @@ def test_unknown_model_is_404_and_the_base_400(server):
     assert r.status_code == 400 and _error(r)["code"] == "base_model_not_served"
 
 
-def test_live_load_and_a_corrupt_directory(server, offline, ckpt_c, memgen_ckpt_dir, tmp_path):
+def test_live_load_and_a_corrupt_directory(server, offline, ckpt_c, memgen_ckpt_dir, memgen_wide_ckpt_dir, tmp_path):
     client = server.client()
     # a corrupt directory: 400 with the reason, nothing loaded, the others keep serving
     corrupt = tmp_path / "corrupt"
@@ -229,6 +229,9 @@ def test_live_load_and_a_corrupt_directory(server, offline, ckpt_c, memgen_ckpt_
         assert str(path) in _error(r)["message"]
     assert [m.id for m in client.models.list().data] == [BASE, "a", "b"]
     _same(_complete(client, "a", PROMPTS[0]), _ref(offline, "a", PROMPTS[0]))
+    # a checkpoint made for another base (its weaver is 96 wide, this reasoner 64): 400, nothing loaded
+    r = server.post("/v1/load_memgen_checkpoint", {"name": "w", "path": str(memgen_wide_ckpt_dir)})
+    assert r.status_code == 400 and _error(r)["code"] == "invalid_memgen_checkpoint", r.text
     # bad bodies and names
     assert server.post("/v1/load_memgen_checkpoint", {"name": "c"}).status_code == 400
     r = server.post("/v1/load_memgen_checkpoint", {"name": "a", "path": str(ckpt_c)})
