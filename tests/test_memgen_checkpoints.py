@@ -178,3 +178,25 @@ def test_checkpoint_on_another_base_is_refused(ckpts, memgen_reasoner_dir, wide_
     with pytest.raises(ValueError, match="MemGen checkpoint 'y'"):
         llm.load_memgen("y", other_base)
     assert llm.memgen_checkpoints() == {"a": 0}
+
+
+def test_weight_pushes_copy_in_place_and_log_once(ckpts, memgen_reasoner_dir, caplog):
+    """A trainer's push per step: the adapter stacks keep their tensors (copied into, not
+    rebuilt) and the inactive trigger's load note is not repeated."""
+    import logging
+
+    from memgen.layers.lora import LoraHook
+
+    with caplog.at_level(logging.WARNING, logger="memgen"):
+        llm = LLM(model=memgen_reasoner_dir, memgen={"a": ckpts["inactive"]}, dtype="float64")
+        stacks = [id(t) for m in llm.engine.model_runner.model.modules() if isinstance(getattr(m, "lora", None),
+                                                                                      LoraHook)
+                  for s in m.lora.stacks() for t in s[1:]]
+        for seed in range(3):
+            llm.update_memgen_weights(_moved(ckpts["inactive"], seed))
+    after = [id(t) for m in llm.engine.model_runner.model.modules() if isinstance(getattr(m, "lora", None), LoraHook)
+             for s in m.lora.stacks() for t in s[1:]]
+    assert after == stacks
+    assert sum("trigger inactive" in r.getMessage() for r in caplog.records) == 1
+    expected = _alone(memgen_reasoner_dir, _moved(ckpts["inactive"], 2), PROMPTS[:2])
+    assert _rows(llm.generate(PROMPTS[:2], _params(), use_tqdm=False)) == expected

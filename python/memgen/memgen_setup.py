@@ -85,6 +85,7 @@ class MemGenLoader:
     reference_compat: bool = False
     weaver_model: str | os.PathLike | None = None
     trigger_model: str | os.PathLike | None = None
+    _noted: set = field(default_factory=set)     # load-log warnings already given
 
     def sources(self, memgen) -> dict[str, MemGenSource]:
         """LLM(memgen=...): one checkpoint (named after its directory) or {name: checkpoint}."""
@@ -129,7 +130,10 @@ class MemGenLoader:
                     and head.shape[-1] != self.hf_config.hidden_size:
                 configs[TRIGGER] = None
             from memgen.models.footprint import inactive_trigger_note
-            _log.warning(inactive_trigger_note(configs[TRIGGER], dirs[TRIGGER], self.dtype))
+            note = inactive_trigger_note(configs[TRIGGER], dirs[TRIGGER], self.dtype)
+            if note not in self._noted:     # once per LLM: a trainer's weight push per step repeats it
+                self._noted.add(note)
+                _log.warning(note)
         try:
             check_memgen_fits(ckpt, self.hf_config, configs[WEAVER], configs[TRIGGER])
         except ValueError as err:

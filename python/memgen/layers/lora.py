@@ -113,15 +113,46 @@ def install_lora(model: nn.Module, adapter_id: int, lora, dtype: torch.dtype, de
         if a.shape[1] != linear.in_features or b.shape[0] != width or a.shape[0] != b.shape[1]:
             raise ValueError(f"LoRA weights for {module_path!r} have shapes A {tuple(a.shape)}, "
                              f"B {tuple(b.shape)}; the base projection is [{width}, {linear.in_features}]")
-        targets.append((linear, out, a, b))
+        targets.append((linear, out, a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)))
+    if _update_in_place(model, adapter_id, targets, float(lora.scaling)):
+        return len(lora.layers)
     _drop(model, adapter_id)
     for linear, out, a, b in targets:
         if not isinstance(linear.lora, LoraHook):
             linear.lora = LoraHook()
-        linear.lora.deltas.append(_Delta(adapter_id, a.to(device=device, dtype=dtype),
-                                         b.to(device=device, dtype=dtype), float(lora.scaling), out))
+        linear.lora.deltas.append(_Delta(adapter_id, a, b, float(lora.scaling), out))
     _restack(model)
     return len(lora.layers)
+
+
+def _update_in_place(model: nn.Module, adapter_id: int, targets: list, scaling: float) -> bool:
+    """New weights for an installed adapter of the same targets and shapes (a training
+    step's weight push): copied into its slot of the built stacks, nothing rebuilt.
+    False (nothing changed) when the layout differs."""
+    installed = {}
+    for module in model.modules():
+        hook = getattr(module, "lora", None)
+        if isinstance(hook, LoraHook):
+            for d in hook.deltas:
+                if d.adapter_id == adapter_id:
+                    installed[(id(module), d.out.start, d.out.stop)] = (hook, d)
+    if len(installed) != len(targets):
+        return False
+    found = []
+    for linear, out, a, b in targets:
+        hook, d = installed.get((id(linear), out.start, out.stop), (None, None))
+        if d is None or hook._stacks is None or d.a.shape != a.shape or d.b.shape != b.shape:
+            return False
+        found.append((hook, d, a, b))
+    for hook, d, a, b in found:
+        d.a, d.b, d.scaling = a, b, scaling
+        for out, stack_a, stack_b, stack_scaling in hook._stacks:
+            if (out.start, out.stop) == (d.out.start, d.out.stop):
+                r = a.shape[0]
+                stack_a[adapter_id, :r].copy_(a)
+                stack_b[adapter_id, :, :r].copy_(b)
+                stack_scaling[adapter_id] = scaling
+    return True
 
 
 def uninstall_lora(model: nn.Module, adapter_id: int) -> None:
