@@ -316,7 +316,6 @@ def _error(response) -> dict:
 def test_bad_requests_get_400_or_404(server):
     client = server.client()
     cases = [  # (kwargs, text the message must hold)
-        (dict(prompt="Hi", extra_body={"no_such_field": 1}), "unknown field 'no_such_field'"),
         (dict(prompt="Hi", temperature=3.0), "'temperature'"),
         (dict(prompt="Hi", top_p=0.0), "top_p must be in (0, 1]"),
         (dict(prompt="Hi", max_tokens=0), "max_tokens must be >= 1"),
@@ -336,6 +335,11 @@ def test_bad_requests_get_400_or_404(server):
             client.completions.create(model=NAME, **{"max_tokens": 2, **kwargs})
         assert e.value.status_code == 400 and text in e.value.body["message"], (kwargs, e.value.body)
         assert e.value.type == "invalid_request_error"
+    # another server's field is ignored (one warning in the log), as vLLM does
+    plain = client.completions.create(model=NAME, prompt="Hi", max_tokens=2, temperature=0)
+    other = client.completions.create(model=NAME, prompt="Hi", max_tokens=2, temperature=0,
+                                      extra_body={"no_such_field": 1, "chat_template_kwargs": {"x": 1}})
+    assert other.choices[0].text == plain.choices[0].text
     with pytest.raises(openai.BadRequestError, match="conversation"):
         client.chat.completions.create(model=NAME, messages=[])
     with pytest.raises(openai.BadRequestError, match="not among the tools"):   # tests/test_serve_tools.py has more
@@ -542,3 +546,21 @@ def test_default_model_id_names_the_memgen_checkpoint(memgen_reasoner_dir, memge
     listed, base = asyncio.run(ask())
     assert [m["id"] for m in listed] == [ckpt_id] and listed[0]["memgen"] == str(memgen_ckpt_dir)
     assert base.status_code == 404 and _error(base)["code"] == "model_not_found"
+
+
+def test_unknown_request_fields_are_ignored_with_one_warning(caplog):
+    """vLLM's habit (API.md): another server's fields pass with one warning naming them;
+    a known field with a bad value is still refused."""
+    import logging
+
+    import pydantic
+
+    from memgen.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+    with caplog.at_level(logging.WARNING, logger="memgen.serve"):
+        req = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "lora_request": None, "rid": "7"})
+    assert req.prompt == "Hi" and not req.model_extra
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "['lora_request', 'rid']" in warnings[0]
+    with pytest.raises(pydantic.ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [], "top_k": "5", "whatever": 1})

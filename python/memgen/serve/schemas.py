@@ -1,7 +1,8 @@
 """Request and response bodies in OpenAI's shapes (pydantic).
 
-Requests are strict: an unknown field, a value of the wrong type or an
-out-of-range value is a 400 (OpenAI's ranges here; the engine's own ranges are
+Requests are strict: a value of the wrong type or an out-of-range value of a
+known field is a 400, and an unknown top-level field is ignored with one warning
+in the log (vLLM's habit: routers and clients add other servers' fields) (OpenAI's ranges here; the engine's own ranges are
 checked by SamplingParams / LLM, with their messages). OpenAI fields that
 memgen cannot honour are accepted by the schema and refused in `protocol` with
 a message that says so.
@@ -23,9 +24,12 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+import logging
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 INT64 = dict(ge=-(2**63), le=2**64 - 1)
+_log = logging.getLogger("memgen.serve")
 
 
 class _Strict(BaseModel):
@@ -37,6 +41,18 @@ class StreamOptions(_Strict):
 
 
 class _GenerationFields(_Strict):
+    # a field memgen does not know (another server's: routers add vLLM's and SGLang's own) is
+    # accepted and ignored with one warning per request, as vLLM does; known fields stay strict
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="after")
+    def _ignore_unknown_fields(self):
+        extra = self.__pydantic_extra__
+        if extra:
+            _log.warning("The following fields were present in the request but ignored: %s", sorted(extra))
+            extra.clear()
+        return self
+
     model: str
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
