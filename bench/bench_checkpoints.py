@@ -241,14 +241,13 @@ def serve_sync(dirs: list[Path], threads: int, repeats: int) -> dict:
     """Through `memgen serve --memgen c0=.. --memgen c1=..`: the update route's latency
     (directory read off the engine thread + the update between steps), idle and while 8
     streams decode, and a trainer's whole sync (pause, update, resume) while they decode."""
-    import socket
     import threading
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from memgen.serve.processes import free_port, stop, wait_until_answers
+
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "memgen.cli", "serve", "--memgen", f"c0={dirs[0]}", "--memgen", f"c1={dirs[1]}",
            "--dtype", "float32", "--device", "cpu", "--port", str(port), "--log-level", "warning"]
@@ -257,16 +256,7 @@ def serve_sync(dirs: list[Path], threads: int, repeats: int) -> dict:
     ms = lambda s: round(s * 1000, 2)   # noqa: E731
     out = {"loadavg_before": load()}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("memgen serve did not start")
-            time.sleep(0.2)
+        wait_until_answers(proc, f"{base}/health", 300)
         client = httpx.Client(base_url=base, timeout=120)
 
         def post(path, body=None):
@@ -314,11 +304,7 @@ def serve_sync(dirs: list[Path], threads: int, repeats: int) -> dict:
         if not out["requests_ok"]:
             out["request_statuses"] = sorted(map(str, done))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 30)
     out["loadavg_after"] = load()
     return out
 

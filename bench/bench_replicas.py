@@ -56,7 +56,7 @@ class Launcher:
     """`memgen serve --replicas N` on free ports of 127.0.0.1, until stop()."""
 
     def __init__(self, n: int, reasoner: str, ckpt: str, tmp: Path, policy: str = "round_robin"):
-        from serve_process import free_port
+        from memgen.serve.processes import free_port
 
         self.port = free_port()
         while any(_busy(self.port + i) for i in range(1, n + 1)):
@@ -96,12 +96,9 @@ class Launcher:
         return counts
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        from memgen.serve.processes import stop
+
+        stop(self.proc, 60)
 
 
 def _busy(port: int) -> bool:

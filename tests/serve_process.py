@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from memgen.serve.processes import free_port, stop, wait_until_answers
 
 
 @contextlib.contextmanager
@@ -30,24 +23,10 @@ def memgen_serve(args: list[str], log: Path, startup_timeout_s: float = 180):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"memgen serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"memgen serve did not answer /health in {startup_timeout_s} s:\n"
-                            f"{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        try:
+            wait_until_answers(proc, f"{base}/health", startup_timeout_s)
+        except RuntimeError as err:
+            pytest.fail(f"memgen serve {err}:\n{log.read_text()[-3000:]}")
         yield base, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 20)

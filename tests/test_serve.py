@@ -564,3 +564,23 @@ def test_unknown_request_fields_are_ignored_with_one_warning(caplog):
     assert len(warnings) == 1 and "['lora_request', 'rid']" in warnings[0]
     with pytest.raises(pydantic.ValidationError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [], "top_k": "5", "whatever": 1})
+
+
+def test_server_process_helpers():
+    """memgen.serve.processes: a child that exits before it answers is reported, not waited
+    for; stop() ends one that ignores nothing within its grace, and a dead one at once."""
+    import subprocess
+    import sys
+
+    from memgen.serve.processes import free_port, stop, wait_until_answers
+
+    url = f"http://127.0.0.1:{free_port()}/health"
+    gone = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        wait_until_answers(gone, url, 30)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(RuntimeError, match="did not answer"):
+        wait_until_answers(sleeper, url, 0.5)
+    stop(sleeper, 10)
+    assert sleeper.returncode is not None
+    stop(gone, 1)       # already reaped: nothing to signal

@@ -27,12 +27,13 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from memgen.serve.processes import free_port, stop, wait_until_answers
 
 NAME = "bench"
 
@@ -75,15 +76,7 @@ def _engine_kwargs(items: list[str]) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(args, port: int, log_path: Path) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "memgen.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", NAME, "--dtype", args.dtype, "--device", args.device, "--log-level", "warning",
            "--max-waiting", "0"]
@@ -95,19 +88,12 @@ def _start_server(args, port: int, log_path: Path) -> subprocess.Popen:
         cmd += ["--engine-arg", item]
     with open(log_path, "wb") as log:   # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    deadline = time.monotonic() + args.startup_timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"memgen serve exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"memgen serve did not come up in {args.startup_timeout} s; see {log_path}")
-        time.sleep(0.5)
+    try:
+        wait_until_answers(proc, f"http://127.0.0.1:{port}/health", args.startup_timeout, interval_s=0.5)
+    except RuntimeError as err:
+        stop(proc, 10)
+        raise SystemExit(f"memgen serve {err}; see {log_path}") from None
+    return proc
 
 
 async def _run_level(base: str, prompts, max_tokens: int, concurrency: int) -> dict:
@@ -234,7 +220,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = _prompts(args.num_prompts)
-    port = _free_port()
+    port = free_port()
     log_path = out_dir / "serve_server.log"
     load_before = os.getloadavg()
     proc = _start_server(args, port, log_path)
@@ -248,11 +234,7 @@ def main(argv=None) -> int:
                   f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {level['tpot_s'].get('p50', 0) * 1e3:6.1f} ms")
             levels.append(level)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 30)
     log_path.unlink(missing_ok=True)
     offline, texts, device = _offline(args, prompts)
     print(f"offline    : {offline['throughput_tok_s']:8.1f} tok/s (one generate() of {len(prompts)} prompts)")

@@ -16,12 +16,11 @@ import logging
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+
+from memgen.serve.processes import answers, free_port, reap
 
 log = logging.getLogger("memgen.serve.replicas")
 ROUTER = "vllm-router"
@@ -44,20 +43,6 @@ def _serve_argv() -> list[str]:
     return argv[argv.index("serve") + 1:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def router_command(worker_urls: list[str], host: str, port: int, extra: list[str] = ()) -> list[str]:
     """vllm-router in front of `worker_urls`: health checks on /ready every second (a
     draining or dead replica leaves the rotation within ~1-3 s), startup checks every
@@ -69,7 +54,7 @@ def router_command(worker_urls: list[str], host: str, port: int, extra: list[str
             "--health-check-endpoint", "/ready", "--health-check-interval-secs", "1",
             "--health-failure-threshold", "2", "--health-success-threshold", "1",
             "--worker-startup-check-interval", "1", "--worker-startup-timeout-secs", str(STARTUP_TIMEOUT_S),
-            "--prometheus-port", str(_free_port()), *extra]
+            "--prometheus-port", str(free_port()), *extra]
 
 
 def run_replicas(args) -> int:
@@ -103,7 +88,7 @@ def run_replicas(args) -> int:
             for i in list(pending):
                 if procs[i].poll() is not None:
                     raise RuntimeError(f"replica {i} exited with {procs[i].returncode} while starting")
-                if _answers(f"{urls[i]}/ready"):
+                if answers(f"{urls[i]}/ready"):
                     pending.discard(i)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"replicas {sorted(pending)} not ready in {STARTUP_TIMEOUT_S} s")
@@ -112,7 +97,7 @@ def run_replicas(args) -> int:
             return 0
         router = subprocess.Popen(router_cmd, start_new_session=True)
         print(f"memgen serve --replicas: router pid {router.pid} url http://{args.host}:{args.port}", flush=True)
-        while not stop and not _answers(f"http://{args.host}:{args.port}/health"):
+        while not stop and not answers(f"http://{args.host}:{args.port}/health"):
             if router.poll() is not None:
                 raise RuntimeError(f"{ROUTER} exited with {router.returncode} while starting")
             time.sleep(0.2)
@@ -143,17 +128,10 @@ def run_replicas(args) -> int:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in procs:
-            _wait(p, args.shutdown_timeout + 15)
+            reap(p, args.shutdown_timeout + 15)
         if router is not None and router.poll() is None:
             router.terminate()
-            _wait(router, 10)
+            reap(router, 10)
         for s, h in old.items():
             signal.signal(s, h)
 
-
-def _wait(p: subprocess.Popen, timeout: float) -> None:
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
