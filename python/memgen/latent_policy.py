@@ -2,37 +2,18 @@
 that may insert embedding vectors (or forced tokens) into the sequence in the
 middle of decoding. docs/latent-policies.md is the guide.
 
-A user subclasses LatentPolicy and passes an instance in
-`SamplingParams(latent_policy=...)`. The engine makes one copy per request
-(`new_request`, copy.copy by default) and calls, on that copy:
+A user subclasses LatentPolicy, overriding its hooks (on_start, on_hidden,
+on_token, on_stream), and passes an instance in `SamplingParams(latent_policy=...)`;
+the engine runs one copy per request (`new_request`). Whenever the reasoner has
+caught up, on_hidden returns the action that comes next: SAMPLE, Insert
+(embedding rows), Feed (forced tokens) or WAIT (for the extra streams).
 
-    on_start(ctx)                 once, before the request's first forward
-    on_hidden(ctx, hidden) -> a   whenever the reasoner has caught up: `hidden` is
-                                  the post-final-norm hidden state [H] of its last
-                                  position; the action `a` says what comes next:
-        SAMPLE                    sample the next token from these logits
-        Insert(embeddings)        append K embedding-valued positions ([K, H]), no token
-        Feed(token_ids)           append forced input tokens (not outputs)
-        WAIT                      not yet: the extra streams asked to compute (below)
-                                  do so first, then on_hidden is called again
-    on_token(ctx, token_id)       after every sampled token (the last one included)
-    on_stream(ctx, name, hidden)  an extra stream computed what the policy asked
-
-Extra streams: a policy class may declare `streams` (StreamSpec: a name, a LoRA
-adapter, an input projection, which reasoner positions it follows, and the model
-it runs on: the reasoner's base or one named in `LLM(stream_models=...)`). Every
-request of the policy then has those KV streams beside the reasoner; the engine
-mirrors the reasoner's positions into them and computes them only when asked:
-`ctx.streams[name].compute(scratch=rows)` catches a stream up and, optionally,
-runs embedding rows whose K/V are never kept; the rows' hidden states come back
-in on_stream, before the next on_hidden. They ride in the same forward as every
-other row; the engine keeps paging, prefix caching and preemption.
-
-An Insert or Feed of k positions happens only if they and the token they
-precede fit in max_model_len (`has_room`, the room rule, offered as `ctx.room_for(k)`);
-otherwise the request ends there with finish_reason "length". Whatever the policy holds in
-its `record` list comes back as `policy_record` on the request's output (and as its
-`augmentation` when `records_augmentation` is True); `metrics()` adds to its metrics.
+Extra streams (`streams`, StreamSpec) are KV streams beside the reasoner that
+the engine mirrors the reasoner's positions into and computes only when asked
+(`ctx.streams[name].compute(scratch=rows)`; the states come back in on_stream).
+An Insert or Feed of k positions happens only if it fits (the room rule,
+`has_room`, `ctx.room_for(k)`); otherwise the request ends with finish_reason
+"length". The policy's `record` list comes back as the output's `policy_record`.
 
 This module imports no torch: SamplingParams (and the CLI) import it.
 """
@@ -99,10 +80,8 @@ class StreamSpec:
     model             None: the reasoner's base; else the name of a model the LLM was
                       built with, `LLM(..., stream_models={name: path})`
 
-    On the reasoner's base the stream shares the reasoner's forward (its rows are
-    batched with every other row; the base weights are read once); on another model,
-    its rows are batched with the other streams on that model, in the same step. The
-    engine keeps its KV blocks, prefix-cache keys and preemption like the reasoner's.
+    Its rows are batched with every other row on the model it runs on, in the same
+    step; the engine pages, prefix-caches and preempts it like the reasoner.
     """
     __slots__ = ("adapter", "follow", "input_projection", "model", "name", "skip_token_ids")
 
@@ -159,6 +138,16 @@ class Feed:
         return f"Feed({list(self.token_ids)})"
 
 
+def _of_seq(name: str) -> property:
+    """A read-only PolicyContext attribute: the request's (its Sequence's) `name`."""
+    return property(lambda ctx: getattr(ctx._seq, name))
+
+
+def _of_runtime(name: str) -> property:
+    """A read-only PolicyContext attribute: the engine's (its latent runtime's) `name`."""
+    return property(lambda ctx: getattr(ctx._runtime, name))
+
+
 class PolicyContext:
     """What a policy sees of its request (one per request, built by the engine).
 
@@ -175,7 +164,7 @@ class PolicyContext:
       streams           name -> the request's extra streams (StreamSpec), each with
                         compute(scratch=None), follow, num_positions, num_pending,
                         last_hidden (see the guide)
-      embed(token_ids)  the reasoner's input embeddings, [K, H]
+      embed(token_ids)  the reasoner's input embeddings, [K, H] (ids: ints or a 1-D tensor)
       logits(hidden)    the LM head: [H] -> [V], [N, H] -> [N, V]
       room_for(k)       whether k positions and the token they precede still fit (the room rule)
       finish()          end the request before its next token, finish_reason "length"
@@ -193,54 +182,21 @@ class PolicyContext:
             raise RuntimeError("this PolicyContext's request is gone (its outputs were dropped)")
         return seq
 
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self._seq.prompt_token_ids
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self._seq.output_token_ids
+    prompt_token_ids = _of_seq("prompt_token_ids")
+    output_token_ids = _of_seq("output_token_ids")
+    generator = _of_seq("generator")
+    request_index = _of_seq("request_index")
+    params = _of_seq("params")          # the request's SamplingParams (read them, do not change them)
+    finished = _of_seq("is_finished")
+    max_model_len = _of_runtime("max_model_len")
+    hidden_size = _of_runtime("hidden_size")
+    vocab_size = _of_runtime("vocab_size")
+    dtype = _of_runtime("dtype")
+    device = _of_runtime("device")
 
     @property
     def num_positions(self) -> int:
         return self._seq.reasoner.num_tokens
-
-    @property
-    def max_model_len(self) -> int:
-        return self._runtime.max_model_len
-
-    @property
-    def hidden_size(self) -> int:
-        return self._runtime.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self._runtime.vocab_size
-
-    @property
-    def dtype(self):
-        return self._runtime.dtype
-
-    @property
-    def device(self):
-        return self._runtime.device
-
-    @property
-    def generator(self):
-        return self._seq.generator
-
-    @property
-    def request_index(self) -> int:
-        return self._seq.request_index
-
-    @property
-    def params(self):
-        """The request's SamplingParams (read them, do not change them)."""
-        return self._seq.params
-
-    @property
-    def finished(self) -> bool:
-        return self._seq.is_finished
 
     @property
     def streams(self):
@@ -248,19 +204,15 @@ class PolicyContext:
         return self._seq.latent.handles
 
     def room_for(self, k: int) -> bool:
-        """Whether k more positions and the token they precede fit in max_model_len."""
-        return has_room(self._seq.reasoner.num_tokens, k, self._runtime.max_model_len)
+        return has_room(self.num_positions, k, self.max_model_len)
 
     def finish(self) -> None:
-        """End the request before its next token, with finish_reason "length"."""
         self._runtime.finish(self._seq)
 
     def embed(self, token_ids):
-        """The reasoner's input embeddings of `token_ids` (ints or a 1-D tensor), [K, H]."""
         return self._runtime.embed(token_ids)
 
     def logits(self, hidden):
-        """The reasoner's LM head on post-norm hidden states: [H] -> [V], [N, H] -> [N, V]."""
         return self._runtime.logits(hidden)
 
 

@@ -1,17 +1,14 @@
-"""The runtime of latent requests (`LatentRuntime`): what happens between forwards.
-
-A step is one order for every model (LLMEngine.step), and these are its hooks:
+"""The runtime of latent requests (`LatentRuntime`): what happens between forwards,
+through the hooks of a step (LLMEngine.step), one order for every model:
     before_schedule -> schedule -> forward -> mark computed -> after_forward -> sample
                     -> stop checks -> after_sample -> ended (the requests a policy ended)
-`after_forward` decides which sequences sample now and from which hidden row. A
-request without a `memgen.LatentPolicy` samples when its reasoner chunk completes,
-the path it always took. A request with one (SamplingParams.latent_policy, or the
-engine's default: MemGen's, memory/controller.py) is asked what follows each
-catch-up (sample, insert embedding rows, feed tokens, wait for its extra streams),
-and its extra streams (StreamSpec) are mirrored, computed when asked and delivered
-here. A request ends one way: the engine finishes it (LLMEngine._finish) and tells
-the runtime (`finished`); a policy that ends its request (ctx.finish, or out of room)
-only asks for that (`ended`).
+`after_forward` decides which sequences sample now and from which hidden row: a
+request without a `memgen.LatentPolicy` when its reasoner chunk completes; one with
+(SamplingParams.latent_policy, or the engine's default: MemGen's) as its policy says
+after each catch-up, its extra streams (StreamSpec) mirrored, computed when asked and
+delivered here. A request ends one way: the engine finishes it (LLMEngine._finish) and
+tells the runtime (`finished`); a policy that ends its request (ctx.finish, or out of
+room) only asks for that (`ended`).
 """
 from __future__ import annotations
 
@@ -135,12 +132,10 @@ class StreamHandle:
 
 
 class LatentRequest:
-    """The engine's state of one request that carries a LatentPolicy (seq.latent).
-    The request's own policy is made (new_request, on_start) at the start of the
-    first step after it arrived, inside the step: an error there, as in any hook,
-    ends the generate() call, which takes its requests out. When the request
-    finishes, `close()` keeps its record and counts as plain data and lets the
-    policy go (the engine's native step may still name the sequence)."""
+    """The engine's state of one request that carries a LatentPolicy (seq.latent); its
+    own policy is made in the first step after it arrived (LatentRuntime.before_schedule).
+    When the request finishes, `close()` keeps its record and counts as plain data and
+    lets the policy go (the engine's native step may still name the sequence)."""
     __slots__ = ("_metrics", "_record", "asks", "ctx", "ending", "followers", "following", "handles", "is_mask",
                  "last_hidden", "num_fed", "num_inserted", "policy", "r_hidden", "template")
 
@@ -161,15 +156,9 @@ class LatentRequest:
         self.r_hidden: torch.Tensor | None = None   # R caught up, on_hidden waits for the asks
         self.ending = False       # a policy ended it (ctx.finish); the engine finishes it
 
-    def add_stream(self, stream: Stream, binding) -> None:
-        """`binding`: engine.extra_streams.StreamBinding, where the stream runs."""
-        self.handles[stream.name] = StreamHandle(self, stream, binding.spec, binding.width)
-        self.followers.append((stream, binding))
-
     def update_due(self) -> None:
         """R may always catch up; a stream when asked or following."""
-        seq = self.ctx._seq
-        seq.due_streams = {REASONER, *self.asks, *self.following}
+        self.ctx._seq.set_due_streams({REASONER, *self.asks, *self.following})
 
     def begin(self) -> None:
         template = self.template
@@ -206,14 +195,13 @@ class LatentRequest:
         if chunk.start < kept <= chunk.end:
             self.last_hidden[name] = (kept - 1, rows[kept - 1 - chunk.start])
         ask = self.asks.get(name)
-        if ask is None or not chunk.completes:
-            if ask is not None and ask.num_scratch:
-                self._collect(ask, chunk, rows, kept)
+        if ask is None:
+            return None
+        for pos in range(max(chunk.start, kept), chunk.end):    # this chunk's scratch rows, if any
+            ask.rows[pos - kept] = rows[pos - chunk.start]
+        if not chunk.completes or len(ask.rows) < ask.num_scratch:
             return None
         if ask.num_scratch:
-            self._collect(ask, chunk, rows, kept)
-            if len(ask.rows) < ask.num_scratch:
-                return None
             out = torch.stack([ask.rows[j] for j in range(ask.num_scratch)])
             stream.drop_scratch()     # the chunks are marked computed: their slots are reused later
         else:
@@ -222,24 +210,19 @@ class LatentRequest:
         self.update_due()
         return out
 
-    @staticmethod
-    def _collect(ask: _Ask, chunk, rows: torch.Tensor, kept: int) -> None:
-        for pos in range(max(chunk.start, kept), chunk.end):
-            ask.rows[pos - kept] = rows[pos - chunk.start]
+    def _live_record(self) -> list:
+        if self._record is not None:
+            return self._record
+        return self.policy.record if self.policy is not None else []
 
     @property
     def record(self) -> list:
-        """The policy's record (a copy once the request finished)."""
-        if self._record is not None:
-            return self._record
-        return list(self.policy.record) if self.policy is not None else []
+        """The policy's record (a copy while the policy runs: it keeps appending)."""
+        return self._record if self._record is not None else list(self._live_record())
 
     def augmentation(self, entries: slice) -> list[int] | None:
         """These entries of the augmentation mask, when the policy's record is one (MemGen's)."""
-        if not self.is_mask:
-            return None
-        record = self._record if self._record is not None else self.policy.record if self.policy is not None else []
-        return record[entries]
+        return self._live_record()[entries] if self.is_mask else None
 
     def metrics(self) -> dict:
         return self.policy.metrics() if self._record is None and self.policy is not None else self._metrics
@@ -324,18 +307,18 @@ class LatentRuntime:
 
     # ---- the hooks the engine calls --------------------------------------------------
     def start(self, seq, template: LatentPolicy | None) -> None:
-        """A new request (`template`: its SamplingParams.latent_policy, which the engine kept
-        out of the sequence's params, or the engine's pick); its policy's extra streams are
-        added here."""
+        """A new request (`template`: its SamplingParams.latent_policy, kept out of the
+        sequence's params, or the engine's pick), with its policy's extra streams."""
         if template is None:
             return
         state = LatentRequest(template, PolicyContext(seq, self))
         for binding in self.bind_streams(template):
             stream = self.binder.create(binding.spec, seq.prompt_token_ids)
             seq.streams[binding.spec.name] = stream
-            state.add_stream(stream, binding)
+            state.handles[stream.name] = StreamHandle(state, stream, binding.spec, binding.width)
+            state.followers.append((stream, binding))
         seq.latent = state
-        seq.due_streams = {REASONER}
+        seq.set_due_streams({REASONER})
         self.latent_requests[seq.seq_id] = state
         self._unbegun.append(state)
 
@@ -351,9 +334,8 @@ class LatentRuntime:
         return bindings
 
     def before_schedule(self) -> None:
-        """new_request + on_start of the requests that arrived since the last step:
-        inside the step (an error ends the generate() call), before their first forward
-        (streams asked to compute in on_start ride along with the prompt)."""
+        """new_request + on_start of the requests that arrived since the last step, inside the
+        step (an error ends the generate() call), before their first forward."""
         unbegun = self._unbegun
         while unbegun:
             state = unbegun.pop(0)
@@ -361,64 +343,17 @@ class LatentRuntime:
                 state.begin()
 
     def after_forward(self, chunks, hidden: StepHidden) -> tuple[list, torch.Tensor | None, list]:
+        """Deliver what the extra streams computed (on_stream), then ask each request
+        whose reasoner has caught up, with nothing asked outstanding, what follows
+        (on_hidden): SAMPLE rows are returned, Insert and Feed are appended to the
+        reasoner and the streams that follow it (the room rule decides if they fit),
+        WAIT keeps the reasoner's state until the asked streams delivered. Returns
+        (the sequences that sample, their hidden rows, the requests a policy ended)."""
         if not self.latent_requests:
             due = [i for i, c in enumerate(chunks) if c.completes]
             if not due:
                 return [], None, []
             return [chunks[i].seq for i in due], hidden.last_rows(due), []
-        return self._latent_after_forward(chunks, hidden)
-
-    def after_sample(self, seqs, token_ids: list[int]) -> None:
-        """Every sampled token, once appended (the one that ended a request too): the
-        streams that follow the reasoner get it, then on_token. Then the requests that
-        finished in this step let their policies go."""
-        if not self.latent_requests and not self._finished:
-            return
-        finished = dict(self._finished)
-        requests = self.latent_requests
-        for seq, token_id in zip(seqs, token_ids):
-            state = requests.get(seq.seq_id)
-            if state is not None:
-                if state.followers:
-                    state.mirror_tokens((token_id,))
-            else:
-                state = finished.get(seq.seq_id)
-            if state is not None and state.policy is not None:
-                state.policy.on_token(state.ctx, token_id)
-        self.close_finished()
-
-    def templates_in_use(self) -> set[int]:
-        """id() of every policy template an unfinished request runs (a weight owner frees
-        an old version's adapters once none of its requests is left)."""
-        return {id(state.template) for state in self.latent_requests.values()}
-
-    def ended(self) -> list:
-        """The requests a policy ended since the last call (ctx.finish, the room rule): the
-        engine finishes them ("length")."""
-        if not self._ending:
-            return []
-        ending = [seq for seq in self._ending if not seq.is_finished]
-        self._ending.clear()
-        return ending
-
-    def finished(self, seq) -> None:
-        """The engine finished (or aborted) a request: its last on_token may still be due in
-        this step (after_sample), then close_finished lets its policy go."""
-        state = self.latent_requests.pop(seq.seq_id, None)
-        if state is not None:
-            self._finished.append((seq.seq_id, state))
-
-    def close_finished(self) -> None:
-        for _, state in self._finished:
-            state.close()
-        self._finished.clear()
-
-    def _latent_after_forward(self, chunks, hidden: StepHidden):
-        """Deliver what the extra streams computed (on_stream), then ask each request
-        whose reasoner has caught up, with nothing asked outstanding, what follows
-        (on_hidden): SAMPLE rows are returned, Insert and Feed are appended to the
-        reasoner and the streams that follow it (the room rule decides if they fit),
-        WAIT keeps the reasoner's state until the asked streams delivered."""
         requests = self.latent_requests
         plain: list[int] = []                      # chunk indices of requests without a policy
         caught_up: list[tuple[LatentRequest, int]] = []
@@ -451,11 +386,8 @@ class LatentRuntime:
             if state.policy is None or state.ending:
                 continue
             row = hidden.last(i) if i is not None else state.r_hidden
-            if state.asks:                       # on_hidden waits for the streams asked to compute
-                if i is not None:
-                    state.r_hidden = row.clone()
-                continue
-            action = state.policy.on_hidden(state.ctx, row)
+            # on_hidden waits for the streams asked to compute
+            action = WAIT if state.asks else state.policy.on_hidden(state.ctx, row)
             if state.ending:                     # the policy ended the request (ctx.finish)
                 continue
             if action is SAMPLE:
@@ -498,3 +430,44 @@ class LatentRuntime:
         if all(isinstance(w, int) for w in where):
             return seqs, hidden.last_rows(where), ended
         return seqs, torch.stack([hidden.last(w) if isinstance(w, int) else w for w in where]), ended
+
+    def after_sample(self, seqs, token_ids: list[int]) -> None:
+        """Every sampled token, once appended (the one that ended a request too), to the streams
+        that follow the reasoner, then on_token; then the requests finished in this step close."""
+        if not self.latent_requests and not self._finished:
+            return
+        finished = dict(self._finished)
+        requests = self.latent_requests
+        for seq, token_id in zip(seqs, token_ids):
+            state = requests.get(seq.seq_id)
+            if state is not None:
+                state.mirror_tokens((token_id,))
+            else:
+                state = finished.get(seq.seq_id)
+            if state is not None and state.policy is not None:
+                state.policy.on_token(state.ctx, token_id)
+        self.close_finished()
+
+    def templates_in_use(self) -> set[int]:
+        """id() of every policy template an unfinished request runs (a weight owner frees
+        an old version's adapters once none of its requests is left)."""
+        return {id(state.template) for state in self.latent_requests.values()}
+
+    def ended(self) -> list:
+        """The requests a policy ended since the last call (ctx.finish, the room rule): the
+        engine finishes them ("length")."""
+        ending = [seq for seq in self._ending if not seq.is_finished]
+        self._ending.clear()
+        return ending
+
+    def finished(self, seq) -> None:
+        """The engine finished (or aborted) a request: its last on_token may still be due in
+        this step (after_sample), then close_finished lets its policy go."""
+        state = self.latent_requests.pop(seq.seq_id, None)
+        if state is not None:
+            self._finished.append((seq.seq_id, state))
+
+    def close_finished(self) -> None:
+        for _, state in self._finished:
+            state.close()
+        self._finished.clear()

@@ -5,9 +5,7 @@ block table and computed count.
 
 The scheduler and block manager change these objects; the model runner only
 reads them. A stream's positions are token ids, or embedding vectors (latents)
-marked by EMBED in `token_ids` with the vector in `embeds[position]`. The
-positions live natively (memgen._native.StreamCore, the base of Stream) and
-change only through its append / drop_scratch methods.
+marked by EMBED (-1) in `token_ids` with the vector in `embeds[position]`.
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ import torch
 from memgen._native import EMBED, StreamCore  # noqa: F401 (EMBED: re-exported for stream users)
 from memgen.sampling_params import SamplingParams
 
-# EMBED (-1): the token_ids entry of an embedding-valued position
 REASONER = "R"
 
 
@@ -44,16 +41,14 @@ def salt_id(salt: object) -> int:
 class Stream(StreamCore):
     """One KV stream of a sequence: the positions it holds and their cache.
 
-    The native base (memgen._native.StreamCore) owns the positions and
-    everything the block manager and the scheduler change: the token ids (EMBED
-    at embedding positions) and the digests of embedding positions, as plain
-    data, changed only through append_token / append_tokens / append_embeds /
-    drop_scratch and read as `token_ids` (a tuple) or `num_tokens`; block_table
-    (a copy), block_hashes, num_computed_tokens, num_cached_tokens (found by
-    prefix caching at admission), num_scratch (trailing positions computed but
-    never cached: the weaver's queries), adapter_id, pool_index. This class adds
-    what only Python uses: the embedding vectors, the cache salt object and the
-    token_input function. A pool is named by its index, here as everywhere in the engine."""
+    The native base (memgen._native.StreamCore) owns the positions (token ids,
+    EMBED at embedding positions, whose digests it keeps) and everything the block
+    manager and the scheduler change: block_table (a copy), block_hashes,
+    num_computed_tokens, num_cached_tokens (prefix-cache hits at admission),
+    num_scratch (trailing positions computed but never cached: the weaver's
+    queries), adapter_id, pool_index (the pool's index, as everywhere in the engine).
+    This class adds what only Python uses: the embedding vectors, the cache salt
+    object and the token_input function."""
 
     def __init__(self, name: str, token_ids: list[int], pool_index: int = 0, cache_salt: object = None,
                  adapter_id: int = -1, token_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -61,26 +56,14 @@ class Stream(StreamCore):
         self.name = name
         self.append_tokens(token_ids)
         self.pool_index = pool_index       # which model / KV pool this stream runs on (0: the reasoner's)
-        self._cache_salt = cache_salt      # part of prefix-cache keys (adapter, model, ...)
+        self.cache_salt = cache_salt       # part of prefix-cache keys (adapter, model, ...)
         self.salt_id = salt_id(cache_salt)
         self.adapter_id = adapter_id       # LoRA adapter of this stream's rows (-1: none)
         self.embeds: dict[int, torch.Tensor] = {}    # position -> [H] vector
+        # token positions enter the model as token_input(ids) instead of through the model's own
+        # embedding table (MemGen's weaver: reasoner_to_weaver(reasoner embedding))
         self.token_input = token_input
-
-    @property
-    def cache_salt(self) -> object:
-        return self._cache_salt
-
-    @property
-    def token_input(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Token positions enter the model as token_input(ids) embeddings instead of the
-        model's own embedding table (MemGen's weaver: reasoner_to_weaver(reasoner embedding))."""
-        return self._token_input
-
-    @token_input.setter
-    def token_input(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        self._token_input = fn
-        self.projected = fn is not None
+        self.projected = token_input is not None
 
     def append_embeds(self, vectors: torch.Tensor, hash_keys: bool = True) -> None:
         """Append K embedding-valued positions ([K, H]); their digests key the prefix cache
@@ -123,7 +106,6 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.streams: dict[str, Stream] = {REASONER: Stream(REASONER, prompt_token_ids)}
-        self._due_streams: set[str] | None = None   # streams to compute now (None: every stream)
         self.latent: Any = None                    # engine/policy.LatentRequest, with a LatentPolicy
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0     # prompt positions served by the prefix cache
@@ -131,25 +113,15 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
 
-    @property
-    def due_streams(self) -> set[str] | None:
-        return self._due_streams
-
-    @due_streams.setter
-    def due_streams(self, names: set[str] | None) -> None:
-        """Which streams the scheduler may compute now (None: every stream); kept
+    def set_due_streams(self, names: set[str]) -> None:
+        """Which streams the scheduler may compute now (until set: every stream); kept
         on the streams themselves (Stream.due) for the native scheduler."""
-        self._due_streams = names
         for name, stream in self.streams.items():
-            stream.due = names is None or name in names
+            stream.due = name in names
 
     @property
     def reasoner(self) -> Stream:
         return self.streams[REASONER]
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -169,5 +141,5 @@ class Sequence:
         self.reasoner.append_token(token_id)
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
+        return (f"Sequence(id={self.seq_id}, status={self.status.name}, prompt={len(self.prompt_token_ids)}, "
                 f"out={self.num_output_tokens}, computed={self.reasoner.num_computed_tokens})")

@@ -27,12 +27,6 @@ Running example, K=2, prompt "a b \\n" with an inactive trigger (always insert):
   step 1:   W rows a b \\n q0 q1, R rows a b \\n (one forward, LoRA per row)
             -> on_stream(W): latents l0 l1; on_hidden -> Insert: R = [a b \\n l0 l1]
   step 2:   R rows l0 l1 -> token 0 sampled from l1's logits
-
-The trigger rule is decided once: the host (`_consult`) decides who is
-consulted (the prompt; a delimiter while the budget lasts, decoding the text
-where a delimiter's meaning depends on context); the backend's fused scoring
-only applies the 2-way head and turns it into a decision. An inactive trigger
-is a constant head (weight 0, bias [0, 1]) scored the same way.
 """
 from __future__ import annotations
 
@@ -88,19 +82,17 @@ class MemGenPolicy(LatentPolicy):
     """MemGen's inference. Built once per checkpoint version by `MemGenCheckpoints`
     (memgen_setup.py); the engine runs a copy per request (`new_request`). Its
     per-request `record` is the augmentation mask (one entry per output token: 1
-    insert, 0 skip, -100 not consulted), also read as `augmentation`;
-    `num_trigger_calls`, `num_latent_positions` count what it did; `checkpoint` is
-    (name, version), reported in the request's metrics."""
+    insert, 0 skip, -100 not consulted); `num_trigger_calls` counts the trigger's
+    decisions; `checkpoint` is (name, version), reported in the request's metrics."""
 
     def __init__(self, parts: MemGenParts, delimiters: DelimiterTable, tokenizer, pad_token_id: int | None,
                  backend, follow: bool = False, checkpoint: tuple[str, int] = ("memgen", 0)):
         self._scorer = _Scorer(parts, backend)
         self.checkpoint = checkpoint
-        # follow=False (lazy): W and T compute only when a decision or latents are due, each
-        # catching up in one multi-row chunk. follow=True: while a request may still insert,
-        # W and T take their one new row in every step beside R's. The same rows in all
-        # (nothing is recomputed), but steps stay decode-shaped: CUDA graphs replay them, and
-        # on a memory-bound GPU the extra rows ride along with the weight reads.
+        # follow=False (lazy): W and T catch up only when a decision or latents are due, in one
+        # chunk. follow=True: while a request may still insert, they take their new row in every
+        # step beside R's: the same rows, but decode-shaped steps (CUDA graphs replay them, and on
+        # a memory-bound GPU the extra rows ride along with the weight reads).
         self.follow = follow
         self.delimiters = delimiters
         self.tokenizer = tokenizer
@@ -136,16 +128,11 @@ class MemGenPolicy(LatentPolicy):
         policy.kind = PROMPT                # which query latents the next weave uses
         policy.num_inference_insertions = 0     # counted against max_inference_aug_num
         policy.num_trigger_calls = 0
-        policy.num_latent_positions = 0
         policy.deciding = False             # T asked: a decision is due when it delivers
         policy.weaving = False              # W asked for the query latents
         policy.latents = None               # woven, inserted at the next on_hidden
         policy._generator = None
         return policy
-
-    @property
-    def augmentation(self) -> list[int]:
-        return self.record
 
     def on_start(self, ctx) -> None:
         self._ctx = ctx
@@ -174,7 +161,6 @@ class MemGenPolicy(LatentPolicy):
             self._scorer.flush()            # this request's decision and every other queued one
         if self.latents is not None:
             latents, self.latents = self.latents, None
-            self.num_latent_positions += latents.shape[0]
             return Insert(latents)          # R's next logits come from the last latent
         return WAIT if self.weaving else SAMPLE
 
@@ -188,8 +174,9 @@ class MemGenPolicy(LatentPolicy):
         self._trigger.follow = left and self.parts.trigger_active
 
     def _consult(self, is_prompt: bool) -> None:
-        """Who is consulted before the next token (spec §2.2 (a)), decided here only:
-        nobody, the trigger's head at once (no forward needed), or T asked to catch up."""
+        """Who is consulted before the next token (spec §2.2 (a)), decided here only (the
+        prompt; a delimiter while the budget lasts): nobody, the trigger's head at once (no
+        forward needed), or T asked to catch up. The backend only scores (_Scorer.decide)."""
         parts = self.parts
         if not is_prompt:
             budget_left = self.num_inference_insertions < parts.max_inference_aug_num
@@ -200,13 +187,12 @@ class MemGenPolicy(LatentPolicy):
         if not parts.trigger_active:
             self._scorer.decide([(self, parts.head_input)])   # the constant head reads nothing
             return
-        trigger = self._trigger
-        last = trigger.last_hidden
+        last = self._trigger.last_hidden
         if last is not None:                # nothing new for T (e.g. a pad token)
             self._scorer.decide([(self, last)])
             return
         self.deciding = True
-        trigger.compute()
+        self._trigger.compute()
 
     def _alive(self) -> bool:
         try:
