@@ -20,9 +20,6 @@ from memgen.outputs import OutputBuilder, RequestOutput
 from memgen.sampling_params import SamplingParams
 
 DEFAULT_MAX_MODEL_LEN = 4096
-LATENT_WITH_MEMGEN = ("SamplingParams.latent_policy cannot be combined with a MemGen checkpoint: a request runs "
-                      "one latent policy, and on an LLM(memgen=...) that is MemGen's; load the model without "
-                      "memgen=... to use your own")
 
 
 class LLM:
@@ -70,7 +67,6 @@ class LLM:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={max_positions}; use at most {max_positions}")
         self.config = config
-        # MemGen checkpoints are read and checked against the bases by its loader (memgen_setup.py)
         self._memgen_loader = MemGenLoader(self.model_dir, self.hf_config, self.dtype, self.reference_compat,
                                            weaver_model, trigger_model)
         sources = None if memgen is None else self._memgen_loader.sources(memgen)
@@ -82,9 +78,8 @@ class LLM:
         # models a StreamSpec(model=name) runs on, checked before anything loads
         models = None if stream_models is None else resolve_stream_models(
             stream_models, self.model_dir, self.hf_config, config.max_model_len)
-        # MemGen's checkpoints are the engine's policy factory (memgen_setup.py): the engine asks
-        # them for each request's policy; their option (W and T lazy, or following R: the CUDA
-        # default) is MemGen's, given here
+        # MemGen's checkpoints are the engine's policy factory (memgen_setup.py); W and T are lazy,
+        # or follow R (the CUDA default)
         lazy = config.lazy_memgen_streams if config.lazy_memgen_streams is not None else self.device.type != "cuda"
         self.memgen = None if sources is None else MemGenCheckpoints(
             sources, self.tokenizer, self.dtype, self.device, config.max_model_len, config.block_size,
@@ -274,9 +269,11 @@ class LLM:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, longer than max_model_len={self.max_model_len}; "
                              "shorten it or raise max_model_len")
-        if params.latent_policy is not None and self.memgen is not None:
-            raise ValueError(f"request {index}: {LATENT_WITH_MEMGEN}")
         if params.latent_policy is not None:
+            if self.memgen is not None:
+                raise ValueError(f"request {index}: SamplingParams.latent_policy cannot be combined with a MemGen "
+                                 "checkpoint: a request runs one latent policy, and on an LLM(memgen=...) that is "
+                                 "MemGen's; load the model without memgen=... to use your own")
             self.engine.runtime.bind_streams(params.latent_policy)   # e.g. a stream on an undeclared model
         if params.memgen_checkpoint is not None and self.memgen is None:
             raise ValueError(f"request {index} asks for MemGen checkpoint {params.memgen_checkpoint!r}, but this LLM "
@@ -326,15 +323,12 @@ class LLM:
                 outputs = engine.step()
                 builder.update(outputs)
                 num_tokens += sum(len(o.new_token_ids) for o in outputs)
-                finished = 0
-                for o in outputs:
-                    if o.finished and o.request_id in pending:
-                        pending.discard(o.request_id)
-                        finished += 1
+                finished = pending & {o.request_id for o in outputs if o.finished}
+                pending -= finished
                 now = time.perf_counter()
                 if finished or now - last_update > 0.5:
                     bar.set_postfix_str(f"{num_tokens / max(now - start, 1e-9):.1f} tok/s", refresh=False)
-                    bar.update(finished)
+                    bar.update(len(finished))
                     last_update = now
         except BaseException:
             # an error or Ctrl-C mid-call: nothing of this call stays in the engine
@@ -401,6 +395,4 @@ def _eos_token_ids(tokenizer, hf_config) -> frozenset[int]:
     eos = tokenizer.eos_token_id
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+    return frozenset(() if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])

@@ -22,23 +22,13 @@ past its context_lens, so stale entries beyond w are never read. The decode
 kernel's split choice depends only on block_tables' width (static here), so one
 graph serves every context length.
 
-LoRA: the Triton backend groups rows by adapter with device-only ops inside the
-forward, so the grouping is part of the graph. Graphs are captured in two
-variants when the model has LoRA hooks: without adapter ids (the hooks return
-at once, like an eager step with adapter_ids None) and with a static adapter_ids
-buffer (-1 in padded rows); a step picks the variant of its context. A pure
-reasoner decode step thus pays no LoRA kernels. The adapters' stacked weights
-are baked into the graphs by address: a weight push of the same shapes
-(update_memgen_weights during training) copies into the same tensors, so the
-graphs stay valid; a new layout (another adapter, other ranks) makes new
-tensors, which `can_run` notices and captures again before the next replay
-(also after a new KV cache is bound).
-
-Capture: sizes largest first, each warmed up eagerly once (Triton compiles
-there, not inside the capture), all sharing one memory pool. The model output
-goes into one static [max_batch, H] buffer; `run` returns a copy of its rows,
-because the latent runtime keeps hidden rows across steps (a waiting request's
-reasoner row, a stream's last_hidden) and the next replay would overwrite a view.
+LoRA: the Triton backend's row grouping (device-only ops) is part of the graph.
+With LoRA hooks, graphs are captured without adapter ids (the hooks return at
+once: a pure reasoner decode step pays no LoRA kernels) and with a static
+adapter_ids buffer (-1 in padded rows); a step picks the variant of its context.
+The stacked adapters and the KV cache are baked in by address: a same-shape
+weight push copies into the same tensors (layers/lora.py); new tensors are
+noticed by `can_run`, which captures again before the next replay.
 """
 from __future__ import annotations
 
@@ -98,9 +88,8 @@ class DecodeGraphs:
         self.lora_hooks = [m.lora for m in runner.model.modules() if isinstance(getattr(m, "lora", None), LoraHook)]
         self._attn0 = runner.model.attention_layers()[0]
         self.adapter_variants = bool(self.lora_hooks) if adapter_variants is None else adapter_variants
-        self._padded = [0] * (max_batch + 1)   # n -> smallest captured size >= n (0: none)
-        for n in range(max_batch, 0, -1):
-            self._padded[n] = next(s for s in sizes if s >= n) if n <= sizes[-1] else 0
+        # n -> smallest captured size >= n (0: none)
+        self._padded = [0] + [next((s for s in sizes if s >= n), 0) for n in range(1, max_batch + 1)]
 
         device = runner.device
         with torch.inference_mode():
@@ -180,9 +169,8 @@ class DecodeGraphs:
         """A decode step that fits a captured graph (host-side checks only)."""
         ctx = inp.context
         n = inp.input_ids.shape[0]
-        if ctx.max_seqlen_q != 1 or n == 0 or n > self.max_batch or ctx.num_chunks != n:
-            return False
-        if ctx.block_tables.shape[1] > self.max_blocks_per_seq:
+        if ctx.max_seqlen_q != 1 or n == 0 or n > self.max_batch or ctx.num_chunks != n \
+                or ctx.block_tables.shape[1] > self.max_blocks_per_seq:
             return False
         bs = self._padded[n]
         if not bs or (bs, ctx.adapter_ids is not None) not in self.graphs:
@@ -209,7 +197,9 @@ class DecodeGraphs:
         self._dirty = n
 
     def run(self, inp) -> torch.Tensor:
-        """Replay the step `can_run` accepted; the post-norm hidden states [n, H]."""
+        """Replay the step `can_run` accepted; the post-norm hidden states [n, H], a copy:
+        the latent runtime keeps hidden rows across steps (a waiting request's reasoner row,
+        a stream's last_hidden), which the next replay would overwrite in a view."""
         ctx = inp.context
         n, w = inp.input_ids.shape[0], ctx.block_tables.shape[1]
         with_adapters = ctx.adapter_ids is not None
@@ -240,16 +230,12 @@ def max_blocks_per_seq(runner) -> int:
 
 
 def build_decode_graphs(runner, config, rows_per_seq: int = 1) -> DecodeGraphs | None:
-    """Captured decode graphs for `runner` (after allocate_kv_cache), or None where
-    the step runs eagerly:
-      - config.enforce_eager: asked for;
-      - not CUDA: there are no CUDA graphs (the CPU gains nothing from them);
-      - a backend that is not `graph_safe` (the torch one: its prepare() reads
-        tensors on the host, int(context_lens[0]), bool(...any()), nonzero: syncs,
-        data-dependent shapes, which a capture cannot hold).
-    `rows_per_seq`: decode rows one sequence can put in this runner's step (its
-    pool's number of streams, e.g. MemGen's reasoner + trigger in one pool); graphs
-    go up to min(max_num_seqs * rows_per_seq, max_num_batched_tokens) rows."""
+    """Captured decode graphs for `runner` (after allocate_kv_cache), or None where the
+    step runs eagerly: config.enforce_eager, not CUDA, or a backend that is not
+    `graph_safe` (the torch one syncs in prepare(): a capture cannot hold it).
+    `rows_per_seq`: decode rows one sequence can put in this runner's step (its pool's
+    number of streams); graphs go up to min(max_num_seqs * rows_per_seq,
+    max_num_batched_tokens) rows."""
     if config.enforce_eager or runner.device.type != "cuda" or not getattr(runner.attn_backend, "graph_safe", False):
         return None
     max_batch = max(1, min(config.max_num_seqs * max(1, rows_per_seq), config.max_num_batched_tokens))

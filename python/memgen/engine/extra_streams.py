@@ -1,12 +1,9 @@
 """Where a policy's extra streams (memgen.StreamSpec) run: which pool (model and
 KV cache), which LoRA adapter id, which prefix-cache salt, and how their token
 positions enter the model. One binding per StreamSpec object, made once per
-engine: MemGen's are bound by its set-up (memgen_setup.py, on the
-reasoner's base or on their own checkpoints); a user's spec is bound the first
-time a request carries it, its adapter installed under a fresh adapter id, on
-the reasoner's base or on the model its `model=` names: one of the models the
-LLM was built with (`LLM(stream_models={name: path})`, each a pool of its own,
-or the base pool when the directory holds the reasoner's weights)."""
+engine: MemGen's by its set-up (memgen_setup.py); a user's the first time a
+request carries it, its adapter installed under a fresh adapter id, on the
+reasoner's base or on the model its `model=` names (`LLM(stream_models=...)`)."""
 from __future__ import annotations
 
 import os
@@ -145,9 +142,8 @@ class StreamBinder:
         Binding a spec again (new weights under the same adapter id) gives its streams a new
         cache salt: entries made with the old weights are never hit again."""
         self._used_adapter_ids.add(adapter_id)
-        project = self._checked_projection(spec, width)
         self._num_bindings += 1
-        self._bindings[id(spec)] = self._binding(spec, pool, adapter_id, project, width, self._num_bindings)
+        self._bindings[id(spec)] = self._binding(spec, pool, adapter_id, width, self._num_bindings)
 
     def unbind(self, spec: StreamSpec) -> None:
         """Forget a spec whose requests are all gone; its adapter id is free again."""
@@ -155,9 +151,14 @@ class StreamBinder:
         if found is not None:
             self._used_adapter_ids.discard(found.adapter_id)
 
-    def _binding(self, spec, pool: int, adapter_id: int, project, width: int, serial: int = 0) -> StreamBinding:
-        return StreamBinding(spec, pool, adapter_id, project, self._token_input(project), width,
-                             (spec.name, adapter_id, pool, serial))
+    def _binding(self, spec, pool: int, adapter_id: int, width: int, serial: int = 0) -> StreamBinding:
+        project = self._checked_projection(spec, width)
+        # with a projection, token positions enter as the reasoner's embeddings, projected (to the
+        # stream model's width on another model): one function per spec, so that the batch assembly
+        # makes one call per step for all of its rows, whatever the number of requests
+        embed = self.base_runner.model.model.embed_tokens
+        token_input = None if project is None else (lambda ids: project(embed(ids)))
+        return StreamBinding(spec, pool, adapter_id, project, token_input, width, (spec.name, adapter_id, pool, serial))
 
     def binding(self, spec: StreamSpec) -> StreamBinding:
         found = self._bindings.get(id(spec))
@@ -174,8 +175,7 @@ class StreamBinder:
                 except BaseException:
                     self._used_adapter_ids.discard(adapter_id)
                     raise
-            project = self._checked_projection(spec, width)
-            found = self._bindings[id(spec)] = self._binding(spec, pool, adapter_id, project, width)
+            found = self._bindings[id(spec)] = self._binding(spec, pool, adapter_id, width)
         return found
 
     def _model_of(self, spec: StreamSpec) -> tuple[int, ModelRunner]:
@@ -222,15 +222,6 @@ class StreamBinder:
                                  f"for N = {rows.shape[0]}")
             return out
         return checked
-
-    def _token_input(self, project):
-        """One function per spec: the batch assembly makes one call per step for all of
-        its rows, whatever the number of requests. The reasoner's embeddings, projected
-        (to the stream model's width when it runs on another model)."""
-        if project is None:
-            return None
-        embed = self.base_runner.model.model.embed_tokens
-        return lambda ids: project(embed(ids))
 
     def create(self, spec: StreamSpec, prompt_token_ids: list[int]) -> Stream:
         """The stream of one request, holding the prompt positions it follows."""

@@ -1,6 +1,6 @@
 """Turn a step's scheduled chunks into the flat tensors of one forward: input
 ids (or embeddings), positions, and the ForwardContext (slot mapping, block
-tables, context lengths, adapter id per row).
+tables, context lengths, adapter id per row: layers/context.py has an example).
 
 The integer tensors are assembled natively (`StepCore.assemble`, engine/
 runtime.cpp) straight into preallocated host buffers (pinned on CUDA) and
@@ -8,13 +8,6 @@ copied to the device from there; the embedding rows (latents, the weaver's
 projected tokens) are stacked here, only for chunks that have them, and the
 model's first layer merges them with the token embeddings in one pass
 (`inject_latents`).
-
-Example, block_size 4: chunk A = positions 6..6 of a stream with blocks [5, 2],
-chunk B = positions 0..2 of a stream with blocks [7]:
-  input rows   [A6, B0, B1, B2]     positions [6, 0, 1, 2]
-  cu_seqlens_q [0, 1, 4]            context_lens [7, 3]      last_rows [0, 3]
-  slot_mapping [2*4+2, 7*4+0, 7*4+1, 7*4+2]
-  block_tables [[5, 2], [7, -1]]
 """
 from __future__ import annotations
 
@@ -35,14 +28,13 @@ class ModelInput:
     latents: torch.Tensor | None            # [M, H] the step's embedding rows (latents, projected tokens)
     latent_index: torch.Tensor | None       # [N] row -> index into latents, -1: a token row
     context: ForwardContext
-    last_rows: torch.Tensor                 # [B] index of each chunk's last row (host)
+    last_rows: torch.Tensor                 # [B] index of each chunk's last row (host), e.g. [0, 3]
 
 
 class InputBuffers:
-    """Host buffers the native assembly writes into; they grow on demand. On the
-    CPU the tensors handed out are views, valid until the next assembly into
-    them; on CUDA they are copied from pinned memory without blocking, and the
-    next assembly waits until those copies are done."""
+    """Host buffers the native assembly writes into; they grow on demand. On the CPU
+    it hands out views, valid until the next assembly; on CUDA, non-blocking copies
+    from pinned memory, which the next assembly waits for."""
 
     def __init__(self, device: torch.device, max_rows: int = 256, max_chunks: int = 64, max_table: int = 4096):
         self.pin = device.type == "cuda" and torch.cuda.is_available()
@@ -69,10 +61,9 @@ class InputBuffers:
                        max(table, 2 * res.num_chunks * res.max_blocks))
 
     def views(self, n: int, b: int, w: int, device: torch.device) -> tuple:
-        """(input_ids, positions, slot_mapping, adapter_ids, cu_seqlens_q, context_lens,
-        block_tables, last_rows) for n rows, b chunks, w blocks per table, on `device`
-        (last_rows stays on the host). On the CPU the views are reused while the sizes
-        repeat (steady decode): slicing costs more than the native assembly itself."""
+        """The buffers' tensors for n rows, b chunks, w blocks per table, on `device` (last_rows
+        stays on the host). On the CPU the views are reused while the sizes repeat (steady
+        decode): slicing costs more than the native assembly itself."""
         key = (n, b, w)
         if self._views_key != key or device.type != "cpu":
             v = (self.input_ids[:n], self.positions[:n], self.slot_mapping[:n], self.adapter_ids[:n],

@@ -40,7 +40,6 @@ class LLMEngine:
         (memgen_setup.py), which picks a request's checkpoint."""
         self.config, self.dtype, self.device = config, dtype, device
         self.detokenize = detokenize    # token ids -> text, for stop strings (LLM passes its tokenizer's)
-        self.hf_config = hf_config
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
         backend = select_backend(config.attention_backend, device, dtype)
@@ -50,7 +49,6 @@ class LLMEngine:
         # index (self.pools[i].index == i); the reasoner's is pool 0
         base = Pool(BASE_POOL, 0, self.model_runner)
         self.pools = [base]
-        # params -> the LatentPolicy of a request that carries none (MemGen's), or None
         self.policy_for: Callable[[SamplingParams], LatentPolicy] | None = None
         self.stream_binder = StreamBinder(self.model_runner, dtype, device)   # where policies' streams run
         if default_policy is not None:
@@ -59,14 +57,12 @@ class LLMEngine:
         if stream_models:   # models a user's StreamSpec(model=name) runs on: each its own pool
             self.pools += self.stream_binder.open_models(stream_models, len(self.pools), self.max_model_len,
                                                          config.block_size)
-        # the runtime of requests with a LatentPolicy (on an LLM(memgen=...): MemGen's, the default)
         self.runtime = LatentRuntime(self.model_runner, self.max_model_len, self.stream_binder)
         assert [pool.index for pool in self.pools] == list(range(len(self.pools))), "pools are numbered in order"
         for pool in self.pools:
             num_blocks = self._num_kv_blocks(pool.runner, pool.num_streams)
             pool.runner.allocate_kv_cache(num_blocks)
-            # CUDA graphs for decode steps (None unless CUDA + Triton + enforce_eager=False);
-            # a MemGen pool's decode steps carry up to one row per stream living in it
+            # CUDA graphs for decode steps (None where they do not apply), one row per stream in the pool
             pool.runner.decode_graphs = build_decode_graphs(pool.runner, config, pool.num_streams)
             pool.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.block_manager = base.block_manager     # the reasoner's
@@ -147,10 +143,8 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
-        """Run one batched forward. Returns what happened, as data: one EngineOutput per
-        request that changed (its new token; why it ended). One order for every model:
-        forward -> mark computed -> runtime.after_forward -> sample -> stop
-        checks -> runtime.after_sample -> runtime.ended (engine/policy.py)."""
+        """Run one batched forward (in the order the module docstring gives). Returns what
+        happened, as data: one EngineOutput per request that changed (its new token; why it ended)."""
         self.runtime.before_schedule()     # new requests' policies start (on_start) here
         out = self.scheduler.schedule()
         if not out.num_chunks:
@@ -161,7 +155,8 @@ class LLMEngine:
         hidden = self._forward(out)
         self.scheduler.postprocess(out)
         seqs, due_hidden, ended = self.runtime.after_forward(out.chunks, hidden)
-        self._finish_all(ended, "length")
+        for seq in ended:
+            self._finish(seq, "length")
         if not seqs:
             return self._outputs(ended, seqs)
         logits = self.model_runner.compute_logits(due_hidden)
@@ -179,7 +174,8 @@ class LLMEngine:
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.reasoner.num_tokens >= self.max_model_len:
                 self._finish(seq, "length")
         self.runtime.after_sample(seqs, sampled.token_ids)
-        self._finish_all(self.runtime.ended(), "length")
+        for seq in self.runtime.ended():
+            self._finish(seq, "length")
         return self._outputs(ended, seqs)
 
     def _outputs(self, ended: list[Sequence], sampled: list[Sequence]) -> list[EngineOutput]:
@@ -218,10 +214,6 @@ class LLMEngine:
             return False
         text = self.detokenize(seq.output_token_ids)
         return any(stop in text for stop in stops)
-
-    def _finish_all(self, seqs: list[Sequence], reason: str) -> None:
-        for seq in seqs:
-            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """The one way a request ends (abort aside)."""

@@ -11,13 +11,10 @@ recompute (its blocks are freed; it re-enters the queue's front and later
 re-prefills, through the prefix cache where it can). Requests are never dropped.
 
 Admission, the per-step loop over running sequences and the per-chunk work
-after the forward run natively (`memgen._native.StepCore`, engine/runtime.cpp):
-a sequence's streams are registered with it at admission and stay there while
-it runs (`StepCore.running`, in admission order); the step's chunks live there
-and are handed to batch assembly (input_batch) without Python objects;
-`SchedulerOutput.chunks` builds the Python view when something asks for it.
-The queue of waiting sequences and preemption (a few sequences per step at
-most) stay in Python.
+after the forward run natively (`memgen._native.StepCore`, engine/runtime.cpp),
+which holds the running sequences' streams (in admission order) and the step's
+chunks (handed to batch assembly without Python objects; `SchedulerOutput.chunks`
+is a Python view). The waiting queue and preemption stay in Python.
 """
 from __future__ import annotations
 
@@ -106,8 +103,12 @@ class Scheduler:
             if not failed:
                 break
             seq = core.running_at(i)
-            victim = core.pop_running()
-            self._preempt(victim)
+            victim = core.pop_running()     # preempted by recompute: back to the queue's front
+            self._free(victim)
+            victim.status = SequenceStatus.WAITING
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.appendleft(victim)
             out.preempted.append(victim)
             if victim is seq:
                 break
@@ -132,13 +133,6 @@ class Scheduler:
         if seq.num_preemptions == 0:   # 0 when R was not admitted now: a fresh stream holds no hits
             seq.num_cached_prompt_tokens = seq.reasoner.num_cached_tokens
         return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        self._free(seq)
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
 
     def _free(self, seq: Sequence) -> None:
         for stream in seq.streams.values():

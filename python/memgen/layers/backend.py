@@ -202,7 +202,7 @@ class TorchBackend(LayerOps):
                 or qkv.lora is not None or o.lora is not None or gu.lora is not None or down.lora is not None \
                 or qkv.weight.dtype != x.dtype or (attn.use_rope and rope is None):
             return None
-        ctx = get_context_or_none()
+        ctx = context._CONTEXT
         meta = None if ctx is None else ctx.attn_metadata
         if not isinstance(meta, SDPAMetadata) or meta.native is None or attn.attn.backend is not self:
             return None
@@ -292,21 +292,14 @@ class TritonBackend(LayerOps):
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                  scaling: torch.Tensor, ctx: ForwardContext) -> None:
-        """y += each row's adapter delta, in place (y may be a column slice). The
-        rows' grouping by adapter is computed once per forward and shared by all
-        layers (device-only ops: CUDA-graph safe)."""
+        """TorchBackend.add_lora with Triton's kernels (the grouping: device-only ops, CUDA-graph safe)."""
         meta = ctx.lora_meta.get(lora_a.shape[0])
         if meta is None:
             meta = ctx.lora_meta[lora_a.shape[0]] = self._lora.lora_metadata(ctx.adapter_ids, lora_a.shape[0])
         self._lora.add_lora(y, x, lora_a, lora_b, scaling, ctx.adapter_ids, meta=meta)
 
 
-
 _DEFAULT_OPS = LayerOps()
-
-
-def get_context_or_none() -> ForwardContext | None:
-    return context._CONTEXT
 
 
 def layer_ops() -> LayerOps:

@@ -6,6 +6,7 @@ into B *chunks* (one chunk = consecutive new positions of one stream of one
 sequence). Running example, block_size 4, two chunks:
   chunk 0: a decode step at position 6        -> q_len 1, context_len 7
   chunk 1: a prefill chunk of positions 0..2  -> q_len 3, context_len 3
+  positions    = [6, 0, 1, 2]   (rows: chunk 0's, then chunk 1's)
   cu_seqlens_q = [0, 1, 4]     context_lens = [7, 3]
   block_tables = [[5, 2], [7, -1]]   (-1 pads)
   slot_mapping = [2*4+2, 7*4+0, 7*4+1, 7*4+2] = [10, 28, 29, 30]
@@ -46,11 +47,6 @@ class ForwardContext:
 _CONTEXT: ForwardContext | None = None
 
 
-def set_context(ctx: ForwardContext | None) -> None:
-    global _CONTEXT
-    _CONTEXT = ctx
-
-
 def get_context() -> ForwardContext:
     if _CONTEXT is None:
         raise RuntimeError("no forward context is set: model forwards run inside ModelRunner.forward")
@@ -64,8 +60,10 @@ class forward_context:
         self.ctx = ctx
 
     def __enter__(self) -> ForwardContext:
-        set_context(self.ctx)
+        global _CONTEXT
+        _CONTEXT = self.ctx
         return self.ctx
 
     def __exit__(self, *exc) -> None:
-        set_context(None)
+        global _CONTEXT
+        _CONTEXT = None

@@ -180,12 +180,12 @@ def _restack(model: nn.Module) -> None:
         old, hook.num_adapters, hook._stacks = hook._stacks, num_adapters, None
         # built here, never lazily inside a forward: tensors made under inference_mode
         # could not take a later push's in-place copy
-        if old is not None and _same_layout(old, hook.stacks()):
-            for kept, new in zip(old, hook._stacks):
+        stacks = hook.stacks()
+        if old is not None and _same_layout(old, stacks):
+            for kept, new in zip(old, stacks):
                 for dst, src in zip(kept[1:], new[1:]):
                     dst.copy_(src)
             hook._stacks = old
-        hook.stacks()
 
 
 def _same_layout(old: list, new: list) -> bool:
