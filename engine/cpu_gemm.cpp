@@ -211,17 +211,29 @@ constexpr bool fits(int R, int NP) {
     return (R + w) * NP * Vec<V>::parts <= Vec<V>::registers - 2;
 }
 
+// A row block's tiles: as few as `big` rows allow, their heights balanced. (8 rows on
+// AVX2 as 4 + 4, not 6 + 2: a 2-row tile keeps only 4 sums in flight, half what the FMA
+// units take, and took as long as the 6-row one.) Which tile a row is in never changes
+// its result: every tile runs a row's sums in the same order.
+struct Tiles {
+    int64_t count, base, extra;   // `extra` tiles of base + 1 rows, then tiles of base rows
+    Tiles(int64_t M, int64_t big) : count((M + big - 1) / big), base(M / count), extra(M % count) {}
+    int64_t rows(int64_t i) const { return base + (i < extra ? 1 : 0); }
+    int64_t start(int64_t i) const { return i * base + std::min(i, extra); }
+};
+
 // x's rows in the tiles' order, each tile k-major: a tile then broadcasts its x values
 // from one cache line per k instead of from a pointer per row (16 row pointers spill
-// the general registers). Tiles of `big` rows, then the last rows as one tile.
+// the general registers).
 // float32: xp[k * rows + r]; bfloat16 converted to float (K padded to even with a zero);
 // pairs (the avx512_bf16 body): xp[kp * rows + r] = x[r, 2kp] | x[r, 2kp + 1] << 16.
 enum class XPack { kFloat, kFloatPairs, kBf16Pairs };
 
 template <typename T>
 void pack_x(const T* x, int64_t M, int64_t K, int64_t big, XPack how, int64_t xk, float* xp) {
-    for (int64_t m0 = 0; m0 < M; m0 += big) {
-        const int64_t rows = std::min(big, M - m0);
+    const Tiles tiles(M, big);
+    for (int64_t i = 0; i < tiles.count; ++i) {
+        const int64_t m0 = tiles.start(i), rows = tiles.rows(i);
         float* tile_x = xp + m0 * xk;
         for (int64_t r = 0; r < rows; ++r) {
             const T* xr = x + (m0 + r) * K;
@@ -253,47 +265,33 @@ constexpr int64_t kGroup = 4;
 template <typename V, int big, typename T>
 inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M, const Geom& g, const T* packed,
                                                      int64_t N, const float* bias, T* y, int64_t p0, int64_t p1) {
-    const int64_t full = M / big * big, left = M - full, panel_size = g.panel_size;
+    const Tiles tiles(M, big);
+    const int64_t panel_size = g.panel_size;
     for (int64_t gr = p0; gr < p1; gr += kGroup) {
         const int64_t in_group = std::min(kGroup, p1 - gr);
-        for (int64_t p = gr; p < gr + in_group && full > 0; ++p) {
-            const int64_t n0 = p * kPanel;
-            const int64_t cols = std::min(kPanel, N - n0);
-            alignas(64) float bias16[kPanel] = {};
-            if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
-            const T* panel = packed + p * panel_size;
-            for (int64_t m = 0; m < full; m += big) {
-                if (M == big) tile<V, big, 1, true>(xp, g.steps, panel, panel_size, bias16, y + n0, N, cols);
-                else tile<V, big, 1, false>(xp + m * g.xk, g.steps, panel, panel_size, bias16, y + m * N + n0, N,
-                                            cols);
-            }
-        }
-        if (left == 0) continue;
         int64_t p = gr;
         const T* at = packed + p * panel_size;
-        if (full == 0) {   // the panels' only pass, bound by reading W: read once
+        if (tiles.count == 1) {   // the panels' only pass, bound by reading W: read once
             if constexpr (!std::is_same_v<T, float> && !std::is_same_v<V, Dot512> && fits<V, T>(2, 2)) {
                 // a bfloat16 pair is two dependent FMAs: two panels at a time keep the
                 // chains short enough for one row to stream
-                if (left <= 2)
+                if (M <= 2)
                     for (; p + 2 <= gr + in_group; p += 2, at += 2 * panel_size)
                         tail<V, big, 2, true>(xp, M, 0, g, at, N, bias, y, p * kPanel);
             }
             for (; p < gr + in_group; ++p, at += panel_size) tail<V, big, 1, true>(xp, M, 0, g, at, N, bias, y, p * kPanel);
             continue;
         }
-        // the panels are in the cache now: their sums are the bound
-        if constexpr (fits<V, T>(2, 4)) {
-            if (left <= 2)
-                for (; p + 4 <= gr + in_group; p += 4, at += 4 * panel_size)
-                    tail<V, big, 4, false>(xp, M, full, g, at, N, bias, y, p * kPanel);
+        // the first tile streams a panel into the caches, the others read it there
+        for (; p < gr + in_group; ++p, at += panel_size) {
+            const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+            alignas(64) float bias16[kPanel] = {};
+            if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
+            for (int64_t i = 0; i < tiles.count; ++i) {
+                const int64_t m0 = tiles.start(i);
+                rest<V, big, 1, false>(tiles.rows(i), xp + m0 * g.xk, g, at, bias16, y + m0 * N + n0, N, cols);
+            }
         }
-        if constexpr (fits<V, T>(4, 2)) {
-            if (left <= 4)
-                for (; p + 2 <= gr + in_group; p += 2, at += 2 * panel_size)
-                    tail<V, big, 2, false>(xp, M, full, g, at, N, bias, y, p * kPanel);
-        }
-        for (; p < gr + in_group; ++p, at += panel_size) tail<V, big, 1, false>(xp, M, full, g, at, N, bias, y, p * kPanel);
     }
 }
 

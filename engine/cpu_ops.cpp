@@ -80,6 +80,36 @@ MEMGEN_CLONES void silu_and_mul_bf16(const uint16_t* gu, uint16_t* out, int64_t 
     }
 }
 
+// a row's largest value in 8 lanes (the maximum is exact whatever the order), then its
+// first index; a NaN anywhere makes the row's answer its first NaN
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+MEMGEN_CLONES int64_t argmax_row(const float* x, int64_t n) {
+    f32x8 top = f32x8{} - INFINITY;
+    i32x8 nan = {};
+    const int64_t whole = n / 8 * 8;
+    for (int64_t i = 0; i < whole; i += 8) {
+        f32x8 v;
+        std::memcpy(&v, x + i, sizeof v);
+        nan |= v != v;
+        top = v > top ? v : top;
+    }
+    float best = -INFINITY;
+    bool has_nan = false;
+    for (int l = 0; l < 8; ++l) {
+        best = top[l] > best ? top[l] : best;
+        has_nan |= nan[l] != 0;
+    }
+    for (int64_t i = whole; i < n; ++i) {
+        has_nan |= x[i] != x[i];
+        best = x[i] > best ? x[i] : best;
+    }
+    for (int64_t i = 0; i < n; ++i)
+        if (has_nan ? x[i] != x[i] : x[i] == best) return i;
+    return 0;
+}
+
 }  // namespace
 
 void rms_norm_cpu(const void* x, void* residual, const void* weight, void* out, int64_t rows, int64_t hidden,
@@ -154,6 +184,11 @@ void decoder_layer_cpu(const DecoderLayerArgs& a) {
     linear_any(normed.data(), N, H, a.gate_up_w, 2 * I, a.gate_up_b, gu.data(), dt, threads);
     silu_and_mul_cpu(gu.data(), act.data(), N, I, dt);
     linear_any(act.data(), N, I, a.down_w, H, a.down_b, a.out, dt, threads);
+}
+
+void argmax_rows_f32(const float* x, int64_t rows, int64_t width, int64_t* out) {
+    if (width < 1) throw std::invalid_argument("argmax_rows_f32: a row needs at least one value");
+    for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * width, width);
 }
 
 }  // namespace memgen

@@ -93,7 +93,7 @@ def _linear(in_features, out_features, bias, seed=0):
     return layer, g
 
 
-# rows: whole row tiles, tails of 1-15 rows after them (taken 4 or 2 panels at a time)
+# rows: one tile, balanced tiles (8 = 4 + 4 on AVX2, 17 = 9 + 8 on AVX-512), a lone row
 # and alone, a chunk longer than one block of rows (256); out_features: panel groups of 4 with 3, 2 or 1 panels left, a padded last panel
 @pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 8, 9, 10, 12, 14, 16, 17, 20, 21, 33, 64, 300])
 @pytest.mark.parametrize("in_features,out_features,bias", [(64, 48, True), (37, 21, False), (512, 1000, True),
@@ -242,7 +242,7 @@ print(native.native_op("linear_isa")())
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
 def test_packed_linear_threads_are_bit_identical_to_one_thread(isa):
-    """Rows 1..20 and 33 (whole tiles, tails, the 4/2-panel tail groups), odd output widths
+    """Rows 1..20 and 33 (one tile, balanced tiles of every height), odd output widths
     (a padded last panel, chunks that end mid-group), 1 vs 2/3/4 threads, on every body."""
     import os
     import subprocess
@@ -502,3 +502,32 @@ def test_whole_layer_call_equals_the_ops_one_by_one(dtype, tiny_model_dir, monke
     assert runs[True] == runs[False]
     arch = llm.engine.model_runner.model.config.model_type
     assert (fused_calls > 0) == (arch != "qwen3") and not calls
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 17, 49152 + 3])
+def test_native_argmax_equals_torch_ties_nan_and_inf_included(width):
+    """The greedy sampler's native argmax gives torch.argmax's index: the first of equal
+    maxima, the first NaN of a row that has one, rows of -inf, +inf, signed zeros."""
+    if native.argmax_rows_f32 is None:
+        pytest.skip("this build has no native argmax")
+    from memgen.layers.sampler import _argmax
+
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(10, width, generator=g)
+    x[1] = float("-inf")
+    x[2] = 0.0
+    x[3, width // 2] = float("nan")
+    x[3, -1] = float("nan")
+    x[4] = x[4].round()                 # many ties at the top
+    x[5, -1] = float("inf")
+    x[6, 0] = -0.0
+    x[6, 1:] = -1.0
+    x[7] = torch.where(x[7] > 0, torch.tensor(float("nan")), x[7])
+    x[8, -1] = x[8].max() + 1           # the maximum in the scalar tail
+    want = x.argmax(dim=-1)
+    out = torch.empty(10, dtype=torch.int64)
+    native.argmax_rows_f32(x.data_ptr(), 10, width, out.data_ptr())
+    assert torch.equal(out, want)
+    assert torch.equal(_argmax(x), want)
+    assert torch.equal(_argmax(x.t().contiguous().t()), want)   # a strided view: made contiguous
+    assert torch.equal(_argmax(x.double()), x.double().argmax(dim=-1))   # float64 keeps torch's

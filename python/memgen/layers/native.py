@@ -23,6 +23,7 @@ def native_op(name: str):
 paged_attention_cpu = native_op("paged_attention_cpu")
 rms_norm_cpu = native_op("rms_norm_cpu")
 silu_and_mul_cpu = native_op("silu_and_mul_cpu")
+argmax_rows_f32 = native_op("argmax_rows_f32")   # the greedy sampler's argmax (cpu_ops.h)
 decoder_layer_cpu = native_op("decoder_layer_cpu")   # a whole decoder layer (cpu_ops.h)
 packed_linear = native_op("packed_linear")   # engine/cpu_gemm.h, with pack_weight and packed_size
 pack_weight = native_op("pack_weight")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memgen.layers import native
+
 
 @dataclass
 class SamplingBatch:
@@ -41,7 +43,7 @@ class Sampler:
             logits = logits.float()
         raw = logits
         logits = _ban(_penalize(logits, batch), batch.banned)
-        tokens = logits.argmax(dim=-1)
+        tokens = _argmax(logits)
         random_rows = [i for i, t in enumerate(batch.temperatures) if t > 0.0]
         if random_rows:
             tokens[random_rows] = self._sample(logits[random_rows], batch, random_rows)
@@ -62,7 +64,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         for i, r in enumerate(rows):
             noise[i].exponential_(generator=batch.generators[r])
-        return (probs / noise).argmax(dim=-1)
+        return _argmax(probs / noise)
 
     @staticmethod
     def _logprobs(logits, token_ids, num_logprobs) -> list[dict[int, float] | None]:
@@ -82,6 +84,17 @@ class Sampler:
             d[token_ids[i]] = chosen[i]
             out.append(d)
         return out
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1); a CPU float32 batch through the native op, which gives the same
+    indices (ties and NaN included) several times faster and on the caller's thread."""
+    if native.argmax_rows_f32 is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return x.argmax(dim=-1)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    native.argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 def _truncate(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
