@@ -153,9 +153,8 @@ class StreamBinder:
 
     def _binding(self, spec, pool: int, adapter_id: int, width: int, serial: int = 0) -> StreamBinding:
         project = self._checked_projection(spec, width)
-        # with a projection, token positions enter as the reasoner's embeddings, projected (to the
-        # stream model's width on another model): one function per spec, so that the batch assembly
-        # makes one call per step for all of its rows, whatever the number of requests
+        # with a projection, token positions enter as the reasoner's embeddings, projected: one
+        # function per spec, so that the batch assembly makes one call per step for all its rows
         embed = self.base_runner.model.model.embed_tokens
         token_input = None if project is None else (lambda ids: project(embed(ids)))
         return StreamBinding(spec, pool, adapter_id, project, token_input, width, (spec.name, adapter_id, pool, serial))

@@ -112,8 +112,7 @@ def _gather_embedding_rows(step: StepCore, pool_index: int, host_ids: torch.Tens
     """The step's embedding rows stacked into one [M, H] buffer, and each input
     row's index into it (-1: a token row, embedded by the model). Embedding rows
     are inserted latents, the weaver's scratch queries, and every token row of a
-    stream with `token_input` (the weaver's projected reasoner embeddings: one
-    call per step for all of its rows, whatever the number of sequences)."""
+    stream with `token_input` (one call per token_input for all of its rows)."""
     latent_index = torch.full((host_ids.shape[0],), -1, dtype=torch.int64)
     chunks, row = [], 0             # (first row, stream, first position) of this pool's chunks
     for _, stream, start, num_tokens in step.chunk_tuples():

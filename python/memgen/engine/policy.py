@@ -6,9 +6,7 @@ through the hooks of a step (LLMEngine.step), one order for every model:
 request without a `memgen.LatentPolicy` when its reasoner chunk completes; one with
 (SamplingParams.latent_policy, or the engine's default: MemGen's) as its policy says
 after each catch-up, its extra streams (StreamSpec) mirrored, computed when asked and
-delivered here. A request ends one way: the engine finishes it (LLMEngine._finish) and
-tells the runtime (`finished`); a policy that ends its request (ctx.finish, or out of
-room) only asks for that (`ended`).
+delivered here. Only the engine finishes a request (`finished`); a policy asks (`ended`).
 """
 from __future__ import annotations
 
@@ -110,21 +108,18 @@ class StreamHandle:
         request, stream = self._request, self._stream
         if self.name in request.asks:
             raise RuntimeError(f"stream {self.name!r} was already asked to compute: wait for its on_stream")
-        if scratch is None:
-            if self.num_pending == 0:
-                raise ValueError(f"stream {self.name!r} has nothing to compute: its last position's state is "
-                                 "ctx.streams[name].last_hidden")
-            request.asks[self.name] = _Ask(0)
-        else:
+        if scratch is None and self.num_pending == 0:
+            raise ValueError(f"stream {self.name!r} has nothing to compute: its last position's state is "
+                             "ctx.streams[name].last_hidden")
+        if scratch is not None:
             if not isinstance(scratch, torch.Tensor) or scratch.dim() != 2 or scratch.shape[0] == 0 \
                     or scratch.shape[1] != self.width:
                 shape = tuple(scratch.shape) if isinstance(scratch, torch.Tensor) else type(scratch).__name__
                 raise ValueError(f"stream {self.name!r}: scratch rows must be a tensor of shape "
                                  f"[K >= 1, {self.width}], got {shape}")
-            k = scratch.shape[0]
-            stream.num_scratch = k
+            stream.num_scratch = scratch.shape[0]
             stream.append_embeds(scratch.detach(), hash_keys=False)   # never cached: no key
-            request.asks[self.name] = _Ask(k)
+        request.asks[self.name] = _Ask(0 if scratch is None else scratch.shape[0])
         request.update_due()
 
     def __repr__(self) -> str:

@@ -46,9 +46,8 @@ class Stream(StreamCore):
     manager and the scheduler change: block_table (a copy), block_hashes,
     num_computed_tokens, num_cached_tokens (prefix-cache hits at admission),
     num_scratch (trailing positions computed but never cached: the weaver's
-    queries), adapter_id, pool_index (the pool's index, as everywhere in the engine).
-    This class adds what only Python uses: the embedding vectors, the cache salt
-    object and the token_input function."""
+    queries), adapter_id, pool_index (the pool's index, as everywhere in the engine);
+    what only Python uses is kept here."""
 
     def __init__(self, name: str, token_ids: list[int], pool_index: int = 0, cache_salt: object = None,
                  adapter_id: int = -1, token_input: Callable[[torch.Tensor], torch.Tensor] | None = None):

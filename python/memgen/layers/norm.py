@@ -16,7 +16,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with `residual`, (norm(residual + x), residual + x): the sum is the
-        next residual (written into `residual` in place on the native path). Through the
-        forward's backend (layers/backend.py: native on CPU float32/bfloat16)."""
+        """norm(x), or (norm(residual + x), residual + x): the forward's LayerOps.rms_norm."""
         return layer_ops().rms_norm(x, self.weight, self.eps, residual)

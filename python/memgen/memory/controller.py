@@ -6,9 +6,8 @@ it (memgen_setup.py, MemGen's factory) and runs it for every request of an
 
 Each request has two extra streams beside the reasoner R: W the weaver (every
 R position; input `reasoner_to_weaver(embedding)`, weaver LoRA) and T the
-trigger (token positions without pad tokens, trigger LoRA). They compute only
-when asked (`compute()`), catching up on every position added since their last
-use in one chunk; nothing is ever recomputed.
+trigger (token positions without pad tokens, trigger LoRA); nothing is ever
+recomputed (when they compute: `follow` below).
 
 Per generated token i the request moves through at most three phases:
   DECIDE  on_token(i-1): T is asked to catch up to token i-1; R computes token
@@ -179,8 +178,7 @@ class MemGenPolicy(LatentPolicy):
         forward needed), or T asked to catch up. The backend only scores (_Scorer.decide)."""
         parts = self.parts
         if not is_prompt:
-            budget_left = self.num_inference_insertions < parts.max_inference_aug_num
-            if not budget_left or not self._ends_with_delimiter():
+            if self.num_inference_insertions >= parts.max_inference_aug_num or not self._ends_with_delimiter():
                 self.record.append(NOT_CONSULTED)
                 return
         self.kind = PROMPT if is_prompt else INFERENCE
