@@ -193,15 +193,8 @@ class PolicyContext:
     vocab_size = _of_runtime("vocab_size")
     dtype = _of_runtime("dtype")
     device = _of_runtime("device")
-
-    @property
-    def num_positions(self) -> int:
-        return self._seq.reasoner.num_tokens
-
-    @property
-    def streams(self):
-        """name -> the request's extra streams (engine.policy.StreamHandle)."""
-        return self._seq.latent.handles
+    num_positions = property(lambda ctx: ctx._seq.reasoner.num_tokens)
+    streams = property(lambda ctx: ctx._seq.latent.handles)    # name -> engine.policy.StreamHandle
 
     def room_for(self, k: int) -> bool:
         return has_room(self.num_positions, k, self.max_model_len)
