@@ -18,6 +18,13 @@ versions, and reports output tokens/s.
 --after-path DIR measures "after" with the memgen package under DIR (a source
 tree's `python/` folder with a built `memgen/_native*.so` in it) instead of the
 installed one: a commit's own code when the checkout holds other work.
+
+    python bench/bench_host_step.py --against DIR [--rounds 6] [--sizes 1 64 256]
+
+--against DIR compares the installed package with another native build (DIR as for
+--after-path, e.g. the commit that set a host-step target): host steps only, the two
+run in turn --rounds times, best of the rounds per size (this shared VM swings up to
+2x between runs of the same code), written to bench/results/host_step_against_cpu.json.
 """
 from __future__ import annotations
 
@@ -157,6 +164,38 @@ def before_rev() -> str:
                           check=True).stdout.strip()
 
 
+def against(args) -> None:
+    other = str(Path(args.against).resolve())
+    load_before = open("/proc/loadavg").read().split()[:3]
+    best: dict[str, dict[int, dict]] = {"installed": {}, "against": {}}
+    for r in range(args.rounds):
+        for side in (("installed", "against") if r % 2 == 0 else ("against", "installed")):
+            got = run_worker([other] if side == "against" else [], args, None)
+            if side == "against":
+                assert got["memgen_file"].startswith(other), got["memgen_file"]
+            for h in got["host"]:
+                kept = best[side].get(h["num_seqs"])
+                if kept is None or h["host_step_us"] < kept["host_step_us"]:
+                    best[side][h["num_seqs"]] = h
+    print(f"host time per decode step, best of {args.rounds} alternated rounds, µs: installed vs {other}")
+    print(f"{'seqs':>6} {'sched+asm':>10} {'against':>9} | {'host step':>10} {'against':>9} {'ratio':>6}")
+    rows = []
+    for n in args.sizes:
+        a, b = best["installed"][n], best["against"][n]
+        ratio = a["host_step_us"] / b["host_step_us"]
+        print(f"{n:>6} {a['schedule_plus_assemble_us']:>10.1f} {b['schedule_plus_assemble_us']:>9.1f} | "
+              f"{a['host_step_us']:>10.1f} {b['host_step_us']:>9.1f} {ratio:>6.2f}")
+        rows.append({"num_seqs": n, "installed": a, "against": b, "host_step_ratio": round(ratio, 3)})
+    result = {"benchmark": "host_step_against", "against": other, "rounds": args.rounds,
+              "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+              "load_before": load_before, "load_after": open("/proc/loadavg").read().split()[:3], "host": rows}
+    path = ROOT / "bench" / "results" / "host_step_against_cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 256, 1024])
@@ -166,12 +205,16 @@ def main() -> None:
     ap.add_argument("--after-path", default=None, help="import 'after' from this python/ folder (default: installed)")
     ap.add_argument("--e2e-sizes", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--e2e-tokens", type=int, default=32)
+    ap.add_argument("--against", default=None, help="compare with the memgen package under this python/ folder")
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
 
+    if args.against:
+        return against(args)
     import memgen
     import torch
 
