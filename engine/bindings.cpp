@@ -340,29 +340,37 @@ NB_MODULE(_native, m) {
           },
           nb::call_guard<nb::gil_scoped_release>(),
           "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
-    m.def("decoder_layer_cpu",
-          [](uintptr_t x, uintptr_t residual, uintptr_t out, int64_t rows, int64_t hidden, int64_t inter,
-             int64_t q_size, int64_t kv_size, uintptr_t ln1, uintptr_t ln2, double eps, uintptr_t qkv_w,
-             uintptr_t qkv_b, uintptr_t o_w, uintptr_t o_b, uintptr_t gate_up_w, uintptr_t gate_up_b,
-             uintptr_t down_w, uintptr_t down_b, uintptr_t slot_mapping, uintptr_t k_cache, uintptr_t v_cache,
-             uintptr_t cu_seqlens_q, uintptr_t context_lens, uintptr_t block_tables, int64_t num_chunks,
-             int64_t max_blocks, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-             int64_t num_blocks, double scale, int dtype, int num_threads, uintptr_t rope_cos, uintptr_t rope_sin) {
-              auto P = [](uintptr_t v) { return reinterpret_cast<const void*>(v); };
-              PagedAttentionArgs at{nullptr, nullptr, reinterpret_cast<const int64_t*>(slot_mapping), rows,
-                                    nullptr, P(k_cache), P(v_cache), nullptr,
-                                    reinterpret_cast<const int64_t*>(cu_seqlens_q),
-                                    reinterpret_cast<const int64_t*>(context_lens),
-                                    reinterpret_cast<const int64_t*>(block_tables), num_chunks, max_blocks,
-                                    num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale,
-                                    static_cast<AttnDtype>(dtype), num_threads, 0, 0, P(rope_cos), P(rope_sin)};
-              DecoderLayerArgs a{P(x), reinterpret_cast<void*>(residual), reinterpret_cast<void*>(out), rows,
-                                 hidden, inter, q_size, kv_size, P(ln1), P(ln2), eps, P(qkv_w), P(qkv_b), P(o_w),
-                                 P(o_b), P(gate_up_w), P(gate_up_b), P(down_w), P(down_b), at};
-              decoder_layer_cpu(a);
+    m.def("decoder_layers_cpu",
+          [](uintptr_t table, uintptr_t reals, int64_t num_layers, uintptr_t x, uintptr_t out_a, uintptr_t out_b,
+             int64_t rows, uintptr_t slot_mapping, uintptr_t cu_seqlens_q, uintptr_t context_lens,
+             uintptr_t block_tables, int64_t num_chunks, int64_t max_blocks, int num_threads, uintptr_t rope_cos,
+             uintptr_t rope_sin) {
+              // a layer's row of `table` (int64): the fields in layers/backend.py's _LayerPlan order;
+              // of `reals` (float64): eps, scale
+              auto P = [](int64_t v) { return reinterpret_cast<const void*>(v); };
+              std::vector<DecoderLayerArgs> layers(num_layers);
+              for (int64_t i = 0; i < num_layers; ++i) {
+                  const int64_t* t = reinterpret_cast<const int64_t*>(table) + i * 23;
+                  const double* r = reinterpret_cast<const double*>(reals) + i * 2;
+                  const bool rope = t[22] != 0;
+                  PagedAttentionArgs at{nullptr, nullptr, reinterpret_cast<const int64_t*>(slot_mapping), rows,
+                                        nullptr, P(t[14]), P(t[15]), nullptr,
+                                        reinterpret_cast<const int64_t*>(cu_seqlens_q),
+                                        reinterpret_cast<const int64_t*>(context_lens),
+                                        reinterpret_cast<const int64_t*>(block_tables), num_chunks, max_blocks,
+                                        t[16], t[17], t[18], t[19], t[20], r[1], static_cast<AttnDtype>(t[21]),
+                                        num_threads, 0, 0, rope ? P(int64_t(rope_cos)) : nullptr,
+                                        rope ? P(int64_t(rope_sin)) : nullptr};
+                  layers[i] = DecoderLayerArgs{nullptr, nullptr, nullptr, rows, t[0], t[1], t[2], t[3], P(t[4]),
+                                               P(t[5]), r[0], P(t[6]), P(t[7]), P(t[8]), P(t[9]), P(t[10]),
+                                               P(t[11]), P(t[12]), P(t[13]), at};
+              }
+              void* const out[2] = {reinterpret_cast<void*>(out_a), reinterpret_cast<void*>(out_b)};
+              return decoder_layers_cpu(layers.data(), num_layers, reinterpret_cast<void*>(x), out);
           },
           nb::call_guard<nb::gil_scoped_release>(),
-          "one whole decoder layer on the CPU in one call (engine/cpu_ops.h decoder_layer_cpu)");
+          "a model's decoder layers on the CPU in one call; returns which out buffer holds the result "
+          "(engine/cpu_ops.h decoder_layers_cpu)");
     m.def("advise_huge_pages",
           [](uintptr_t p, int64_t bytes) { return advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
           "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of [p, p + bytes) (engine/cpu_gemm.h)");

@@ -186,6 +186,19 @@ void decoder_layer_cpu(const DecoderLayerArgs& a) {
     linear_any(act.data(), N, I, a.down_w, H, a.down_b, a.out, dt, threads);
 }
 
+int decoder_layers_cpu(DecoderLayerArgs* layers, int64_t num_layers, void* x, void* const out[2]) {
+    const void* input = x;
+    for (int64_t i = 0; i < num_layers; ++i) {
+        DecoderLayerArgs& a = layers[i];
+        a.x = input;
+        a.residual = i == 0 ? nullptr : x;
+        a.out = out[i % 2];
+        decoder_layer_cpu(a);
+        input = a.out;
+    }
+    return int((num_layers - 1) % 2);
+}
+
 void argmax_rows_f32(const float* x, int64_t rows, int64_t width, int64_t* out) {
     if (width < 1) throw std::invalid_argument("argmax_rows_f32: a row needs at least one value");
     for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * width, width);

@@ -476,32 +476,44 @@ def test_tied_logits_native_matches_torch():
         assert torch.equal(got64, want64)
 
 
-# ---- a whole decoder layer in one native call (cpu_ops.h decoder_layer_cpu) -------------
+# ---- the decoder layers in one native call (cpu_ops.h decoder_layers_cpu) ---------------
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_whole_layer_call_equals_the_ops_one_by_one(dtype, tiny_model_dir, monkeypatch):
     """The same kernels in the same order: tokens and logprobs bit for bit those of the
-    layer's ops called one by one (qwen2 with QKV biases, llama; qwen3's q/k norm runs op
-    by op either way), prefill chunks and decode steps, several sequences."""
+    layers' ops called one by one (qwen2 with QKV biases, llama; qwen3's q/k norm runs op
+    by op either way), prefill chunks and decode steps, several sequences. A LoRA hook put
+    on one linear after the first forward sends the model back op by op (the call's table
+    of addresses is remade), and taking it off brings the one call back."""
     from memgen import LLM, SamplingParams
     from memgen.layers.backend import TorchBackend
 
-    if native.decoder_layer_cpu is None:
+    if native.decoder_layers_cpu is None:
         pytest.skip("a build without the whole-layer call")
     params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=5, ignore_eos=True)
+    prompts = ["Hello world, this", "The quick brown fox jumps over", [5, 6, 7]]
     llm = LLM(str(tiny_model_dir), dtype=dtype)
     calls = []
-    real = native.decoder_layer_cpu
-    monkeypatch.setattr(native, "decoder_layer_cpu", lambda *a: calls.append(1) or real(*a))
+    real = native.decoder_layers_cpu
+    monkeypatch.setattr(native, "decoder_layers_cpu", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        calls.clear()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.token_ids, o.logprobs) for o in outs], len(calls)
+
     runs = {}
     for fused in (True, False):
         monkeypatch.setattr(TorchBackend, "fused_layers", fused)
-        outs = llm.generate(["Hello world, this", "The quick brown fox jumps over", [5, 6, 7]], params, use_tqdm=False)
-        runs[fused] = [(o.token_ids, o.logprobs) for o in outs]
-        if fused:
-            fused_calls, calls[:] = len(calls), []
-    assert runs[True] == runs[False]
+        runs[fused] = run()
+    assert runs[True][0] == runs[False][0] and runs[False][1] == 0
     arch = llm.engine.model_runner.model.config.model_type
-    assert (fused_calls > 0) == (arch != "qwen3") and not calls
+    assert (runs[True][1] > 0) == (arch != "qwen3")
+    monkeypatch.setattr(TorchBackend, "fused_layers", True)
+    down = llm.engine.model_runner.model.model.layers[-1].mlp.down_proj
+    down.lora = lambda x, y, layer: y           # a hook that adds nothing
+    assert run() == (runs[True][0], 0)
+    down.lora = None
+    assert run() == runs[True]
 
 
 @pytest.mark.parametrize("width", [1, 7, 8, 17, 49152 + 3])

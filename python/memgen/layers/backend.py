@@ -79,9 +79,9 @@ class LayerOps:
             0 if layer.bias is None else layer.bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
-    def decoder_layer(self, layer, x, residual, rope):
-        """A whole decoder layer in one native call where the backend has one (TorchBackend
-        on the CPU), else None: the layer then runs op by op."""
+    def decoder_layers(self, layers, x, rope):
+        """All decoder layers in one native call where the backend has one (TorchBackend
+        on the CPU): (output, residual); else None, and the layers run op by op."""
         return None
 
     @staticmethod
@@ -182,51 +182,34 @@ class TorchBackend(LayerOps):
         as views of the packed QKV."""
         return self._native is not None and x.device.type == "cpu" and x.dtype in native.FUSED_DTYPE_CODES
 
-    # a CPU forward runs each plain decoder layer as one native call (decoder_layer); False:
+    # a CPU forward runs its plain decoder layers in one native call (decoder_layers); False:
     # op by op (the tests compare the two, bit for bit)
     fused_layers = True
 
-    def decoder_layer(self, layer, x, residual, rope):
-        """A whole models.decoder.DecoderLayer in one native call
-        (engine/cpu_ops.h decoder_layer_cpu: the same kernels in the same order as its ops
-        one by one, so the same bits): float32 / bfloat16 on the CPU, packed linears with
-        no LoRA hook, no q/k norm, the native attention. Returns (out, residual), or None
-        where it does not apply. rope: (cos, sin) float32 [N, D], or None for a NoPE layer."""
-        if not self.fused_layers or native.decoder_layer_cpu is None or torch.is_grad_enabled() \
-                or x.dtype not in native.FUSED_DTYPE_CODES or x.dim() != 2 or not x.is_contiguous() \
-                or (residual is not None and not residual.is_contiguous()):
-            return None
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv, o, gu, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-        if not (qkv.packed and o.packed and gu.packed and down.packed) or attn.q_norm is not None \
-                or qkv.lora is not None or o.lora is not None or gu.lora is not None or down.lora is not None \
-                or qkv.weight.dtype != x.dtype or (attn.use_rope and rope is None):
+    def decoder_layers(self, layers, x, rope):
+        """A DecoderModel's layers in one native call (cpu_ops.h decoder_layers_cpu: each layer's
+        kernels in its ops' order, so the same bits) where every layer fuses (_LayerPlan); rope:
+        (cos, sin) float32 [N, D]. Returns (out, residual), or None where it does not apply."""
+        if not self.fused_layers or native.decoder_layers_cpu is None or torch.is_grad_enabled() \
+                or x.dtype not in native.FUSED_DTYPE_CODES or x.dim() != 2 or not x.is_contiguous():
             return None
         ctx = context._CONTEXT
         meta = None if ctx is None else ctx.attn_metadata
-        if not isinstance(meta, SDPAMetadata) or meta.native is None or attn.attn.backend is not self:
+        if not isinstance(meta, SDPAMetadata) or meta.native is None:
             return None
-        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        if ln1.weight.dtype != x.dtype or ln2.weight.dtype != x.dtype:
+        plan = layers.__dict__.get("_native_plan")
+        if plan is None or plan.stale(self, x.dtype):
+            plan = layers.__dict__["_native_plan"] = _LayerPlan(self, layers, x.dtype)
+        if plan.table is None or (plan.rotates and rope is None):
             return None
         slots, cu_seqlens_q, context_lens, tables = meta.native
-        a = attn.attn
-        num_blocks, block_size, num_kv_heads, head_dim = a.k_cache.shape
-        cos, sin = rope if attn.use_rope else (None, None)
-        out = torch.empty_like(x)
-
-        def ptr(t):
-            return 0 if t is None else t.data_ptr()
-
-        native.decoder_layer_cpu(
-            x.data_ptr(), ptr(residual), out.data_ptr(), x.shape[0], x.shape[1], down.in_features,
-            attn.split_sizes[0], attn.split_sizes[1], ln1.weight.data_ptr(), ln2.weight.data_ptr(), ln1.eps,
-            qkv.weight.data_ptr(), ptr(qkv.bias), o.weight.data_ptr(), ptr(o.bias), gu.weight.data_ptr(),
-            ptr(gu.bias), down.weight.data_ptr(), ptr(down.bias), slots.data_ptr(), a.k_cache.data_ptr(),
-            a.v_cache.data_ptr(), cu_seqlens_q.data_ptr(), context_lens.data_ptr(), tables.data_ptr(),
-            ctx.num_chunks, tables.shape[1], a.num_heads, num_kv_heads, head_dim, block_size, num_blocks,
-            float(a.scale), native.DTYPE_CODES[x.dtype], torch.get_num_threads(), ptr(cos), ptr(sin))
-        return out, (x if residual is None else residual)
+        cos, sin = (0, 0) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
+        outs = (torch.empty_like(x), torch.empty_like(x))
+        last = native.decoder_layers_cpu(
+            plan.table.data_ptr(), plan.reals.data_ptr(), len(plan.layers), x.data_ptr(), outs[0].data_ptr(),
+            outs[1].data_ptr(), x.shape[0], slots.data_ptr(), cu_seqlens_q.data_ptr(), context_lens.data_ptr(),
+            tables.data_ptr(), ctx.num_chunks, tables.shape[1], torch.get_num_threads(), cos, sin)
+        return outs[last], x
 
     def attend_rotating(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, cos: torch.Tensor,
                         sin: torch.Tensor) -> torch.Tensor:
@@ -254,6 +237,44 @@ class TorchBackend(LayerOps):
                      torch.get_num_threads(), q.stride(0), k.stride(0), 0 if cos is None else cos.data_ptr(),
                      0 if sin is None else sin.data_ptr())
         return out
+
+
+class _LayerPlan:
+    """decoder_layers_cpu's table, a row per layer (float32 / bfloat16 packed linears without LoRA,
+    no q/k norm, this backend's attention; else table None), remade when what it holds by address
+    changes: a LoRA hook, a KV cache, a backend (as DecodeGraphs, it takes packed weights not to move)."""
+
+    def __init__(self, backend, layers, dtype: torch.dtype):
+        self.backend, self.dtype, self.layers = backend, dtype, list(layers)
+        self.parts = [(l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj,
+                       l.self_attn.attn) for l in self.layers]
+        self.state = self._state()
+        self.rotates = any(l.self_attn.use_rope for l in self.layers)
+        self.table, rows, reals = None, [], []
+        for layer, (qkv, o, gu, down, a) in zip(self.layers, self.parts):
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            if not all(m.packed and m.lora is None and m.weight.dtype == dtype for m in (qkv, o, gu, down)) \
+                    or layer.self_attn.q_norm is not None or a.backend is not backend or a.k_cache is None \
+                    or ln1.weight.dtype != dtype or ln2.weight.dtype != dtype:
+                return
+            tensors = (ln1.weight, ln2.weight, qkv.weight, qkv.bias, o.weight, o.bias, gu.weight, gu.bias,
+                       down.weight, down.bias, a.k_cache, a.v_cache)
+            ptr = [0 if t is None else t.data_ptr() for t in tensors]
+            num_blocks, block_size, num_kv_heads, head_dim = a.k_cache.shape
+            rows.append([qkv.in_features, down.in_features, *layer.self_attn.split_sizes[:2], *ptr, a.num_heads,
+                         num_kv_heads, head_dim, block_size, num_blocks, native.DTYPE_CODES[dtype],
+                         int(layer.self_attn.use_rope)])
+            reals.append([ln1.eps, float(a.scale)])
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.reals = torch.tensor(reals, dtype=torch.float64)
+
+    def _state(self) -> list:
+        return [x for parts in self.parts for x in (*(m.lora for m in parts[:4]), parts[4].k_cache,
+                                                    parts[4].v_cache, parts[4].backend)]
+
+    def stale(self, backend, dtype: torch.dtype) -> bool:
+        return backend is not self.backend or dtype != self.dtype or \
+            any(now is not then for now, then in zip(self._state(), self.state))
 
 
 def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:

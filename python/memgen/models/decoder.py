@@ -140,15 +140,10 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(hf_config, spec)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, rope32: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output (the embeddings at layer 0, residual None);
         returns this layer's output and the residual stream before it: the residual
-        adds ride in the norms (one fused op each on CPU). rope32: cos and sin as float32
-        [N, D] for the backend's whole-layer call (on the CPU: one native call a layer)."""
-        fused = layer_ops().decoder_layer(self, x, residual, rope32)
-        if fused is not None:
-            return fused
+        adds ride in the norms (one fused op each on CPU)."""
         # submodules' forward called directly: nn.Module.__call__'s hook machinery costs
         # ~5 us a call, ~10 calls a layer, 300 a SmolLM2 step (no hooks are registered here)
         if residual is None:
@@ -202,12 +197,16 @@ class DecoderForCausalLM(nn.Module):
                 latent_index: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_inputs(input_ids, latents, latent_index)
         cos, sin = self.model.rotary.lookup(positions)
-        rope32 = None
-        if h.device.type == "cpu":   # for the whole-layer native call (backend.decoder_layer)
+        fused = None
+        if h.device.type == "cpu":   # the layers in one native call (backend.decoder_layers), rope as float32 [N, D]
             rope32 = (cos.squeeze(1).float().contiguous(), sin.squeeze(1).float().contiguous())
-        residual = None
-        for layer in self.model.layers:
-            h, residual = layer.forward(h, residual, cos, sin, rope32)
+            fused = layer_ops().decoder_layers(self.model.layers, h, rope32)
+        if fused is not None:
+            h, residual = fused
+        else:
+            residual = None
+            for layer in self.model.layers:
+                h, residual = layer.forward(h, residual, cos, sin)
         return self.model.norm.forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
