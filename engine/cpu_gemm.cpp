@@ -88,9 +88,17 @@ inline void store_as(Bf16* dst, float v) { *dst = float_to_bf16(v); }
 // non-temporal hint an 8-row step's linears waited on the stream (SmolLM2, 1 thread,
 // load ~1: a whole batch-8 decode step 51-53 -> 42-45 ms; 1-row steps gained nothing from
 // it). A panel that more row tiles will read is fetched into the caches.
+// A panel for a tile to fetch into L2 as it sums another: the lines first, first + every, ...
+// (a step of any panel is one 64-byte line).
+struct Ahead {
+    const void* next = nullptr;
+    int64_t first = 0, every = 1;
+};
+
 template <typename V, int MR, int NP, bool once, typename T>
 inline __attribute__((always_inline)) void tile(const float* xp, int64_t steps, const T* panel, int64_t panel_size,
-                                                const float* bias, T* y, int64_t ldy, int64_t cols) {
+                                                const float* bias, T* y, int64_t ldy, int64_t cols,
+                                                Ahead also = {}) {
     constexpr int P = Vec<V>::parts, L = Vec<V>::lanes;
     constexpr int hint = once ? (MR >= 4 ? 1 : 0) : 3;
     constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(T));
@@ -104,6 +112,8 @@ inline __attribute__((always_inline)) void tile(const float* xp, int64_t steps, 
         }
     constexpr int64_t E = kStepElems<T>;
     for (int64_t s = 0; s < steps; ++s) {
+        if (also.next != nullptr && s * also.every + also.first < steps)
+            __builtin_prefetch(static_cast<const char*>(also.next) + (s * also.every + also.first) * 64, 0, 2);
         if constexpr (std::is_same_v<T, float>) {
             V w[NP][P];
             for (int j = 0; j < NP; ++j) {
@@ -187,10 +197,11 @@ struct Geom {
 // panels at once to give the FMA units independent work.
 template <typename V, int R, int NP, bool once, typename T>
 inline __attribute__((always_inline)) void rest(int64_t rows, const float* xp, const Geom& g, const T* panel,
-                                                const float* bias, T* y, int64_t ldy, int64_t cols) {
+                                                const float* bias, T* y, int64_t ldy, int64_t cols,
+                                                Ahead also = {}) {
     if constexpr (R > 0) {
-        if (rows == R) tile<V, R, NP, once>(xp, g.steps, panel, g.panel_size, bias, y, ldy, cols);
-        else rest<V, R - 1, NP, once>(rows, xp, g, panel, bias, y, ldy, cols);
+        if (rows == R) tile<V, R, NP, once>(xp, g.steps, panel, g.panel_size, bias, y, ldy, cols, also);
+        else rest<V, R - 1, NP, once>(rows, xp, g, panel, bias, y, ldy, cols, also);
     }
 }
 
@@ -282,14 +293,16 @@ inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M,
             for (; p < gr + in_group; ++p, at += panel_size) tail<V, big, 1, true>(xp, M, 0, g, at, N, bias, y, p * kPanel);
             continue;
         }
-        // the first tile streams a panel into the caches, the others read it there
+        // the first tile streams a panel into the caches, the others read it there and
+        // meanwhile fetch the next panel between them: the stream goes on while they sum
         for (; p < gr + in_group; ++p, at += panel_size) {
             const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
             alignas(64) float bias16[kPanel] = {};
             if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
             for (int64_t i = 0; i < tiles.count; ++i) {
                 const int64_t m0 = tiles.start(i);
-                rest<V, big, 1, false>(tiles.rows(i), xp + m0 * g.xk, g, at, bias16, y + m0 * N + n0, N, cols);
+                const Ahead also = i == 0 || p + 1 >= p1 ? Ahead{} : Ahead{at + panel_size, i - 1, tiles.count - 1};
+                rest<V, big, 1, false>(tiles.rows(i), xp + m0 * g.xk, g, at, bias16, y + m0 * N + n0, N, cols, also);
             }
         }
     }
