@@ -543,3 +543,29 @@ def test_native_argmax_equals_torch_ties_nan_and_inf_included(width):
     assert torch.equal(_argmax(x), want)
     assert torch.equal(_argmax(x.t().contiguous().t()), want)   # a strided view: made contiguous
     assert torch.equal(_argmax(x.double()), x.double().argmax(dim=-1))   # float64 keeps torch's
+
+
+def test_whole_layer_call_with_memgen_adapters_installed(memgen_reasoner_dir, memgen_ckpt_dir, monkeypatch):
+    """MemGen puts LoRA hooks on the shared layers: forwards with adapter rows (the weaver's,
+    the trigger's) run op by op, forwards of reasoner rows alone take the one native call,
+    and the outputs, insertions included, are bit for bit those of op by op everywhere."""
+    from memgen import LLM, SamplingParams
+    from memgen.layers.backend import TorchBackend
+
+    if native.decoder_layers_cpu is None:
+        pytest.skip("a build without the whole-layer call")
+    llm = LLM(model=str(memgen_reasoner_dir), memgen=str(memgen_ckpt_dir), dtype="float32")
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = ["We add the numbers, then we check the result.", "Question: what is 12 plus 30? Answer:"]
+    calls = []
+    real = native.decoder_layers_cpu
+    monkeypatch.setattr(native, "decoder_layers_cpu", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(TorchBackend, "fused_layers", fused)
+        calls.clear()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[fused] = ([(o.token_ids, o.augmentation) for o in outs], len(calls))
+    assert runs[True][0] == runs[False][0] and runs[False][1] == 0
+    assert any(any(a) for _, a in runs[True][0]), "no insertion: the adapter rows were not exercised"
+    assert runs[True][1] > 0

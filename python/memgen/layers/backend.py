@@ -28,6 +28,7 @@ from memgen.kernels.reference import (SDPAGroup, add_lora_rows, inject_latents_r
 from memgen.layers import native
 from memgen.layers import context
 from memgen.layers.context import ForwardContext
+from memgen.layers.lora import LoraHook
 
 
 class LayerOps:
@@ -80,8 +81,7 @@ class LayerOps:
         return y
 
     def decoder_layers(self, layers, x, rope):
-        """All decoder layers in one native call where the backend has one (TorchBackend
-        on the CPU): (output, residual); else None, and the layers run op by op."""
+        """All decoder layers in one native call, (output, residual); None: op by op."""
         return None
 
     @staticmethod
@@ -200,7 +200,7 @@ class TorchBackend(LayerOps):
         plan = layers.__dict__.get("_native_plan")
         if plan is None or plan.stale(self, x.dtype):
             plan = layers.__dict__["_native_plan"] = _LayerPlan(self, layers, x.dtype)
-        if plan.table is None or (plan.rotates and rope is None):
+        if plan.table is None or (plan.rotates and rope is None) or (plan.hooked and ctx.adapter_ids is not None):
             return None
         slots, cu_seqlens_q, context_lens, tables = meta.native
         cos, sin = (0, 0) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
@@ -240,9 +240,9 @@ class TorchBackend(LayerOps):
 
 
 class _LayerPlan:
-    """decoder_layers_cpu's table, a row per layer (float32 / bfloat16 packed linears without LoRA,
-    no q/k norm, this backend's attention; else table None), remade when what it holds by address
-    changes: a LoRA hook, a KV cache, a backend (as DecodeGraphs, it takes packed weights not to move)."""
+    """decoder_layers_cpu's table, a row per layer (float32 / bfloat16 packed linears, no q/k norm, this
+    backend's attention; else None), remade when a hook, KV cache or backend changes (as DecodeGraphs, it
+    takes packed weights not to move). LoraHooks add nothing without adapter rows; other hooks: op by op."""
 
     def __init__(self, backend, layers, dtype: torch.dtype):
         self.backend, self.dtype, self.layers = backend, dtype, list(layers)
@@ -250,10 +250,12 @@ class _LayerPlan:
                        l.self_attn.attn) for l in self.layers]
         self.state = self._state()
         self.rotates = any(l.self_attn.use_rope for l in self.layers)
+        self.hooked = any(m.lora is not None for parts in self.parts for m in parts[:4])
         self.table, rows, reals = None, [], []
         for layer, (qkv, o, gu, down, a) in zip(self.layers, self.parts):
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-            if not all(m.packed and m.lora is None and m.weight.dtype == dtype for m in (qkv, o, gu, down)) \
+            if not all(m.packed and (m.lora is None or isinstance(m.lora, LoraHook)) and m.weight.dtype == dtype
+                       for m in (qkv, o, gu, down)) \
                     or layer.self_attn.q_norm is not None or a.backend is not backend or a.k_cache is None \
                     or ln1.weight.dtype != dtype or ln2.weight.dtype != dtype:
                 return
@@ -265,12 +267,10 @@ class _LayerPlan:
                          num_kv_heads, head_dim, block_size, num_blocks, native.DTYPE_CODES[dtype],
                          int(layer.self_attn.use_rope)])
             reals.append([ln1.eps, float(a.scale)])
-        self.table = torch.tensor(rows, dtype=torch.int64)
-        self.reals = torch.tensor(reals, dtype=torch.float64)
+        self.table, self.reals = torch.tensor(rows, dtype=torch.int64), torch.tensor(reals, dtype=torch.float64)
 
     def _state(self) -> list:
-        return [x for parts in self.parts for x in (*(m.lora for m in parts[:4]), parts[4].k_cache,
-                                                    parts[4].v_cache, parts[4].backend)]
+        return [x for *lin, a in self.parts for x in (*(m.lora for m in lin), a.k_cache, a.v_cache, a.backend)]
 
     def stale(self, backend, dtype: torch.dtype) -> bool:
         return backend is not self.backend or dtype != self.dtype or \
