@@ -9,6 +9,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "cpu_attention.h"
 #include "cpu_gemm.h"
 #include "cpu_ops.h"
@@ -341,16 +344,22 @@ NB_MODULE(_native, m) {
           nb::call_guard<nb::gil_scoped_release>(),
           "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
     m.def("decoder_layers_cpu",
-          [](uintptr_t table, uintptr_t reals, int64_t num_layers, uintptr_t x, uintptr_t out_a, uintptr_t out_b,
+          [](uintptr_t table, int64_t fields, uintptr_t reals, int64_t num_layers, uintptr_t x, uintptr_t out_a,
+             uintptr_t out_b,
              int64_t rows, uintptr_t slot_mapping, uintptr_t cu_seqlens_q, uintptr_t context_lens,
              uintptr_t block_tables, int64_t num_chunks, int64_t max_blocks, int num_threads, uintptr_t rope_cos,
              uintptr_t rope_sin) {
               // a layer's row of `table` (int64): the fields in layers/backend.py's _LayerPlan order;
-              // of `reals` (float64): eps, scale
+              // of `reals` (float64): eps, scale. A row of another width was written for another
+              // field list: refused, not misread
+              constexpr int64_t kFields = 23;
+              if (fields != kFields)
+                  throw std::invalid_argument("decoder_layers_cpu: a layer's table row has " + std::to_string(fields) +
+                                              " fields, this build reads " + std::to_string(kFields));
               auto P = [](int64_t v) { return reinterpret_cast<const void*>(v); };
               std::vector<DecoderLayerArgs> layers(num_layers);
               for (int64_t i = 0; i < num_layers; ++i) {
-                  const int64_t* t = reinterpret_cast<const int64_t*>(table) + i * 23;
+                  const int64_t* t = reinterpret_cast<const int64_t*>(table) + i * kFields;
                   const double* r = reinterpret_cast<const double*>(reals) + i * 2;
                   const bool rope = t[22] != 0;
                   PagedAttentionArgs at{nullptr, nullptr, reinterpret_cast<const int64_t*>(slot_mapping), rows,

@@ -545,6 +545,15 @@ def test_native_argmax_equals_torch_ties_nan_and_inf_included(width):
     assert torch.equal(_argmax(x.double()), x.double().argmax(dim=-1))   # float64 keeps torch's
 
 
+def test_whole_layer_call_refuses_a_table_row_of_another_width():
+    # _LayerPlan's row and the binding's reader must agree on the fields: a row of any other
+    # width is refused before anything is read (every pointer here is null)
+    args = (0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 1, 1, 1, 0, 0)
+    for width in (22, 24):
+        with pytest.raises(ValueError, match=f"has {width} fields"):
+            native.decoder_layers_cpu(0, width, *args)
+
+
 def test_whole_layer_call_with_memgen_adapters_installed(memgen_reasoner_dir, memgen_ckpt_dir, monkeypatch):
     """MemGen puts LoRA hooks on the shared layers: forwards with adapter rows (the weaver's,
     the trigger's) run op by op, forwards of reasoner rows alone take the one native call,

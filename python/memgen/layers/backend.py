@@ -202,13 +202,13 @@ class TorchBackend(LayerOps):
             plan = layers.__dict__["_native_plan"] = _LayerPlan(self, layers, x.dtype)
         if plan.table is None or (plan.rotates and rope is None) or (plan.hooked and ctx.adapter_ids is not None):
             return None
-        slots, cu_seqlens_q, context_lens, tables = meta.native
+        slots, cu_q, lens, tables = meta.native
         cos, sin = (0, 0) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
         outs = (torch.empty_like(x), torch.empty_like(x))
         last = native.decoder_layers_cpu(
-            plan.table.data_ptr(), plan.reals.data_ptr(), len(plan.layers), x.data_ptr(), outs[0].data_ptr(),
-            outs[1].data_ptr(), x.shape[0], slots.data_ptr(), cu_seqlens_q.data_ptr(), context_lens.data_ptr(),
-            tables.data_ptr(), ctx.num_chunks, tables.shape[1], torch.get_num_threads(), cos, sin)
+            plan.table.data_ptr(), plan.table.shape[1], plan.reals.data_ptr(), len(plan.layers), x.data_ptr(),
+            outs[0].data_ptr(), outs[1].data_ptr(), x.shape[0], slots.data_ptr(), cu_q.data_ptr(),
+            lens.data_ptr(), tables.data_ptr(), ctx.num_chunks, tables.shape[1], torch.get_num_threads(), cos, sin)
         return outs[last], x
 
     def attend_rotating(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, cos: torch.Tensor,
