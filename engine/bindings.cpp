@@ -345,8 +345,7 @@ NB_MODULE(_native, m) {
           "y = x W^T + b with a packed W, float32, contiguous x [M, K] and y [M, N] (engine/cpu_gemm.h)");
     m.def("decoder_layers_cpu",
           [](uintptr_t table, int64_t fields, uintptr_t reals, int64_t num_layers, uintptr_t x, uintptr_t out_a,
-             uintptr_t out_b,
-             int64_t rows, uintptr_t slot_mapping, uintptr_t cu_seqlens_q, uintptr_t context_lens,
+             uintptr_t out_b, int64_t rows, uintptr_t slot_mapping, uintptr_t cu_seqlens_q, uintptr_t context_lens,
              uintptr_t block_tables, int64_t num_chunks, int64_t max_blocks, int num_threads, uintptr_t rope_cos,
              uintptr_t rope_sin) {
               // a layer's row of `table` (int64): the fields in layers/backend.py's _LayerPlan order;

@@ -174,20 +174,11 @@ void decoder_layer_cpu(const DecoderLayerArgs& a) {
     int64_t total = 64;
     for (const int64_t n : sizes) total += (n * elem + 63) / 64 * 64;
     constexpr int64_t kKeep = int64_t(16) << 20;
-    thread_local std::unique_ptr<char[]> kept;
-    thread_local int64_t kept_size = 0;
-    std::unique_ptr<char[]> own;
-    char* scratch;
-    if (total <= kKeep) {
-        if (kept_size < total) {   // grows to the largest layer seen, at most kKeep
-            kept.reset(new char[total]);
-            kept_size = total;
-        }
-        scratch = kept.get();
-    } else {   // a long prefill chunk: its own, for this layer
-        own.reset(new char[total]);
-        scratch = own.get();
-    }
+    thread_local std::vector<char> kept;   // grows to the largest layer seen (zeroed then only)
+    std::unique_ptr<char[]> own;           // a long prefill chunk's, for this layer
+    if (total <= kKeep && int64_t(kept.size()) < total) kept.resize(total);
+    if (total > kKeep) own.reset(new char[total]);
+    char* const scratch = total <= kKeep ? kept.data() : own.get();
     char* parts[6];
     char* at = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64;
     for (int i = 0; i < 6; ++i) {
