@@ -171,8 +171,9 @@ void decoder_layer_cpu(const DecoderLayerArgs& a) {
     // before it is read), the thread's own up to 16 MB: six zero-filled vectors a layer were
     // 28 MB of memset a step at 32 rows (SmolLM2), the larger ones fresh from mmap each time
     const int64_t sizes[6] = {N * H, N * W, N * Q, N * H, N * 2 * I, N * I};
-    int64_t total = 64;
-    for (const int64_t n : sizes) total += (n * elem + 63) / 64 * 64;
+    const auto bytes = [elem](int64_t n) { return (n * elem + 63) / 64 * 64; };   // whole cache lines
+    int64_t total = 64;   // room to align the first part
+    for (const int64_t n : sizes) total += bytes(n);
     constexpr int64_t kKeep = int64_t(16) << 20;
     thread_local std::vector<char> kept;   // grows to the largest layer seen (zeroed then only)
     std::unique_ptr<char[]> own;           // a long prefill chunk's, for this layer
@@ -183,7 +184,7 @@ void decoder_layer_cpu(const DecoderLayerArgs& a) {
     char* at = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64;
     for (int i = 0; i < 6; ++i) {
         parts[i] = at;
-        at += (sizes[i] * elem + 63) / 64 * 64;
+        at += bytes(sizes[i]);
     }
     char *const normed = parts[0], *const qkv = parts[1], *const attn = parts[2], *const o = parts[3],
                 *const gu = parts[4], *const act = parts[5];
