@@ -400,12 +400,4 @@ NB_MODULE(_native, m) {
           },
           nb::call_guard<nb::gil_scoped_release>(),
           "y = x W^T + b with a packed bfloat16 W, contiguous bfloat16 x [M, K] and y [M, N] (engine/cpu_gemm.h)");
-    m.def("rows_linear",
-          [](uintptr_t x, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t y, bool bf16, int num_threads) {
-              rows_linear(reinterpret_cast<const void*>(x), M, K, reinterpret_cast<const void*>(w), N,
-                          reinterpret_cast<void*>(y), bf16, num_threads);
-          },
-          nb::call_guard<nb::gil_scoped_release>(),
-          "y = x W^T for W [N, K] row-major as stored (the tied LM head), float32 or bfloat16 "
-          "(engine/cpu_gemm.h)");
 }

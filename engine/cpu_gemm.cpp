@@ -69,8 +69,6 @@ constexpr int64_t kStepElems = std::is_same_v<T, float> ? kPanel : 2 * kPanel;
 
 inline float to_float(float x) { return x; }
 inline float to_float(Bf16 x) { return bf16_to_float(x); }
-inline void store_as(float* dst, float v) { *dst = v; }
-inline void store_as(Bf16* dst, float v) { *dst = float_to_bf16(v); }
 
 // MR rows x NP neighbouring panels: acc[j][m] = bias + sum_k x[m, k] * panel_j[k, :]
 // (a row's result does not depend on the rows beside it: every tile shape runs the
@@ -351,103 +349,6 @@ inline __attribute__((always_inline)) void panels(const void* args, int64_t p0, 
                           y + r0 * c.N, p0, p1);
 }
 
-// ---- the LM head on W in HF's own layout ---------------------------------------------
-// y[m, n] = x[m] . W[n] for W [N, K] row-major: the tied LM head, whose W is the
-// embedding matrix itself (no second, packed copy). NR rows of W x MR rows of x at a
-// time, vectors along k (x converted to float once, zero-padded to whole vectors; W's
-// last partial vector read into a zeroed one), each sum then added across the lanes in
-// a fixed order: a row's result does not depend on the rows or threads beside it.
-struct RowsCall {
-    const float* xf;   // [M, kv] float, zero-padded
-    int64_t M, K, kv;
-    const void* w;
-    int64_t N;
-    void* y;
-};
-
-template <typename V>
-inline float lanes_sum(V v) {
-    constexpr int L = Vec<V>::lanes;
-    float t[L];
-    std::memcpy(t, &v, sizeof v);
-    for (int w = L / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; ++i) t[i] += t[i + w];
-    return t[0];
-}
-
-// L values of W's row from k (a partial vector: `n` of them, the rest zero).
-template <typename V, typename T>
-inline __attribute__((always_inline)) V load_w(const T* p, int64_t n) {
-    constexpr int L = Vec<V>::lanes;
-    if constexpr (std::is_same_v<T, float>) {
-        V v = {};
-        std::memcpy(&v, p, n * sizeof(float));
-        return v;
-    } else {
-        typedef uint16_t h __attribute__((vector_size(L * 2)));
-        h b = {};
-        std::memcpy(&b, p, n * sizeof(Bf16));
-        return (V)(__builtin_convertvector(b, UVec<V>) << 16);
-    }
-}
-
-template <typename V, int NR, int MR, typename T>
-inline __attribute__((always_inline)) void rows_tile(const RowsCall& c, int64_t n0, int64_t m0) {
-    constexpr int L = Vec<V>::lanes;
-    const T* w = static_cast<const T*>(c.w) + n0 * c.K;
-    const float* x = c.xf + m0 * c.kv;
-    V acc[NR][MR] = {};
-    const int64_t whole = c.K / L * L;
-    // the next tile's rows of W (NR rows on): asked for one tile ahead
-    const T* next = w + NR * c.K;
-    for (int64_t k = 0; k < whole; k += L) {
-        V xv[MR];
-        for (int m = 0; m < MR; ++m) std::memcpy(&xv[m], x + m * c.kv + k, sizeof(V));
-        for (int j = 0; j < NR; ++j) {
-            if ((k * int64_t(sizeof(T))) % 64 == 0) __builtin_prefetch(next + j * c.K + k, 0, 0);
-            const V wv = load_w<V>(w + j * c.K + k, L);
-            for (int m = 0; m < MR; ++m) acc[j][m] += xv[m] * wv;
-        }
-    }
-    if (whole < c.K) {   // W's last partial vector
-        V xv[MR];
-        for (int m = 0; m < MR; ++m) std::memcpy(&xv[m], x + m * c.kv + whole, sizeof(V));
-        for (int j = 0; j < NR; ++j) {
-            const V wv = load_w<V>(w + j * c.K + whole, c.K - whole);
-            for (int m = 0; m < MR; ++m) acc[j][m] += xv[m] * wv;
-        }
-    }
-    T* y = static_cast<T*>(c.y);
-    for (int j = 0; j < NR; ++j)
-        for (int m = 0; m < MR; ++m) store_as(y + (m0 + m) * c.N + n0 + j, lanes_sum(acc[j][m]));
-}
-
-template <typename V, int NR, int MR, typename T>
-inline __attribute__((always_inline)) void rows_block(const RowsCall& c, int64_t n0) {
-    int64_t m = 0;
-    for (; m + MR <= c.M; m += MR) rows_tile<V, NR, MR, T>(c, n0, m);
-    if (c.M - m >= 2) {
-        rows_tile<V, NR, 2, T>(c, n0, m);
-        m += 2;
-    }
-    for (; m < c.M; ++m) rows_tile<V, NR, 1, T>(c, n0, m);
-}
-
-// W's rows [n0, n1) for every row of x.
-template <typename V, typename T>
-inline __attribute__((always_inline)) void rows_range(const void* args, int64_t n0, int64_t n1) {
-    const RowsCall& c = *static_cast<const RowsCall*>(args);
-    // 1 row: 8 rows of W at once (8 independent sums); more: 4 rows of W by as many rows
-    // of x as the registers hold beside them (x's rows stay in L1, W's tile in L1 or L2;
-    // 2 rows of W by 4 of x ran 2x slower on AVX2 at 8 rows)
-    constexpr int MR = Vec<V>::registers == 32 ? 4 : 2, NR = 4;
-    int64_t n = n0;
-    if (c.M == 1)
-        for (; n + 8 <= n1; n += 8) rows_tile<V, 8, 1, T>(c, n, 0);
-    for (; n + NR <= n1; n += NR) rows_block<V, NR, MR, T>(c, n);
-    for (; n < n1; ++n) rows_block<V, 1, MR, T>(c, n);
-}
-
 // One body per instruction set, picked at run time (never -march=native: the wheel
 // runs on any x86-64). AVX-512 holds 16 rows of accumulators in its 32 registers: a
 // 9-16-row step (decode rows and a catch-up chunk) reads W once, its sums overlapping
@@ -470,21 +371,14 @@ MEMGEN_AVX512BF16 void panels_bf16_dot512(const void* a, int64_t p0, int64_t p1)
 }
 MEMGEN_AVX512 void panels_bf16_avx512(const void* a, int64_t p0, int64_t p1) { panels<v16, 14, Bf16>(a, p0, p1); }
 MEMGEN_AVX2 void panels_bf16_avx2(const void* a, int64_t p0, int64_t p1) { panels<v8, 5, Bf16>(a, p0, p1); }
-MEMGEN_AVX512 void rows_avx512(const void* a, int64_t n0, int64_t n1) { rows_range<v16, float>(a, n0, n1); }
-MEMGEN_AVX2 void rows_avx2(const void* a, int64_t n0, int64_t n1) { rows_range<v8, float>(a, n0, n1); }
-MEMGEN_AVX512 void rows_bf16_avx512(const void* a, int64_t n0, int64_t n1) { rows_range<v16, Bf16>(a, n0, n1); }
-MEMGEN_AVX2 void rows_bf16_avx2(const void* a, int64_t n0, int64_t n1) { rows_range<v8, Bf16>(a, n0, n1); }
 #endif
 void panels_baseline(const void* a, int64_t p0, int64_t p1) { panels<v4, 2, float>(a, p0, p1); }
 void panels_bf16_baseline(const void* a, int64_t p0, int64_t p1) { panels<v4, 2, Bf16>(a, p0, p1); }
-void rows_baseline(const void* a, int64_t n0, int64_t n1) { rows_range<v4, float>(a, n0, n1); }
-void rows_bf16_baseline(const void* a, int64_t n0, int64_t n1) { rows_range<v4, Bf16>(a, n0, n1); }
 
 struct Body {
-    RangeFn panels_f32, panels_bf16, rows_f32, rows_bf16;
+    RangeFn panels_f32, panels_bf16;
     int64_t big, big_bf16;   // rows per full tile (pack_x's tiles)
     XPack bf16_x;            // how the bfloat16 panels take x
-    int64_t lanes;           // the rows kernel's vector width (x padded to it)
     const char* name;
     const char* name_bf16;
 };
@@ -495,8 +389,7 @@ struct Body {
 Body pick_body() {
     const char* asked = std::getenv("MEMGEN_CPU_ISA");
     const std::string cap = asked != nullptr ? asked : "";
-    const Body baseline{panels_baseline, panels_bf16_baseline, rows_baseline, rows_bf16_baseline, 2, 2,
-                        XPack::kFloatPairs, 4, "baseline", "baseline"};
+    const Body baseline{panels_baseline, panels_bf16_baseline, 2, 2, XPack::kFloatPairs, "baseline", "baseline"};
     if (cap == "baseline") return baseline;
 #ifdef MEMGEN_GEMM_DISPATCH
     __builtin_cpu_init();
@@ -504,14 +397,11 @@ Body pick_body() {
     if (cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw")) {
         if (cap != "avx512" && __builtin_cpu_supports("avx512bf16"))
-            return {panels_avx512, panels_bf16_dot512, rows_avx512, rows_bf16_avx512, 16, 16, XPack::kBf16Pairs,
-                    16, "avx512", "avx512_bf16"};
-        return {panels_avx512, panels_bf16_avx512, rows_avx512, rows_bf16_avx512, 16, 14, XPack::kFloatPairs, 16,
-                "avx512", "avx512"};
+            return {panels_avx512, panels_bf16_dot512, 16, 16, XPack::kBf16Pairs, "avx512", "avx512_bf16"};
+        return {panels_avx512, panels_bf16_avx512, 16, 14, XPack::kFloatPairs, "avx512", "avx512"};
     }
     if (avx2)
-        return {panels_avx2, panels_bf16_avx2, rows_avx2, rows_bf16_avx2, 6, 5, XPack::kFloatPairs, 8, "avx2",
-                "avx2"};
+        return {panels_avx2, panels_bf16_avx2, 6, 5, XPack::kFloatPairs, "avx2", "avx2"};
 #endif
     return baseline;
 }
@@ -531,12 +421,6 @@ constexpr int64_t kChunkBytes = int64_t(64) << 10;
 int64_t chunk_panels(int64_t K, int64_t elem) {
     const int64_t group_bytes = kGroup * K * kPanel * elem;
     return kGroup * std::max<int64_t>(1, kChunkBytes / group_bytes);
-}
-
-// The rows kernel's chunks: whole tiles of W's rows, about 128 KiB each (a tied LM
-// head of 49152 rows is a few hundred chunks: one claim each).
-int64_t chunk_rows(int64_t K, int64_t elem) {
-    return std::max<int64_t>(8, (int64_t(128) << 10) / (K * elem) / 8 * 8);
 }
 
 // When a call is worth more threads (set_linear_split, MEMGEN_LINEAR_SPLIT):
@@ -829,25 +713,6 @@ void packed_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
         for (int64_t n = 0; n < N; ++n) bias_f[n] = bf16_to_float(bias[n]);
     }
     linear_panels(x, M, K, packed, N, bias != nullptr ? bias_f.data() : nullptr, y, num_threads);
-}
-
-void rows_linear(const void* x, int64_t M, int64_t K, const void* w, int64_t N, void* y, bool bf16,
-                 int num_threads) {
-    if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("rows_linear: bad sizes");
-    if (M == 0) return;
-    const Body& body = chosen_body();
-    const int64_t kv = (K + body.lanes - 1) / body.lanes * body.lanes;
-    std::unique_ptr<float[]> xf(new float[M * kv]);
-    for (int64_t m = 0; m < M; ++m) {
-        for (int64_t k = 0; k < K; ++k)
-            xf[m * kv + k] = bf16 ? bf16_to_float(static_cast<const Bf16*>(x)[m * K + k])
-                                  : static_cast<const float*>(x)[m * K + k];
-        std::fill(xf.get() + m * kv + K, xf.get() + (m + 1) * kv, 0.0f);
-    }
-    const RowsCall call{xf.get(), M, K, kv, w, N, y};
-    const int64_t elem = bf16 ? 2 : 4, per_chunk = chunk_rows(K, elem);
-    const int threads = threads_for(M, K, N, elem, (N + per_chunk - 1) / per_chunk, num_threads);
-    run_split(bf16 ? body.rows_bf16 : body.rows_f32, &call, N, per_chunk, threads);
 }
 
 }  // namespace memgen

@@ -48,14 +48,6 @@ void pack_rows_bf16(const uint16_t* w, int64_t rows, int64_t K, int64_t N, int64
 void packed_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N,
                         const uint16_t* bias, uint16_t* y, int num_threads);
 
-// y = x W^T with W [N, K] in HF's own row-major layout (the tied LM head: its W is the
-// embedding matrix, used as it is, no packed copy): float32, or bfloat16 x, W and y
-// (bf16) with float32 sums. Split over W's rows like packed_linear; each output a fixed
-// sequence of vector FMAs along k and one sum across the lanes, whatever the rows and
-// threads beside it.
-void rows_linear(const void* x, int64_t M, int64_t K, const void* w, int64_t N, void* y, bool bf16,
-                 int num_threads);
-
 // How many threads packed_linear runs a call of these sizes on, given `num_threads`:
 // 1 where the call is too small to pay for waking another, under the split rule:
 // "stream" (default): a thread per ~20 us of estimated work (reading W and the sums),

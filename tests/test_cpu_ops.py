@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from memgen.layers import native
+from memgen.layers.backend import LayerOps
 from memgen.layers.linear import SiluAndMul
 from memgen.layers.norm import RMSNorm
 
@@ -211,6 +212,7 @@ def test_packed_linear_lower_instruction_sets(isa):
 _THREADS_CODE = """
 import torch
 from memgen.layers import native
+from memgen.layers.backend import LayerOps
 assert native.linear_split() == "stream"
 torch.manual_seed(0)
 mismatches, split = [], 0
@@ -350,7 +352,7 @@ def test_threaded_linear_after_fork_and_from_two_threads(split_rule):
     assert not bad
 
 
-# ---- bfloat16 weights (packed panels of k pairs) and the tied LM head's kernel ----------
+# ---- bfloat16 weights (packed panels of k pairs) -------------------------------------------
 # Every instruction-set body, forced through MEMGEN_CPU_ISA in a subprocess: avx512 (no
 # avx512_bf16: converts while it reads), avx2, baseline, and this machine's best (the
 # avx512_bf16 body where the CPU has it). Each output within float32 accumulation of the
@@ -385,31 +387,13 @@ for K, N in ((64, 48), (37, 21), (576, 960), (70, 45), (1536, 40), (13, 3)):
                 bad.append(("panels", K, N, M))
             if not all(torch.equal(o, outs[0]) for o in outs) or not torch.equal(alone, outs[0]):
                 bad.append(("panels rows/threads", K, N, M))
-    for dt in (torch.float32, torch.bfloat16):
-        wr = torch.randn(N, K).to(dt)
-        for M in (1, 2, 3, 4, 5, 9, 16):
-            x = torch.randn(M, K).to(dt)
-            outs = []
-            for t in (1, 2):
-                y = torch.empty(M, N, dtype=dt)
-                nv.rows_linear(x.data_ptr(), M, K, wr.data_ptr(), N, y.data_ptr(), dt == torch.bfloat16, t)
-                outs.append(y)
-            alone = torch.empty(M, N, dtype=dt)
-            for i in range(M):
-                nv.rows_linear(x[i].data_ptr(), 1, K, wr.data_ptr(), N, alone[i].data_ptr(), dt == torch.bfloat16, 1)
-            ref = x.double() @ wr.double().t()
-            tol = (x.double().abs() @ wr.double().abs().t()) * K * 2 ** -24 + ref.abs() * (2 ** -8 if dt == torch.bfloat16 else 0)
-            if not ((outs[0].double() - ref).abs() <= tol).all():
-                bad.append(("rows", dt, K, N, M))
-            if not torch.equal(outs[0], outs[1]) or not torch.equal(alone, outs[0]):
-                bad.append(("rows rows/threads", dt, K, N, M))
 assert not bad, bad
 print(nv.linear_isa(), nv.linear_isa_bf16())
 """
 
 
 @pytest.mark.parametrize("isa", ["native", "avx512", "avx2", "baseline"])
-def test_bf16_panels_and_rows_kernel_on_every_body(isa):
+def test_bf16_panels_on_every_body(isa):
     import os
     import subprocess
     import sys
@@ -458,22 +442,36 @@ def test_bf16_linear_layer_loads_and_matches_f_linear(rows):
     torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-3)
 
 
-def test_tied_logits_native_matches_torch():
-    from memgen.layers.backend import LayerOps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_embedding_in_panels_looks_up_and_projects(dtype):
+    """A tied head packed as a Linear (TiedEmbedding): its lookup gathers exactly the
+    checkpoint's rows from the panels (padded last panel, odd K for bfloat16's pairs),
+    latents land on their rows, and its logits are the packed linear's."""
+    from memgen.layers.linear import TiedEmbedding
 
+    if native.packed_linear is None or (dtype == torch.bfloat16 and native.packed_linear_bf16 is None):
+        pytest.skip("a build without the native linear")
     g = torch.Generator().manual_seed(2)
-    emb = torch.randn(1003, 72, generator=g)
-    for rows in (1, 4, 9):
-        h = torch.randn(rows, 72, generator=g)
-        with torch.inference_mode():
-            got = LayerOps.tied_logits(h, emb)
-            got16 = LayerOps.tied_logits(h.bfloat16(), emb.bfloat16())
-        torch.testing.assert_close(got, h @ emb.t(), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(got16.float(), h.bfloat16().float() @ emb.bfloat16().float().t(), rtol=2 ** -7,
-                                   atol=1e-2)
-        got64 = LayerOps.tied_logits(h.double(), emb.double())   # float64: torch's ops as before
-        want64 = (emb.double() @ h.double().t()).t() if rows >= 8 else h.double() @ emb.double().t()
-        assert torch.equal(got64, want64)
+    vocab, hidden = 1003, 71
+    emb = torch.randn(vocab, hidden, generator=g).to(dtype)
+    head = TiedEmbedding(vocab, hidden).to(dtype)
+    assert head.pack_for_cpu(keep_values=False)
+    head.load_part("", emb)
+    ids = torch.tensor([0, 1002, 17, 16, 15, 1002, 999])
+    with torch.inference_mode():
+        assert torch.equal(head(ids), emb[ids])
+        latents = torch.randn(2, hidden, generator=g).to(dtype)
+        got = head.inject(torch.tensor([5, -1, 7, -1]), torch.tensor([-1, 1, -1, 0]), latents)
+        assert torch.equal(got, torch.stack([emb[5], latents[1], emb[7], latents[0]]))
+        for rows in (1, 4, 9):
+            h = torch.randn(rows, hidden, generator=g).to(dtype)
+            want = h.double() @ emb.double().t()
+            tol = (h.double().abs() @ emb.double().abs().t()) * hidden * 2 ** -24 \
+                + want.abs() * (2 ** -8 if dtype == torch.bfloat16 else 0)
+            assert ((head.project(h).double() - want).abs() <= tol).all()
+    h = torch.randn(9, hidden, generator=g).double()   # unpacked (float64): torch's ops as before
+    want64 = (emb.double() @ h.t()).t()
+    assert torch.equal(LayerOps.tied_logits(h, emb.double()), want64)
 
 
 # ---- the decoder layers in one native call (cpu_ops.h decoder_layers_cpu) ---------------

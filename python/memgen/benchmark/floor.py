@@ -37,11 +37,11 @@ def _calls(model, rows: int, mkl: bool) -> list:
     xs = {m.in_features: torch.randn(rows, m.in_features, device=device, dtype=dtype) for m in mods}
     if mkl:
         plain = [(unpacked_weight(m), m.bias) for m in mods]
-        if model.lm_head is None:   # tied head
+        if model.lm_head is None and not isinstance(model.model.embed_tokens, Linear):   # tied, unpacked
             plain.append((model.model.embed_tokens.weight, None))
         return [lambda w=w, b=b: torch.nn.functional.linear(xs[w.shape[1]], w, b) for w, b in plain]
     calls = [lambda m=m: m.project(xs[m.in_features]) for m in mods]   # base weights: no LoRA hook
-    if model.lm_head is None:
+    if model.lm_head is None and not isinstance(model.model.embed_tokens, Linear):   # a TiedEmbedding: in mods
         calls.append(lambda: model.compute_logits(xs[model.hidden_size]))
     return calls
 

@@ -86,18 +86,8 @@ class LayerOps:
 
     @staticmethod
     def tied_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden @ weight^T for a tied LM head (weight: the embedding, [V, H] row-major):
-        on the CPU in float32 / bfloat16 the native kernel reads the embedding as it is,
-        split over the vocabulary on torch's threads (MKL took 10-13 ms of a 35-60 ms
-        batch-1 SmolLM2 step at 8.5-10 GB/s)."""
-        if native.rows_linear is not None and hidden.dim() == 2 and not torch.is_grad_enabled() \
-                and hidden.device.type == "cpu" and hidden.dtype in native.FUSED_DTYPE_CODES \
-                and weight.dtype == hidden.dtype and weight.is_contiguous():
-            x = hidden.contiguous()
-            y = x.new_empty(x.shape[0], weight.shape[0])
-            native.rows_linear(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], y.data_ptr(),
-                               x.dtype == torch.bfloat16, torch.get_num_threads())
-            return y
+        """hidden @ weight^T for a tied LM head kept as an embedding (weight: [V, H]
+        row-major; on the CPU in float32 / bfloat16 the head is a packed TiedEmbedding)."""
         if hidden.shape[0] >= 8 and hidden.device.type == "cpu":
             # W @ x^T: a tall GEMM, ~1.3x faster on CPU than x @ W^T for 8+ rows
             return torch.mm(weight, hidden.t()).t()

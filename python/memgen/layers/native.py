@@ -32,7 +32,6 @@ packed_size = native_op("packed_size")
 packed_linear_bf16 = native_op("packed_linear_bf16")   # bfloat16 weights: panels of k pairs
 pack_rows_bf16 = native_op("pack_rows_bf16")
 packed_size_bf16 = native_op("packed_size_bf16")
-rows_linear = native_op("rows_linear")         # x W^T on W [N, K] as stored: the tied LM head
 advise_huge_pages = native_op("advise_huge_pages")   # madvise(MADV_HUGEPAGE) before first write
 linear_isa = native_op("linear_isa")           # the instruction sets the linears run
 linear_isa_bf16 = native_op("linear_isa_bf16")

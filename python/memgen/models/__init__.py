@@ -10,7 +10,7 @@ import torch
 
 from memgen.models.decoder import SUPPORTED_MODEL_TYPES, DecoderForCausalLM, arch_spec
 from memgen.layers import native
-from memgen.layers.linear import pack_linears_for_cpu
+from memgen.layers.linear import TiedEmbedding, pack_linears_for_cpu
 from memgen.models.loader import load_weights
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecoderForCausalLM", "load_hf_config", "load_model"]
@@ -37,12 +37,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
         model = DecoderForCausalLM(hf_config, max_position, dtype)
     model.to(dtype=dtype)
     model.model.rotary.to(device)
-    embed = model.model.embed_tokens
-    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        # the embedding is the tied LM head's W, read whole every decode step: on huge
-        # pages too (its buffer is not written yet: the load writes it)
-        embed.weight = torch.nn.Parameter(native.huge_page_empty(embed.weight.numel(), dtype).view_as(embed.weight),
-                                          requires_grad=False)
+    if model.tie_word_embeddings and native.packed_linear is not None \
+            and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        # the tied LM head's W, read whole every decode step, packed in panels like every
+        # linear (the lookup gathers from them): one copy of the matrix
+        model.model.embed_tokens = TiedEmbedding(hf_config.vocab_size, hf_config.hidden_size).to(dtype)
     # float32 / bfloat16 on the CPU: the linears hold their weights in the native kernel's panels
     # (engine/cpu_gemm.h: ~1.8x MKL at a decode step's few rows), loaded straight into them
     pack_linears_for_cpu(model, keep_values=False)

@@ -18,7 +18,7 @@ from torch import nn
 from memgen.layers.attention import Attention
 from memgen.layers.backend import TorchBackend, layer_ops
 from memgen.layers.context import get_context
-from memgen.layers.linear import Linear, SiluAndMul
+from memgen.layers.linear import Linear, SiluAndMul, TiedEmbedding
 from memgen.layers.norm import RMSNorm
 from memgen.layers.rotary import RotaryEmbedding
 
@@ -187,8 +187,11 @@ class DecoderForCausalLM(nn.Module):
                      latent_index: torch.Tensor | None = None) -> torch.Tensor:
         """Token rows take their embedding, rows with latent_index >= 0 that row of
         `latents` (through the forward's backend: one fused pass on Triton)."""
+        embed = self.model.embed_tokens
         if latents is None:
-            return self.model.embed_tokens(input_ids)
+            return embed(input_ids)
+        if isinstance(embed, TiedEmbedding):   # the embedding lives in the LM head's panels
+            return embed.inject(input_ids, latent_index, latents)
         backend = get_context().backend
         inject = (backend or TorchBackend).inject_latents
         return inject(input_ids, latent_index, self.model.embed_tokens.weight, latents)
@@ -212,5 +215,8 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden)
+        embed = self.model.embed_tokens
+        if isinstance(embed, TiedEmbedding):
+            return embed.project(hidden)
         # tied: the embedding [V, H] is W, read as it is stored
-        return layer_ops().tied_logits(hidden, self.model.embed_tokens.weight)
+        return layer_ops().tied_logits(hidden, embed.weight)
