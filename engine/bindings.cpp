@@ -390,6 +390,12 @@ NB_MODULE(_native, m) {
                              reinterpret_cast<uint16_t*>(packed));
           },
           "write W's rows [col0, col0 + rows) ([rows, K] row-major bfloat16) into a packed [K, N] matrix");
+    m.def("unpack_rows",
+          [](uintptr_t packed, int64_t K, int64_t N, uintptr_t ids, int64_t n, uintptr_t out, bool bf16) {
+              unpack_rows(reinterpret_cast<const void*>(packed), K, N, reinterpret_cast<const int64_t*>(ids), n,
+                          reinterpret_cast<void*>(out), bf16);
+          },
+          "rows `ids` (int64) of W read back from its packed form into out [n, K] (engine/cpu_gemm.h)");
     m.def("packed_linear_bf16",
           [](uintptr_t x, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t bias, uintptr_t y,
              int num_threads) {

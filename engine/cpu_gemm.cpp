@@ -696,6 +696,25 @@ void pack_rows_bf16(const uint16_t* w, int64_t rows, int64_t K, int64_t N, int64
     }
 }
 
+void unpack_rows(const void* packed, int64_t K, int64_t N, const int64_t* ids, int64_t n, void* out, bool bf16) {
+    if (K < 1 || N < 1 || n < 0) throw std::invalid_argument("unpack_rows: bad sizes");
+    for (int64_t i = 0; i < n; ++i)
+        if (ids[i] < 0 || ids[i] >= N) throw std::invalid_argument("unpack_rows: row outside W");
+    const int64_t panel = bf16 ? (K + 1) / 2 * 2 * kPanel : K * kPanel;   // elements of a panel
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t col = ids[i], base = col / kPanel * panel;
+        if (bf16) {   // a panel line holds a pair of k's per column
+            const uint16_t* src = static_cast<const uint16_t*>(packed) + base + col % kPanel * 2;
+            uint16_t* dst = static_cast<uint16_t*>(out) + i * K;
+            for (int64_t k = 0; k < K; ++k) dst[k] = src[k / 2 * 2 * kPanel + k % 2];
+        } else {
+            const float* src = static_cast<const float*>(packed) + base + col % kPanel;
+            float* dst = static_cast<float*>(out) + i * K;
+            for (int64_t k = 0; k < K; ++k) dst[k] = src[k * kPanel];
+        }
+    }
+}
+
 void packed_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                    float* y, int num_threads) {
     if (M < 0 || K < 1 || N < 1) throw std::invalid_argument("packed_linear: bad sizes");

@@ -48,6 +48,11 @@ void pack_rows_bf16(const uint16_t* w, int64_t rows, int64_t K, int64_t N, int64
 void packed_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N,
                         const uint16_t* bias, uint16_t* y, int num_threads);
 
+// Rows `ids` of W ([N, K]: W's row n is the packed matrix's column n) read back from its
+// panels, float32 or bfloat16 (bf16): out [n, K] row-major. The tied LM head's panels
+// serve the embedding lookup this way; an id outside [0, N) throws.
+void unpack_rows(const void* packed, int64_t K, int64_t N, const int64_t* ids, int64_t n, void* out, bool bf16);
+
 // How many threads packed_linear runs a call of these sizes on, given `num_threads`:
 // 1 where the call is too small to pay for waking another, under the split rule:
 // "stream" (default): a thread per ~20 us of estimated work (reading W and the sums),

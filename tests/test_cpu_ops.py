@@ -459,7 +459,9 @@ def test_tied_embedding_in_panels_looks_up_and_projects(dtype):
     head.load_part("", emb)
     ids = torch.tensor([0, 1002, 17, 16, 15, 1002, 999])
     with torch.inference_mode():
-        assert torch.equal(head(ids), emb[ids])
+        assert torch.equal(head(ids), emb[ids]) and torch.equal(head(ids.view(1, 7)), emb[ids].view(1, 7, hidden))
+        with pytest.raises(ValueError, match="row outside W"):
+            head(torch.tensor([3, 1003]))
         latents = torch.randn(2, hidden, generator=g).to(dtype)
         got = head.inject(torch.tensor([5, -1, 7, -1]), torch.tensor([-1, 1, -1, 0]), latents)
         assert torch.equal(got, torch.stack([emb[5], latents[1], emb[7], latents[0]]))

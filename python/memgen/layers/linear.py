@@ -122,15 +122,17 @@ class TiedEmbedding(Linear):
         super().__init__(hidden_size, vocab_size)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """The tokens' embedding rows, [N, hidden]."""
+        """The tokens' embedding rows, token_ids.shape + [hidden]."""
         w, k = self.weight, self.in_features
         if not self.packed:
             return w[token_ids]
-        ids = token_ids.reshape(-1).long()
-        if w.dtype == torch.float32:   # row v: panel v // 16, column v % 16 of each of its K lines
-            return w.view(-1, k, 16)[ids // 16, :, ids % 16]
-        pairs = w.view(-1, (k + 1) // 2, 16, 2)[ids // 16, :, ids % 16, :]   # bfloat16: k pairs
-        return pairs.reshape(ids.shape[0], -1)[:, :k].contiguous()
+        ids = token_ids.reshape(-1).long().contiguous()
+        out = w.new_empty(ids.shape[0], k)
+        # natively, on the calling thread (torch's indexing of the panels woke its OpenMP
+        # pool, whose spinning then took a core from the next linear)
+        native.unpack_rows(w.data_ptr(), k, self.out_features, ids.data_ptr(), ids.shape[0], out.data_ptr(),
+                           w.dtype == torch.bfloat16)
+        return out.view(*token_ids.shape, k)
 
     def inject(self, token_ids: torch.Tensor, latent_index: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Rows with latent_index >= 0 take that row of `latents`, the others their token's

@@ -32,6 +32,7 @@ packed_size = native_op("packed_size")
 packed_linear_bf16 = native_op("packed_linear_bf16")   # bfloat16 weights: panels of k pairs
 pack_rows_bf16 = native_op("pack_rows_bf16")
 packed_size_bf16 = native_op("packed_size_bf16")
+unpack_rows = native_op("unpack_rows")         # W's rows back from the panels: a tied embedding's lookup
 advise_huge_pages = native_op("advise_huge_pages")   # madvise(MADV_HUGEPAGE) before first write
 linear_isa = native_op("linear_isa")           # the instruction sets the linears run
 linear_isa_bf16 = native_op("linear_isa_bf16")
