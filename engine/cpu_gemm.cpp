@@ -300,10 +300,11 @@ inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M,
         int64_t p = gr;
         const T* at = packed + p * panel_size;
         if (tiles.count == 1) {   // the panels' only pass, bound by reading W: read once
-            if constexpr (!std::is_same_v<T, float> && !std::is_same_v<V, Dot512> && fits<V, T>(2, 2)) {
+            if constexpr (!std::is_same_v<T, float> && !std::is_same_v<V, Dot512> && fits<V, T>(1, 2)) {
                 // a bfloat16 pair is two dependent FMAs: two panels at a time keep the
-                // chains short enough for one row to stream
-                if (M <= 2)
+                // chains short enough for one row to stream (AVX2 holds them for 1 row:
+                // 1.1x its 1-row linears on 1 thread, 1.35x on 2, medians of 8 pairs)
+                if (M <= (fits<V, T>(2, 2) ? 2 : 1))
                     for (; p + 2 <= gr + in_group; p += 2, at += 2 * panel_size)
                         tail<V, big, 2, true>(xp, M, 0, g, at, N, bias, y, p * kPanel);
             }
