@@ -315,6 +315,11 @@ NB_MODULE(_native, m) {
               argmax_rows_f32(reinterpret_cast<const float*>(x), rows, width, reinterpret_cast<int64_t*>(out));
           },
           "torch.argmax(x, -1) of a contiguous float32 [rows, width] into int64 out (engine/cpu_ops.h).");
+    m.def("bf16_to_f32",
+          [](uintptr_t x, int64_t n, uintptr_t out) {
+              bf16_to_f32(reinterpret_cast<const uint16_t*>(x), n, reinterpret_cast<float*>(out));
+          },
+          "out = x.float() for n contiguous bfloat16 values, on the calling thread (engine/cpu_ops.h).");
     m.def("linear_isa", &linear_isa, "the instruction set the packed CPU linear runs (engine/cpu_gemm.h)");
     m.def("linear_threads", &linear_threads, "M"_a, "K"_a, "N"_a, "num_threads"_a,
           "threads packed_linear would use for x [M, K] and an [N, K] W under a budget of num_threads "

@@ -224,4 +224,8 @@ void argmax_rows_f32(const float* x, int64_t rows, int64_t width, int64_t* out) 
     for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * width, width);
 }
 
+void bf16_to_f32(const uint16_t* x, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(x[i]);
+}
+
 }  // namespace memgen

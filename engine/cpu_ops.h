@@ -27,6 +27,12 @@ void silu_and_mul_cpu(const void* gate_up, void* out, int64_t rows, int64_t widt
 // for 8 rows on 2 (its OpenMP team then waited on the linears' helper for the core).
 void argmax_rows_f32(const float* x, int64_t rows, int64_t width, int64_t* out);
 
+// out[i] = x[i] as float (exact), on the caller's thread: a bfloat16 model's logits for
+// the sampler. torch's .float() of a [rows, vocab] tensor woke its OpenMP team, whose
+// worker then spun on the core the next step's linears needed (19% of a bfloat16 batch-1
+// step's CPU samples on 2 threads).
+void bf16_to_f32(const uint16_t* x, int64_t n, float* out);
+
 // One whole decoder layer (Llama / Qwen2 shape: no q/k norm, no LoRA) in one call, float32
 // or bfloat16, on weights packed for cpu_gemm.h's linears: input norm (with the residual
 // add), QKV, paged attention (K/V stored, rotary applied in it, or none: a NoPE layer),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memgen import LLM, SamplingParams
-from memgen.layers.sampler import Sampler, SamplingBatch, _truncate
+from memgen.layers.sampler import Sampler, SamplingBatch, _to_float32, _truncate
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -64,6 +64,18 @@ def test_truncate_masks():
     assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
     kept = torch.isfinite(_truncate(logits, [3, 1], [0.5, 0.99]))
     assert kept.tolist() == [[True, False, False, False], [False, False, False, True]]
+
+
+def test_bfloat16_logits_convert_exactly():
+    """The sampler's float32 copy of bfloat16 logits (natively on the CPU) is torch's
+    .float(), bit for bit: infinities, NaN, subnormals and an odd row width included."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 1001, generator=g) * 50).bfloat16()
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e-40]).bfloat16()
+    got = _to_float32(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.equal(got.view(torch.int32), x.float().view(torch.int32))
+    assert torch.equal(_to_float32(x[:, ::2]).view(torch.int32), x[:, ::2].float().view(torch.int32))
 
 
 def test_sampling_follows_the_distribution():

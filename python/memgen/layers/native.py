@@ -24,6 +24,7 @@ paged_attention_cpu = native_op("paged_attention_cpu")
 rms_norm_cpu = native_op("rms_norm_cpu")
 silu_and_mul_cpu = native_op("silu_and_mul_cpu")
 argmax_rows_f32 = native_op("argmax_rows_f32")   # the greedy sampler's argmax (cpu_ops.h)
+bf16_to_f32 = native_op("bf16_to_f32")           # bfloat16 logits to float32 on the caller's thread
 decoder_layers_cpu = native_op("decoder_layers_cpu")   # a model's decoder layers in one call (cpu_ops.h)
 packed_linear = native_op("packed_linear")   # engine/cpu_gemm.h, with pack_weight and packed_size
 pack_weight = native_op("pack_weight")

@@ -40,7 +40,7 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()
+            logits = _to_float32(logits)
         raw = logits
         logits = _ban(_penalize(logits, batch), batch.banned)
         tokens = _argmax(logits)
@@ -84,6 +84,17 @@ class Sampler:
             d[token_ids[i]] = chosen[i]
             out.append(d)
         return out
+
+
+def _to_float32(x: torch.Tensor) -> torch.Tensor:
+    """x.float(); CPU bfloat16 natively on the caller's thread (torch's conversion woke its
+    OpenMP team every step, whose spinning then slowed the next step's linears)."""
+    if native.bf16_to_f32 is None or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return x.float()
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    native.bf16_to_f32(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
