@@ -31,17 +31,19 @@ def _calls(model, rows: int, mkl: bool) -> list:
     from memgen.layers.linear import Linear
 
     mods = [m for m in model.modules() if isinstance(m, Linear)]
+    # a tied head kept as an embedding is no Linear (a packed TiedEmbedding is, so it is in mods)
+    head_outside = model.lm_head is None and not isinstance(model.model.embed_tokens, Linear)
     device = model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
     # keyed by width: the LM head's input is the hidden size, as the QKV projection's
     xs = {m.in_features: torch.randn(rows, m.in_features, device=device, dtype=dtype) for m in mods}
     if mkl:
         plain = [(unpacked_weight(m), m.bias) for m in mods]
-        if model.lm_head is None and not isinstance(model.model.embed_tokens, Linear):   # tied, unpacked
+        if head_outside:
             plain.append((model.model.embed_tokens.weight, None))
         return [lambda w=w, b=b: torch.nn.functional.linear(xs[w.shape[1]], w, b) for w, b in plain]
     calls = [lambda m=m: m.project(xs[m.in_features]) for m in mods]   # base weights: no LoRA hook
-    if model.lm_head is None and not isinstance(model.model.embed_tokens, Linear):   # a TiedEmbedding: in mods
+    if head_outside:
         calls.append(lambda: model.compute_logits(xs[model.hidden_size]))
     return calls
 
