@@ -80,12 +80,15 @@ inline float to_float(Bf16 x) { return bf16_to_float(x); }
 // k + 1's FMA, then k's, per pair: the order vdpbf16ps documents for its pair, so the
 // avx512_bf16 body (Dot512: one vdpbf16ps per row per pair, x packed as pairs) takes the
 // same sums up to its flushing of denormals.
-// A panel read once (`once`: its only row tile) by 1-3 rows is fetched non-temporally,
-// so that streaming the weights does not evict what the step keeps (the KV cache, the
-// activations); by 4 or more rows into the outer cache levels (prefetcht2): with the
-// non-temporal hint an 8-row step's linears waited on the stream (SmolLM2, 1 thread,
-// load ~1: a whole batch-8 decode step 51-53 -> 42-45 ms; 1-row steps gained nothing from
-// it). A panel that more row tiles will read is fetched into the caches.
+// A float32 panel read once (`once`: its only row tile) by 1-3 rows is left to the
+// hardware prefetcher: the packed weights are one sequential stream, and asking for it
+// ahead (prefetchnta) cost 1 row 8% of its time (SmolLM2's linears, C++, medians of 8
+// alternated pairs, 1 and 2 threads). A bfloat16 one, whose 1 row reads two panels at
+// once, is fetched non-temporally, so that streaming the weights does not evict what the
+// step keeps (the KV cache, the activations). By 4 or more rows, either type is fetched
+// into the outer cache levels (prefetcht2): with the non-temporal hint an 8-row step's
+// linears waited on the stream (SmolLM2, 1 thread, load ~1: a whole batch-8 decode step
+// 51-53 -> 42-45 ms). A panel that more row tiles will read is fetched into the caches.
 // A panel for a tile to fetch into L2 as it sums another: the lines first, first + every, ...
 // (a step of any panel is one 64-byte line).
 struct Ahead {
@@ -114,7 +117,7 @@ inline __attribute__((always_inline)) void tile(const float* xp, int64_t steps, 
             V w[NP][P];
             for (int j = 0; j < NP; ++j) {
                 const float* p = panel + j * panel_size + s * E;
-                __builtin_prefetch(p + ahead, 0, hint);
+                if constexpr (!(once && MR < 4)) __builtin_prefetch(p + ahead, 0, hint);
                 for (int q = 0; q < P; ++q) std::memcpy(&w[j][q], p + q * L, sizeof(V));
             }
 #pragma GCC unroll 16
