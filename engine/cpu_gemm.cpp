@@ -99,9 +99,9 @@ struct Ahead {
 template <typename V, int MR, int NP, bool once, typename T>
 inline __attribute__((always_inline)) void tile(const float* xp, int64_t steps, const T* panel, int64_t panel_size,
                                                 const float* bias, T* y, int64_t ldy, int64_t cols,
-                                                Ahead also = {}) {
+                                                Ahead also = {}, bool resume = false) {
     constexpr int P = Vec<V>::parts, L = Vec<V>::lanes;
-    constexpr int hint = once ? (MR >= 4 ? 1 : 0) : 3;
+    [[maybe_unused]] constexpr int hint = once ? (MR >= 4 ? 1 : 0) : 3;
     constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(T));
     using A = std::conditional_t<std::is_same_v<V, Dot512>, v16, V>;
     A acc[NP][MR][P];
@@ -111,6 +111,14 @@ inline __attribute__((always_inline)) void tile(const float* xp, int64_t steps, 
             std::memcpy(&b, bias + j * kPanel + q * L, sizeof b);
             for (int m = 0; m < MR; ++m) acc[j][m][q] = b;
         }
+    if constexpr (std::is_same_v<T, float>)
+        if (resume)   // the sums of the k's before these steps, from y (float32: exact)
+            for (int j = 0; j < NP; ++j)
+                for (int q = 0; q < P; ++q) {
+                    const size_t c = size_t(std::clamp<int64_t>(cols - j * kPanel - q * L, 0, L));
+                    for (int m = 0; m < MR; ++m)
+                        if (c > 0) std::memcpy(&acc[j][m][q], y + m * ldy + j * kPanel + q * L, c * sizeof(float));
+                }
     constexpr int64_t E = kStepElems<T>;
     const auto step = [&](int64_t s) __attribute__((always_inline)) {
         if constexpr (std::is_same_v<T, float>) {
@@ -225,6 +233,19 @@ inline __attribute__((always_inline)) void rest(int64_t rows, const float* xp, c
     }
 }
 
+// Steps [s0, s0 + n) of one float32 panel for a tile of `rows` rows (xp: the tile's
+// packed rows), resuming the sums of the steps before s0 from y.
+template <typename V, int R>
+inline __attribute__((always_inline)) void k_part(int64_t rows, const float* xp, int64_t s0, int64_t n,
+                                                  const float* panel, const float* bias, float* y, int64_t ldy,
+                                                  int64_t cols) {
+    if constexpr (R > 0) {
+        if (rows == R)
+            tile<V, R, 1, false>(xp + s0 * R, n, panel + s0 * kPanel, 0, bias, y, ldy, cols, Ahead{}, s0 > 0);
+        else k_part<V, R - 1>(rows, xp, s0, n, panel, bias, y, ldy, cols);
+    }
+}
+
 // Rows [m0, M) of NP panels from column n0: the tail of a panel group.
 template <typename V, int big, int NP, bool once, typename T>
 inline __attribute__((always_inline)) void tail(const float* xp, int64_t M, int64_t m0, const Geom& g,
@@ -320,6 +341,24 @@ inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M,
             const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
             alignas(64) float bias16[kPanel] = {};
             if (bias != nullptr) std::memcpy(bias16, bias + n0, cols * sizeof(float));
+            if constexpr (std::is_same_v<T, float> && sizeof(V) == 32) {
+                if (tiles.count == 2 && M <= 8) {
+                    // AVX2's 7-8 rows (two tiles of 4): both tiles sum 128 steps of the panel
+                    // (8 KiB) while it is in L1, then the next 128. The second tile read a whole
+                    // panel (36 KiB for K = 576) back from L2, and with the next panel's
+                    // fetches in flight its own reads waited: SmolLM2's linears at 8 rows, 2
+                    // threads, weights on huge pages, 1.08-1.17x (medians of 6-8 alternated
+                    // pairs); at 12 and 16 rows it lost (0.86x, 0.93x). Same sums in the same order.
+                    constexpr int64_t kChunkSteps = 128;
+                    for (int64_t s0 = 0; s0 < g.steps; s0 += kChunkSteps)
+                        for (int64_t i = 0; i < 2; ++i) {
+                            const int64_t m0 = tiles.start(i);
+                            k_part<V, 4>(tiles.rows(i), xp + m0 * g.xk, s0, std::min(kChunkSteps, g.steps - s0),
+                                           at, bias16, y + m0 * N + n0, N, cols);
+                        }
+                    continue;
+                }
+            }
             for (int64_t i = 0; i < tiles.count; ++i) {
                 const int64_t m0 = tiles.start(i);
                 const Ahead also = i == 0 || p + 1 >= p1 ? Ahead{} : Ahead{at + panel_size, i - 1, tiles.count - 1};
