@@ -474,6 +474,15 @@ def test_tied_embedding_in_panels_looks_up_and_projects(dtype):
             tol = (h.double().abs() @ emb.double().abs().t()) * hidden * 2 ** -24 \
                 + want.abs() * (2 ** -8 if dtype == torch.bfloat16 else 0)
             assert ((head.project(h).double() - want).abs() <= tol).all()
+    # a build without this dtype's kernel keeps the TiedEmbedding unpacked ([V, H] as stored)
+    plain = TiedEmbedding(vocab, hidden).to(dtype)
+    plain.load_part("", emb)
+    with torch.inference_mode():
+        assert not plain.packed and torch.equal(plain(ids), emb[ids])
+        assert torch.equal(plain.inject(torch.tensor([5, -1]), torch.tensor([-1, 0]), latents),
+                           torch.stack([emb[5], latents[0]]))
+        h = torch.randn(3, hidden, generator=g).to(dtype)
+        assert torch.equal(plain.project(h), F.linear(h, emb))
     h = torch.randn(9, hidden, generator=g).double()   # unpacked (float64): torch's ops as before
     want64 = (emb.double() @ h.t()).t()
     assert torch.equal(LayerOps.tied_logits(h, emb.double()), want64)
