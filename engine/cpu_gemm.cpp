@@ -226,23 +226,10 @@ struct Geom {
 template <typename V, int R, int NP, bool once, typename T>
 inline __attribute__((always_inline)) void rest(int64_t rows, const float* xp, const Geom& g, const T* panel,
                                                 const float* bias, T* y, int64_t ldy, int64_t cols,
-                                                Ahead also = {}) {
+                                                Ahead also = {}, bool resume = false) {
     if constexpr (R > 0) {
-        if (rows == R) tile<V, R, NP, once>(xp, g.steps, panel, g.panel_size, bias, y, ldy, cols, also);
-        else rest<V, R - 1, NP, once>(rows, xp, g, panel, bias, y, ldy, cols, also);
-    }
-}
-
-// Steps [s0, s0 + n) of one float32 panel for a tile of `rows` rows (xp: the tile's
-// packed rows), resuming the sums of the steps before s0 from y.
-template <typename V, int R>
-inline __attribute__((always_inline)) void k_part(int64_t rows, const float* xp, int64_t s0, int64_t n,
-                                                  const float* panel, const float* bias, float* y, int64_t ldy,
-                                                  int64_t cols) {
-    if constexpr (R > 0) {
-        if (rows == R)
-            tile<V, R, 1, false>(xp + s0 * R, n, panel + s0 * kPanel, 0, bias, y, ldy, cols, Ahead{}, s0 > 0);
-        else k_part<V, R - 1>(rows, xp, s0, n, panel, bias, y, ldy, cols);
+        if (rows == R) tile<V, R, NP, once>(xp, g.steps, panel, g.panel_size, bias, y, ldy, cols, also, resume);
+        else rest<V, R - 1, NP, once>(rows, xp, g, panel, bias, y, ldy, cols, also, resume);
     }
 }
 
@@ -352,9 +339,11 @@ inline __attribute__((always_inline)) void row_block(const float* xp, int64_t M,
                     constexpr int64_t kChunkSteps = 128;
                     for (int64_t s0 = 0; s0 < g.steps; s0 += kChunkSteps)
                         for (int64_t i = 0; i < 2; ++i) {
-                            const int64_t m0 = tiles.start(i);
-                            k_part<V, 4>(tiles.rows(i), xp + m0 * g.xk, s0, std::min(kChunkSteps, g.steps - s0),
-                                           at, bias16, y + m0 * N + n0, N, cols);
+                            // steps [s0, s0 + n) of the panel; the tile's x is k-major
+                            const int64_t m0 = tiles.start(i), rows = tiles.rows(i);
+                            const Geom part{std::min(kChunkSteps, g.steps - s0), g.xk, panel_size};
+                            rest<V, 4, 1, false>(rows, xp + m0 * g.xk + s0 * rows, part, at + s0 * kPanel, bias16,
+                                                 y + m0 * N + n0, N, cols, Ahead{}, s0 > 0);
                         }
                     continue;
                 }
